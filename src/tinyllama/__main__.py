@@ -1,0 +1,3 @@
+from tinyllama.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks (`tinyllama bench ...`): speed goals live here, never in timed tests."""

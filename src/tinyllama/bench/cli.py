@@ -1,0 +1,35 @@
+"""`tinyllama bench {train,generate,data}`: each benchmark is a module with add_arguments(p) and run(args)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {
+    "train": ("tinyllama.bench.train", "training step throughput vs the transformers baseline"),
+    "generate": ("tinyllama.bench.generate", "decode speed vs transformers generate"),
+    "data": ("tinyllama.bench.data", "prepare tokens/s and loader blocks/s"),
+}
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (module, help_text) in BENCHES.items():
+        sp = sub.add_parser(name, help=help_text)
+        try:
+            importlib.import_module(module).add_arguments(sp)
+        except ModuleNotFoundError as e:
+            if not (e.name and module.startswith(e.name)):
+                raise
+
+
+def run(args) -> int:
+    module = BENCHES[args.bench][0]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            print(f"tinyllama bench {args.bench}: not yet available in this version", file=sys.stderr)
+            return 2
+        raise
+    return int(mod.run(args) or 0)

@@ -1,0 +1,74 @@
+"""`tinyllama generate`: stream a continuation of a prompt to the terminal."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from tinyllama.errors import TinyLlamaError
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--random-preset", metavar="NAME",
+                   help="instead of --model, use a randomly initialised preset (e.g. tinyllama-tiny): a smoke test")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+
+
+def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=None):
+    from tinyllama.config import ModelConfig
+    from tinyllama.convert import parse_dtype
+    from tinyllama.model import Llama
+    from tinyllama.tokenizer import Tokenizer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if model_dir and random_preset:
+        raise TinyLlamaError("give either --model or --random-preset, not both")
+    if random_preset:
+        torch.manual_seed(0)
+        model = Llama(ModelConfig.from_name(random_preset)).to(device=device, dtype=dtype)
+        tokenizer = Tokenizer()
+    elif model_dir:
+        model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
+        from pathlib import Path
+
+        has_tok = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        tokenizer = Tokenizer(model_dir) if has_tok else Tokenizer()
+    else:
+        raise TinyLlamaError("missing --model DIR (a Hugging Face model directory) or --random-preset NAME")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TinyLlamaError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}"
+        )
+    return model.eval(), tokenizer
+
+
+def run(args) -> int:
+    from tinyllama.generate import SamplingConfig, generate_stream
+
+    model, tok = load_model_and_tokenizer(args.model, args.random_preset, args.device, args.dtype)
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed)
+    cfg.validate()
+    prompt_ids = tok.encode(args.prompt, bos=True)
+    if len(prompt_ids) >= model.config.max_seq_len:
+        raise TinyLlamaError(f"--prompt is {len(prompt_ids)} tokens, the model's context is {model.config.max_seq_len}")
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    stream = tok.stream_decoder(prefix=prompt_ids)
+    for token in generate_stream(model, prompt_ids, cfg, eos_id=tok.eos_id):
+        piece = stream.put(token)
+        if piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

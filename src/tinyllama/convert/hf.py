@@ -1,0 +1,217 @@
+"""Hugging Face checkpoints both ways: a state-dict adapter plus safetensors I/O.
+
+Our parameter names are Hugging Face's `LlamaForCausalLM` names without the `model.` prefix of the
+decoder stack, so the adapter only renames. Files are written to a temporary directory and renamed
+into place, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from tinyllama.config import ModelConfig
+from tinyllama.errors import TinyLlamaError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise TinyLlamaError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# ---- state-dict adapter -------------------------------------------------------------------------
+def to_hf_key(key: str) -> str:
+    return key if key.startswith("lm_head.") else "model." + key
+
+
+def from_hf_key(key: str) -> str:
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {to_hf_key(k): v for k, v in state_dict.items()}
+    if config.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig, source: str = "checkpoint") -> dict:
+    sd = {from_hf_key(k): v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_embeddings and "lm_head.weight" not in sd and "embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    return sd
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def _safetensor_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise TinyLlamaError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (directory / f).is_file():
+                raise TinyLlamaError(f"{directory / f}: shard listed in {index.name} is missing")
+        return [directory / f for f in files]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if (directory / "pytorch_model.bin").is_file():
+        raise TinyLlamaError(f"{directory}: only pytorch_model.bin found; re-save it as safetensors (safe_serialization=True)")
+    raise TinyLlamaError(f"{directory}: no model.safetensors or model.safetensors.index.json found")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    size = path.stat().st_size
+    if size < 8:
+        raise TinyLlamaError(f"{path}: truncated safetensors file ({size} bytes); re-download or re-export it")
+    # Check the header's promised length against the file size before reading: a clear message for truncation.
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > size - 8:
+            raise TinyLlamaError(f"{path}: truncated safetensors file (header says {header_len} bytes, file has {size}); re-download or re-export it")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise TinyLlamaError(f"{path}: corrupt safetensors header; re-download or re-export it") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise TinyLlamaError(
+            f"{path}: truncated safetensors file (needs {8 + header_len + end} bytes, has {size}); re-download or re-export it"
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise TinyLlamaError(f"{path}: cannot read safetensors ({e})") from None
+
+
+def load_hf_model(path, dtype=None, device=None):
+    """Load a Hugging Face Llama directory (config.json + safetensors, single or sharded)."""
+    from tinyllama.model import Llama
+
+    directory = Path(path)
+    if not directory.exists():
+        raise TinyLlamaError(f"{directory}: model directory not found")
+    if not directory.is_dir():
+        raise TinyLlamaError(f"{directory}: expected a model directory (config.json + *.safetensors), got a file")
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise TinyLlamaError(f"{directory}: no config.json; is this a Hugging Face model directory?")
+    config = ModelConfig.from_json(cfg_path)
+    hf_sd: dict[str, torch.Tensor] = {}
+    for f in _safetensor_files(directory):
+        hf_sd.update(read_safetensors(f))
+    sd = from_hf_state_dict(hf_sd, config, source=str(directory))
+
+    with torch.device("meta"):
+        model = Llama(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) e.g. {to_hf_key(missing[0])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. {to_hf_key(unexpected[0])}")
+        raise TinyLlamaError(f"{directory}: weights do not match config.json ({'; '.join(parts)}): not a Llama checkpoint of this architecture")
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise TinyLlamaError(
+                f"{directory}: tensor {to_hf_key(k)} has shape {tuple(sd[k].shape)} but config.json implies {tuple(v.shape)}"
+            )
+    dtype = parse_dtype(dtype) or next(iter(sd.values())).dtype
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model = model.to_empty(device=device)
+    model.init_weights()  # rotary tables; weights are overwritten below
+    model = model.to(dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=False)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # rotary tables stay fp32 whatever the weights' dtype
+    model.rope_cos.data = model.rope_cos.float()
+    model.rope_sin.data = model.rope_sin.float()
+    return model
+
+
+# ---- saving -------------------------------------------------------------------------------------
+def _shard(state: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    return shards
+
+
+def save_hf_model(model, path, tokenizer=None, dtype=None, max_shard_size: int = 2 * 1024**3) -> Path:
+    """Write config.json, (sharded) safetensors, generation_config.json and tokenizer files, atomically."""
+    from safetensors.torch import save_file
+
+    from tinyllama.tokenizer import Tokenizer
+
+    config: ModelConfig = model.config
+    target = Path(path)
+    dtype = parse_dtype(dtype)
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    hf_state = {k: v.contiguous() for k, v in to_hf_state_dict(state, config).items()}
+    saved_dtype = next(iter(hf_state.values())).dtype
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        hf_cfg = config.to_hf_dict()
+        hf_cfg["torch_dtype"] = str(saved_dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        gen = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id, "max_length": config.max_seq_len,
+               "pad_token_id": 0, "do_sample": False}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        shards = _shard(hf_state, max_shard_size)
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata=meta)
+                for k, v in shard.items():
+                    weight_map[k] = name
+                    total += v.numel() * v.element_size()
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tokenizer or Tokenizer()).save_pretrained(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,264 @@
+"""The Llama 2 / TinyLlama decoder in one file.
+
+Pre-norm RMSNorm, rotary embeddings in the Hugging Face rotate-half layout, grouped-query causal
+attention through `scaled_dot_product_attention`, SwiGLU MLP, untied output head. Parameter names match
+Hugging Face's `LlamaForCausalLM` without its `model.` prefix, so checkpoints convert by renaming only.
+
+This file knows nothing of distributed training, files or the command line: parallelism (FSDP2),
+compilation and fused kernels are applied from outside (see `tinyllama.train`, `tinyllama.kernels`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinyllama.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale: the order Hugging Face uses, so bf16 results match.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (seq_len, head_dim) in fp32, halves repeated (rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D) or (B, 1, T, D), already in x's dtype."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Static, pre-allocated key/value cache for one layer: (B, n_kv_heads, max_len, head_dim).
+
+    GQA-aware: it stores only the key/value heads, never the repeated ones. Shapes never change, so a
+    compiled decode step can be captured in a CUDA graph.
+    """
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device=None) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, d
+        self.q_proj = nn.Linear(h, config.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, config.n_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, config.n_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * d, h, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_cache(config.max_seq_len, config.head_dim, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("causal_mask", None, persistent=False)
+        # A fused output-head + cross-entropy (tinyllama.kernels) may be plugged in from outside.
+        self.loss_fn = None
+        if not self.embed_tokens.weight.is_meta:
+            self.init_weights()
+
+    # ---- initialisation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """TinyLlama's init: N(0, sqrt(2/(5·hidden))); output projections N(0, 1/sqrt(hidden)/n_layers).
+
+        Also recomputes the rotary tables, so a model built on `meta` then `to_empty()`-ed is complete.
+        """
+        c = self.config
+        std = math.sqrt(2.0 / (5 * c.hidden_size))
+        proj_std = 1.0 / math.sqrt(c.hidden_size) / c.n_layers
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                out_proj = name.endswith("o_proj") or name.endswith("down_proj")
+                nn.init.normal_(module.weight, mean=0.0, std=proj_std if out_proj else std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        device = self.rope_cos.device
+        cos, sin = rope_cache(c.max_seq_len, c.head_dim, c.rope_theta, device=device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    # ---- KV cache ------------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: Optional[int] = None, dtype=None, device=None) -> None:
+        max_len = max_len or self.config.max_seq_len
+        if max_len > self.rope_cos.shape[0]:
+            raise ValueError(f"cache length {max_len} exceeds the model's context of {self.rope_cos.shape[0]}")
+        dtype = dtype or self.lm_head.weight.dtype
+        device = device or self.lm_head.weight.device
+        c = self.config
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, device)
+        self.causal_mask = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+        self.causal_mask = None
+
+    @property
+    def has_cache(self) -> bool:
+        return self.causal_mask is not None
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        ids: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        *,
+        input_pos: Optional[torch.Tensor] = None,
+        rope_pos: Optional[torch.Tensor] = None,
+        key_mask: Optional[torch.Tensor] = None,
+    ):
+        """ids (B, T) -> logits (B, T, vocab); with targets, returns (logits, mean cross-entropy).
+
+        input_pos (T,): the cache slots of these tokens (needs `setup_cache`); without it, a plain causal pass.
+        rope_pos (T,) or (B, T): rotary positions if they differ from the slots (left-padded batches).
+        key_mask (B, S) bool: which cache slots hold real tokens (False for padding).
+        """
+        B, T = ids.shape
+        if rope_pos is None:
+            rope_pos = input_pos if input_pos is not None else torch.arange(T, device=ids.device)
+        if T > self.rope_cos.shape[0] or (input_pos is None and T > self.config.max_seq_len):
+            raise ValueError(f"sequence length {T} exceeds the model's context of {self.config.max_seq_len}")
+        x = self.embed_tokens(ids)
+        cos = self.rope_cos[rope_pos].to(x.dtype)
+        sin = self.rope_sin[rope_pos].to(x.dtype)
+        if cos.dim() == 3:  # per-row positions: (B, T, D) -> (B, 1, T, D)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+        mask = None
+        if input_pos is not None:
+            if self.causal_mask is None:
+                raise RuntimeError("input_pos given but no KV cache: call setup_cache() first")
+            mask = self.causal_mask[input_pos].view(1, 1, T, -1)
+        elif key_mask is not None:
+            input_pos = None
+            mask = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril().view(1, 1, T, T)
+        if key_mask is not None:
+            # Padding keys are hidden; every query still sees itself so padded rows stay finite (no NaN).
+            slots = input_pos if input_pos is not None else torch.arange(T, device=ids.device)
+            self_slot = F.one_hot(slots, mask.size(-1)).bool().view(1, 1, T, -1)
+            mask = (mask & key_mask[:, None, None, :]) | self_slot
+
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, mask)
+        x = self.norm(x)
+
+        if targets is None:
+            return self.lm_head(x)
+        if self.loss_fn is not None:
+            # Fused head + loss: never materialises the (B·T, vocab) logits.
+            return None, self.loss_fn(x, self.lm_head.weight, targets)
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    # ---- checkpoints (I/O lives in tinyllama.convert) ------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Llama":
+        from tinyllama.convert import load_hf_model
+
+        return load_hf_model(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, tokenizer=None, dtype=None, max_shard_size: int = 2 * 1024**3) -> None:
+        from tinyllama.convert import save_hf_model
+
+        save_hf_model(self, path, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
