@@ -1,0 +1,1 @@
+"""Pretraining: config, optimizer, checkpoints, parallelism and the training loop."""

@@ -1,0 +1,89 @@
+"""AdamW with TinyLlama's settings and its learning-rate curve (linear warm-up, cosine decay to min_lr)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from tinyllama.errors import TinyLlamaError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4
+    min_lr: float = 4e-5
+    warmup_steps: int = 2000
+    # Length of the cosine curve; None = the run's own length (TrainConfig fills it in).
+    max_steps: Optional[int] = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global L2 norm; 0 disables clipping
+    fused: Optional[bool] = None  # None = fused on CUDA, plain (for-each) elsewhere
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise TinyLlamaError(f"optim config: field 'lr' must be > 0, got {self.lr!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise TinyLlamaError(f"optim config: field 'min_lr' must be in [0, lr={self.lr}], got {self.min_lr!r}")
+        if self.warmup_steps < 0:
+            raise TinyLlamaError(f"optim config: field 'warmup_steps' must be >= 0, got {self.warmup_steps!r}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise TinyLlamaError(f"optim config: field 'max_steps' must be > 0, got {self.max_steps!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise TinyLlamaError(f"optim config: field 'betas' must be two numbers in [0, 1), got {self.betas!r}")
+        if self.weight_decay < 0:
+            raise TinyLlamaError(f"optim config: field 'weight_decay' must be >= 0, got {self.weight_decay!r}")
+        if self.grad_clip < 0:
+            raise TinyLlamaError(f"optim config: field 'grad_clip' must be >= 0 (0 disables), got {self.grad_clip!r}")
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up to lr, cosine to min_lr at max_steps."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    total = cfg.max_steps
+    if total is None or step >= total:
+        return cfg.min_lr if total is not None else cfg.lr
+    decay_steps = max(1, total - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / decay_steps
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (dim >= 2: linear weights, embeddings); never norms or biases (dim < 2)."""
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    cfg.validate()
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    fused = cfg.fused if cfg.fused is not None else on_cuda
+    kwargs = dict(lr=lr_at(0, cfg), betas=cfg.betas, eps=cfg.eps)
+    if fused:
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = on_cuda or None
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
