@@ -1,0 +1,185 @@
+"""Model correctness: logits parity with transformers both ways, KV cache, greedy generation, init, meta."""
+
+import math
+
+import pytest
+import torch
+
+from tinyllama import Llama, ModelConfig, generate
+
+transformers = pytest.importorskip("transformers")
+
+SMALL_GQA = ModelConfig(
+    name="test-gqa", vocab_size=512, n_layers=3, hidden_size=96, n_heads=6, n_kv_heads=2, intermediate_size=200,
+    max_seq_len=128,
+)
+
+
+def hf_model_from_config(cfg: ModelConfig):
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type", "torch_dtype")})
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    # transformers' default init is tiny; scale weights up so logits differ meaningfully between tokens
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return model
+
+
+def test_their_weights_to_ours_logits_match(tmp_path):
+    hf = hf_model_from_config(SMALL_GQA)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = Llama.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, SMALL_GQA.vocab_size, (2, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = ours(ids)
+    assert ref.abs().max() > 1.0
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_our_weights_to_theirs_logits_match(tmp_path):
+    torch.manual_seed(2)
+    ours = Llama(SMALL_GQA).eval()
+    ours.save_pretrained(tmp_path / "ours")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    hf, info = hf
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    hf.eval()
+    ids = torch.randint(0, SMALL_GQA.vocab_size, (2, 50))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert tok("Hello world!").input_ids == [1, 15043, 3186, 29991]
+
+
+def test_sharded_save_and_bf16_load(tmp_path):
+    torch.manual_seed(3)
+    ours = Llama(SMALL_GQA).eval()
+    ours.save_pretrained(tmp_path / "sharded", max_shard_size=200_000)
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(files) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+    back = Llama.from_pretrained(tmp_path / "sharded").eval()
+    ids = torch.randint(0, SMALL_GQA.vocab_size, (1, 17))
+    with torch.no_grad():
+        assert torch.equal(ours(ids), back(ids))
+        assert (ours(ids) - hf(ids).logits).abs().max() < 1e-4
+    ours.save_pretrained(tmp_path / "bf16", dtype="bfloat16")
+    b = Llama.from_pretrained(tmp_path / "bf16")
+    assert b.lm_head.weight.dtype == torch.bfloat16 and b.rope_cos.dtype == torch.float32
+    f = Llama.from_pretrained(tmp_path / "bf16", dtype="float32")
+    assert f.lm_head.weight.dtype == torch.float32
+
+
+def test_loss_matches_cross_entropy_and_ignore_index():
+    model = Llama(SMALL_GQA)
+    ids = torch.randint(0, SMALL_GQA.vocab_size, (2, 16))
+    targets = torch.randint(0, SMALL_GQA.vocab_size, (2, 16))
+    targets[0, :5] = -100
+    logits, loss = model(ids, targets)
+    keep = targets != -100
+    manual = -torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][keep].mean()
+    assert torch.allclose(loss, manual, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_kv_cache_incremental_equals_full_forward():
+    torch.manual_seed(4)
+    model = Llama(SMALL_GQA).eval()
+    ids = torch.randint(0, SMALL_GQA.vocab_size, (2, 30))
+    with torch.no_grad():
+        full = model(ids)
+        model.setup_cache(batch_size=2, max_len=64)
+        # prefill 11 tokens, then 4 chunks of mixed sizes, then single tokens
+        pieces = [11, 5, 1, 7, 1, 1, 4]
+        outs, start = [], 0
+        for n in pieces:
+            pos = torch.arange(start, start + n)
+            outs.append(model(ids[:, start:start + n], input_pos=pos))
+            start += n
+        inc = torch.cat(outs, dim=1)
+        model.clear_cache()
+    assert start == 30
+    assert (inc - full).abs().max().item() < 1e-5
+
+
+def test_left_padded_batch_matches_unpadded():
+    torch.manual_seed(5)
+    model = Llama(SMALL_GQA).eval()
+    a = torch.randint(3, SMALL_GQA.vocab_size, (1, 12))
+    b = torch.randint(3, SMALL_GQA.vocab_size, (1, 7))
+    with torch.no_grad():
+        ref_a, ref_b = model(a)[0, -1], model(b)[0, -1]
+        pad = 12 - 7
+        batch = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)])
+        key_mask = torch.ones(2, 12, dtype=torch.bool)
+        key_mask[1, :pad] = False
+        rope_pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = model(batch, rope_pos=rope_pos, key_mask=key_mask)
+    assert torch.isfinite(out).all()
+    assert (out[0, -1] - ref_a).abs().max() < 1e-5
+    assert (out[1, -1] - ref_b).abs().max() < 1e-5
+
+
+def test_greedy_generation_equals_transformers(tmp_path):
+    torch.manual_seed(6)
+    ours = Llama(SMALL_GQA).eval()
+    ours.save_pretrained(tmp_path / "m")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    for prompt in ([1, 5, 9, 200, 17], [1, 300]):
+        mine = generate(ours, prompt, max_new_tokens=40, temperature=0.0, stop_at_eos=False)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                              pad_token_id=0, min_new_tokens=40)
+        theirs = out[0, len(prompt):].tolist()
+        assert mine == theirs
+
+
+def test_generation_stops_at_eos_and_respects_context():
+    from tinyllama import SamplingConfig, generate_stream
+
+    torch.manual_seed(7)
+    model = Llama(SMALL_GQA).eval()
+    free = generate(model, [1, 7, 8], max_new_tokens=10, stop_at_eos=False)
+    stop = free[3]
+    first = free.index(stop)
+    out = list(generate_stream(model, [1, 7, 8], SamplingConfig(max_new_tokens=10), eos_id=stop))
+    assert out == free[:first]  # EOS ends generation and is not returned
+    long = generate(model, list(range(3, 120)), max_new_tokens=50, stop_at_eos=False)
+    assert len(long) == SMALL_GQA.max_seq_len - 117
+
+
+def test_sampling_seed_is_reproducible():
+    model = Llama(SMALL_GQA).eval()
+    a = generate(model, [1, 2, 3], max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, seed=7, stop_at_eos=False)
+    b = generate(model, [1, 2, 3], max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, seed=7, stop_at_eos=False)
+    c = generate(model, [1, 2, 3], max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, seed=8, stop_at_eos=False)
+    assert a == b and a != c
+
+
+def test_init_statistics():
+    cfg = ModelConfig.from_name("tinyllama-demo")
+    model = Llama(cfg)
+    std = math.sqrt(2 / (5 * cfg.hidden_size))
+    proj = 1 / math.sqrt(cfg.hidden_size) / cfg.n_layers
+    assert abs(model.layers[0].self_attn.q_proj.weight.std().item() - std) < 0.05 * std
+    assert abs(model.embed_tokens.weight.std().item() - std) < 0.05 * std
+    assert abs(model.layers[0].self_attn.o_proj.weight.std().item() - proj) < 0.05 * proj
+    assert abs(model.layers[1].mlp.down_proj.weight.std().item() - proj) < 0.05 * proj
+    assert torch.equal(model.norm.weight, torch.ones(cfg.hidden_size))
+
+
+def test_meta_build_then_materialise():
+    cfg = ModelConfig.from_name("tinyllama-tiny")
+    with torch.device("meta"):
+        model = Llama(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.init_weights()
+    ref = Llama(cfg)
+    assert torch.equal(model.rope_cos, ref.rope_cos)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    assert torch.isfinite(model(ids)).all()

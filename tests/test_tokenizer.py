@@ -1,0 +1,129 @@
+"""The shipped Llama 2 tokenizer: known ids, lossless round trips, parity with transformers on real corpus."""
+
+import io
+import json
+
+import pytest
+
+from tinyllama import Tokenizer, TinyLlamaError
+
+SAMPLES = [
+    "Hello world!",
+    "  leading spaces and trailing   ",
+    "tabs\tand\nnewlines\n\n\r\n and   runs    of     spaces",
+    "Unicode: héllo wörld, ¿qué tal? Привет, мир! 你好，世界 こんにちは 😀🚀👩‍👩‍👧 \u200b zero-width",
+    "def f(x):\n    return {'a': [x ** 2 for _ in range(10)]}  # comment\n\n\tif x != 0: pass\n",
+    "numbers 1234567890 3.14159 -42 1e-5",
+    "",
+    " ",
+    "\n",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+def test_readme_checks(tok):
+    assert tok.encode("Hello world!", bos=True) == [1, 15043, 3186, 29991]
+    assert tok.id_to_token(13) == "<0x0A>"
+    assert tok.id_to_token(29871) == "▁"
+    digits = tok.encode("2024")
+    assert [tok.id_to_token(i) for i in digits] == ["▁", "2", "0", "2", "4"]
+    assert tok.vocab_size == 32000
+    assert (tok.bos_id, tok.eos_id, tok.unk_id) == (1, 2, 0)
+
+
+def test_bos_eos_control(tok):
+    ids = tok.encode("Hi there")
+    assert tok.encode("Hi there", bos=True) == [1] + ids
+    assert tok.encode("Hi there", eos=True) == ids + [2]
+    assert tok.encode("Hi there", bos=True, eos=True) == [1] + ids + [2]
+    assert tok.decode([1] + ids + [2]) == "Hi there"
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_batch_encoding_matches_single(tok):
+    batch = tok.encode_batch(SAMPLES, bos=True, eos=True)
+    assert batch == [tok.encode(s, bos=True, eos=True) for s in SAMPLES]
+
+
+def test_stream_decoder_reassembles_multibyte(tok):
+    text = "naïve café 😀 日本 done"
+    prompt = tok.encode("Start:", bos=True)
+    ids = tok.encode("Start: " + text)[len(prompt) - 1:]
+    full = tok.encode("Start: " + text, bos=True)
+    assert full[: len(prompt)] == prompt
+    dec = tok.stream_decoder(prefix=prompt)
+    pieces = [dec.put(i) for i in full[len(prompt):]]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == " " + text
+    assert ids  # sanity
+
+
+def _corpus_texts(corpus_dir, n_per_file=6, max_chars=4000):
+    import pyarrow.parquet as pq
+    import zstandard
+
+    texts = []
+    for name in ("moby_dick.jsonl.zst", "sotu_1790_1999.jsonl.zst"):
+        with open(corpus_dir / name, "rb") as f:
+            reader = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
+            for i, line in enumerate(reader):
+                if i >= n_per_file:
+                    break
+                texts.append(json.loads(line)["text"][:max_chars])
+    table = pq.read_table(corpus_dir / "cpython_stdlib.parquet", columns=["content"])
+    texts += [t[:max_chars] for t in table.column("content").to_pylist()[:n_per_file]]
+    return texts
+
+
+def test_ids_identical_to_transformers_on_corpus(tok, corpus_dir):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tok.source_path.parent))
+    texts = _corpus_texts(corpus_dir)
+    assert len(texts) == 18
+    for text in texts:
+        assert tok.encode(text, bos=True) == hf(text).input_ids
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_loads_user_tokenizer_json_and_dir(tmp_path, tok):
+    tok.save_pretrained(tmp_path / "t")
+    for path in (tmp_path / "t", tmp_path / "t" / "tokenizer.json"):
+        other = Tokenizer(path)
+        assert other.encode("Hello world!") == tok.encode("Hello world!")
+        assert other.fingerprint() == tok.fingerprint()
+
+
+def test_loads_sentencepiece_model(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(["the quick brown fox jumps over the lazy dog %d times" % i for i in range(300)]))
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=320, model_type="bpe",
+        byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
+    )
+    t = Tokenizer(tmp_path / "sp.model")
+    assert (t.bos_id, t.eos_id, t.unk_id, t.vocab_size) == (1, 2, 0, 320)
+    ids = t.encode("the lazy fox", bos=True, eos=True)
+    assert ids[0] == 1 and ids[-1] == 2
+    assert t.decode(ids) == "the lazy fox"
+    assert t.decode(t.encode("über 😀")) == "über 😀"  # byte fallback
+
+
+def test_bad_tokenizer_files(tmp_path):
+    with pytest.raises(TinyLlamaError, match="not found"):
+        Tokenizer(tmp_path / "nope.json")
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(TinyLlamaError, match="tokenizer.json"):
+        Tokenizer(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TinyLlamaError, match="no tokenizer.json or tokenizer.model"):
+        Tokenizer(tmp_path / "empty")
