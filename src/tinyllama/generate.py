@@ -1,13 +1,30 @@
-"""Autoregressive generation with the static KV cache: greedy, temperature, top-k, top-p, seed, EOS stop."""
+"""Fast autoregressive generation on the static, GQA-aware KV cache.
+
+- `DecodeEngine` owns the model's cache and the one-token decode step; on CUDA the step can be
+  compiled with `torch.compile(mode="reduce-overhead")`, which captures it in a CUDA graph (static shapes,
+  gpt-fast style). The prefill stays eager. On CPU everything is eager.
+- Batches of prompts of different lengths are left-padded: per-row rotary positions and a key mask hide
+  the padding, so each row gets the tokens it would get alone (`generate_batch`, `generate_batch_stream`).
+- Sampling (`sample_next`): greedy, temperature, top-k, top-p, min-p, repetition penalty, seed; stop at
+  EOS; stop strings at the text level (`TextStreamer`, `stream_text`).
+
+Public API: SamplingConfig, sample_next, process_logits, DecodeEngine, generate_stream, generate,
+generate_batch_stream, generate_batch, TextStreamer, stream_text, generate_text.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional, Sequence
 
 import torch
 
+from tinyllama.errors import TinyLlamaError
 from tinyllama.model import Llama
+
+
+class GenerationError(TinyLlamaError, ValueError):
+    """Bad generation input (empty prompt, prompt filling the context, bad sampling value)."""
 
 
 @dataclass
@@ -16,85 +33,383 @@ class SamplingConfig:
     temperature: float = 0.0  # 0 = greedy
     top_k: Optional[int] = None
     top_p: Optional[float] = None
+    min_p: Optional[float] = None  # drop tokens whose probability is below min_p × the top token's
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output (CTRL rule)
+    stop: Sequence[str] = field(default_factory=tuple)  # stop strings (need a tokenizer)
     seed: Optional[int] = None
     stop_at_eos: bool = True
 
     def validate(self) -> None:
-        from tinyllama.errors import TinyLlamaError
-
-        if self.max_new_tokens < 0:
-            raise TinyLlamaError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         if self.temperature < 0:
-            raise TinyLlamaError(f"temperature must be >= 0, got {self.temperature}")
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise TinyLlamaError(f"top_k must be >= 1, got {self.top_k}")
+            raise GenerationError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise TinyLlamaError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.stop, str):
+            raise GenerationError(f"stop must be a list of strings, got the string {self.stop!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise GenerationError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+
+    def replace(self, **changes) -> "SamplingConfig":
+        known = {f.name for f in fields(self)}
+        bad = set(changes) - known
+        if bad:
+            raise GenerationError(f"unknown sampling option(s) {sorted(bad)}; known: {sorted(known)}")
+        return SamplingConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,). Filters apply in transformers' order: temperature, top-k, top-p."""
-    if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
+# ---- sampling -----------------------------------------------------------------------------------
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL / transformers rule: a seen token's logit is divided by `penalty` if positive, else multiplied."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """logits (B, V) -> fp32 logits of the sampling distribution (filtered entries are -inf).
+
+    Order as in transformers: repetition penalty, temperature, top-k, top-p, min-p. Needs temperature > 0.
+    """
+    logits = logits.float()
+    if seen is not None and cfg.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    logits = logits / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p is not None and cfg.top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
+        sorted_probs = sorted_logits.softmax(-1)
         # Drop tokens once the mass before them already reaches top_p; always keep the best one.
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= cfg.top_p
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= cfg.top_p
         drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
+    if cfg.min_p is not None and cfg.min_p > 0:
+        probs = logits.softmax(-1)
+        threshold = cfg.min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    generator: Optional[torch.Generator] = None,
+    seen: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). `seen` (B, V) bool marks tokens for the repetition penalty."""
+    if cfg.temperature == 0:
+        if seen is not None and cfg.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
+        return logits.argmax(dim=-1)
+    probs = process_logits(logits, cfg, seen).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# ---- the engine ---------------------------------------------------------------------------------
+def _decode_step(model: Llama, ids, input_pos, rope_pos, key_mask):
+    return model(ids, input_pos=input_pos, rope_pos=rope_pos, key_mask=key_mask)[:, -1]
+
+
+class DecodeEngine:
+    """Owns `model`'s static KV cache and runs prefill + one-token decode steps.
+
+    compile=True (CUDA only) compiles the decode step with mode="reduce-overhead": a CUDA graph per batch
+    size, replayed every token. The cache is kept between calls and re-allocated only when a larger or
+    different-batch cache is needed, so captured graphs stay valid; `release()` frees it.
+    """
+
+    def __init__(self, model: Llama, compile: bool = False, cache_dtype: Optional[torch.dtype] = None) -> None:
+        self.model = model
+        self.device = model.lm_head.weight.device
+        self.compile = bool(compile) and self.device.type == "cuda"
+        self.cache_dtype = cache_dtype
+        self._cache_key: Optional[tuple[int, int]] = None
+        self._step = _decode_step
+        if self.compile:
+            self._step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    # cache ------------------------------------------------------------------------------------
+    def cache_len_for(self, needed: int) -> int:
+        if not self.compile:
+            return needed
+        # Compiled graphs are specialised on the cache length: round up so most calls reuse one graph.
+        return min(self.model.config.max_seq_len, -(-needed // 256) * 256)
+
+    def ensure_cache(self, batch_size: int, needed_len: int) -> int:
+        max_len = self.cache_len_for(needed_len)
+        key = self._cache_key
+        if key is None or key[0] != batch_size or key[1] < max_len or not self.model.has_cache:
+            self.model.setup_cache(batch_size, max_len, dtype=self.cache_dtype, device=self.device)
+            self._cache_key = (batch_size, max_len)
+        return self._cache_key[1]
+
+    def release(self) -> None:
+        self.model.clear_cache()
+        self._cache_key = None
+
+    # steps ------------------------------------------------------------------------------------
+    def prefill(self, ids: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
+        """ids (B, T) written to slots 0..T-1 -> last-position logits (B, V)."""
+        T = ids.size(1)
+        return self.model(ids, input_pos=torch.arange(T, device=self.device), rope_pos=rope_pos,
+                          key_mask=key_mask)[:, -1]
+
+    def step(self, ids: torch.Tensor, input_pos: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
+        """ids (B, 1) at slot input_pos (1,) -> logits (B, V). With CUDA graphs the result is overwritten by
+        the next step: consume (sample from) it before calling again."""
+        return self._step(self.model, ids, input_pos, rope_pos, key_mask)
+
+
+def _check_prompts(model: Llama, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> None:
+    if not prompts:
+        raise GenerationError("no prompts given")
+    ctx = model.config.max_seq_len
+    vocab = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerationError(f"prompt {i} is empty: pass at least one token (e.g. BOS)")
+        if len(p) >= ctx and cfg.max_new_tokens > 0:
+            raise GenerationError(
+                f"prompt {i} has {len(p)} tokens and fills the model's context of {ctx}; shorten it"
+            )
+        if len(p) > ctx:
+            raise GenerationError(f"prompt {i} has {len(p)} tokens, over the model's context of {ctx}")
+        bad = [t for t in p if not 0 <= int(t) < vocab]
+        if bad:
+            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+
+
+class _StopMatcher:
+    """Detects stop strings in a row's generated text."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], prefix: Sequence[int]) -> None:
+        self.stops = list(stops)
+        self.decoder = tokenizer.stream_decoder(prefix=list(prefix)[-8:])
+        self.text = ""
+
+    def put(self, token: int) -> bool:
+        piece = self.decoder.put(token)
+        if not piece:
+            return False
+        start = max(0, len(self.text) - max(len(s) for s in self.stops) + 1)
+        self.text += piece
+        return any(s in self.text[start:] for s in self.stops)
+
+
 @torch.inference_mode()
-def generate_stream(
+def generate_batch_stream(
     model: Llama,
-    prompt_ids: Sequence[int],
+    prompts: Sequence[Sequence[int]],
     cfg: SamplingConfig,
+    *,
     eos_id: Optional[int] = None,
-) -> Iterator[int]:
-    """Yield new token ids one at a time for a single prompt (stops at EOS, which is not yielded)."""
+    tokenizer=None,
+    engine: Optional[DecodeEngine] = None,
+) -> Iterator[list[Optional[int]]]:
+    """Generate for a batch of prompts of any lengths; yield, per step, a list with each row's new token
+    (None once that row has finished). A row finishes at EOS (not yielded), after the token that completes
+    a stop string (yielded; needs `tokenizer`), or at max_new_tokens / the context's end."""
     cfg.validate()
-    device = model.lm_head.weight.device
-    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    T = prompt.size(1)
-    if T == 0:
-        raise ValueError("empty prompt: pass at least one token (e.g. BOS)")
-    total = min(T + cfg.max_new_tokens, model.config.max_seq_len)
-    if T >= model.config.max_seq_len and cfg.max_new_tokens > 0:
-        raise ValueError(f"prompt of {T} tokens fills the model's context of {model.config.max_seq_len}")
+    _check_prompts(model, prompts, cfg)
+    if cfg.stop and tokenizer is None:
+        raise GenerationError("stop strings need a tokenizer: pass tokenizer=...")
+    own_engine = engine is None
+    engine = engine or DecodeEngine(model)
+    device = engine.device
     eos_id = model.config.eos_id if eos_id is None else eos_id
+    B = len(prompts)
+    lens = [len(p) for p in prompts]
+    T = max(lens)
+    total = min(T + cfg.max_new_tokens, model.config.max_seq_len)
+    n_new = total - T
+    if n_new <= 0:
+        return
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(cfg.seed)
 
-    model.setup_cache(1, total)
+    cache_len = engine.ensure_cache(B, total)
+    pads = [T - n for n in lens]
+    padded = any(pads)
+    ids = torch.tensor([[0] * pad + [int(t) for t in p] for pad, p in zip(pads, prompts)], dtype=torch.long)
+    ids = ids.to(device)
+    slots = torch.arange(cache_len, device=device)
+    rope_all = key_mask = None
+    if padded:
+        pad_t = torch.tensor(pads, device=device)
+        key_mask = slots[None, :] >= pad_t[:, None]  # (B, S): padding slots hidden; future slots hidden by causality
+        rope_all = (slots[None, :] - pad_t[:, None]).clamp(min=0)  # (B, S) rotary position of each slot
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        for r, p in enumerate(prompts):
+            seen[r, torch.tensor([int(t) for t in p], device=device)] = True
+    matchers = [_StopMatcher(tokenizer, cfg.stop, p) for p in prompts] if cfg.stop else None
+
+    done = [False] * B
+    pipelined = device.type == "cuda"
+    host = torch.empty(B, dtype=torch.long, pin_memory=pipelined) if pipelined else None
     try:
-        logits = model(prompt, input_pos=torch.arange(T, device=device))[:, -1]
-        n_new = total - T
+        logits = engine.prefill(ids, rope_pos=rope_all[:, :T] if padded else None, key_mask=key_mask)
         for i in range(n_new):
-            nxt = sample_next(logits, cfg, generator)
-            tok = int(nxt.item())
-            if cfg.stop_at_eos and tok == eos_id:
+            nxt = sample_next(logits, cfg, generator, seen)
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            last = i + 1 == n_new
+            if pipelined:
+                # Queue the copy of this token and the next step before waiting: the GPU never idles on Python.
+                host.copy_(nxt, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+                if not last:
+                    pos = T + i
+                    logits = engine.step(nxt.view(B, 1), slots[pos:pos + 1],
+                                         rope_all[:, pos:pos + 1] if padded else None, key_mask)
+                ready.synchronize()
+                toks = host.tolist()
+            else:
+                toks = nxt.tolist()
+                if not last:
+                    pos = T + i
+                    logits = engine.step(nxt.view(B, 1), slots[pos:pos + 1],
+                                         rope_all[:, pos:pos + 1] if padded else None, key_mask)
+            out: list[Optional[int]] = [None] * B
+            for r, tok in enumerate(toks):
+                if done[r]:
+                    continue
+                if cfg.stop_at_eos and tok == eos_id:
+                    done[r] = True
+                    continue
+                out[r] = tok
+                if matchers is not None and matchers[r].put(tok):
+                    done[r] = True
+            if any(t is not None for t in out):
+                yield out
+            if all(done):
                 return
-            yield tok
-            if i + 1 < n_new:
-                pos = torch.tensor([T + i], device=device)
-                logits = model(nxt.view(1, 1), input_pos=pos)[:, -1]
     finally:
-        model.clear_cache()
+        if own_engine:
+            engine.release()
+
+
+def generate_batch(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    cfg: Optional[SamplingConfig] = None,
+    *,
+    eos_id: Optional[int] = None,
+    tokenizer=None,
+    engine: Optional[DecodeEngine] = None,
+) -> list[list[int]]:
+    """New token ids for each prompt (prompts may differ in length)."""
+    cfg = cfg or SamplingConfig()
+    outs: list[list[int]] = [[] for _ in prompts]
+    for step in generate_batch_stream(model, prompts, cfg, eos_id=eos_id, tokenizer=tokenizer, engine=engine):
+        for r, tok in enumerate(step):
+            if tok is not None:
+                outs[r].append(tok)
+    return outs
+
+
+def generate_stream(
+    model: Llama,
+    prompt_ids: Sequence[int],
+    cfg: SamplingConfig,
+    eos_id: Optional[int] = None,
+    *,
+    tokenizer=None,
+    engine: Optional[DecodeEngine] = None,
+) -> Iterator[int]:
+    """Yield new token ids one at a time for a single prompt (stops at EOS, which is not yielded)."""
+    for step in generate_batch_stream(model, [prompt_ids], cfg, eos_id=eos_id, tokenizer=tokenizer, engine=engine):
+        yield step[0]
 
 
 def generate(model: Llama, prompt_ids: Sequence[int], cfg: Optional[SamplingConfig] = None, **kwargs) -> list[int]:
     """Return the new token ids (without the prompt). kwargs override SamplingConfig fields."""
     cfg = cfg or SamplingConfig()
     if kwargs:
-        cfg = SamplingConfig(**{**cfg.__dict__, **kwargs})
+        cfg = cfg.replace(**kwargs)
     return list(generate_stream(model, prompt_ids, cfg))
+
+
+# ---- text level ---------------------------------------------------------------------------------
+class TextStreamer:
+    """Turns generated ids into text pieces, cutting at the first stop string (which is not emitted).
+
+    Text that could still be the start of a stop string is held back until it is known not to be one.
+    """
+
+    def __init__(self, tokenizer, prefix: Sequence[int] = (), stop: Sequence[str] = ()) -> None:
+        self.decoder = tokenizer.stream_decoder(prefix=list(prefix)[-8:])
+        self.stop = list(stop)
+        self.pending = ""  # decoded but not yet emitted
+        self.stopped = False
+
+    def put(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.put(token)
+        if not self.stop:
+            piece, self.pending = self.pending, ""
+            return piece
+        hits = [self.pending.find(s) for s in self.stop if s in self.pending]
+        if hits:
+            self.stopped = True
+            piece, self.pending = self.pending[: min(hits)], ""
+            return piece
+        # Hold back the longest tail that is a prefix of some stop string.
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = n
+                    break
+        cut = len(self.pending) - hold
+        piece, self.pending = self.pending[:cut], self.pending[cut:]
+        return piece
+
+    def flush(self) -> str:
+        piece, self.pending = ("" if self.stopped else self.pending), ""
+        return piece
+
+
+def stream_text(
+    model: Llama,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    cfg: SamplingConfig,
+    *,
+    engine: Optional[DecodeEngine] = None,
+) -> Iterator[str]:
+    """Yield text pieces of the continuation; stops at EOS or before the first stop string."""
+    streamer = TextStreamer(tokenizer, prefix=prompt_ids, stop=cfg.stop)
+    for tok in generate_stream(model, prompt_ids, cfg, eos_id=tokenizer.eos_id, tokenizer=tokenizer, engine=engine):
+        piece = streamer.put(tok)
+        if piece:
+            yield piece
+        if streamer.stopped:
+            return
+    tail = streamer.flush()
+    if tail:
+        yield tail
+
+
+def generate_text(model: Llama, tokenizer, prompt: str, cfg: Optional[SamplingConfig] = None, **kwargs) -> str:
+    """Continue `prompt` (encoded with BOS); the stop string, if hit, is not included."""
+    cfg = cfg or SamplingConfig()
+    if kwargs:
+        cfg = cfg.replace(**kwargs)
+    return "".join(stream_text(model, tokenizer, tokenizer.encode(prompt, bos=True), cfg))
