@@ -1,0 +1,364 @@
+"""`prepare`: raw corpora -> a dataset directory of packed token shards + manifest.json.
+
+Work is split into units, one per input file (sorted, so unit numbers are stable). A unit writes its
+shards (`train-u00003-00000.bin`, ...) and then, atomically, its record `.units/u00003.json`; re-running
+skips units that have a record, so a killed run resumes where it stopped and gives byte-identical
+output. `manifest.json` is rebuilt from all unit records at the end. `shard_index/num_shards` give
+each machine the units u with u % num_shards == shard_index (same output directory on a shared disk,
+or separate directories; a final run over all inputs then only writes the full manifest).
+
+Each document is stored as its ids + </s> (TinyLlama's convention) and never split across shards;
+a document goes to the validation split when a hash of (file name, line) falls below val_fraction,
+so the split is by document, deterministic, and independent of the number of workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import queue
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from tinyllama.data.readers import DEFAULT_FIELDS, SUFFIXES, Bad, Record, input_kind, parse_filters, read_records
+from tinyllama.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, token_dtype, write_shard
+from tinyllama.errors import TinyLlamaError
+
+UNITS_DIR = ".units"
+DEFAULT_VAL_FRACTION = 0.005
+DEFAULT_SHARD_TOKENS = 1 << 26  # 64 Mi tokens = 128 MiB of uint16 per shard
+_BATCH_DOCS, _BATCH_CHARS = 1024, 8 << 20
+_MAX_EXAMPLES = 5
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files, directories (searched recursively) and globs -> sorted unique input files."""
+    found: list[Path] = []
+    for item in inputs:
+        s = str(item)
+        if any(c in s for c in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(s, recursive=True)) if Path(m).is_file()]
+            matches = [m for m in matches if input_kind(m)]
+            if not matches:
+                raise TinyLlamaError(f"{s}: the pattern matches no input files ({', '.join(SUFFIXES)})")
+            found.extend(matches)
+        elif Path(s).is_dir():
+            matches = sorted(p for p in Path(s).rglob("*") if p.is_file() and input_kind(p))
+            if not matches:
+                raise TinyLlamaError(f"{s}: directory holds no input files ({', '.join(SUFFIXES)})")
+            found.extend(matches)
+        elif Path(s).is_file():
+            if input_kind(Path(s)) is None:
+                raise TinyLlamaError(f"{s}: unsupported input type; use one of {', '.join(SUFFIXES)}")
+            found.append(Path(s))
+        else:
+            raise TinyLlamaError(f"{s}: input file not found")
+    out, seen = [], set()
+    for p in found:
+        r = p.resolve()
+        if r not in seen:
+            seen.add(r)
+            out.append(r)
+    return sorted(out)
+
+
+def is_val(file_name: str, line: int, val_fraction: float) -> bool:
+    if val_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(f"{file_name}:{line}".encode(), digest_size=8).digest(), "little")
+    return h < val_fraction * 2.0**64
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _SplitWriter:
+    """Collects whole documents and writes a shard whenever shard_tokens are reached (last one partial)."""
+
+    def __init__(self, out: Path, split: str, unit: int, dtype: str, shard_tokens: int) -> None:
+        self.out, self.split, self.unit, self.dtype, self.limit = out, split, unit, dtype, shard_tokens
+        self.docs: list[np.ndarray] = []
+        self.pending = 0
+        self.shards: list[dict] = []
+
+    def add(self, ids: np.ndarray) -> None:
+        self.docs.append(ids)
+        self.pending += len(ids)
+        if self.pending >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.docs:
+            return
+        tokens = np.concatenate(self.docs)
+        ends = np.cumsum([len(d) for d in self.docs], dtype=np.uint64)
+        name = f"{self.split}-u{self.unit:05d}-{len(self.shards):05d}.bin"
+        sha = write_shard(self.out / name, tokens, ends, self.dtype)
+        self.shards.append({"file": name, "tokens": int(len(tokens)), "documents": int(len(ends)), "sha256": sha})
+        self.docs, self.pending = [], 0
+        _test_kill_hook()
+
+
+_shards_written = 0
+
+
+def _test_kill_hook() -> None:
+    # Tests simulate `kill -9` right after the N-th shard lands, to prove restarts give identical output.
+    global _shards_written
+    _shards_written += 1
+    limit = os.environ.get("TINYLLAMA_TEST_KILL_AFTER_SHARDS")
+    if limit and _shards_written >= int(limit):
+        os._exit(137)
+
+
+# ---- one unit (runs in a worker process or in-process) -------------------------------------------
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_path, progress_queue, threads: int) -> None:
+    if threads:
+        os.environ.setdefault("RAYON_RS_NUM_CPUS", str(threads))  # tokenizers' thread pool, per worker
+    from tinyllama.tokenizer import Tokenizer
+
+    _worker["tokenizer"] = Tokenizer(tokenizer_path)
+    _worker["queue"] = progress_queue
+
+
+def _run_unit(job: dict) -> dict:
+    q = _worker.get("queue")
+    report = (lambda b, d, t: q.put((b, d, t))) if q is not None else job.pop("report", None)
+    return process_unit(job, _worker["tokenizer"], report)
+
+
+def process_unit(job: dict, tokenizer, report: Optional[Callable[[int, int, int], None]] = None) -> dict:
+    path, out, unit, s = Path(job["input"]), Path(job["output"]), job["unit"], job["settings"]
+    for old in list(out.glob(f"*-u{unit:05d}-*.bin")):  # leftovers of a killed earlier attempt
+        old.unlink()
+    writers = {sp: _SplitWriter(out, sp, unit, s["dtype"], s["shard_tokens"]) for sp in ("train", "val")}
+    fields = [s["field"]] if s["field"] else list(DEFAULT_FIELDS)
+    filters = parse_filters(s["filters"])
+    eos = tokenizer.eos_id
+    skipped, examples, filtered = 0, [], 0
+    batch: list[Record] = []
+    chars = 0
+    pending_bytes = [0]
+
+    def progress(nbytes: int) -> None:
+        pending_bytes[0] += nbytes
+
+    def flush_batch() -> None:
+        nonlocal batch, chars
+        if not batch:
+            return
+        ids = tokenizer.encode_batch([r.text for r in batch])
+        ntok = 0
+        for r, doc in zip(batch, ids):
+            arr = np.empty(len(doc) + 1, dtype=np.int64)
+            arr[:-1] = doc
+            arr[-1] = eos
+            writers["val" if is_val(path.name, r.line, s["val_fraction"]) else "train"].add(arr)
+            ntok += len(arr)
+        if report:
+            report(pending_bytes[0], len(batch), ntok)
+            pending_bytes[0] = 0
+        batch, chars = [], 0
+
+    for item in read_records(path, fields, filters, progress):
+        if item is None:
+            filtered += 1
+            continue
+        if isinstance(item, Bad):
+            where = f"{path}:{'row ' if path.suffix == '.parquet' else 'line '}{item.line}"
+            if not s["skip_bad"]:
+                hint = "" if item.fatal else "; fix it or pass --skip-bad to skip bad records"
+                raise TinyLlamaError(f"{where}: {item.reason}{hint}")
+            skipped += 1
+            if len(examples) < _MAX_EXAMPLES:
+                examples.append(f"{where}: {item.reason}")
+            if item.fatal:
+                break
+            continue
+        batch.append(item)
+        chars += len(item.text)
+        if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
+            flush_batch()
+    flush_batch()
+    if report and pending_bytes[0]:
+        report(pending_bytes[0], 0, 0)
+    for w in writers.values():
+        w.flush()
+    record = {
+        "unit": unit,
+        "input": str(path),
+        "input_name": path.name,
+        "input_bytes": path.stat().st_size,
+        "settings": s,
+        "skipped": skipped,
+        "skipped_examples": examples,
+        "filtered": filtered,
+        "splits": {sp: w.shards for sp, w in writers.items()},
+    }
+    _write_json_atomic(out / UNITS_DIR / f"u{unit:05d}.json", record)
+    return record
+
+
+# ---- the whole run --------------------------------------------------------------------------------
+def prepare(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, name: Optional[str] = None,
+            field: Optional[str] = None, val_fraction: float = DEFAULT_VAL_FRACTION, workers: int = 1,
+            skip_bad: bool = False, filters: Sequence[str] = (), shard_index: int = 0, num_shards: int = 1,
+            tokenizer=None, shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = False) -> dict:
+    """Tokenize `inputs` into `output`; returns the manifest (also written to output/manifest.json)."""
+    from tinyllama.tokenizer import Tokenizer
+
+    if not 0 <= val_fraction < 1:
+        raise TinyLlamaError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not 0 <= shard_index < num_shards:
+        raise TinyLlamaError(f"--shard-index {shard_index} must be in [0, --num-shards {num_shards})")
+    if shard_tokens <= 0 or workers <= 0:
+        raise TinyLlamaError("shard_tokens and workers must be positive")
+    parse_filters(filters)
+    files = expand_inputs(inputs)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    tokenizer_path = str(tok.source_path) if tok.source_path else None
+    out = Path(output)
+    (out / UNITS_DIR).mkdir(parents=True, exist_ok=True)
+    settings = {
+        "tokenizer": tok.fingerprint(),
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "field": field,
+        "filters": list(filters),
+        "val_fraction": val_fraction,
+        "shard_tokens": shard_tokens,
+        "dtype": token_dtype(tok.vocab_size),
+        "skip_bad": skip_bad,
+        "format_version": FORMAT_VERSION,
+    }
+    for tmp in out.glob(".*.tmp-*"):  # temp files of a killed run; never listed anywhere
+        tmp.unlink()
+
+    jobs, done = [], {}
+    for unit, path in enumerate(files):
+        rec_path = out / UNITS_DIR / f"u{unit:05d}.json"
+        if rec_path.exists():
+            rec = json.loads(rec_path.read_text())
+            if rec.get("input_name") != path.name or rec.get("settings") != settings:
+                what = "input list" if rec.get("input_name") != path.name else "settings"
+                raise TinyLlamaError(
+                    f"{out}: was prepared with a different {what} (unit {unit} is {rec.get('input_name')}); "
+                    "use a new --output directory or delete this one"
+                )
+            if rec.get("input_bytes") != path.stat().st_size:
+                raise TinyLlamaError(f"{path}: changed since it was prepared into {out}; use a new --output directory")
+            done[unit] = rec
+        elif unit % num_shards == shard_index:
+            jobs.append({"unit": unit, "input": str(path), "output": str(out), "settings": settings})
+
+    t0 = time.time()
+    totals = {"bytes": 0, "docs": 0, "tokens": 0}
+    bar = _progress_bar(sum(Path(j["input"]).stat().st_size for j in jobs), progress and bool(jobs))
+
+    def report(b: int, d: int, t: int) -> None:
+        totals["bytes"] += b
+        totals["docs"] += d
+        totals["tokens"] += t
+        if bar is not None:
+            dt = max(time.time() - t0, 1e-6)
+            bar.update(b)
+            bar.set_postfix(docs=totals["docs"], tokens=totals["tokens"], tok_s=f"{totals['tokens'] / dt:,.0f}", refresh=False)
+
+    jobs.sort(key=lambda j: -Path(j["input"]).stat().st_size)  # big files first: better load balance
+    try:
+        if workers == 1 or len(jobs) <= 1:
+            _worker["tokenizer"], _worker["queue"] = tok, None
+            for j in jobs:
+                rec = process_unit(j, tok, report)
+                done[rec["unit"]] = rec
+        else:
+            _run_pool(jobs, tokenizer_path, min(workers, len(jobs)), report, done)
+    finally:
+        if bar is not None:
+            bar.close()
+    manifest = build_manifest(out, name or out.resolve().name, files, done, settings)
+    manifest_stats = {"seconds": time.time() - t0, **totals}
+    _write_json_atomic(out / MANIFEST, manifest)
+    manifest["run"] = manifest_stats  # this run's throughput (not written: the manifest stays deterministic)
+    return manifest
+
+
+def _run_pool(jobs, tokenizer_path, workers, report, done) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # tokenizers' Rust threads do not survive fork
+    q = ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, q, threads)) as pool:
+        pending = [pool.apply_async(_run_unit, (j,)) for j in jobs]
+        while pending:
+            try:
+                while True:
+                    report(*q.get(timeout=0.2))
+            except queue.Empty:
+                pass
+            still = []
+            for r in pending:
+                if r.ready():
+                    rec = r.get()  # re-raises a worker's TinyLlamaError here
+                    done[rec["unit"]] = rec
+                else:
+                    still.append(r)
+            pending = still
+        try:
+            while True:
+                report(*q.get_nowait())
+        except queue.Empty:
+            pass
+
+
+def build_manifest(out: Path, name: str, files: list[Path], done: dict, settings: dict) -> dict:
+    splits = {}
+    for sp in ("train", "val"):
+        shards = [sh for u in sorted(done) for sh in done[u]["splits"][sp]]
+        splits[sp] = {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards),
+                      "shards": shards}
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "name": name,
+        "tokenizer": {"fingerprint": settings["tokenizer"], "vocab_size": settings["vocab_size"],
+                      "eos_id": settings["eos_id"]},
+        "dtype": settings["dtype"],
+        "settings": settings,
+        "complete": len(done) == len(files),
+        "inputs": [
+            {"unit": u, "file": done[u]["input_name"], "bytes": done[u]["input_bytes"],
+             "documents": sum(s["documents"] for sp in done[u]["splits"].values() for s in sp),
+             "tokens": sum(s["tokens"] for sp in done[u]["splits"].values() for s in sp),
+             "skipped": done[u]["skipped"], "skipped_examples": done[u]["skipped_examples"], "filtered": done[u]["filtered"]}
+            for u in sorted(done)
+        ],
+        "pending_inputs": [p.name for u, p in enumerate(files) if u not in done],
+        "splits": splits,
+    }
+
+
+def _progress_bar(total_bytes: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare", file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
