@@ -1,0 +1,279 @@
+"""One GPU call: check every fused op against its reference on fresh random inputs, then time variants.
+
+PYTHONUNBUFFERED=1 python perf/gpu_perf.py --check --sdpa --profile --bench ours,reference,hf-eager,hf-compile
+Writes a JSON of everything to $OUT/perf.json (when OUT is set). See perf/NOTES.md for results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from tinyllama.bench import train as bt
+from tinyllama.config import ModelConfig
+from tinyllama.kernels import KernelConfig, apply_fast_path, causal_attention, linear_cross_entropy
+
+DEV = torch.device("cuda")
+RESULTS: dict = {}
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def bench_ms(fn, reps=20):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def check_ce():
+    out = {}
+    for n in (4096, 4093):  # a full and a ragged last chunk
+        torch.manual_seed(n)
+        x = torch.randn(n, 2048, device=DEV)
+        w = (torch.randn(32000, 2048, device=DEV) * 0.02)
+        t = torch.randint(0, 32000, (n,), device=DEV)
+        t[torch.rand(n, device=DEV) < 0.1] = -100
+        grads = {}
+        for name in ("fused", "ref", "f64"):
+            xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+            if name == "f64":
+                xx, ww = x.double().requires_grad_(), w.double().requires_grad_()
+                loss = torch.nn.functional.cross_entropy(xx @ ww.t(), t, ignore_index=-100)
+            else:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    if name == "fused":
+                        loss = linear_cross_entropy(xx, ww, t, chunk_rows=1024)
+                    else:
+                        logits = xx @ ww.t()
+                        loss = torch.nn.functional.cross_entropy(logits.float(), t, ignore_index=-100)
+            loss.backward()
+            grads[name] = (loss.detach(), xx.grad, ww.grad)
+        for name in ("fused", "ref"):
+            out[f"n={n} {name} vs f64"] = {
+                "loss": rel(grads[name][0], grads["f64"][0]),
+                "grad_x": rel(grads[name][1], grads["f64"][1]),
+                "grad_w": rel(grads[name][2], grads["f64"][2]),
+            }
+    # memory: the fused loss on a full micro-batch of 16 k rows vs the unfused one
+    for name in ("fused", "ref"):
+        torch.cuda.empty_cache()
+        x = torch.randn(16384, 2048, device=DEV, requires_grad=True)
+        w = (torch.randn(32000, 2048, device=DEV) * 0.02).requires_grad_()
+        t = torch.randint(0, 32000, (16384,), device=DEV)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+
+        def f():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if name == "fused":
+                    loss = linear_cross_entropy(x, w, t)
+                else:
+                    loss = torch.nn.functional.cross_entropy((x @ w.t()).float(), t)
+            loss.backward()
+            x.grad = w.grad = None
+
+        f()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        ms = bench_ms(f)
+        out[f"16k rows {name}"] = {"extra_peak_GB": round(peak, 2), "fwd+bwd ms": round(ms, 2)}
+        del x, w, t
+    return out
+
+
+def check_attention():
+    out = {}
+    torch.manual_seed(1)
+    q = torch.randn(2, 32, 1024, 64, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(2, 4, 1024, 64, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(2, 4, 1024, 64, device=DEV, dtype=torch.bfloat16)
+    dy = torch.randn_like(q)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    kk, vv = kr.repeat_interleave(8, 1), vr.repeat_interleave(8, 1)
+    s = (qr @ kk.transpose(-1, -2)) / 8.0
+    s = s.masked_fill(torch.ones(1024, 1024, device=DEV, dtype=torch.bool).triu(1), float("-inf"))
+    yr = s.softmax(-1) @ vv
+    yr.backward(dy.double())
+    for backend in ("auto", "flash", "cudnn", "efficient"):
+        try:
+            qq, k2, v2 = (t.clone().requires_grad_() for t in (q, k, v))
+            y = causal_attention(qq, k2, v2, backend)
+            y.backward(dy)
+            out[backend] = {"y": rel(y, yr), "dq": rel(qq.grad, qr.grad), "dk": rel(k2.grad, kr.grad), "dv": rel(v2.grad, vr.grad)}
+        except Exception as e:  # a backend this build lacks
+            out[backend] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return out
+
+
+def sdpa_timing():
+    out = {}
+    B, H, KV, T, D = 8, 32, 4, 2048, 64
+    q = torch.randn(B, H, T, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, KV, T, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, KV, T, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(B, H, T, D, device=DEV, dtype=torch.bfloat16)
+    flops = 4 * B * H * T * T * D / 2 * 3.5  # causal: fwd 2 matmuls, bwd 5 (2.5× fwd)
+    for backend in ("auto", "flash", "cudnn", "efficient"):
+        try:
+            def f():
+                y = causal_attention(q, k, v, backend)
+                y.backward(dy)
+            ms = bench_ms(f)
+            out[backend] = {"fwd+bwd ms": round(ms, 3), "TFLOP/s": round(flops / ms / 1e9, 1)}
+        except Exception as e:
+            out[backend] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return out
+
+
+def check_model(kernels: KernelConfig, preset="tinyllama-120m", B=2, T=1024):
+    """Loss and gradients of the fast path vs the plain model, same init and batch, bf16 autocast."""
+    cfg = ModelConfig.from_name(preset)
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=DEV)
+    res = {}
+    for fast in (False, True):
+        m = bt.build_ours(cfg, DEV, kernels, fast=fast, seed=0)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = m(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        res[fast] = (loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()]))
+        del m
+    torch._dynamo.reset()
+    return {"loss_ref": res[False][0].item(), "loss_fast": res[True][0].item(),
+            "loss_rel": rel(res[True][0], res[False][0]), "grad_rel": rel(res[True][1], res[False][1])}
+
+
+VARIANTS = {
+    "ours": (dict(), "ours"),
+    "ours-cudnn": (dict(attention_backend="cudnn"), "ours"),
+    "ours-flash": (dict(attention_backend="flash"), "ours"),
+    "ours-nofusedce": (dict(fused_cross_entropy=False), "ours"),
+    "ours-eager-fusedce": (dict(compile_blocks=False), "ours"),
+    "ours-triton": (dict(compile_blocks=False, triton_kernels=True), "ours"),
+    "ours-triton-cudnn": (dict(compile_blocks=False, triton_kernels=True, attention_backend="cudnn"), "ours"),
+    "reference": (None, "reference"),
+    "hf-eager": (None, "hf-eager"),
+    "hf-compile": (None, "hf-compile"),
+}
+
+
+def run_bench(names, cfg, mb, seq, steps, warmup, data):
+    batches = bt.TokenBatches(cfg.vocab_size, seq, mb, data=data)
+    out = []
+    print(bt.HEADER, flush=True)
+    for name in names:
+        kw, kind = VARIANTS[name]
+        if kind == "ours":
+            build, loss_of = (lambda kw=kw: bt.build_ours(cfg, DEV, KernelConfig(**kw), fast=True)), bt._ours_loss
+        elif kind == "reference":
+            build, loss_of = (lambda: bt.build_ours(cfg, DEV, fast=False)), bt._ours_loss
+        else:
+            build, loss_of = (lambda c=(kind == "hf-compile"): bt.build_hf(cfg, DEV, compile=c)), bt.hf_loss
+        r = bt.measure(name, build, loss_of, batches, cfg, DEV, steps, warmup, bt.H100_BF16_TFLOPS)
+        out.append(r)
+    print()
+    print(bt.format_table(out), flush=True)
+    return out
+
+
+def profile(kernels: KernelConfig, cfg, mb, seq):
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    m = bt.build_ours(cfg, DEV, kernels, fast=True)
+    opt, _ = bt.build_optimizer(m)
+    step = bt.make_train_step(m, opt, bt._ours_loss, DEV)
+    batches = bt.TokenBatches(cfg.vocab_size, seq, mb)
+    for _ in range(3):
+        step(batches.next())
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(2):
+            step(batches.next())
+        torch.cuda.synchronize()
+    for key in ("self_cuda_time_total", "self_device_time_total"):
+        try:
+            table = p.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90)
+            break
+        except Exception:
+            table = None
+    if os.environ.get("OUT"):
+        p.export_chrome_trace(os.path.join(os.environ["OUT"], "trace.json"))
+    del m, opt, step
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return table
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sdpa", action="store_true")
+    ap.add_argument("--profile", default=None, help="variant name from VARIANTS to profile")
+    ap.add_argument("--bench", default="")
+    ap.add_argument("--config", default="tinyllama-1.1b")
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--data", default=None)
+    a = ap.parse_args()
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, cuda {torch.version.cuda}, "
+          f"cudnn {torch.backends.cudnn.version()}", flush=True)
+    try:
+        import triton
+        import transformers
+
+        print(f"triton {triton.__version__}, transformers {transformers.__version__}", flush=True)
+    except ImportError as e:
+        print("missing:", e)
+    t0 = time.time()
+    if a.check:
+        RESULTS["ce"] = check_ce()
+        print("CE check:", json.dumps(RESULTS["ce"], indent=1), flush=True)
+        RESULTS["attention"] = check_attention()
+        print("attention check:", json.dumps(RESULTS["attention"], indent=1), flush=True)
+        try:
+            from tinyllama.kernels import triton_ops
+
+            RESULTS["triton_ops"] = triton_ops.self_check()
+            print("triton ops:", json.dumps(RESULTS["triton_ops"], indent=1), flush=True)
+        except ImportError as e:
+            print("no triton_ops:", e)
+        RESULTS["model"] = {}
+        for name in ("ours", "ours-eager-fusedce", "ours-triton"):
+            kw = VARIANTS[name][0]
+            try:
+                RESULTS["model"][name] = check_model(KernelConfig(**kw))
+            except Exception as e:
+                RESULTS["model"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"model check {name}:", RESULTS["model"][name], flush=True)
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+    if a.sdpa:
+        RESULTS["sdpa"] = sdpa_timing()
+        print("SDPA fwd+bwd (8×32q/4kv×2048×64):", json.dumps(RESULTS["sdpa"], indent=1), flush=True)
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+    cfg = bt.load_model_config(a.config)
+    if a.profile:
+        table = profile(KernelConfig(**VARIANTS[a.profile][0]), cfg, a.micro_batch, a.seq_len)
+        print(table, flush=True)
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+    if a.bench:
+        res = run_bench(a.bench.split(","), cfg, a.micro_batch, a.seq_len, a.steps, a.warmup, a.data)
+        RESULTS["bench"] = [r.__dict__ for r in res]
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "perf.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""`tinyllama bench train`: our full training step against the `transformers` baseline, in one process.
+
+Each variant runs the same step: forward under bf16 autocast (fp32 master weights), backward, global
+grad-norm clipping at 1.0, fused AdamW (on CUDA), on the same token batches. Ours is tinyllama's model
+with the kernel fast path (`tinyllama.kernels.apply_fast_path`); the baseline is Hugging Face's
+LlamaForCausalLM with the same config and SDPA attention, eager and `torch.compile`d.
+Reports tokens/s, model FLOPs utilisation (MFU), peak GPU memory, and our ratio to each baseline.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from tinyllama.config import ModelConfig
+from tinyllama.errors import TinyLlamaError
+
+# Dense bf16 tensor-core peak of one H100 SXM (the issue's MFU denominator).
+H100_BF16_TFLOPS = 989.0
+
+VARIANTS = ("ours", "reference", "hf-eager", "hf-compile")
+
+
+@dataclass
+class BenchResult:
+    variant: str
+    tokens_per_s: float = float("nan")
+    mfu: float = float("nan")
+    peak_gb: float = float("nan")  # max_memory_allocated, 1e9 bytes
+    step_ms: float = float("nan")
+    final_loss: float = float("nan")
+    error: Optional[str] = None
+    details: dict = field(default_factory=dict)
+
+
+# ---- config and data ---------------------------------------------------------------------------
+
+
+def load_model_config(spec: str) -> ModelConfig:
+    """A preset name (tinyllama-1.1b) or a config.json path (ours or Hugging Face's)."""
+    from tinyllama.config import PRESETS
+
+    if spec in PRESETS:
+        return ModelConfig.from_name(spec)
+    p = Path(spec)
+    if p.is_dir():
+        p = p / "config.json"
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        import yaml
+
+        d = yaml.safe_load(p.read_text()) or {}
+        d = d.get("model", d)
+        if isinstance(d, str):
+            return ModelConfig.from_name(d)
+        if isinstance(d, dict) and "name" in d and len(d) == 1:
+            return ModelConfig.from_name(d["name"])
+        return ModelConfig.from_dict(d)
+    if p.is_file():
+        return ModelConfig.from_json(p)
+    raise TinyLlamaError(f"--config '{spec}': neither a model preset ({', '.join(sorted(PRESETS))}) nor a config file")
+
+
+class TokenBatches:
+    """Batches of (B, T+1) tokens: synthetic (the trainer's SyntheticLoader) or from a flat token file.
+
+    A flat file is a .npy or raw uint16 .bin of token ids (as `perf/make_tokens.py` writes); it wraps around.
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, batch_size: int, data: Optional[str] = None, seed: int = 0):
+        self.seq_len, self.batch_size, self.vocab_size = seq_len, batch_size, vocab_size
+        self.tokens = None
+        self.loader = None
+        self.pos = 0
+        if data:
+            import numpy as np
+
+            p = Path(data)
+            if not p.is_file():
+                raise TinyLlamaError(f"--data {data}: file not found")
+            arr = np.load(p, mmap_mode="r") if p.suffix == ".npy" else np.memmap(p, dtype=np.uint16, mode="r")
+            if arr.size < seq_len + 1:
+                raise TinyLlamaError(f"--data {data}: {arr.size} tokens, fewer than one sequence of {seq_len + 1}")
+            if int(arr.max()) >= vocab_size:
+                raise TinyLlamaError(f"--data {data}: token id {int(arr.max())} is outside the vocabulary of {vocab_size}")
+            self.tokens = torch.from_numpy(np.asarray(arr, dtype=np.int64))
+        else:
+            try:
+                from tinyllama.train.synthetic import SyntheticLoader
+
+                self.loader = SyntheticLoader(vocab_size, seq_len, batch_size, seed=seed)
+            except ImportError:
+                self.gen = torch.Generator().manual_seed(seed)
+
+    def reset(self) -> None:
+        self.pos = 0
+        if self.loader is not None:
+            self.loader.blocks_consumed = 0
+
+    def next(self) -> torch.Tensor:
+        B, T = self.batch_size, self.seq_len
+        if self.tokens is not None:
+            n = self.tokens.numel()
+            rows = []
+            for _ in range(B):
+                if self.pos + T + 1 > n:
+                    self.pos = 0
+                rows.append(self.tokens[self.pos : self.pos + T + 1])
+                self.pos += T + 1
+            return torch.stack(rows)
+        if self.loader is not None:
+            return next(self.loader)
+        return torch.randint(0, self.vocab_size, (B, T + 1), generator=self.gen)
+
+
+# ---- the step ------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, lr: float = 4e-4, warmup_steps: int = 0, max_steps: Optional[int] = None):
+    """The trainer's AdamW (decay on matrices, fused on CUDA), with its lr schedule helper."""
+    from tinyllama.train.optim import OptimConfig, build_optimizer as _build, lr_at, set_lr
+
+    cfg = OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=warmup_steps, max_steps=max_steps)
+    opt = _build(model, cfg)
+
+    def schedule(step: int) -> None:
+        set_lr(opt, lr_at(step, cfg))
+
+    return opt, schedule
+
+
+def make_train_step(model, optimizer, loss_of: Callable, device: torch.device, grad_clip: float = 1.0):
+    """One optimizer step on a (B, T+1) token batch: forward + loss, backward, clip, AdamW, zero grads."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(device, non_blocking=True)
+        ids, targets = batch[:, :-1], batch[:, 1:]
+        with autocast:
+            loss = loss_of(model, ids, targets)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=device.type == "cuda")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _ours_loss(model, ids, targets):
+    return model(ids, targets)[1]
+
+
+def build_ours(cfg: ModelConfig, device: torch.device, kernels=None, fast: bool = True, seed: int = 0):
+    from tinyllama.kernels import KernelConfig, apply_fast_path
+    from tinyllama.model import Llama
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Llama(cfg)
+    if fast:
+        kcfg = kernels or KernelConfig()
+        if device.type != "cuda" and kernels is None:
+            kcfg = KernelConfig(compile_blocks=False)  # compiling on CPU costs minutes for no gain here
+        apply_fast_path(model, kcfg)
+    return model
+
+
+def build_hf(cfg: ModelConfig, device: torch.device, compile: bool = False, seed: int = 0):
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    d = cfg.to_hf_dict()
+    for k in ("architectures", "torch_dtype"):
+        d.pop(k, None)
+    hf_cfg = LlamaConfig(**d)
+    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg.use_cache = False
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(hf_cfg)
+    model.train()
+    if compile:
+        model = torch.compile(model)
+    return model
+
+
+def hf_loss(model, ids, targets):
+    """Loss the way HF users train: `model(input_ids, labels=input_ids).loss` (HF shifts internally)."""
+    return model(input_ids=ids, labels=ids).loss
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    try:
+        torch._dynamo.reset()
+    except Exception:
+        pass
+
+
+def measure(
+    name: str,
+    build: Callable[[], torch.nn.Module],
+    loss_of: Callable,
+    batches: TokenBatches,
+    cfg: ModelConfig,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    peak_tflops: float,
+    log: Callable[[str], None] = print,
+) -> BenchResult:
+    """Build a model, run warmup + timed steps, return throughput and peak memory (model and optimizer included)."""
+    res = BenchResult(name)
+    _free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = opt = step = None
+    try:
+        t0 = time.perf_counter()
+        model = build()
+        if model is None:
+            res.error = "transformers not installed"
+            return res
+        opt, _ = build_optimizer(model)
+        step = make_train_step(model, opt, loss_of, device)
+        batches.reset()
+        pool = [batches.next() for _ in range(min(steps + warmup, 16))]
+        if device.type == "cuda":
+            pool = [b.pin_memory() for b in pool]
+        for i in range(warmup):
+            loss = step(pool[i % len(pool)])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        res.details["setup_and_warmup_s"] = round(time.perf_counter() - t0, 1)
+        t1 = time.perf_counter()
+        for i in range(steps):
+            loss = step(pool[(warmup + i) % len(pool)])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t1
+        res.final_loss = float(loss)
+        tokens = steps * batches.batch_size * batches.seq_len
+        res.tokens_per_s = tokens / elapsed
+        res.step_ms = 1000 * elapsed / steps
+        res.mfu = res.tokens_per_s * cfg.flops_per_token(batches.seq_len) / (peak_tflops * 1e12)
+        if device.type == "cuda":
+            res.peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
+        if not math.isfinite(res.final_loss):
+            res.error = f"non-finite loss {res.final_loss}"
+    except torch.cuda.OutOfMemoryError:
+        res.error = "out of GPU memory"
+    except Exception as e:  # one broken variant must not hide the others' numbers
+        res.error = f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        del model, opt, step
+        _free(device)
+    log(_format_row(res))
+    return res
+
+
+def _format_row(r: BenchResult) -> str:
+    if r.error and not math.isfinite(r.tokens_per_s):
+        return f"{r.variant:<24} {'-':>10} {'-':>6} {'-':>8} {'-':>8} {'-':>7}  {r.error}"
+    return (
+        f"{r.variant:<24} {r.tokens_per_s:>10,.0f} {100 * r.mfu:>5.1f}% {r.peak_gb:>8.1f} {r.step_ms:>8.1f} "
+        f"{r.final_loss:>7.3f}" + (f"  {r.error}" if r.error else "")
+    )
+
+
+HEADER = f"{'variant':<24} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8} {'step ms':>8} {'loss':>7}"
+
+
+def format_table(results: list[BenchResult]) -> str:
+    lines = [HEADER] + [_format_row(r) for r in results]
+    by = {r.variant: r for r in results}
+    ours = [r for r in results if r.variant.startswith("ours") and math.isfinite(r.tokens_per_s)]
+    for base in ("hf-eager", "hf-compile", "reference"):
+        b = by.get(base)
+        if b is None or not math.isfinite(b.tokens_per_s):
+            continue
+        for o in ours:
+            mem = f", peak memory {o.peak_gb / b.peak_gb:.2f}×" if math.isfinite(o.peak_gb) and b.peak_gb > 0 else ""
+            lines.append(f"{o.variant} / {base}: {o.tokens_per_s / b.tokens_per_s:.2f}× tokens/s{mem}")
+    return "\n".join(lines)
+
+
+def run_bench(
+    cfg: ModelConfig,
+    variants: list[str],
+    micro_batch: int,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    kernels=None,
+    data: Optional[str] = None,
+    peak_tflops: float = H100_BF16_TFLOPS,
+    log: Callable[[str], None] = print,
+) -> list[BenchResult]:
+    if seq_len > cfg.max_seq_len:
+        raise TinyLlamaError(f"--seq-len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    batches = TokenBatches(cfg.vocab_size, seq_len, micro_batch, data=data)
+    builders = {
+        "ours": (lambda: build_ours(cfg, device, kernels, fast=True), _ours_loss),
+        "reference": (lambda: build_ours(cfg, device, fast=False), _ours_loss),
+        "hf-eager": (lambda: build_hf(cfg, device, compile=False), hf_loss),
+        "hf-compile": (lambda: build_hf(cfg, device, compile=True), hf_loss),
+    }
+    log(HEADER)
+    results = []
+    for v in variants:
+        build, loss_of = builders[v]
+        results.append(measure(v, build, loss_of, batches, cfg, device, steps, warmup, peak_tflops, log=log))
+    return results
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default="tinyllama-1.1b", help="model preset or config.json/yaml path (default tinyllama-1.1b)")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here; default 3)")
+    p.add_argument("--variants", default="ours,hf-eager,hf-compile",
+                   help=f"comma-separated, from {','.join(VARIANTS)} (reference = our model without the fast path)")
+    p.add_argument("--data", default=None, help="flat token file (.npy or uint16 .bin); default: synthetic tokens")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="MFU denominator (default 989, H100 bf16 dense)")
+    p.add_argument("--attention-backend", default="auto", help="SDPA backend for ours: auto|flash|cudnn|efficient|math")
+    p.add_argument("--no-compile-blocks", action="store_true", help="ours without per-block torch.compile")
+    p.add_argument("--no-fused-ce", action="store_true", help="ours with the plain head + cross-entropy")
+    p.add_argument("--triton", action="store_true", help="ours with the eager Triton kernels (implies --no-compile-blocks)")
+    p.add_argument("--ce-chunk-rows", type=int, default=None, help="rows per fused cross-entropy chunk")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def run(args) -> int:
+    from tinyllama.kernels import KernelConfig
+
+    cfg = load_model_config(args.config)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise TinyLlamaError(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
+    for name in ("micro_batch", "seq_len", "steps"):
+        if getattr(args, name) <= 0:
+            raise TinyLlamaError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TinyLlamaError("--device cuda: no CUDA device is available")
+    kernels = KernelConfig(
+        fused_cross_entropy=not args.no_fused_ce,
+        ce_chunk_rows=args.ce_chunk_rows,
+        compile_blocks=not (args.no_compile_blocks or args.triton) and device.type == "cuda",
+        triton_kernels=args.triton,
+        attention_backend=args.attention_backend,
+    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"bench train: {cfg.name} ({cfg.num_params() / 1e9:.3f} B params), micro-batch {args.micro_batch} × {args.seq_len}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up, on {name}; torch {torch.__version__}; "
+        f"MFU at {args.peak_tflops:g} TFLOP/s, {cfg.flops_per_token(args.seq_len) / 1e9:.2f} GFLOP/token"
+    )
+    print(f"ours: {kernels}")
+    results = run_bench(cfg, variants, args.micro_batch, args.seq_len, args.steps, args.warmup, device, kernels,
+                        args.data, args.peak_tflops)
+    print()
+    print(format_table(results))
+    if args.json:
+        out = {"device": name, "torch": torch.__version__, "config": cfg.name, "micro_batch": args.micro_batch,
+               "seq_len": args.seq_len, "steps": args.steps, "kernels": asdict(kernels),
+               "results": [asdict(r) for r in results]}
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0 if all(r.error is None for r in results) else 1

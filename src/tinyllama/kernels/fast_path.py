@@ -1,0 +1,174 @@
+"""The training fast path: which fused implementation replaces which part of the model.
+
+`apply_fast_path(model, cfg)` changes a `tinyllama.model.Llama` in place, keeping every parameter
+and its name (checkpoints and FSDP2 see the same model):
+  * the output head + loss become the chunked `linear_cross_entropy` (no full logits);
+  * each block is compiled on its own with `torch.compile` (fuses RMSNorm, rotary, SwiGLU and the
+    residual adds, and recomputes the cheap pointwise ops in backward instead of storing them), or,
+    with `triton_kernels`, runs eagerly with the hand-written Triton RMSNorm / rotary / SwiGLU;
+  * attention can be pinned to one SDPA backend (flash, cuDNN, efficient).
+Apply it before `fully_shard` / FSDP2 and before moving the optimizer's parameters anywhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from tinyllama.errors import TinyLlamaError
+from tinyllama.kernels.cross_entropy import LinearCrossEntropyLoss
+from tinyllama.model import MLP, Attention, Llama, RMSNorm, apply_rope
+
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+@dataclass
+class KernelConfig:
+    """Which fused kernels the training step uses (YAML section `kernels`, CLI `--kernels.<field>`)."""
+
+    fused_cross_entropy: bool = True  # chunked head + loss, never the full logits
+    ce_chunk_rows: Optional[int] = None  # rows per chunk; None: ~512 MB of fp32 logits per chunk
+    compile_blocks: bool = True  # torch.compile each decoder block on its own
+    triton_kernels: bool = False  # eager Triton RMSNorm/rotary/SwiGLU (used when compile_blocks is off)
+    attention_backend: str = "auto"  # SDPA backend: auto | flash | cudnn | efficient | math
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise TinyLlamaError(
+                f"kernels config: field 'attention_backend' is '{self.attention_backend}'; choose one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.ce_chunk_rows is not None and (not isinstance(self.ce_chunk_rows, int) or self.ce_chunk_rows <= 0):
+            raise TinyLlamaError(f"kernels config: field 'ce_chunk_rows' must be a positive integer, got {self.ce_chunk_rows!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "KernelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise TinyLlamaError(f"kernels config: unknown field(s) {sorted(unknown)}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+def _sdpa_backends(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "flash": [SDPBackend.FLASH_ATTENTION],
+        "cudnn": [SDPBackend.CUDNN_ATTENTION],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+        "math": [SDPBackend.MATH],
+    }[name]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Causal GQA attention, q (B, H, T, D), k/v (B, KV, T, D), through the chosen SDPA backend.
+
+    cuDNN and the efficient kernel take no grouped heads, so k/v are repeated for them (costs memory).
+    """
+    gqa = k.size(1) != q.size(1)
+    if backend == "auto":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    from torch.nn.attention import sdpa_kernel
+
+    if gqa and backend in ("cudnn", "efficient"):
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = False
+    with sdpa_kernel(_sdpa_backends(backend)):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
+class FastAttention(Attention):
+    """Attention whose training path (no cache, no mask) uses a pinned SDPA backend and/or Triton rotary."""
+
+    attention_backend: str = "auto"
+    triton_rope: bool = False
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        if input_pos is not None or mask is not None or self.kv_cache is not None or cos.dim() != 2:
+            return super().forward(x, cos, sin, input_pos, mask)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.triton_rope and q.is_cuda:
+            from tinyllama.kernels.triton_ops import rope
+
+            q, k = rope(q, cos, sin).transpose(1, 2), rope(k, cos, sin).transpose(1, 2)
+        else:
+            q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+        y = causal_attention(q, k, v, self.attention_backend)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class TritonRMSNorm(RMSNorm):
+    """RMSNorm through the fused Triton kernel on CUDA (one pass forward, one backward)."""
+
+    def forward(self, x):
+        if not x.is_cuda:
+            return super().forward(x)
+        from tinyllama.kernels.triton_ops import rms_norm
+
+        return rms_norm(x, self.weight, self.eps)
+
+
+class TritonSwiGLUMLP(MLP):
+    """SwiGLU MLP whose silu(gate)·up is one Triton kernel that recomputes silu in backward."""
+
+    def forward(self, x):
+        if not x.is_cuda:
+            return super().forward(x)
+        from tinyllama.kernels.triton_ops import swiglu
+
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def resolve_kernel_config(config: Any) -> KernelConfig:
+    if config is None:
+        return KernelConfig()
+    if isinstance(config, KernelConfig):
+        return config
+    if isinstance(config, dict):
+        return KernelConfig.from_dict(config)
+    nested = getattr(config, "kernels", None)
+    if isinstance(nested, (KernelConfig, dict)):
+        return resolve_kernel_config(nested)
+    return KernelConfig()  # e.g. a ModelConfig: nothing to choose, use the defaults
+
+
+def apply_fast_path(model: Llama, config: Any = None) -> Llama:
+    """Switch `model` to the fused training kernels chosen by `config` (a KernelConfig; None: defaults).
+
+    In place; returns the model. Parameters, their names and the model's function stay the same
+    (up to bf16 rounding order), so checkpoints, the optimizer and FSDP2 are unaffected.
+    """
+    cfg = resolve_kernel_config(config)
+    if not isinstance(model, Llama):
+        raise TinyLlamaError(f"apply_fast_path expects a tinyllama Llama model, got {type(model).__name__}")
+    use_triton = cfg.triton_kernels and not cfg.compile_blocks
+    if use_triton:
+        from tinyllama.kernels.triton_ops import triton_available
+
+        if not triton_available():
+            raise TinyLlamaError("kernels.triton_kernels is on but Triton is not installed; pip install triton or turn it off")
+    if cfg.attention_backend != "auto" or use_triton:
+        for block in model.layers:
+            attn = block.self_attn
+            attn.__class__ = FastAttention
+            attn.attention_backend = cfg.attention_backend
+            attn.triton_rope = use_triton
+    if use_triton:
+        for block in model.layers:
+            block.input_layernorm.__class__ = TritonRMSNorm
+            block.post_attention_layernorm.__class__ = TritonRMSNorm
+            block.mlp.__class__ = TritonSwiGLUMLP
+        model.norm.__class__ = TritonRMSNorm
+    if cfg.fused_cross_entropy:
+        model.loss_fn = LinearCrossEntropyLoss(chunk_rows=cfg.ce_chunk_rows)
+    if cfg.compile_blocks:
+        for block in model.layers:
+            block.compile()
+    return model
