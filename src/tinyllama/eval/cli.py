@@ -1,0 +1,201 @@
+"""`tinyllama eval`: perplexity and multiple-choice benchmarks; a table on screen and a JSON file.
+
+    tinyllama eval --model out/hf --tasks hellaswag=hellaswag_val.jsonl arc_easy=ARC-Easy-Test.jsonl \
+        mmlu:5=mmlu/data --perplexity wiki.test.txt --output results.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from tinyllama.errors import TinyLlamaError
+
+
+@dataclass
+class EvalConfig:
+    model: Optional[str] = None
+    random_preset: Optional[str] = None
+    tasks: list[str] = field(default_factory=list)  # "name[:shots]=path"
+    perplexity: list[str] = field(default_factory=list)  # text files or prepared dataset directories
+    split: str = "val"  # prepared-dataset split for perplexity
+    text_field: str = "text"
+    window: Optional[int] = None  # perplexity window (default: the model's context)
+    limit: Optional[int] = None  # first N items / documents per task (a quick look, not a result)
+    batch_size: int = 16
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    output: Optional[str] = None
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "EvalConfig":
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise TinyLlamaError(f"{p}: eval config not found")
+        d = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(d, dict):
+            raise TinyLlamaError(f"{p}: expected a mapping of eval settings")
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise TinyLlamaError(f"{p}: unknown field(s) {bad}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="YAML file of EvalConfig fields (command-line flags override it)")
+    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--random-preset", metavar="NAME", help="a randomly initialised preset instead of --model (smoke test)")
+    p.add_argument("--tasks", nargs="*", metavar="NAME[:SHOTS]=PATH",
+                   help="multiple-choice tasks: hellaswag, arc_easy, arc_challenge, winogrande, piqa, boolq, "
+                        "openbookqa, mmlu (e.g. mmlu:5=data/ for 5-shot)")
+    p.add_argument("--perplexity", nargs="*", metavar="PATH",
+                   help="perplexity of .txt/.jsonl(.zst)/.parquet files or prepared dataset directories")
+    p.add_argument("--split", help="prepared-dataset split for --perplexity (default val)")
+    p.add_argument("--text-field", help="JSONL field holding the text (default text)")
+    p.add_argument("--window", type=int, help="perplexity window in tokens (default: the model's context)")
+    p.add_argument("--limit", type=int, help="only the first N items/documents of each task (not a real result)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--output", help="write results as JSON here (default: print only)")
+
+
+def config_from_args(args) -> EvalConfig:
+    cfg = EvalConfig.from_yaml(args.config) if getattr(args, "config", None) else EvalConfig()
+    for f in fields(EvalConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            setattr(cfg, f.name, v)
+    if not cfg.tasks and not cfg.perplexity:
+        raise TinyLlamaError("nothing to evaluate: give --tasks NAME=PATH ... and/or --perplexity PATH ...")
+    if cfg.batch_size < 1:
+        raise TinyLlamaError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    return cfg
+
+
+def parse_task_spec(spec: str) -> tuple[str, int, str]:
+    from tinyllama.eval.tasks import TASKS
+
+    if "=" not in spec:
+        raise TinyLlamaError(f"task '{spec}': expected NAME=PATH (e.g. hellaswag=hellaswag_val.jsonl)")
+    name, path = spec.split("=", 1)
+    shots = 0
+    if ":" in name:
+        name, s = name.split(":", 1)
+        if not s.isdigit():
+            raise TinyLlamaError(f"task '{spec}': few-shot count after ':' must be a number, got {s!r}")
+        shots = int(s)
+    if name not in TASKS:
+        raise TinyLlamaError(f"task '{spec}': unknown task '{name}'; choose one of: {', '.join(TASKS)}")
+    if shots and name != "mmlu":
+        raise TinyLlamaError(f"task '{spec}': few-shot is supported for mmlu only (the others are reported 0-shot)")
+    return name, shots, path
+
+
+def _documents_for_perplexity(tokenizer, path: str, cfg: EvalConfig) -> tuple[list[list[int]], int]:
+    """(token lists without BOS, UTF-8 byte count or 0 when unknown) for a file or prepared dataset."""
+    from tinyllama.eval.perplexity import iter_documents
+
+    p = Path(path)
+    if p.is_dir():
+        from tinyllama.data.shards import TokenSource
+
+        src = TokenSource(p, split=cfg.split)
+        if src.num_tokens == 0:
+            raise TinyLlamaError(f"{p}: split '{cfg.split}' has no tokens (use --split train or another split)")
+        docs = []
+        for d in src.documents():
+            toks = [int(t) for t in d]
+            if toks and toks[0] == tokenizer.bos_id:
+                toks = toks[1:]
+            docs.append(toks)
+            if cfg.limit is not None and len(docs) >= cfg.limit:
+                break
+        return docs, 0
+    texts = list(iter_documents(p, cfg.text_field, cfg.limit))
+    return tokenizer.encode_batch(texts, bos=False), sum(len(t.encode("utf-8")) for t in texts)
+
+
+def print_table(results: dict, out=sys.stdout) -> None:
+    rows = [("task", "n", "acc", "± stderr", "acc_norm", "± stderr")]
+    for name, r in results.get("tasks", {}).items():
+        rows.append((name, str(r["n"]), f"{r['acc']:.4f}", f"{r['acc_stderr']:.4f}", f"{r['acc_norm']:.4f}",
+                     f"{r['acc_norm_stderr']:.4f}"))
+    if len(rows) > 1:
+        w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for i, r in enumerate(rows):
+            print("  ".join(c.ljust(w[j]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(r)), file=out)
+            if i == 0:
+                print("  ".join("-" * x for x in w), file=out)
+    for name, r in results.get("perplexity", {}).items():
+        bpb = f", {r['bits_per_byte']:.4f} bits/byte" if r.get("bits_per_byte") is not None else ""
+        print(f"perplexity {name}: {r['ppl']:.4f} over {r['tokens']} tokens in {r['windows']} windows{bpb}", file=out)
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
+    from tinyllama.eval.perplexity import perplexity_of_tokens
+    from tinyllama.eval.scoring import Scorer
+    from tinyllama.eval.tasks import evaluate_task, load_task
+
+    specs = [parse_task_spec(s) for s in cfg.tasks]  # check every spec before loading the model
+    if model is None:
+        from tinyllama.commands.generate import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.random_preset, cfg.device, cfg.dtype)
+    scorer = Scorer(model, tokenizer, batch_size=cfg.batch_size)
+    results: dict = {"model": cfg.model or f"random:{cfg.random_preset}", "config": asdict(cfg), "tasks": {},
+                     "perplexity": {}}
+    for name, shots, path in specs:
+        t0 = time.perf_counter()
+        items = load_task(name, path, num_fewshot=shots)
+        if cfg.limit is not None:
+            items = items[: cfg.limit]
+        r = evaluate_task(scorer, items)
+        label = f"{name}_{shots}shot" if name == "mmlu" else name
+        r.pop("loglikelihoods")
+        r.pop("per_item")
+        r.update(path=str(path), num_fewshot=shots, seconds=round(time.perf_counter() - t0, 2))
+        results["tasks"][label] = r
+    for path in cfg.perplexity:
+        t0 = time.perf_counter()
+        docs, n_bytes = _documents_for_perplexity(tokenizer, path, cfg)
+        r = perplexity_of_tokens(scorer, docs, cfg.window)
+        r["documents"] = len(docs)
+        r["bits_per_byte"] = r["nll"] / n_bytes / math.log(2) if n_bytes else None
+        r["seconds"] = round(time.perf_counter() - t0, 2)
+        results["perplexity"][str(path)] = r
+    return results
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    results = evaluate(cfg)
+    print_table(results)
+    if cfg.output:
+        write_json_atomic(cfg.output, results)
+        print(f"results written to {cfg.output}")
+    return 0

@@ -1,0 +1,254 @@
+"""tinyllama.eval: scores equal lm-evaluation-harness's `hf` backend and transformers' perplexity."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinyllama.config import ModelConfig
+from tinyllama.errors import TinyLlamaError
+from tinyllama.eval.scoring import Scorer, rolling_windows
+from tinyllama.eval.tasks import load_task, mean_stderr, score_items
+from tinyllama.model import Llama
+from tinyllama.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = Llama(ModelConfig.from_name("tinyllama-tiny"))
+    with torch.no_grad():  # a sharper output distribution than random init: choices differ clearly
+        model.lm_head.weight.mul_(30)
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ours(model_dir):
+    model = Llama.from_pretrained(model_dir, dtype="float32").eval()
+    return Scorer(model, Tokenizer(model_dir), batch_size=3)
+
+
+# ---- items in each task's public format -----------------------------------------------------------
+WORDS = "the cat dog ran over under a tree house river quickly slowly red blue green big small".split()
+
+
+def _phrase(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n))
+
+
+def write_task_files(d: Path) -> dict[str, dict]:
+    """Writes each task twice when the harness reads a different layout: ours (original) and the harness's (HF)."""
+    d.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict] = {}
+
+    def jl(name, rows):
+        p = d / name
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return p
+
+    hs = [{"ind": i, "activity_label": "Making tea", "ctx_a": _phrase(i, 6) + ".", "ctx_b": _phrase(i + 1, 3),
+           "ctx": "", "split": "val", "split_type": "indomain", "label": i % 4,
+           "endings": [_phrase(i + j, 4 + j) + (" [title] step" if j == 1 else ".") for j in range(4)],
+           "source_id": f"s{i}"} for i in range(5)]
+    p = jl("hellaswag_val.jsonl", hs)
+    files["hellaswag"] = {"ours": p, "lm": p}
+
+    arc_orig, arc_hf = [], []
+    for i in range(5):
+        labels = ["A", "B", "C", "D"] if i % 2 else ["1", "2", "3", "4"]
+        texts = [_phrase(i + j, 2 + j) for j in range(4)]
+        q = _phrase(i, 5) + "?"
+        arc_orig.append({"id": f"q{i}", "question": {"stem": q, "choices": [{"text": t, "label": l} for t, l in zip(texts, labels)]},
+                         "answerKey": labels[(i + 1) % 4]})
+        arc_hf.append({"id": f"q{i}", "question": q, "choices": {"text": texts, "label": labels}, "answerKey": labels[(i + 1) % 4]})
+    files["arc_easy"] = {"ours": jl("ARC-Easy-Test.jsonl", arc_orig), "lm": jl("arc_hf.jsonl", arc_hf)}
+    files["arc_challenge"] = files["arc_easy"]
+
+    obqa_orig = [{"id": r["id"], "question": r["question"], "fact1": "x", "answerKey": r["answerKey"]} for r in arc_orig]
+    obqa_hf = [{"id": r["id"], "question_stem": r["question"], "choices": r["choices"], "answerKey": r["answerKey"]} for r in arc_hf]
+    files["openbookqa"] = {"ours": jl("obqa_test.jsonl", obqa_orig), "lm": jl("obqa_hf.jsonl", obqa_hf)}
+
+    wg = [{"qID": f"w{i}", "sentence": _phrase(i, 4) + " _ " + _phrase(i + 2, 3) + ".", "option1": _phrase(i, 1),
+           "option2": _phrase(i + 3, 2), "answer": str(1 + i % 2)} for i in range(5)]
+    p = jl("winogrande_dev.jsonl", wg)
+    files["winogrande"] = {"ours": p, "lm": p}
+
+    piqa = [{"goal": _phrase(i, 5), "sol1": _phrase(i + 1, 6), "sol2": _phrase(i + 2, 3)} for i in range(5)]
+    p = jl("valid.jsonl", piqa)
+    (d / "valid-labels.lst").write_text("".join(f"{i % 2}\n" for i in range(5)))
+    files["piqa"] = {"ours": p, "lm": jl("piqa_hf.jsonl", [{**r, "label": i % 2} for i, r in enumerate(piqa)])}
+
+    bq = [{"question": _phrase(i, 5), "title": "t", "answer": bool(i % 2), "passage": _phrase(i + 4, 12) + "."}
+          for i in range(5)]
+    files["boolq"] = {"ours": jl("boolq_dev.jsonl", bq),
+                      "lm": jl("boolq_sg.jsonl", [{"question": r["question"], "passage": r["passage"], "idx": i,
+                                                    "label": int(r["answer"])} for i, r in enumerate(bq)])}
+
+    mm_dir = d / "mmlu" / "data"
+    (mm_dir / "test").mkdir(parents=True)
+    (mm_dir / "dev").mkdir(parents=True)
+    rows = {"test": [[_phrase(i, 6) + "?", *[_phrase(i + j, 2) for j in range(4)], "ABCD"[(i * 3) % 4]] for i in range(5)],
+            "dev": [[_phrase(i + 9, 5) + "?", *[_phrase(i + j + 9, 2) for j in range(4)], "ABCD"[i % 4]] for i in range(5)]}
+    hf = {}
+    for split, rs in rows.items():
+        with open(mm_dir / split / f"anatomy_{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rs)
+        hf[split] = jl(f"mmlu_{split}.jsonl", [{"question": r[0], "subject": "anatomy", "choices": r[1:5],
+                                                "answer": "ABCD".index(r[5])} for r in rs])
+    files["mmlu"] = {"ours": mm_dir, "lm": hf["test"], "lm_dev": hf["dev"]}
+    return files
+
+
+LM_TASK_YAML = {  # harness task config to include, and its metric list (extended with acc_norm where absent)
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml",
+    "winogrande": "winogrande/default.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "boolq": "super_glue/boolq/default.yaml",
+    "mmlu": "mmlu/default/mmlu_anatomy.yaml",
+}
+
+
+def _lm_eval_results(model_dir: Path, files: dict, tmp: Path, num_fewshot_mmlu: int):
+    lm_eval = pytest.importorskip("lm_eval")
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    tasks_root = Path(lm_eval.__file__).parent / "tasks"
+    inc = tmp / "lm_tasks"
+    inc.mkdir(exist_ok=True)
+    names = []
+    for name, rel in LM_TASK_YAML.items():
+        data_files = {"validation": str(files[name]["lm"])}
+        cfg = {"include": str(tasks_root / rel), "task": f"tl_{name}", "dataset_path": "json", "dataset_name": None,
+               "dataset_kwargs": {"data_files": data_files}, "training_split": None, "validation_split": "validation",
+               "test_split": None, "tag": [], "metric_list": [
+                   {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                   {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
+        if name == "mmlu":
+            data_files["dev"] = str(files[name]["lm_dev"])
+            cfg["fewshot_split"] = "dev"
+            cfg["num_fewshot"] = num_fewshot_mmlu
+        (inc / f"tl_{name}.yaml").write_text(yaml.safe_dump(cfg))
+        names.append(f"tl_{name}")
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32", "device": "cpu"}, tasks=names,
+        task_manager=TaskManager(include_path=str(inc), include_defaults=False), batch_size=4, log_samples=True,
+        bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+    )
+    return out
+
+
+def test_multiple_choice_equals_lm_eval_hf_backend(model_dir, ours, tmp_path):
+    files = write_task_files(tmp_path / "data")
+    res = _lm_eval_results(model_dir, files, tmp_path, num_fewshot_mmlu=2)
+    for name in LM_TASK_YAML:
+        kwargs = {"num_fewshot": 2} if name == "mmlu" else {}
+        items = load_task(name, files[name]["ours"], **kwargs)
+        pairs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
+        lls = [ll for ll, _ in ours.loglikelihood(pairs)]
+        mine = score_items(items, lls)
+        theirs = res["results"][f"tl_{name}"]
+        samples = sorted(res["samples"][f"tl_{name}"], key=lambda s: s["doc_id"])
+        # The same requests, in the same order, with the same scores.
+        assert [tuple(a)[:2] for smp in samples for a in smp["arguments"]] == [tuple(p) for p in pairs], name
+        their_lls = [float(r[0][0]) for smp in samples for r in smp["resps"]]
+        assert lls == pytest.approx(their_lls, abs=2e-4), name
+        assert mine["per_item"]["acc"] == [s["acc"] for s in samples], name
+        assert mine["per_item"]["acc_norm"] == [s["acc_norm"] for s in samples], name
+        assert mine["acc"] == theirs["acc,none"] and mine["acc_norm"] == theirs["acc_norm,none"], name
+        assert mine["acc_stderr"] == pytest.approx(theirs["acc_stderr,none"], rel=1e-9), name
+        assert mine["acc_norm_stderr"] == pytest.approx(theirs["acc_norm_stderr,none"], rel=1e-9), name
+
+
+def test_perplexity_equals_transformers(model_dir, ours):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    from tinyllama.eval.perplexity import perplexity_of_texts
+
+    text = " ".join(_phrase(i, 9) + "." for i in range(60))  # several windows of 64 tokens, last one partial
+    window = 64
+    r = perplexity_of_texts(ours, [text], window=window)
+    toks = ours.tokenizer.encode(text)
+    assert r["tokens"] == len(toks) and r["windows"] == math.ceil(len(toks) / window)
+    # transformers on the same windows: each chunk of `window` tokens predicted from up to `window` preceding ones
+    nll, counted = 0.0, 0
+    full = [ours.tokenizer.bos_id] + toks
+    for start in range(0, len(toks), window):
+        end = min(start + window, len(toks))
+        inp_lo = max(0, end - window)  # in `full` coordinates, token k of toks is at k+1
+        ids = torch.tensor([full[inp_lo:end]])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(ids).logits[0].float(), -1)
+        tgt = torch.tensor(full[inp_lo + 1:end + 1])
+        per = logp.gather(-1, tgt[:, None])[:, 0]
+        n_new = end - start
+        nll -= float(per[-n_new:].sum())
+        counted += n_new
+    assert counted == len(toks)
+    assert r["ppl"] == pytest.approx(math.exp(nll / counted), rel=1e-5)
+
+
+def test_rolling_windows_score_each_token_once():
+    toks = list(range(10, 33))
+    ws = rolling_windows(toks, 1, 8)
+    assert [t for _, c in ws for t in c] == toks
+    assert ws[0][0] == [1]
+    for ctx, cont in ws[1:]:
+        assert len(ctx) + len(cont) == 9 and ctx[-1] == toks[toks.index(cont[0]) - 1]
+
+
+def test_batching_does_not_change_scores(ours):
+    pairs = [(_phrase(i, 3 + i), " " + _phrase(i + 1, 1 + i % 3)) for i in range(7)]
+    batched = ours.loglikelihood(pairs)
+    single = Scorer(ours.model, ours.tokenizer, batch_size=1).loglikelihood(pairs)
+    assert [b[1] for b in batched] == [s[1] for s in single]
+    assert [b[0] for b in batched] == pytest.approx([s[0] for s in single], abs=1e-4)
+
+
+def test_stderr_and_norm():
+    assert mean_stderr([1.0, 0.0, 1.0, 1.0]) == pytest.approx(math.sqrt(0.75 / 3) / 2, rel=1e-12)
+    assert mean_stderr([1.0, 0.0]) == pytest.approx(0.5)
+    from tinyllama.eval.tasks import MCItem
+
+    it = MCItem(["q"] * 2, [" a", " bbbb"], ["a", "bbbb"], gold=1)
+    r = score_items([it], [-2.0, -4.0])  # acc picks "a"; per character "bbbb" (-1.0) beats "a" (-2.0)
+    assert r["acc"] == 0.0 and r["acc_norm"] == 1.0
+
+
+@pytest.mark.parametrize("task,line,msg", [
+    ("winogrande", {"sentence": "no blank here", "option1": "a", "option2": "b", "answer": "1"}, "no '_' blank"),
+    ("arc_easy", {"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "Z"}, "answerKey 'Z'"),
+    ("hellaswag", {"ctx_a": "x", "ctx_b": "y", "endings": ["a"], "label": 0}, "missing field 'activity_label'"),
+    ("boolq", {"question": "q", "passage": "p", "answer": "maybe"}, "true or false"),
+])
+def test_bad_task_files_name_the_line(tmp_path, task, line, msg):
+    p = tmp_path / "f.jsonl"
+    p.write_text("\n" + json.dumps(line) + "\n")
+    with pytest.raises(TinyLlamaError, match=rf"f\.jsonl:2: .*{msg}"):
+        load_task(task, p)
+
+
+def test_cli_writes_table_and_json(model_dir, tmp_path, capsys):
+    from tinyllama.cli import main
+
+    files = write_task_files(tmp_path / "data")
+    txt = tmp_path / "doc.txt"
+    txt.write_text(" ".join(_phrase(i, 5) for i in range(30)))
+    out = tmp_path / "res.json"
+    rc = main(["eval", "--model", str(model_dir), "--tasks", f"arc_easy={files['arc_easy']['ours']}",
+               f"mmlu:1={files['mmlu']['ours']}", "--perplexity", str(txt), "--output", str(out), "--batch-size", "4"])
+    assert rc == 0
+    shown = capsys.readouterr().out
+    assert "arc_easy" in shown and "mmlu_1shot" in shown and "perplexity" in shown
+    res = json.loads(out.read_text())
+    assert res["tasks"]["arc_easy"]["n"] == 5 and res["perplexity"][str(txt)]["ppl"] > 1
+    assert main(["eval", "--model", str(model_dir), "--tasks", "nosuch=x"]) == 2
