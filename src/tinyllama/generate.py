@@ -131,9 +131,10 @@ class DecodeEngine:
 
     def __init__(self, model: Llama, compile: bool = False, cache_dtype: Optional[torch.dtype] = None) -> None:
         self.model = model
-        self.device = model.lm_head.weight.device
+        # The embedding table stays a float tensor even when linear layers are quantized (tinyllama.quantize).
+        self.device = model.embed_tokens.weight.device
         self.compile = bool(compile) and self.device.type == "cuda"
-        self.cache_dtype = cache_dtype
+        self.cache_dtype = cache_dtype or model.embed_tokens.weight.dtype
         self._cache_key: Optional[tuple[int, int]] = None
         self._step = _decode_step
         if self.compile:
