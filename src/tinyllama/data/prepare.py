@@ -362,3 +362,30 @@ def _progress_bar(total_bytes: int, enabled: bool):
 
     return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare", file=sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)
+
+
+def write_token_dataset(output: str | os.PathLike, splits: dict[str, Sequence[Sequence[int]]], *, name: Optional[str] = None,
+                        vocab_size: int = 32000, tokenizer_fingerprint: str = "pretokenized",
+                        shard_tokens: int = DEFAULT_SHARD_TOKENS) -> dict:
+    """Write already-tokenized documents ({"train": [ids, ...], "val": [...]}) as a dataset directory.
+
+    Ids are stored as given (append </s> yourself if wanted). Used for pre-tokenized data and by tests."""
+    out = Path(output)
+    (out / UNITS_DIR).mkdir(parents=True, exist_ok=True)
+    settings = {"tokenizer": tokenizer_fingerprint, "vocab_size": vocab_size, "eos_id": None, "field": None,
+                "filters": [], "val_fraction": None, "shard_tokens": shard_tokens, "dtype": token_dtype(vocab_size),
+                "skip_bad": False, "format_version": FORMAT_VERSION}
+    rec = {"unit": 0, "input_name": "<tokens>", "input_bytes": 0, "skipped": 0, "skipped_examples": [], "filtered": 0,
+           "splits": {}}
+    for sp in ("train", "val"):
+        w = _SplitWriter(out, sp, 0, settings["dtype"], shard_tokens)
+        for doc in splits.get(sp, ()):
+            arr = np.asarray(doc, dtype=np.int64)
+            if len(arr) and (arr.min() < 0 or arr.max() >= vocab_size):
+                raise TinyLlamaError(f"{out}: token ids must be in [0, {vocab_size})")
+            w.add(arr)
+        w.flush()
+        rec["splits"][sp] = w.shards
+    manifest = build_manifest(out, name or out.resolve().name, [Path("<tokens>")], {0: rec}, settings)
+    _write_json_atomic(out / MANIFEST, manifest)
+    return manifest

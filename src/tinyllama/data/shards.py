@@ -29,6 +29,7 @@ from tinyllama.errors import TinyLlamaError
 MAGIC = b"TLTOKS\x00\x01"
 HEADER = struct.Struct("<8sB7xQQ")  # 32 bytes
 MANIFEST = "manifest.json"
+MAX_OPEN = 256
 FORMAT = "tinyllama-packed-tokens"
 FORMAT_VERSION = 1
 
@@ -132,6 +133,10 @@ class Shard:
                 self._ends = np.memmap(self.path, dtype=np.uint64, mode="r", offset=ends_off, shape=(self.num_docs,))
         return self._ends
 
+    def release(self) -> None:
+        """Drop the memory maps (each holds a file descriptor); they reopen on next use."""
+        self._tokens = self._ends = None
+
     def documents(self) -> Iterator[np.ndarray]:
         start = 0
         for end in self.doc_ends:
@@ -201,6 +206,18 @@ class TokenSource:
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.num_tokens = int(self.starts[-1])
         self.num_docs = sum(s.num_docs for s in self.shards)
+        self._open: dict[int, None] = {}  # insertion-ordered LRU of shards with live maps
+
+    def _touch(self, i: int) -> Shard:
+        # Corpora at TinyLlama scale have ~10^5 shards: keep at most MAX_OPEN maps (file descriptors) live.
+        if i in self._open:
+            del self._open[i]
+        elif len(self._open) >= MAX_OPEN:
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            self.shards[oldest].release()
+        self._open[i] = None
+        return self.shards[i]
 
     def read(self, start: int, length: int, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Tokens [start, start+length) of the concatenated split as int64."""
@@ -210,7 +227,7 @@ class TokenSource:
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         done = 0
         while done < length:
-            shard = self.shards[i]
+            shard = self._touch(i)
             lo = start + done - int(self.starts[i])
             n = min(length - done, shard.num_tokens - lo)
             out[done:done + n] = shard.tokens[lo:lo + n]
@@ -219,5 +236,10 @@ class TokenSource:
         return out
 
     def documents(self) -> Iterator[np.ndarray]:
-        for s in self.shards:
-            yield from s.documents()
+        for i in range(len(self.shards)):
+            yield from self._touch(i).documents()
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_open"] = {}
+        return d
