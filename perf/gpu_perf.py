@@ -157,6 +157,11 @@ VARIANTS = {
     "ours-cudnn": (dict(attention_backend="cudnn"), "ours"),
     "ours-flash": (dict(attention_backend="flash"), "ours"),
     "ours-nofusedce": (dict(fused_cross_entropy=False), "ours"),
+    "ours-fp32res": (dict(bf16_residual=False), "ours"),
+    "ours-nofuseproj": (dict(fuse_projections=False), "ours"),
+    "ours-v1": (dict(bf16_residual=False, fuse_projections=False), "ours"),
+    "ours-amb70": (dict(_amb=0.7), "ours"),
+    "ours-amb50": (dict(_amb=0.5), "ours"),
     "ours-eager-fusedce": (dict(compile_blocks=False), "ours"),
     "ours-triton": (dict(compile_blocks=False, triton_kernels=True), "ours"),
     "ours-triton-cudnn": (dict(compile_blocks=False, triton_kernels=True, attention_backend="cudnn"), "ours"),
@@ -173,7 +178,12 @@ def run_bench(names, cfg, mb, seq, steps, warmup, data):
     for name in names:
         kw, kind = VARIANTS[name]
         if kind == "ours":
-            build, loss_of = (lambda kw=kw: bt.build_ours(cfg, DEV, KernelConfig(**kw), fast=True)), bt._ours_loss
+            def build(kw=dict(kw)):
+                # activation memory budget of the compile partitioner (1.0 = its default): global, so set per variant
+                torch._functorch.config.activation_memory_budget = kw.pop("_amb", 1.0)
+                return bt.build_ours(cfg, DEV, KernelConfig(**kw), fast=True)
+
+            loss_of = bt._ours_loss
         elif kind == "reference":
             build, loss_of = (lambda: bt.build_ours(cfg, DEV, fast=False)), bt._ours_loss
         else:

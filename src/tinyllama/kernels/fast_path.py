@@ -34,6 +34,10 @@ class KernelConfig:
     compile_blocks: bool = True  # torch.compile each decoder block on its own
     triton_kernels: bool = False  # eager Triton RMSNorm/rotary/SwiGLU (used when compile_blocks is off)
     attention_backend: str = "auto"  # SDPA backend: auto | flash | cudnn | efficient | math
+    fuse_projections: bool = True  # one GEMM for q/k/v and one for gate/up (weights concatenated per step)
+    # Under autocast, keep the residual stream in the autocast dtype (bf16), as FSDP2's bf16 mixed
+    # precision does anyway: halves the residual activations and the bytes of every pointwise op.
+    bf16_residual: bool = True
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -82,18 +86,26 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
 
 
 class FastAttention(Attention):
-    """Attention whose training path (no cache, no mask) uses a pinned SDPA backend and/or Triton rotary."""
+    """Attention whose training path (no cache, no mask) uses one q/k/v GEMM, a pinned SDPA backend
+    and/or Triton rotary. Parameters stay q_proj/k_proj/v_proj/o_proj."""
 
     attention_backend: str = "auto"
     triton_rope: bool = False
+    fuse_projections: bool = False
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
         if input_pos is not None or mask is not None or self.kv_cache is not None or cos.dim() != 2:
             return super().forward(x, cos, sin, input_pos, mask)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if self.fuse_projections:
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            q, k, v = F.linear(x, w).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.triton_rope and q.is_cuda:
             from tinyllama.kernels.triton_ops import rope
 
@@ -102,6 +114,31 @@ class FastAttention(Attention):
             q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         y = causal_attention(q, k, v, self.attention_backend)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FusedMLP(MLP):
+    """SwiGLU with gate and up projections as one GEMM (parameters stay gate_proj/up_proj/down_proj)."""
+
+    triton_swiglu: bool = False
+
+    def forward(self, x):
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        gate, up = F.linear(x, w).chunk(2, dim=-1)
+        if self.triton_swiglu and x.is_cuda:
+            from tinyllama.kernels.triton_ops import swiglu
+
+            return self.down_proj(swiglu(gate, up))
+        return self.down_proj(F.silu(gate) * up)
+
+
+class AutocastEmbedding(torch.nn.Embedding):
+    """Embedding whose output is cast to the autocast dtype, so the residual stream stays in it."""
+
+    def forward(self, ids):
+        y = super().forward(ids)
+        if torch.is_autocast_enabled(y.device.type):
+            y = y.to(torch.get_autocast_dtype(y.device.type))
+        return y
 
 
 class TritonRMSNorm(RMSNorm):
@@ -154,18 +191,27 @@ def apply_fast_path(model: Llama, config: Any = None) -> Llama:
 
         if not triton_available():
             raise TinyLlamaError("kernels.triton_kernels is on but Triton is not installed; pip install triton or turn it off")
-    if cfg.attention_backend != "auto" or use_triton:
+    if cfg.attention_backend != "auto" or use_triton or cfg.fuse_projections:
         for block in model.layers:
             attn = block.self_attn
             attn.__class__ = FastAttention
             attn.attention_backend = cfg.attention_backend
             attn.triton_rope = use_triton
+            attn.fuse_projections = cfg.fuse_projections
+    if cfg.fuse_projections:
+        for block in model.layers:
+            block.mlp.__class__ = FusedMLP
+            block.mlp.triton_swiglu = use_triton
+    elif use_triton:
+        for block in model.layers:
+            block.mlp.__class__ = TritonSwiGLUMLP
     if use_triton:
         for block in model.layers:
             block.input_layernorm.__class__ = TritonRMSNorm
             block.post_attention_layernorm.__class__ = TritonRMSNorm
-            block.mlp.__class__ = TritonSwiGLUMLP
         model.norm.__class__ = TritonRMSNorm
+    if cfg.bf16_residual and type(model.embed_tokens) is torch.nn.Embedding:
+        model.embed_tokens.__class__ = AutocastEmbedding
     if cfg.fused_cross_entropy:
         model.loss_fn = LinearCrossEntropyLoss(chunk_rows=cfg.ce_chunk_rows)
     if cfg.compile_blocks:
