@@ -117,41 +117,64 @@ LM_TASK_YAML = {  # harness task config to include, and its metric list (extende
 }
 
 
-def _lm_eval_results(model_dir: Path, files: dict, tmp: Path, num_fewshot_mmlu: int):
+@pytest.fixture(scope="module")
+def lm_setup(model_dir, tmp_path_factory):
+    """Task files, harness task YAMLs pointing at them, and the harness's `hf` backend results on all of them."""
     lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
     import yaml
     from lm_eval.tasks import TaskManager
 
+    tmp = tmp_path_factory.mktemp("lm")
+    files = write_task_files(tmp / "data")
     tasks_root = Path(lm_eval.__file__).parent / "tasks"
     inc = tmp / "lm_tasks"
-    inc.mkdir(exist_ok=True)
-    names = []
+    inc.mkdir()
+    cfgs = {}
     for name, rel in LM_TASK_YAML.items():
         data_files = {"validation": str(files[name]["lm"])}
-        cfg = {"include": str(tasks_root / rel), "task": f"tl_{name}", "dataset_path": "json", "dataset_name": None,
+        cfg = {"include": str(tasks_root / rel), "dataset_path": "json", "dataset_name": None,
                "dataset_kwargs": {"data_files": data_files}, "training_split": None, "validation_split": "validation",
                "test_split": None, "tag": [], "metric_list": [
                    {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                    {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
         if name == "mmlu":
             data_files["dev"] = str(files[name]["lm_dev"])
-            cfg["fewshot_split"] = "dev"
-            cfg["num_fewshot"] = num_fewshot_mmlu
-        (inc / f"tl_{name}.yaml").write_text(yaml.safe_dump(cfg))
-        names.append(f"tl_{name}")
-    out = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32", "device": "cpu"}, tasks=names,
+            cfg.update(fewshot_split="dev", num_fewshot=MMLU_SHOTS)
+        cfgs[f"tl_{name}"] = cfg
+    roll = tmp / "roll.jsonl"
+    roll.write_text("".join(json.dumps({"text": " ".join(_phrase(i + j, 8) + "." for j in range(40))}) + "\n"
+                            for i in range(2)))
+    gen = tmp / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"prompt": _phrase(i, 6), "answer": _phrase(i, 2)}) + "\n" for i in range(3)))
+    cfgs["tl_roll"] = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(roll)}}, "test_split": "test",
+                       "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+                       "metric_list": [{"metric": "word_perplexity", "aggregation": "weighted_perplexity",
+                                        "higher_is_better": False},
+                                       {"metric": "bits_per_byte", "aggregation": "bits_per_byte",
+                                        "higher_is_better": False}]}
+    cfgs["tl_gen"] = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(gen)}}, "test_split": "test",
+                      "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}",
+                      "generation_kwargs": {"until": ["\n\n", "."], "max_gen_toks": 8, "do_sample": False},
+                      "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+    for name, cfg in cfgs.items():
+        (inc / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **cfg}))
+    hf = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32", "device": "cpu"}, tasks=list(cfgs),
         task_manager=TaskManager(include_path=str(inc), include_defaults=False), batch_size=4, log_samples=True,
-        bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+        random_seed=0, numpy_random_seed=0, torch_random_seed=0,
     )
-    return out
+    return files, inc, hf
 
 
-def test_multiple_choice_equals_lm_eval_hf_backend(model_dir, ours, tmp_path):
-    files = write_task_files(tmp_path / "data")
-    res = _lm_eval_results(model_dir, files, tmp_path, num_fewshot_mmlu=2)
+MMLU_SHOTS = 2
+
+
+@pytest.mark.slow
+def test_multiple_choice_equals_lm_eval_hf_backend(lm_setup, ours):
+    files, _, res = lm_setup
     for name in LM_TASK_YAML:
-        kwargs = {"num_fewshot": 2} if name == "mmlu" else {}
+        kwargs = {"num_fewshot": MMLU_SHOTS} if name == "mmlu" else {}
         items = load_task(name, files[name]["ours"], **kwargs)
         pairs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
         lls = [ll for ll, _ in ours.loglikelihood(pairs)]
@@ -252,3 +275,29 @@ def test_cli_writes_table_and_json(model_dir, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["tasks"]["arc_easy"]["n"] == 5 and res["perplexity"][str(txt)]["ppl"] > 1
     assert main(["eval", "--model", str(model_dir), "--tasks", "nosuch=x"]) == 2
+
+
+@pytest.mark.slow
+def test_lm_eval_adapter_equals_hf_backend_for_all_request_types(model_dir, lm_setup, tmp_path):
+    """`lm_eval --model tinyllama` (through the wrapper CLI) gives the hf backend's numbers and generations."""
+    import subprocess
+    import sys
+
+    _, inc, hf = lm_setup
+    names = ["tl_arc_easy", "tl_roll", "tl_gen"]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "tinyllama.eval.lm_eval_cli", "--model", "tinyllama", "--model_args",
+           f"pretrained={model_dir},dtype=float32,device=cpu", "--tasks", ",".join(names), "--include_path", str(inc),
+           "--batch_size", "4", "--output_path", str(out), "--log_samples"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    theirs = hf["results"]
+    assert ours["tl_arc_easy"]["acc,none"] == theirs["tl_arc_easy"]["acc,none"]
+    assert ours["tl_arc_easy"]["acc_norm,none"] == theirs["tl_arc_easy"]["acc_norm,none"]
+    for metric in ("word_perplexity,none", "bits_per_byte,none"):
+        assert ours["tl_roll"][metric] == pytest.approx(theirs["tl_roll"][metric], rel=1e-4)
+    gen_samples = [json.loads(line) for line in next(out.rglob("samples_tl_gen_*.jsonl")).read_text().splitlines()]
+    mine = {s["doc_id"]: s["filtered_resps"][0] for s in gen_samples}
+    ref = {s["doc_id"]: s["filtered_resps"][0] for s in hf["samples"]["tl_gen"]}
+    assert mine == ref and any(v.strip() for v in ref.values())
