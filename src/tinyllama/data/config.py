@@ -34,10 +34,17 @@ class DataConfig:
     ramp_blocks: int = 0
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
         if not isinstance(self.seq_len, int) or self.seq_len <= 0:
             raise TinyLlamaError(f"data config: field 'seq_len' must be a positive integer, got {self.seq_len!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise TinyLlamaError(f"data config: field 'num_workers' must be an integer >= 0, got {self.num_workers!r}")
+        if not isinstance(self.seed, int):
+            raise TinyLlamaError(f"data config: field 'seed' must be an integer, got {self.seed!r}")
+        if not isinstance(self.paths, dict):
+            raise TinyLlamaError(f"data config: field 'paths' must be a mapping name -> dataset dir, got {self.paths!r}")
         if not isinstance(self.ramp_blocks, int) or self.ramp_blocks < 0:
             raise TinyLlamaError(f"data config: field 'ramp_blocks' must be an integer >= 0, got {self.ramp_blocks!r}")
         parse_sources(self.sources)

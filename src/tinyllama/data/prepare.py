@@ -128,9 +128,9 @@ def _test_kill_hook() -> None:
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_path, progress_queue, threads: int) -> None:
-    if threads:
-        os.environ.setdefault("RAYON_RS_NUM_CPUS", str(threads))  # tokenizers' thread pool, per worker
+def _init_worker(tokenizer_path, progress_queue) -> None:
+    # Each worker keeps tokenizers' own thread pool at full width: when one big file is left, its worker
+    # still uses every core; with several busy workers the oversubscription costs little.
     from tinyllama.tokenizer import Tokenizer
 
     _worker["tokenizer"] = Tokenizer(tokenizer_path)
@@ -304,8 +304,7 @@ def _run_pool(jobs, tokenizer_path, workers, report, done) -> None:
 
     ctx = mp.get_context("spawn")  # tokenizers' Rust threads do not survive fork
     q = ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, q, threads)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, q)) as pool:
         pending = [pool.apply_async(_run_unit, (j,)) for j in jobs]
         while pending:
             try:

@@ -1,0 +1,106 @@
+"""`tinyllama bench data`: `prepare` tokens/s over a real corpus, and mixture-loader blocks/s.
+
+Default corpus: ../shared/data/corpus of a checkout (SlimPajama-format .jsonl.zst + StarCoder-format
+.parquet), else the embedded demo corpus. The .jsonl.zst files become source "slimpajama", the
+.parquet files "starcoder", mixed 0.7 : 0.3 for the loader, as TinyLlama did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def _default_corpus() -> Path | None:
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent.parent / "shared" / "data" / "corpus"
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", type=Path, default=None,
+                   help="directory with *.jsonl.zst and/or *.parquet (default: ../shared/data/corpus, else the demo)")
+    p.add_argument("--workers", default="1,2", help="comma-separated prepare worker counts to time (default 1,2)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--loader-workers", default="0,2", help="comma-separated loader num_workers to time")
+    p.add_argument("--batches", type=int, default=400, help="batches timed per loader setting")
+    p.add_argument("--keep", type=Path, default=None, help="write the prepared datasets here instead of a temp dir")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tinyllama.data import MixtureLoader, prepare
+    from tinyllama.data.demo import demo_inputs
+    from tinyllama.tokenizer import Tokenizer
+
+    corpus = args.corpus or _default_corpus()
+    if corpus is not None:
+        groups = {"slimpajama": sorted(corpus.glob("*.jsonl.zst")), "starcoder": sorted(corpus.glob("*.parquet"))}
+    else:
+        groups = {"slimpajama": [demo_inputs()["prose"]], "starcoder": [demo_inputs()["code"]]}
+    groups = {k: v for k, v in groups.items() if v}
+    tok = Tokenizer()
+    root = Path(args.keep or tempfile.mkdtemp(prefix="tinyllama-bench-data-"))
+    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs",
+                     "corpus": str(corpus or "embedded demo"), "prepare": [], "loader": []}
+    print(f"corpus: {results['corpus']}  ({sum(p.stat().st_size for v in groups.values() for p in v) / 1e6:.1f} MB on disk)")
+    dirs = {}
+    try:
+        for w in [int(x) for x in args.workers.split(",")]:
+            tokens, docs, t0 = 0, 0, time.perf_counter()
+            for name, files in groups.items():
+                out = root / f"w{w}" / name
+                shutil.rmtree(out, ignore_errors=True)
+                m = prepare(files, out, name=name, workers=w, tokenizer=tok, val_fraction=0.005)
+                tokens += m["run"]["tokens"]
+                docs += m["run"]["docs"]
+                dirs[name] = out
+            dt = time.perf_counter() - t0
+            row = {"workers": w, "documents": docs, "tokens": tokens, "seconds": round(dt, 2),
+                   "tokens_per_s": round(tokens / dt)}
+            results["prepare"].append(row)
+            print(f"prepare --workers {w}: {docs:,} docs, {tokens:,} tokens in {dt:.1f} s = {tokens / dt:,.0f} tokens/s")
+
+        weights = {"slimpajama": 0.7, "starcoder": 0.3}
+        sources = [(dirs[n], weights[n]) for n in dirs]
+        for nw in [int(x) for x in args.loader_workers.split(",")]:
+            loader = MixtureLoader(sources, args.seq_len, args.batch_size, seed=0, num_workers=nw)
+            for _ in range(5):
+                next(loader)  # warm-up (worker start-up, page cache)
+            t0 = time.perf_counter()
+            for _ in range(args.batches):
+                next(loader)
+            dt = time.perf_counter() - t0
+            blocks = args.batches * args.batch_size
+            row = {"num_workers": nw, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                   "blocks_per_s": round(blocks / dt), "tokens_per_s": round(blocks * (args.seq_len + 1) / dt)}
+            results["loader"].append(row)
+            print(f"loader num_workers={nw} seq_len={args.seq_len} batch={args.batch_size}: {blocks / dt:,.0f} blocks/s "
+                  f"({blocks * (args.seq_len + 1) / dt / 1e6:,.1f} M tokens/s)")
+            loader.close()
+        # Resume cost: restoring a state deep into training is O(1) (no replay of the past).
+        loader = MixtureLoader(sources, args.seq_len, args.batch_size, seed=0)
+        state = loader.state_dict()
+        state["samples"] = 10**9
+        for s in state["sources"]:
+            s["blocks"], s["epoch"], s["pos"] = 5 * 10**8, 3, 7
+        t0 = time.perf_counter()
+        loader.load_state_dict(state)
+        next(loader)
+        results["resume_ms_at_1e9_samples"] = round((time.perf_counter() - t0) * 1e3, 2)
+        print(f"resume at global sample 10^9 and first batch: {results['resume_ms_at_1e9_samples']} ms")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
