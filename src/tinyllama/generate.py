@@ -138,6 +138,10 @@ class DecodeEngine:
         self._cache_key: Optional[tuple[int, int]] = None
         self._step = _decode_step
         if self.compile:
+            import torch._dynamo
+
+            # One graph per (batch size, padded or not, model): keep them all rather than fall back to eager.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self._step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
     # cache ------------------------------------------------------------------------------------

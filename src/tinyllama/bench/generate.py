@@ -1,0 +1,260 @@
+"""`tinyllama bench generate`: decode speed of ours (eager and CUDA-graph) vs transformers `generate`.
+
+Random weights of a preset (speed does not depend on weight values) or a model directory. Batch 1 with
+a fixed prompt length and number of new tokens, then batch-N throughput, then weight-only quantized
+variants. Greedy outputs of ours and transformers are compared on the same weights (bf16 drifts after a
+while on random weights; the matching prefix length is printed). Results are printed as a table and, with
+--json, written to a file after every measurement, so a run stopped early keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+
+import torch
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--preset", default="tinyllama-1.1b", help="random-weight preset (default tinyllama-1.1b)")
+    p.add_argument("--model", default=None, help="a Hugging Face model directory instead of --preset")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="bfloat16 / float32 (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma list; batch 1 is always measured")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled / CUDA-graph runs")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--quant", default="", help="comma list of int8,int4-32,int4-128 to time at batch 1")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats per variant (best is kept)")
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="seconds; variants that would start after this are skipped (0 = no limit)")
+    p.add_argument("--json", default=None, help="write results to this JSON file")
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(args, device, dtype):
+    from tinyllama.config import ModelConfig
+    from tinyllama.model import Llama
+
+    if args.model:
+        return Llama.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Llama(ModelConfig.from_name(args.preset))
+    model = model.to(dtype).eval()
+    model.rope_cos.data, model.rope_sin.data = model.rope_cos.float(), model.rope_sin.float()
+    return model
+
+
+def build_hf(model, device, dtype):
+    import transformers
+
+    from tinyllama.convert.hf import to_hf_state_dict
+
+    conf = transformers.LlamaConfig(**{k: v for k, v in model.config.to_hf_dict().items()
+                                       if k not in ("architectures", "torch_dtype", "model_type")})
+    with torch.device(device):
+        hf = transformers.LlamaForCausalLM._from_config(conf, dtype=dtype, attn_implementation="sdpa")
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), model.config), strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return hf.eval()
+
+
+def run(args) -> int:
+    from tinyllama.convert import parse_dtype
+    from tinyllama.generate import DecodeEngine, SamplingConfig, generate_batch
+    from tinyllama.quantize import quantize_model, weight_bytes
+
+    t_start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = build_model(args, device, dtype)
+    cfg_m = model.config
+    P, N = args.prompt_len, args.new_tokens
+    if P + N > cfg_m.max_seq_len:
+        from tinyllama.errors import TinyLlamaError
+
+        raise TinyLlamaError(f"--prompt-len + --new-tokens = {P + N} exceeds the model's context {cfg_m.max_seq_len}")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    result = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": card,
+        "torch": torch.__version__, "model": args.model or args.preset, "dtype": str(dtype).replace("torch.", ""),
+        "params": model.num_params(), "prompt_len": P, "new_tokens": N, "rows": [], "checks": {},
+    }
+    gen = torch.Generator().manual_seed(1)
+    prompts_all = torch.randint(3, cfg_m.vocab_size, (64, P), generator=gen).tolist()
+    greedy = SamplingConfig(max_new_tokens=N, stop_at_eos=False)
+
+    def save():
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=2)
+            os.replace(tmp, args.json)
+
+    def over_budget(name) -> bool:
+        if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+            print(f"  {name}: skipped (time budget of {args.time_budget:.0f}s spent)", flush=True)
+            result["rows"].append({"name": name, "skipped": "time budget"})
+            save()
+            return True
+        return False
+
+    def timed(fn):
+        best, out = float("inf"), None
+        for _ in range(max(1, args.repeats)):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        return best, out
+
+    def record(name, batch, seconds, extra=None):
+        row = {"name": name, "batch": batch, "seconds": round(seconds, 4),
+               "tokens_per_s": round(batch * N / seconds, 1), **(extra or {})}
+        result["rows"].append(row)
+        print(f"  {name:<34} batch {batch:>3}: {row['tokens_per_s']:>9.1f} tokens/s  ({seconds:.3f} s for {N} new tokens/row)",
+              flush=True)
+        save()
+        return row
+
+    wb = weight_bytes(model)
+    print(f"bench generate: {result['model']} ({result['params'] / 1e6:.0f} M params, {wb / 1e9:.2f} GB weights, "
+          f"{result['dtype']}) on {card}; prompt {P}, {N} new tokens, greedy", flush=True)
+    one = prompts_all[:1]
+
+    # 1. ours, eager
+    eager = DecodeEngine(model, compile=False)
+    eager.ensure_cache(1, P + N)
+    generate_batch(model, one, greedy.replace(max_new_tokens=4), engine=eager)  # warm-up
+    t, ours_eager = timed(lambda: generate_batch(model, one, greedy, engine=eager))
+    record("ours eager", 1, t)
+    eager.release()
+
+    compiled = DecodeEngine(model, compile=True) if device.type == "cuda" and not args.no_compile else None
+
+    def compiled_batch(B):
+        name = "ours compiled + CUDA graph"
+        prompts = prompts_all[:B]
+        compiled.ensure_cache(B, P + N)
+        t0 = time.perf_counter()
+        generate_batch(model, prompts, greedy.replace(max_new_tokens=8), engine=compiled)  # compile + capture
+        generate_batch(model, prompts, greedy.replace(max_new_tokens=8), engine=compiled)
+        warm = time.perf_counter() - t0
+        t, out = timed(lambda: generate_batch(model, prompts, greedy, engine=compiled))
+        extra = {"compile_s": round(warm, 1)}
+        if B == 1:
+            match = next((i for i, (a, b) in enumerate(zip(out[0], ours_eager[0])) if a != b), len(out[0]))
+            extra["greedy_prefix_equal_to_eager"] = match
+            result["checks"]["compiled_vs_eager_prefix"] = match
+            extra["weight_GBps"] = round(wb * N / t / 1e9, 1)
+        record(name, B, t, extra)
+
+    def padded_check():
+        # a left-padded batch under the CUDA graph gives the rows' single-prompt outputs
+        lens = [P, P // 2, 7, P - 1]
+        mixed = [prompts_all[i][:n] for i, n in enumerate(lens)]
+        short = greedy.replace(max_new_tokens=32)
+        compiled.ensure_cache(len(mixed), P + N)
+        batch_out = generate_batch(model, mixed, short, engine=compiled)
+        compiled.ensure_cache(1, P + N)
+        single = [generate_batch(model, [m], short, engine=compiled)[0] for m in mixed]
+        prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(batch_out, single)]
+        result["checks"]["padded_batch_vs_single_prefix"] = prefix
+        print(f"  check: padded batch (lengths {lens}) vs one-by-one, equal greedy prefix per row: {prefix} of 32",
+              flush=True)
+        save()
+
+    def hf_baseline():
+        import transformers
+
+        hf = build_hf(model, device, dtype)
+        ids = torch.tensor(one, device=device)
+
+        def hf_run():
+            with torch.inference_mode():
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                                   do_sample=False, pad_token_id=0, eos_token_id=None)
+
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                        pad_token_id=0)  # warm-up
+        t, out = timed(hf_run)
+        theirs = out[0, P:].tolist()
+        match = next((i for i, (a, b) in enumerate(zip(theirs, ours_eager[0])) if a != b), len(theirs))
+        result["checks"]["transformers_vs_ours_greedy_prefix"] = match
+        record(f"transformers {transformers.__version__} generate (eager)", 1, t,
+               {"greedy_prefix_equal_to_ours": match})
+        print(f"  check: transformers greedy equals ours for the first {match} of {N} tokens", flush=True)
+
+    def attempt(name, fn, *a):
+        if over_budget(name):
+            return
+        try:
+            fn(*a)
+        except Exception as e:  # one failing variant must not lose the others' numbers
+            import traceback
+
+            traceback.print_exc()
+            result["rows"].append({"name": name, "error": f"{type(e).__name__}: {e}"[:500]})
+            save()
+
+    batches = [int(b) for b in args.batch_sizes.split(",") if b.strip() and int(b) != 1]
+    if compiled is not None:
+        attempt("ours compiled b1", compiled_batch, 1)
+    if not args.no_hf:
+        attempt("transformers generate", hf_baseline)
+    if compiled is not None:
+        for B in batches:
+            attempt(f"ours compiled b{B}", compiled_batch, B)
+        attempt("padded batch check", padded_check)
+        compiled.release()
+
+    # 4. eager batches on CPU (no graphs there)
+    if device.type != "cuda":
+        def eager_batch(B):
+            eng = DecodeEngine(model)
+            t, _ = timed(lambda: generate_batch(model, prompts_all[:B], greedy, engine=eng))
+            record("ours eager", B, t)
+            eng.release()
+
+        for B in batches:
+            attempt(f"ours eager b{B}", eager_batch, B)
+
+    # 5. weight-only quantized, batch 1
+    def quant_run(spec):
+        scheme, _, group = spec.partition("-")
+        qmodel = quantize_model(copy.deepcopy(model), scheme, int(group or 128))
+        kernels = sorted({str(getattr(m, "kernel", getattr(m, "use_kernel", None))) for m in qmodel.modules()
+                          if hasattr(m, "kernel") or hasattr(m, "use_kernel")})
+        use_compile = device.type == "cuda" and not args.no_compile
+        eng = DecodeEngine(qmodel, compile=use_compile)
+        eng.ensure_cache(1, P + N)
+        t0 = time.perf_counter()
+        generate_batch(qmodel, one, greedy.replace(max_new_tokens=8), engine=eng)
+        generate_batch(qmodel, one, greedy.replace(max_new_tokens=8), engine=eng)
+        warm = time.perf_counter() - t0
+        t, out = timed(lambda: generate_batch(qmodel, one, greedy, engine=eng))
+        match = next((i for i, (a, b) in enumerate(zip(out[0], ours_eager[0])) if a != b), len(out[0]))
+        record(f"ours {spec}{' compiled' if use_compile else ' eager'}", 1, t,
+               {"weight_GB": round(weight_bytes(qmodel) / 1e9, 3), "kernel": kernels, "compile_s": round(warm, 1),
+                "greedy_prefix_equal_to_bf16": match})
+        eng.release()
+
+    for spec in [s.strip() for s in args.quant.split(",") if s.strip()]:
+        attempt(f"quant {spec}", quant_run, spec)
+
+    result["total_s"] = round(time.perf_counter() - t_start, 1)
+    save()
+    print(f"done in {result['total_s']} s", flush=True)
+    return 0
