@@ -377,6 +377,9 @@ def test_val_loader_and_config(tmp_path, three):
         DataConfig.from_dict({"sorces": "demo"})
     with pytest.raises(TinyLlamaError, match="fewer than one block"):
         MixtureLoader([(three[2], 1.0)], 1000, 1)
+    write_token_dataset(tmp_path / "other_tok", {"train": [list(range(100))]}, tokenizer_fingerprint="abc")
+    with pytest.raises(TinyLlamaError, match="different tokenizers"):
+        MixtureLoader([(three[0], 1.0), (tmp_path / "other_tok", 1.0)], L, 2)
     other = MixtureLoader([(three[0], 1.0)], L, 2)
     with pytest.raises(TinyLlamaError, match="saved for sources"):
         other.load_state_dict(train.state_dict())

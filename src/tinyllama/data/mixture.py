@@ -241,7 +241,8 @@ class MixtureLoader:
     def __init__(self, sources: list[tuple[str | Path, float]], seq_len: int, batch_size: int, *, seed: int = 42,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, split: str = "train",
                  weights_end: Optional[Sequence[float]] = None, ramp_blocks: int = 0, names: Optional[Sequence[str]] = None,
-                 pin_memory: bool = False, multiprocessing_context: Optional[str] = None) -> None:
+                 pin_memory: bool = False, multiprocessing_context: Optional[str] = None,
+                 expect_tokenizer: Optional[str] = None) -> None:
         if not sources:
             raise TinyLlamaError("mixture: no sources given")
         for what, v in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
@@ -263,6 +264,16 @@ class MixtureLoader:
                 name = f"{name}#{len(built)}"
             used.add(name)
             built.append(_Source(name, ts, seq_len, seed))
+        prints = {s.tokens.tokenizer_fingerprint for s in built} - {None}
+        if expect_tokenizer is not None:
+            prints.add(expect_tokenizer)
+        if len(prints) > 1:
+            raise TinyLlamaError(
+                "mixture: sources were tokenized with different tokenizers "
+                + ", ".join(f"{s.name}={s.tokens.tokenizer_fingerprint}" for s in built)
+                + (f" (model tokenizer {expect_tokenizer})" if expect_tokenizer else "")
+                + "; re-run `tinyllama prepare --tokenizer ...` with the model's tokenizer"
+            )
         self.plan = MixturePlan(built, [w for _, w in sources], weights_end, ramp_blocks)
         self.names = [s.name for s in built]
         self._state = _State(len(built))

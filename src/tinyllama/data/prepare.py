@@ -145,8 +145,11 @@ def _run_unit(job: dict) -> dict:
 
 def process_unit(job: dict, tokenizer, report: Optional[Callable[[int, int, int], None]] = None) -> dict:
     path, out, unit, s = Path(job["input"]), Path(job["output"]), job["unit"], job["settings"]
-    for old in list(out.glob(f"*-u{unit:05d}-*.bin")):  # leftovers of a killed earlier attempt
-        old.unlink()
+    # Leftovers of a killed earlier attempt at this unit (only this unit's: other machines may be
+    # writing other units into the same directory right now).
+    for old in [*out.glob(f"*-u{unit:05d}-*.bin"), *out.glob(f".*-u{unit:05d}-*.tmp-*"),
+                *(out / UNITS_DIR).glob(f".u{unit:05d}.json.tmp-*")]:
+        old.unlink(missing_ok=True)
     writers = {sp: _SplitWriter(out, sp, unit, s["dtype"], s["shard_tokens"]) for sp in ("train", "val")}
     fields = [s["field"]] if s["field"] else list(DEFAULT_FIELDS)
     filters = parse_filters(s["filters"])
@@ -247,9 +250,6 @@ def prepare(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, n
         "skip_bad": skip_bad,
         "format_version": FORMAT_VERSION,
     }
-    for tmp in out.glob(".*.tmp-*"):  # temp files of a killed run; never listed anywhere
-        tmp.unlink()
-
     jobs, done = [], {}
     for unit, path in enumerate(files):
         rec_path = out / UNITS_DIR / f"u{unit:05d}.json"

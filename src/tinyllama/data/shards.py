@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -202,6 +203,12 @@ class TokenSource:
             entries = m.get("splits", {}).get(split, {}).get("shards", [])
             self.shards = [Shard(self.path / e["file"], expect_tokens=e["tokens"]) for e in entries]
             self.tokenizer_fingerprint = m.get("tokenizer", {}).get("fingerprint")
+            if not m.get("complete", True):
+                warnings.warn(
+                    f"{self.path}: dataset is incomplete (inputs not yet prepared: {m.get('pending_inputs', [])[:3]}...); "
+                    "finish the other --shard-index runs, then re-run `tinyllama prepare` over all inputs",
+                    stacklevel=2,
+                )
         sizes = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.num_tokens = int(self.starts[-1])
