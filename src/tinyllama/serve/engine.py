@@ -1,0 +1,314 @@
+"""Continuous-batching inference engine: a scheduler thread over a fixed set of KV-cache slots.
+
+Every request is a `Sequence` that owns one slot (one row of every layer's key/value cache) from
+admission to finish. The scheduler loop, in its own thread:
+  1. admits waiting sequences into free slots and prefills them together (right-padded batch),
+  2. runs ONE decode step for every running sequence at once, each at its own position,
+  3. hands each new token to its sequence's consumer and frees the slots of finished sequences.
+New requests therefore join the running batch between two decode steps instead of waiting for it
+to drain (continuous batching, as in Orca / vLLM), and a finished one leaves without stopping others.
+
+The model's own `KVCache` writes every row at the same positions (one `input_pos` for the batch), which
+does not fit rows at different positions, so the engine keeps its own per-slot cache and runs the
+decoder layers' attention itself; everything else (projections, norms, MLP, head) is the model's modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence as Seq
+
+import torch
+import torch.nn.functional as F
+
+from tinyllama.generate import SamplingConfig, sample_next
+from tinyllama.model import Llama, apply_rope
+
+log = logging.getLogger("tinyllama.serve")
+
+
+@dataclass
+class Sequence:
+    """One generation request. `on_token(token_id)` and `on_finish(reason, error)` are called from the
+    engine thread; they must be quick and thread-safe (the server forwards them to its event loop)."""
+
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    on_token: Callable[[int], None]
+    on_finish: Callable[[str, Optional[str]], None]
+    eos_id: Optional[int] = None
+    # engine state
+    slot: int = -1
+    pos: int = 0  # where the next fed token is written in the slot's cache
+    next_token: int = -1  # sampled, not yet fed to the model
+    generated: int = 0
+    finished: bool = False
+    cancelled: bool = False
+    generator: Optional[torch.Generator] = None
+    seen: Optional[torch.Tensor] = None  # (V,) bool, only with a repetition penalty
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this sequence (client went away, stop string hit). Thread-safe."""
+        self.cancelled = True
+
+
+@dataclass
+class EngineStats:
+    decode_steps: int = 0
+    decode_rows: int = 0  # sum over decode steps of the number of sequences in the step
+    max_rows_in_step: int = 0
+    prefills: int = 0
+    prefill_rows: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["mean_rows_per_decode_step"] = round(self.decode_rows / self.decode_steps, 3) if self.decode_steps else 0.0
+        return d
+
+
+class Engine:
+    """Owns the model and the slot cache; `submit()` from any thread, `start()` runs the scheduler thread."""
+
+    def __init__(self, model: Llama, max_batch_size: int = 16, max_seq_len: Optional[int] = None,
+                 eos_id: Optional[int] = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model.eval()
+        c = model.config
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = min(max_seq_len or c.max_seq_len, c.max_seq_len)
+        self.eos_id = c.eos_id if eos_id is None else eos_id
+        p = model.lm_head.weight
+        self.device, self.dtype = p.device, p.dtype
+        shape = (max_batch_size, c.n_kv_heads, self.max_seq_len, c.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layers)]
+        self.slots: list[Optional[Sequence]] = [None] * max_batch_size
+        self.waiting: "queue.Queue[Sequence]" = queue.Queue()
+        self.stats = EngineStats()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._wake = threading.Event()
+
+    # ---- public ---------------------------------------------------------------------------------
+    def submit(self, seq: Sequence) -> Sequence:
+        if not seq.prompt_ids:
+            raise ValueError("empty prompt")
+        if len(seq.prompt_ids) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens does not fit the context of {self.max_seq_len}")
+        if seq.eos_id is None:
+            seq.eos_id = self.eos_id
+        self.waiting.put(seq)
+        self._wake.set()
+        return seq
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tinyllama-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- scheduler --------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                if self.running == 0 and self.waiting.empty():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                try:
+                    self.step()
+                except Exception as e:  # a failed step must not take the server down: fail the batch, go on
+                    log.exception("engine step failed")
+                    self.stats.errors += 1
+                    for i, s in enumerate(self.slots):
+                        if s is not None:
+                            self._finish(i, "error", f"{type(e).__name__}: {e}")
+        # shutting down: nothing may wait forever
+        for i, s in enumerate(self.slots):
+            if s is not None:
+                self._finish(i, "error", "server shutting down")
+        while not self.waiting.empty():
+            self.waiting.get_nowait().on_finish("error", "server shutting down")
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit + prefill waiting sequences, then one decode step for all running ones."""
+        for i, s in enumerate(self.slots):
+            if s is not None and s.cancelled:
+                self._finish(i, "cancelled")
+        admitted = []
+        while len(admitted) < self.slots.count(None) and not self.waiting.empty():
+            seq = self.waiting.get_nowait()
+            if seq.cancelled:
+                seq.on_finish("cancelled", None)
+                continue
+            if seq.sampling.max_new_tokens == 0:
+                seq.on_finish("length", None)
+                continue
+            admitted.append(seq)
+        if admitted:
+            self._prefill(admitted)
+        running = [i for i, s in enumerate(self.slots) if s is not None]
+        if running:
+            self._decode(running)
+
+    def _assign_slot(self, seq: Sequence) -> None:
+        slot = self.slots.index(None)  # lowest free slot: running rows stay packed at the front
+        self.slots[slot] = seq
+        seq.slot = slot
+        if seq.sampling.seed is not None:
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed(seq.sampling.seed)
+        if seq.sampling.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+            seq.seen[torch.tensor(seq.prompt_ids, device=self.device)] = True
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self._assign_slot(seq)
+        lengths = [len(s.prompt_ids) for s in seqs]
+        T = max(lengths)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long, device=self.device)
+        for r, s in enumerate(seqs):
+            ids[r, : lengths[r]] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        start = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+        # Right padding: pad tokens sit after each prompt, are never attended to, and are overwritten by decoding.
+        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        logits = self._forward(ids, slots, start, last)
+        self.stats.prefills += 1
+        self.stats.prefill_rows += len(seqs)
+        self.stats.prompt_tokens += sum(lengths)
+        for r, s in enumerate(seqs):
+            s.pos = lengths[r]
+        self._sample_and_emit(seqs, logits)
+
+    def _decode(self, running: list[int]) -> None:
+        seqs = [self.slots[i] for i in running]
+        ids = torch.tensor([[s.next_token] for s in seqs], dtype=torch.long, device=self.device)
+        slots = torch.tensor(running, device=self.device)
+        start = torch.tensor([s.pos for s in seqs], device=self.device)
+        logits = self._forward(ids, slots, start, torch.zeros(len(seqs), dtype=torch.long, device=self.device))
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += len(seqs)
+        self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(seqs))
+        for s in seqs:
+            s.pos += 1
+        self._sample_and_emit(seqs, logits)
+
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        greedy = [r for r, s in enumerate(seqs) if s.sampling.temperature == 0 and s.seen is None]
+        tokens = [0] * len(seqs)
+        if greedy:
+            picked = logits[greedy].argmax(dim=-1).tolist()
+            for r, t in zip(greedy, picked):
+                tokens[r] = t
+        for r, s in enumerate(seqs):
+            if r in greedy:
+                continue
+            seen = s.seen.unsqueeze(0) if s.seen is not None else None
+            tokens[r] = int(sample_next(logits[r : r + 1], s.sampling, s.generator, seen=seen)[0])
+        for s, tok in zip(seqs, tokens):
+            if s.cancelled:
+                self._finish(s.slot, "cancelled")
+                continue
+            if s.sampling.stop_at_eos and tok == s.eos_id:
+                self._finish(s.slot, "stop")
+                continue
+            s.generated += 1
+            self.stats.generated_tokens += 1
+            if s.seen is not None:
+                s.seen[tok] = True
+            try:
+                s.on_token(tok)
+            except Exception:  # the consumer is gone; drop the sequence
+                log.exception("on_token failed")
+                self._finish(s.slot, "cancelled")
+                continue
+            s.next_token = tok
+            # tok will sit at position s.pos; one more needs s.pos + 1 inside the context
+            if s.generated >= s.sampling.max_new_tokens or s.pos + 1 >= self.max_seq_len:
+                self._finish(s.slot, "length")
+
+    def _finish(self, slot: int, reason: str, error: Optional[str] = None) -> None:
+        seq = self.slots[slot]
+        if seq is None:
+            return
+        self.slots[slot] = None
+        seq.finished = True
+        self.stats.finished += 1
+        try:
+            seq.on_finish(reason, error)
+        except Exception:
+            log.exception("on_finish failed")
+
+    # ---- the model, one row per slot --------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """ids (R, T) written at positions start[r] .. start[r]+T-1 of slot slots[r]; returns the logits
+        (R, V) at column last[r] of each row. Row r attends to its own slot's positions <= its own."""
+        m = self.model
+        R, T = ids.shape
+        pos = start[:, None] + torch.arange(T, device=self.device)  # (R, T)
+        pos_c = pos.clamp(max=self.max_seq_len - 1)  # right padding may run past the end: never attended
+        S = int(pos_c.max()) + 1  # attend over the used prefix of the cache only
+        keys = torch.arange(S, device=self.device)
+        mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # (R, 1, T, S)
+        x = m.embed_tokens(ids)
+        cos = m.rope_cos[pos_c].to(x.dtype).unsqueeze(1)  # (R, 1, T, D)
+        sin = m.rope_sin[pos_c].to(x.dtype).unsqueeze(1)
+        row_idx = slots[:, None].expand(R, T)
+        for layer, k_cache, v_cache in zip(m.layers, self.k_cache, self.v_cache):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(R, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(R, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(R, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # cache[slot, :, pos] = k[r, :, t]  for every (r, t)
+            k_cache[row_idx, :, pos_c] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[row_idx, :, pos_c] = v.transpose(1, 2).to(v_cache.dtype)
+            ks = k_cache[slots, :, :S]
+            vs = v_cache[slots, :, :S]
+            y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=attn.n_kv_heads != attn.n_heads)
+            x = x + attn.o_proj(y.transpose(1, 2).reshape(R, T, attn.n_heads * attn.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x[torch.arange(R, device=self.device), last]  # (R, hidden): only the rows' last real tokens
+        return m.lm_head(m.norm(x)).float()
+
+
+def run_to_completion(engine: Engine, prompts: Seq[Seq[int]], sampling: SamplingConfig) -> list[list[int]]:
+    """Submit all prompts at once, step the engine in this thread until all finish; returns the new ids.
+    (Tests and benchmarks; the server uses the background thread instead.)"""
+    outs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for i, p in enumerate(prompts):
+        engine.submit(Sequence(list(p), sampling, on_token=outs[i].append,
+                               on_finish=lambda reason, err, i=i: done.__setitem__(i, True)))
+    while not all(done):
+        engine.step()
+    return outs

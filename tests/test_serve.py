@@ -1,0 +1,346 @@
+"""The continuous-batching engine and the OpenAI-compatible server, against a live uvicorn on 127.0.0.1.
+
+The server runs a tiny random-weight model saved with save_pretrained; clients are the official `openai`
+package and raw httpx (for bodies the client refuses to send). Greedy outputs are checked token for
+token against one-by-one `tinyllama.generate.generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from tinyllama.config import ModelConfig
+from tinyllama.generate import SamplingConfig, generate, stream_text
+from tinyllama.model import Llama
+from tinyllama.serve.engine import Engine, Sequence, run_to_completion
+from tinyllama.tokenizer import Tokenizer
+
+CFG = ModelConfig.from_name("tinyllama-tiny")  # 256-token context
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Llama(CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+def _prompts(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (n,), generator=g).tolist()
+    return [torch.randint(3, CFG.vocab_size, (k,), generator=g).tolist() for k in lengths]
+
+
+# ---- engine -------------------------------------------------------------------------------------
+def test_engine_batched_greedy_equals_one_by_one(model):
+    prompts = _prompts(10)
+    cfg = SamplingConfig(max_new_tokens=12)
+    ref = [generate(model, p, cfg) for p in prompts]
+    engine = Engine(model, max_batch_size=4, max_seq_len=128)
+    out = run_to_completion(engine, prompts, cfg)
+    assert out == ref
+    assert engine.stats.max_rows_in_step == 4  # really batched
+    assert engine.running == 0 and engine.stats.finished == len(prompts)
+
+
+def test_engine_requests_join_a_running_batch(model):
+    """A request submitted mid-generation is decoded together with the running one and still matches."""
+    prompts = _prompts(3, seed=2)
+    cfg = SamplingConfig(max_new_tokens=10)
+    ref = [generate(model, p, cfg) for p in prompts]
+    engine = Engine(model, max_batch_size=4, max_seq_len=128)
+    outs = [[] for _ in prompts]
+    done = [False] * 3
+
+    def seq(i):
+        return Sequence(prompts[i], cfg, outs[i].append, lambda r, e, i=i: done.__setitem__(i, True))
+
+    engine.submit(seq(0))
+    for _ in range(4):
+        engine.step()
+    engine.submit(seq(1))
+    engine.step()
+    assert engine.running == 2 and engine.stats.max_rows_in_step == 2
+    engine.submit(seq(2))
+    while not all(done):
+        engine.step()
+    assert outs == ref
+    assert engine.stats.max_rows_in_step == 3
+
+
+def test_engine_context_limit_and_zero_tokens(model):
+    prompt = _prompts(1, seed=3)[0][:20]
+    engine = Engine(model, max_batch_size=2, max_seq_len=32)
+    out = run_to_completion(engine, [prompt], SamplingConfig(max_new_tokens=100, stop_at_eos=False))
+    assert len(out[0]) == 32 - len(prompt)  # the whole sequence fills the context, no more
+    small = Llama(CFG.replace(max_seq_len=32)).eval()
+    small.load_state_dict(model.state_dict())
+    assert out[0] == generate(small, prompt, SamplingConfig(max_new_tokens=100, stop_at_eos=False))
+    assert run_to_completion(engine, [prompt], SamplingConfig(max_new_tokens=0)) == [[]]
+    with pytest.raises(ValueError, match="context"):
+        engine.submit(Sequence(list(range(3, 40)), SamplingConfig(), print, print))
+
+
+def test_engine_cancel_frees_slot_and_seeded_sampling_repeats(model):
+    engine = Engine(model, max_batch_size=2, max_seq_len=64)
+    got, reasons = [], []
+    s = engine.submit(Sequence([1, 500, 600], SamplingConfig(max_new_tokens=50), got.append,
+                               lambda r, e: reasons.append(r)))
+    engine.step()
+    engine.step()
+    s.cancel()
+    engine.step()
+    assert reasons == ["cancelled"] and engine.running == 0 and len(got) == 3  # prefill token + 2 decode steps
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=123)
+    a = run_to_completion(engine, [[1, 42]], cfg)
+    b = run_to_completion(engine, [[1, 42], [1, 7, 8]], cfg)
+    assert a[0] == b[0]
+
+
+# ---- live server --------------------------------------------------------------------------------
+class LiveServer:
+    def __init__(self, app, engine):
+        import uvicorn
+
+        self.engine = engine
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=30))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        import httpx
+
+        self.engine.start()
+        self.thread.start()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.engine.stop()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(model, tok, tmp_path_factory):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    from tinyllama.serve.cli import ServeConfig, build
+
+    d = tmp_path_factory.mktemp("served") / "tiny-chat"
+    model.save_pretrained(d, tokenizer=tok)
+    app, engine = build(ServeConfig(model=str(d), model_name="tiny", max_batch_size=16, device="cpu"))
+    with LiveServer(app, engine) as live:
+        live.model = engine.model
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _ref_text(model, tok, prompt_ids, n, stop=()):
+    return "".join(stream_text(model, tok, prompt_ids, SamplingConfig(max_new_tokens=n, stop=tuple(stop))))
+
+
+def test_health_and_models(server, client):
+    import httpx
+
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["slots"] == 16
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+
+
+def test_completion_plain_and_streaming_equal_generate(server, client, tok):
+    prompt = "The quick brown fox"
+    ids = tok.encode(prompt, bos=True)
+    ref_ids = generate(server.model, ids, SamplingConfig(max_new_tokens=12))
+    ref = _ref_text(server.model, tok, ids, 12)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert r.choices[0].text == ref
+    assert r.choices[0].finish_reason == ("length" if len(ref_ids) == 12 else "stop")
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref_ids)
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == len(ref_ids)
+    # token-id prompts and echo
+    r2 = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0, echo=True)
+    assert r2.choices[0].text == tok.decode(ids) + ref
+
+
+def test_chat_plain_and_streaming_equal_generate(server, client, tok):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+    ids = tok.encode(tok.apply_chat_template(messages), bos=True)
+    ref = _ref_text(server.model, tok, ids, 10)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref
+    assert r.usage.prompt_tokens == len(ids)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_and_n(server, client, tok):
+    prompt = "Once upon a time"
+    ids = tok.encode(prompt, bos=True)
+    full = _ref_text(server.model, tok, ids, 16)
+    stop = full.strip()[3:6]
+    assert stop, full
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[: full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0.9, n=3, seed=7)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    again = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0.9, n=3, seed=7)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]
+
+
+def _error(resp, status):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_bad_requests_get_openai_errors_and_server_stays_up(server, client):
+    import httpx
+    import openai
+
+    url = server.url + "/v1"
+    err = _error(httpx.post(url + "/completions", content=b'{"model": "tiny", "prompt": ',
+                            headers={"content-type": "application/json"}), 400)
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_json"
+    _error(httpx.post(url + "/chat/completions", content=b"[1, 2]", headers={"content-type": "application/json"}), 400)
+
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-9", prompt="hi", max_tokens=3)
+    assert e.value.status_code == 404 and e.value.code == "model_not_found" and e.value.param == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+
+    long_prompt = "hello " * 400  # > 256-token context
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=long_prompt, max_tokens=3)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": long_prompt}])
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=255)  # 2 + 255 tokens > context of 256
+    assert e.value.code == "context_length_exceeded"
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=-1)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=-5)
+    assert e.value.param == "max_tokens"
+    err = _error(httpx.post(url + "/completions", json={"prompt": "hi"}), 400)
+    assert err["param"] == "model"
+    err = _error(httpx.post(url + "/chat/completions", json={"model": "tiny", "messages": []}), 400)
+    assert err["param"] == "messages"
+    err = _error(httpx.post(url + "/completions", json={"model": "tiny", "prompt": [99999999]}), 400)
+    assert err["param"] == "prompt"
+    _error(httpx.post(url + "/completions", json={"model": "tiny", "prompt": "x", "temperature": 5}), 400)
+    _error(httpx.post(url + "/completions", json={"model": "tiny", "prompt": "x", "logprobs": 2}), 400)
+    _error(httpx.get(server.url + "/v1/nothing-here"), 404)
+    _error(httpx.get(url + "/completions"), 405)
+
+    # still up and still correct
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def test_concurrent_requests_are_batched_and_equal_one_by_one(server, client, tok):
+    prompts = [f"Request number {i} says" for i in range(16)]
+    refs = [_ref_text(server.model, tok, tok.encode(p, bos=True), 16) for p in prompts]
+    before = server.engine.stats.max_rows_in_step
+    server.engine.stats.max_rows_in_step = 0
+
+    def one(p):
+        return client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(one, prompts))
+    assert outs == refs
+    assert server.engine.stats.max_rows_in_step > 1, "concurrent requests were not decoded together"
+    server.engine.stats.max_rows_in_step = max(before, server.engine.stats.max_rows_in_step)
+
+
+def test_client_disconnect_frees_the_slot(server):
+    import httpx
+
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 200, "temperature": 0.8, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # got one token, hang up
+    deadline = time.time() + 10
+    while server.engine.running and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.engine.running == 0
+
+
+def test_load_200_requests_16_clients(server, client):
+    """Bounded load test: zero failures; throughput goes to BENCHMARKS.md (GGUF / serving)."""
+    n_requests, n_clients, max_tokens = 200, 16, 16
+    server.engine.stats.max_rows_in_step = 0
+    steps0, rows0 = server.engine.stats.decode_steps, server.engine.stats.decode_rows
+
+    def one(i):
+        if i % 2:
+            r = client.completions.create(model="tiny", prompt=f"load {i}", max_tokens=max_tokens, temperature=0.7,
+                                          seed=i)
+            return r.usage.completion_tokens
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"load {i}"}],
+                                           max_tokens=max_tokens, temperature=0.7, seed=i)
+        return r.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n_clients) as pool:
+        tokens = list(pool.map(one, range(n_requests)))
+    dt = time.perf_counter() - t0
+    steps = server.engine.stats.decode_steps - steps0
+    rows = server.engine.stats.decode_rows - rows0
+    print(f"\nload test: {n_requests} requests, {n_clients} clients, {dt:.2f} s, {n_requests / dt:.1f} req/s, "
+          f"{sum(tokens) / dt:.0f} completion tok/s, mean {rows / max(steps, 1):.1f} seqs per decode step, "
+          f"max {server.engine.stats.max_rows_in_step}")
+    assert len(tokens) == n_requests and all(t >= 1 for t in tokens)
+    assert server.engine.stats.max_rows_in_step > 1
+    assert json.loads(json.dumps(server.engine.stats.as_dict()))["errors"] == 0
