@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,6 +37,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from tinyllama.errors import TinyLlamaError
 from tinyllama.train.distributed import DistInfo, barrier
+
+# Single-process saves/loads are intended; DCP warns about each one otherwise.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_RE = re.compile(r"^step-(\d{7,})$")
 

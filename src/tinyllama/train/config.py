@@ -207,6 +207,12 @@ def _check_types(obj, where: str) -> None:
         ok = False
         for b in base:
             b0 = typing.get_origin(b) or b
+            if b0 is float and isinstance(v, str):
+                try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+                    v = float(v)
+                    setattr(obj, f.name, v)
+                except ValueError:
+                    pass
             if b0 is float and isinstance(v, (int, float)) and not isinstance(v, bool):
                 ok = True
             elif b0 is int and isinstance(v, int) and not isinstance(v, bool):

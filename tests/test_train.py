@@ -1,0 +1,227 @@
+"""Pretraining loop on CPU: exact resume, fault handling (SIGTERM, kill -9), non-finite policy, OOM advice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tinyllama.config import ModelConfig
+from tinyllama.errors import TinyLlamaError
+from tinyllama.model import Llama
+from tinyllama.train import trainer as trainer_mod
+from tinyllama.train.checkpoint import find_latest, list_checkpoints, load_model_weights
+from tinyllama.train.config import run_config_from_dict
+from tinyllama.train.trainer import pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_run(out_dir, **train) -> dict:
+    """A run dict: tiny GQA model, synthetic tokens, fp32 CPU. vocab 512 keeps steps fast."""
+    t = {"out_dir": str(out_dir), "micro_batch": 2, "global_batch": 4, "max_steps": 20, "eval_every": 0,
+         "eval_blocks": 4, "save_every": 0, "log_every": 5, "device": "cpu", "progress": False,
+         "tensorboard": False}
+    t.update(train)
+    return {
+        "model": {"preset": "tinyllama-tiny", "vocab_size": 512},
+        "optim": {"lr": 3e-3, "warmup_steps": 3, "max_steps": 20},
+        "data": {"sources": "synthetic", "seq_len": 32, "vocab_size": 512, "seed": 5},
+        "train": t,
+    }
+
+
+def final_weights(out_dir) -> dict:
+    model = Llama(ModelConfig.from_name("tinyllama-tiny", vocab_size=512))
+    load_model_weights(out_dir, model)
+    return model.state_dict()
+
+
+def losses_of(out_dir) -> dict[int, float]:
+    out = {}
+    for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic and fast on a shared 2-core box
+    yield
+    torch.set_num_threads(n)
+
+
+def test_exact_resume_bitwise(tmp_path):
+    straight = pretrain(run_config_from_dict(tiny_run(tmp_path / "a")))
+    # 10 steps (writes its final checkpoint), then a new process-equivalent run resumes to 20.
+    first = pretrain(run_config_from_dict(tiny_run(tmp_path / "b", max_steps=10)))
+    second = pretrain(run_config_from_dict(tiny_run(tmp_path / "b", max_steps=20)), resume=True)
+    assert second["resumed_from"].endswith("step-0000010")
+    assert first["losses"] + second["losses"] == straight["losses"]  # bitwise, fp32
+    assert straight["losses"][-1] < straight["losses"][0]
+    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # metrics.jsonl of the resumed run has each step once
+    recs = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, 21))
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
+    pretrain(run_config_from_dict(tiny_run(tmp_path, max_steps=2)))
+    with pytest.raises(TinyLlamaError, match="--resume"):
+        pretrain(run_config_from_dict(tiny_run(tmp_path, max_steps=2)))
+
+
+def test_retention_keeps_last_n_and_every_mth(tmp_path):
+    pretrain(run_config_from_dict(tiny_run(tmp_path, max_steps=12, save_every=2, keep_last=2, keep_every=4)))
+    steps = [s for s, _ in list_checkpoints(tmp_path / "checkpoints")]
+    assert steps == [4, 8, 10, 12]
+    assert find_latest(tmp_path / "checkpoints").name == "step-0000012"
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path):
+    a = pretrain(run_config_from_dict(tiny_run(tmp_path / "a", max_steps=5, micro_batch=4)))
+    b = pretrain(run_config_from_dict(tiny_run(tmp_path / "b", max_steps=5, micro_batch=1)))
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+
+
+class _NaNAt(Llama):
+    """A model whose loss is NaN on chosen forward calls (to exercise the non-finite policy)."""
+
+    nan_calls: set = set()
+    calls = 0
+
+    def forward(self, ids, targets=None, **kw):
+        out = super().forward(ids, targets, **kw)
+        if targets is not None and self.training:
+            type(self).calls += 1
+            if type(self).calls in self.nan_calls:
+                return out[0], out[1] * float("nan")
+        return out
+
+
+def test_nonfinite_skip_policy_skips_and_counts(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "Llama", _NaNAt)
+    _NaNAt.calls, _NaNAt.nan_calls = 0, {3 * 2 - 1}  # a micro-batch of step 3 (2 micro-batches per step)
+    r = pretrain(run_config_from_dict(tiny_run(tmp_path, max_steps=6, micro_batch=2, global_batch=4)))
+    assert r["skipped_steps"] == 1 and r["step"] == 6 and r["stopped_by"] is None
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs if x.get("skipped")] == [3]
+    # and the weights stayed finite
+    assert all(torch.isfinite(v).all() for v in final_weights(tmp_path).values())
+
+
+def test_nonfinite_stop_policy_checkpoints_then_stops(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "Llama", _NaNAt)
+    _NaNAt.calls, _NaNAt.nan_calls = 0, {4 * 2}
+    r = pretrain(run_config_from_dict(tiny_run(tmp_path, max_steps=20, nonfinite_policy="stop")))
+    assert r["stopped_by"] == "nonfinite" and r["step"] == 4
+    assert find_latest(tmp_path / "checkpoints").name == "step-0000004"
+
+
+def test_too_many_consecutive_nonfinite_stops(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "Llama", _NaNAt)
+    _NaNAt.calls, _NaNAt.nan_calls = 0, set(range(1, 100))
+    r = pretrain(run_config_from_dict(tiny_run(tmp_path, max_steps=20, max_consecutive_nonfinite=2)))
+    assert r["stopped_by"] == "nonfinite" and r["step"] == 3 and r["skipped_steps"] == 3
+
+
+def test_oom_prints_advice(tmp_path, monkeypatch):
+    class _OOM(Llama):
+        def forward(self, *a, **k):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer_mod, "Llama", _OOM)
+    with pytest.raises(TinyLlamaError, match="micro_batch.*activation_checkpointing"):
+        pretrain(run_config_from_dict(tiny_run(tmp_path)))
+
+
+# ---- real processes: signals ------------------------------------------------------------------------
+def _write_cfg(path: Path, run: dict) -> Path:
+    path.write_text(yaml.safe_dump(run))
+    return path
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _train_steps(out_dir) -> int:
+    f = Path(out_dir) / "metrics.jsonl"
+    if not f.exists():
+        return 0
+    return sum(1 for l in f.read_text().splitlines() if '"train"' in l)
+
+
+def test_sigterm_finishes_step_checkpoints_and_exits_zero(tmp_path):
+    out = tmp_path / "run"
+    run = tiny_run(out, max_steps=100000, log_every=1, progress=True)
+    run["optim"]["max_steps"] = 100000
+    cfg = _write_cfg(tmp_path / "run.yaml", run)
+    proc = subprocess.Popen([sys.executable, "-m", "tinyllama", "pretrain", "--config", str(cfg)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while _train_steps(out) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "SIGTERM received: checkpoint written" in output
+    stopped_at = _train_steps(out)
+    latest = find_latest(out / "checkpoints")
+    assert latest is not None and latest.name == f"step-{stopped_at:07d}"
+    # resume picks up exactly there
+    r = pretrain(run_config_from_dict(tiny_run(out, max_steps=stopped_at + 2, progress=False)), resume=True)
+    assert r["resumed_from"] == str(latest) and r["step"] == stopped_at + 2
+
+
+def test_kill9_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    # A 32k vocabulary makes each checkpoint ~50 MB, so writes take long enough to be interrupted.
+    run = tiny_run(out, max_steps=400, save_every=2, keep_last=3, log_every=1)
+    run["model"]["vocab_size"] = run["data"]["vocab_size"] = 32000
+    run["optim"]["max_steps"] = 400
+    cfg = _write_cfg(tmp_path / "run.yaml", run)
+    proc = subprocess.Popen([sys.executable, "-m", "tinyllama", "pretrain", "--config", str(cfg)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = out / "checkpoints"
+    killed_during_write = False
+    deadline = time.time() + 90
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            tmps = list(ckpts.glob("step-*.tmp")) if ckpts.exists() else []
+            if tmps and list_checkpoints(ckpts):
+                proc.kill()  # SIGKILL while a checkpoint is being written
+                killed_during_write = True
+                break
+            time.sleep(0.001)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert killed_during_write, "never caught a checkpoint mid-write"
+    before = losses_of(out)  # losses the killed run logged
+    latest = find_latest(ckpts)
+    assert latest is not None
+    resume_step = int(latest.name.split("-")[1])
+    assert max(before) - resume_step <= 2 + 1  # at most the steps since the last checkpoint are lost
+    r = pretrain(run_config_from_dict({**run, "train": {**run["train"], "max_steps": resume_step + 3}}), resume=True)
+    assert r["resumed_from"] == str(latest)
+    assert not list(ckpts.glob("step-*.tmp"))  # the torn write was cleaned up
+    # The resumed run retraces the killed one exactly.
+    after = losses_of(out)
+    common = [s for s in before if s > resume_step and s in after]
+    assert common and all(after[s] == before[s] for s in common)
