@@ -1,0 +1,49 @@
+"""FSDP2 on CPU (gloo): 2 processes match 1 with the same global batch, and a 2-process run resumes on 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+
+from test_train import REPO, losses_of, tiny_run  # noqa: F401  (shared run recipe)
+from tinyllama.train.config import run_config_from_dict
+from tinyllama.train.trainer import pretrain
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+
+def _torchrun(tmp_path, run: dict, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    cfg = tmp_path / f"run-{nproc}.yaml"
+    cfg.write_text(yaml.safe_dump(run))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "tinyllama", "pretrain", "--config", str(cfg), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_fsdp2_two_processes_match_one_and_resume_on_one(tmp_path):
+    torch.set_num_threads(1)
+    # Reference: one process, 20 steps of 8 sequences (micro 4 × 2 accumulation).
+    single = pretrain(run_config_from_dict(tiny_run(tmp_path / "single", micro_batch=4, global_batch=8)))
+    ref = single["losses"]
+    # Two processes, FSDP2, same global batch (micro 4 × 2 ranks × 1 accumulation), stopped at step 10.
+    run2 = tiny_run(tmp_path / "fsdp", micro_batch=4, global_batch=8, max_steps=10, progress=True)
+    out = _torchrun(tmp_path, run2, 2)
+    assert "(FSDP2)" in out.stderr + out.stdout
+    two = losses_of(tmp_path / "fsdp")
+    assert sorted(two) == list(range(1, 11))
+    for step, loss in two.items():
+        assert loss == pytest.approx(ref[step - 1], rel=1e-5), step
+    # Resume the 2-process checkpoint in 1 process (resharding), continue to 20: still the same curve.
+    resumed = pretrain(run_config_from_dict(tiny_run(tmp_path / "fsdp", micro_batch=4, global_batch=8)), resume=True)
+    assert resumed["resumed_from"].endswith("step-0000010")
+    assert resumed["losses"] == pytest.approx(ref[10:], rel=1e-5)
