@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,7 +26,8 @@ from tinyllama.errors import TinyLlamaError
 # Dense bf16 tensor-core peak of one H100 SXM (the MFU denominator).
 H100_BF16_TFLOPS = 989.0
 
-VARIANTS = ("ours", "reference", "hf-eager", "hf-compile")
+VARIANTS = ("ours", "ours-lowmem", "reference", "hf-eager", "hf-compile")
+LOWMEM_BUDGET = 0.7  # ours-lowmem: KernelConfig.activation_memory_budget
 
 
 @dataclass
@@ -314,11 +315,15 @@ def run_bench(
     peak_tflops: float = H100_BF16_TFLOPS,
     log: Callable[[str], None] = print,
 ) -> list[BenchResult]:
+    from tinyllama.kernels import KernelConfig
+
     if seq_len > cfg.max_seq_len:
         raise TinyLlamaError(f"--seq-len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     batches = TokenBatches(cfg.vocab_size, seq_len, micro_batch, data=data)
     builders = {
         "ours": (lambda: build_ours(cfg, device, kernels, fast=True), _ours_loss),
+        "ours-lowmem": (lambda: build_ours(cfg, device, replace(kernels or KernelConfig(), activation_memory_budget=LOWMEM_BUDGET),
+                                           fast=True), _ours_loss),
         "reference": (lambda: build_ours(cfg, device, fast=False), _ours_loss),
         "hf-eager": (lambda: build_hf(cfg, device, compile=False), hf_loss),
         "hf-compile": (lambda: build_hf(cfg, device, compile=True), hf_loss),
@@ -341,7 +346,8 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here; default 3)")
     p.add_argument("--variants", default="ours,hf-eager,hf-compile",
-                   help=f"comma-separated, from {','.join(VARIANTS)} (reference = our model without the fast path)")
+                   help=f"comma-separated, from {','.join(VARIANTS)} (reference = our model without the fast path; "
+                   f"ours-lowmem = ours with activation_memory_budget {LOWMEM_BUDGET})")
     p.add_argument("--data", default=None, help="flat token file (.npy or uint16 .bin); default: synthetic tokens")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="MFU denominator (default 989, H100 bf16 dense)")
@@ -349,6 +355,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-compile-blocks", action="store_true", help="ours without per-block torch.compile")
     p.add_argument("--no-fused-ce", action="store_true", help="ours with the plain head + cross-entropy")
     p.add_argument("--triton", action="store_true", help="ours with the eager Triton kernels (implies --no-compile-blocks)")
+    p.add_argument("--fuse-projections", action="store_true", help="ours with one q/k/v and one gate/up GEMM")
+    p.add_argument("--fp32-residual", action="store_true", help="ours with the residual stream in fp32")
+    p.add_argument("--activation-memory-budget", type=float, default=1.0,
+                   help="ours: compile partitioner's activation budget in (0, 1] (default 1.0)")
     p.add_argument("--ce-chunk-rows", type=int, default=None, help="rows per fused cross-entropy chunk")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -373,6 +383,9 @@ def run(args) -> int:
         compile_blocks=not (args.no_compile_blocks or args.triton) and device.type == "cuda",
         triton_kernels=args.triton,
         attention_backend=args.attention_backend,
+        fuse_projections=args.fuse_projections,
+        bf16_residual=not args.fp32_residual,
+        activation_memory_budget=args.activation_memory_budget,
     )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(

@@ -1,0 +1,261 @@
+"""Fused kernels against their plain-PyTorch references: forward and backward on fresh random inputs.
+
+CPU: the chunked linear + cross-entropy (exact in fp64, and under bf16 autocast), and the fast path's
+module swaps (same function, same parameter names). GPU (skipped without CUDA): the same under bf16
+with the compiled blocks, the SDPA backends, and the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyllama.config import ModelConfig
+from tinyllama.errors import TinyLlamaError
+from tinyllama.kernels import (
+    KernelConfig,
+    LinearCrossEntropyLoss,
+    apply_fast_path,
+    causal_attention,
+    linear_cross_entropy,
+    reference_linear_cross_entropy,
+)
+from tinyllama.kernels.cross_entropy import default_chunk_rows
+from tinyllama.model import Llama
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+NO_COMPILE = dict(compile_blocks=False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _ce_inputs(n=45, hidden=24, vocab=71, dtype=torch.float64, seed=0, ignore_frac=0.2, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, hidden, generator=g, dtype=dtype).to(device)
+    w = (torch.randn(vocab, hidden, generator=g, dtype=dtype) * 0.3).to(device)
+    t = torch.randint(0, vocab, (n,), generator=g)
+    t[torch.rand(n, generator=g) < ignore_frac] = -100
+    return x, w, t.to(device)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 16, 45, 1000])
+def test_linear_cross_entropy_exact_in_fp64(chunk_rows):
+    x, w, t = _ce_inputs(seed=chunk_rows)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = linear_cross_entropy(xa, wa, t, chunk_rows=chunk_rows)
+    loss.backward()
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.cross_entropy(xb @ wb.t(), t, ignore_index=-100)  # fp64 throughout
+    ref.backward()
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - ref.item()) < 1e-12
+    assert _rel(xa.grad, xb.grad) < 1e-12
+    assert _rel(wa.grad, wb.grad) < 1e-12
+
+
+def test_linear_cross_entropy_batched_shape_and_grad_scale():
+    x, w, t = _ce_inputs(n=2 * 9, seed=3)
+    x3 = x.view(2, 9, -1).clone().requires_grad_()
+    wa = w.clone().requires_grad_()
+    (3.5 * linear_cross_entropy(x3, wa, t.view(2, 9), chunk_rows=4)).backward()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (3.5 * reference_linear_cross_entropy(xr, wr, t)).backward()
+    assert x3.grad.shape == (2, 9, x.size(1))
+    assert _rel(x3.grad.reshape(xr.shape), xr.grad) < 1e-6  # the reference computes its softmax in fp32
+    assert _rel(wa.grad, wr.grad) < 1e-6
+
+
+def test_linear_cross_entropy_all_ignored_is_zero_not_nan():
+    x, w, t = _ce_inputs(n=6, seed=4)
+    t[:] = -100
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = linear_cross_entropy(xa, wa, t)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert xa.grad.abs().max().item() == 0.0 and wa.grad.abs().max().item() == 0.0
+
+
+def test_linear_cross_entropy_bf16_autocast_close_to_fp32():
+    x, w, t = _ce_inputs(n=64, hidden=32, vocab=500, dtype=torch.float32, seed=5)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(xa, wa, t, chunk_rows=16)
+    loss.backward()
+    assert xa.grad.dtype == torch.float32 and wa.grad.dtype == torch.float32  # grads in the params' dtype
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = reference_linear_cross_entropy(xr, wr, t)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-2
+    assert _rel(xa.grad, xr.grad) < 2e-2
+    assert _rel(wa.grad, wr.grad) < 2e-2
+
+
+def test_linear_cross_entropy_rejects_mismatched_targets():
+    x, w, t = _ce_inputs(n=8)
+    with pytest.raises(ValueError, match="targets"):
+        linear_cross_entropy(x, w, t[:5])
+
+
+def test_default_chunk_rows_equal_chunks():
+    assert default_chunk_rows(16384, 32000) == 4096  # 4 equal chunks of ~0.5 GB fp32 logits
+    assert default_chunk_rows(100, 32000) == 100
+    rows = default_chunk_rows(50_000, 32000)
+    assert rows * 4 * 32000 <= 512 * 1024**2 + 4 * 32000 and -(-50_000 // rows) * rows - 50_000 < rows
+
+
+# ---- the fast path on the model ---------------------------------------------------------------------------
+
+
+def _tiny(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return Llama(ModelConfig.from_name("tinyllama-tiny")).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(NO_COMPILE),
+        dict(NO_COMPILE, fuse_projections=True),
+        dict(NO_COMPILE, attention_backend="math", ce_chunk_rows=5),
+        dict(NO_COMPILE, fused_cross_entropy=False, bf16_residual=False),
+    ],
+)
+def test_fast_path_same_function_and_names(kw):
+    ref, fast = _tiny(), _tiny()
+    names = [n for n, _ in ref.named_parameters()]
+    assert apply_fast_path(fast, KernelConfig(**kw)) is fast
+    assert [n for n, _ in fast.named_parameters()] == names
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    ids = torch.randint(0, 32000, (2, 21))
+    targets = ids.roll(-1, 1)
+    targets[0, :3] = -100
+    la = ref(ids, targets)[1]
+    lb = fast(ids, targets)[1]
+    la.backward()
+    lb.backward()
+    assert abs(la.item() - lb.item()) < 1e-5  # the model's own loss takes its softmax in fp32
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert _rel(q.grad, p.grad) < 1e-5, n
+    # inference paths (no targets, KV cache, masks) are untouched
+    with torch.no_grad():
+        assert torch.allclose(ref(ids), fast(ids), atol=1e-10)
+
+
+def test_fast_path_generation_with_cache_unchanged():
+    ref, fast = _tiny(seed=1), _tiny(seed=1)
+    apply_fast_path(fast, KernelConfig(compile_blocks=False, fuse_projections=True))
+    ids = torch.randint(0, 32000, (1, 7))
+    outs = []
+    for m in (ref, fast):
+        m.setup_cache(1, 16, dtype=torch.float64)
+        with torch.no_grad():
+            a = m(ids, input_pos=torch.arange(7))
+            b = m(ids[:, -1:], input_pos=torch.tensor([7]))
+        outs.append((a, b))
+        m.clear_cache()
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-10)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-10)
+
+
+def test_bf16_residual_under_autocast():
+    m = _tiny(dtype=torch.float32)
+    apply_fast_path(m, KernelConfig(compile_blocks=False))
+    ids = torch.randint(0, 32000, (1, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.embed_tokens(ids).dtype == torch.bfloat16
+    assert m.embed_tokens(ids).dtype == torch.float32  # no autocast: untouched
+
+
+def test_kernel_config_validation_and_resolution():
+    with pytest.raises(TinyLlamaError, match="attention_backend"):
+        KernelConfig(attention_backend="fastest")
+    with pytest.raises(TinyLlamaError, match="ce_chunk_rows"):
+        KernelConfig(ce_chunk_rows=0)
+    with pytest.raises(TinyLlamaError, match="activation_memory_budget"):
+        KernelConfig(activation_memory_budget=1.5)
+    with pytest.raises(TinyLlamaError, match="unknown field"):
+        KernelConfig.from_dict({"fused_ce": True})
+    with pytest.raises(TinyLlamaError, match="Llama"):
+        apply_fast_path(torch.nn.Linear(2, 2))
+    m = _tiny()
+    apply_fast_path(m, {"compile_blocks": False, "fused_cross_entropy": True})
+    assert isinstance(m.loss_fn, LinearCrossEntropyLoss)
+
+
+def test_causal_attention_backends_match_reference_cpu():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = (q @ kk.transpose(-1, -2)) / 8**0.5
+    s = s.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    ref = s.softmax(-1) @ vv
+    for backend in ("auto", "math"):
+        assert _rel(causal_attention(q, k, v, backend), ref) < 1e-12
+
+
+# ---- GPU ----------------------------------------------------------------------------------------------------
+
+
+@cuda
+def test_linear_cross_entropy_cuda_bf16_matches_unfused():
+    x, w, t = _ce_inputs(n=1000, hidden=256, vocab=4000, dtype=torch.float32, seed=7, device="cuda")
+    res = {}
+    for name in ("fused", "ref"):
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(xa, wa, t, chunk_rows=300) if name == "fused" else reference_linear_cross_entropy(xa, wa, t)
+        loss.backward()
+        res[name] = (loss.detach(), xa.grad, wa.grad)
+    assert _rel(res["fused"][0], res["ref"][0]) < 1e-4
+    assert _rel(res["fused"][1], res["ref"][1]) < 1e-2
+    assert _rel(res["fused"][2], res["ref"][2]) < 1e-2
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["auto", "flash", "cudnn", "efficient"])
+def test_causal_attention_backends_cuda(backend):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 8, 256, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 2, 256, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 2, 256, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    try:
+        y = causal_attention(q, k, v, backend)
+    except RuntimeError as e:
+        pytest.skip(f"backend {backend} unavailable here: {e}")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    grads = [t.grad.clone() for t in (q, k, v)]
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    yr = causal_attention(qr, kr, vr, "math")
+    yr.backward(dy.double())
+    assert _rel(y, yr) < 1e-2
+    for a, b in zip(grads, (qr.grad, kr.grad, vr.grad)):
+        assert _rel(a, b) < 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("kw", [dict(), dict(fuse_projections=True, activation_memory_budget=0.7)])
+def test_fast_path_compiled_blocks_cuda(kw):
+    cfg = ModelConfig.from_name("tinyllama-tiny")
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 65), device="cuda")
+    out = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        m = Llama(cfg).cuda()
+        if fast:
+            apply_fast_path(m, KernelConfig(**kw))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(ids[:, :-1], ids[:, 1:])[1]
+        loss.backward()
+        out.append((loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    torch._dynamo.reset()
+    assert _rel(out[1][0], out[0][0]) < 1e-3
+    assert _rel(out[1][1], out[0][1]) < 5e-2  # bf16 residual + different rounding order
