@@ -9,7 +9,7 @@ and the state (blocks consumed) is independent of the world size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -26,6 +26,10 @@ class SyntheticDataConfig:
     seed: int = 1234
     vocab_size: int = 32000
     num_workers: int = 0
+    # Accepted (and unused) so a recipe's data section works with `--data.sources synthetic`.
+    paths: dict = field(default_factory=dict)
+    ramp_to: str = ""
+    ramp_blocks: int = 0
 
     def validate(self) -> None:
         if self.sources != "synthetic":

@@ -413,9 +413,6 @@ class Trainer:
                             line += f" | NON-FINITE: step skipped ({state.skipped_steps} so far)"
                         self.progress.update(line, force_line=not finite)
                     metrics.write(record)
-                    if info.device.type == "cuda":
-                        record_mem = torch.cuda.max_memory_allocated(info.device)
-                        result["peak_memory_bytes"] = record_mem
 
                     if not finite:
                         too_many = state.consecutive_nonfinite > t.max_consecutive_nonfinite
@@ -451,6 +448,7 @@ class Trainer:
 
         result.update(step=state.step, tokens=state.tokens, skipped_steps=state.skipped_steps,
                       session_s=time.perf_counter() - t_session, params=n_params, checkpoint=str(ckpt.latest()))
+        self._throughput_summary(result, step_times, tokens_per_step, flops_tok, peak)
         if last_val is not None:
             result.update(val_loss=last_val, val_ppl=math.exp(min(last_val, 80)))
         if stop_reason:
@@ -463,6 +461,26 @@ class Trainer:
         return result
 
     # -- pieces ----------------------------------------------------------------------------------
+    def _throughput_summary(self, result, step_times, tokens_per_step, flops_tok, peak) -> None:
+        """Steady-state speed (first steps excluded: allocator warm-up, compilation) and peak memory."""
+        info = self.info
+        steady = step_times[min(len(step_times) - 1, max(2, len(step_times) // 5)):] if step_times else []
+        if steady:
+            tps_dev = tokens_per_step * len(steady) / sum(steady) / info.world_size
+            result.update(tokens_per_s_per_device=tps_dev, mfu=tps_dev * flops_tok / peak if peak else None)
+        if info.device.type == "cuda":
+            mem = torch.tensor([float(torch.cuda.max_memory_allocated(info.device))], device=info.device)
+            all_reduce_(mem, info, op=dist.ReduceOp.MAX if info.is_distributed else None)
+            result["peak_memory_gib"] = float(mem) / 2**30
+        if steady:
+            mfu = result.get("mfu")
+            mem = result.get("peak_memory_gib")
+            self.progress.print(
+                f"throughput: {result['tokens_per_s_per_device']:,.0f} tokens/s per device over the last "
+                f"{len(steady)} steps" + (f" | MFU {mfu:.1%}" if mfu is not None else "")
+                + (f" | peak memory {mem:.1f} GiB" if mem is not None else "")
+            )
+
     def _clip(self, model) -> torch.Tensor:
         clip = self.cfg.optim.grad_clip
         params = [p for p in model.parameters() if p.grad is not None]

@@ -1,0 +1,70 @@
+"""`tinyllama convert --checkpoint DIR --out PATH [--to hf|gguf] [--quant f16|q8_0|q4_0] [--dtype ...]`.
+
+DIR is a training checkpoint (a `step-XXXXXXX` directory written by `tinyllama pretrain`, on any number
+of GPUs), a run directory (its latest checkpoint), or a Hugging Face directory. The output is a
+Hugging Face directory (config.json + safetensors + tokenizer) or a GGUF file for llama.cpp.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tinyllama.errors import TinyLlamaError
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="training checkpoint dir (step-XXXXXXX), run dir (uses its latest) or Hugging Face dir")
+    p.add_argument("--out", required=True, help="output Hugging Face directory, or .gguf file with --to gguf")
+    p.add_argument("--to", choices=("hf", "gguf"), default="hf")
+    p.add_argument("--quant", choices=("f16", "q8_0", "q4_0"), default="f16", help="GGUF tensor type")
+    p.add_argument("--dtype", default=None, help="weights dtype of the HF output: float32, bfloat16, float16 "
+                                                 "(default: float32 for training checkpoints)")
+
+
+def load_any(path: str):
+    """(model, tokenizer, description) from a training checkpoint, run directory or HF directory."""
+    from tinyllama.config import ModelConfig
+    from tinyllama.model import Llama
+    from tinyllama.tokenizer import Tokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise TinyLlamaError(f"{p}: checkpoint not found")
+    if (p / "config.json").is_file():
+        model = Llama.from_pretrained(p)
+        has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        return model, (Tokenizer(p) if has_tok else Tokenizer()), f"Hugging Face directory {p}"
+    from tinyllama.train.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(p)
+    meta = read_meta(ckpt)
+    try:
+        config = ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError) as e:
+        raise TinyLlamaError(f"{ckpt / 'meta.json'}: no usable 'model' entry ({e})") from None
+    model = Llama(config)
+    load_model_weights(ckpt, model)
+    return model.eval(), Tokenizer(), f"training checkpoint {ckpt} (step {meta.get('step')})"
+
+
+def run(args) -> int:
+    model, tok, what = load_any(args.checkpoint)
+    out = Path(args.out)
+    if args.to == "hf":
+        model.save_pretrained(out, tokenizer=tok, dtype=args.dtype)
+        print(f"wrote Hugging Face model to {out} from {what}")
+        return 0
+    if args.dtype:
+        raise TinyLlamaError("--dtype applies to --to hf; for GGUF choose --quant")
+    try:
+        from tinyllama.convert.gguf import export_gguf
+    except ImportError as e:
+        if "tinyllama.convert.gguf" in str(e):
+            print("tinyllama convert --to gguf: not yet available in this version", file=sys.stderr)
+            return 2
+        raise TinyLlamaError(f"GGUF export needs the gguf package: pip install 'tinyllama[gguf]' ({e})") from None
+    path = export_gguf(model, tok, out, args.quant)
+    print(f"wrote GGUF ({args.quant}) to {path} from {what}")
+    return 0
