@@ -259,3 +259,89 @@ def test_fast_path_compiled_blocks_cuda(kw):
     torch._dynamo.reset()
     assert _rel(out[1][0], out[0][0]) < 1e-3
     assert _rel(out[1][1], out[0][1]) < 5e-2  # bf16 residual + different rounding order
+
+
+# ---- Triton kernels: on the GPU, or on the CPU through Triton's interpreter ---------------------------------
+
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_cases(device):
+    from tinyllama.kernels import triton_ops as T
+    from tinyllama.model import RMSNorm, apply_rope, rope_cache
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # the interpreter computes through numpy
+    tol = 1e-6 if device == "cpu" else 1e-2
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))  # fresh inputs every run
+    for n in (64, 50):  # power of two and ragged widths
+        x = torch.randn(37, n, generator=g).to(device, dtype)
+        w = (1 + 0.1 * torch.randn(n, generator=g)).to(device)
+        dy = torch.randn(37, n, generator=g).to(device, dtype)
+        ref = RMSNorm(n).to(device).double()
+        ref.weight.data.copy_(w)
+        xr = x.double().requires_grad_()
+        ref(xr).backward(dy.double())
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ya = T.rms_norm(xa, wa, 1e-5)
+        ya.backward(dy.to(ya.dtype))
+        assert _rel(ya, ref(xr)) < tol and _rel(xa.grad, xr.grad) < tol and _rel(wa.grad, ref.weight.grad) < tol
+    gate = (torch.randn(33, 100, generator=g) * 2).to(device, dtype)
+    up = torch.randn(33, 100, generator=g).to(device, dtype)
+    dh = torch.randn(33, 100, generator=g).to(device, dtype)
+    gr, ur = gate.double().requires_grad_(), up.double().requires_grad_()
+    hr = F.silu(gr) * ur
+    hr.backward(dh.double())
+    ga, ua = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    ha = T.swiglu(ga, ua)
+    ha.backward(dh)
+    assert _rel(ha, hr) < tol and _rel(ga.grad, gr.grad) < tol and _rel(ua.grad, ur.grad) < tol
+    cos, sin = rope_cache(16, 8, 10000.0, device=device)
+    for heads in (4, 3):
+        x = torch.randn(2, 16, heads, 8, generator=g).to(device, dtype)
+        dy = torch.randn_like(x)
+        xr = x.double().requires_grad_()
+        yr = apply_rope(xr.transpose(1, 2), cos.double(), sin.double()).transpose(1, 2)
+        yr.backward(dy.double())
+        xa = x.clone().requires_grad_()
+        ya = T.rope(xa, cos.to(dtype), sin.to(dtype))
+        ya.backward(dy)
+        assert _rel(ya, yr) < tol and _rel(xa.grad, xr.grad) < tol
+
+
+@pytest.mark.skipif(not (HAS_TRITON and (torch.cuda.is_available() or INTERPRETED)), reason="needs Triton on CUDA or TRITON_INTERPRET=1")
+def test_triton_kernels_match_references():
+    _triton_cases("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")
+
+
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available() or INTERPRETED, reason="needs Triton without CUDA")
+def test_triton_kernels_interpreted_on_cpu():
+    # The interpreter is chosen when the kernels are defined, so it runs in a fresh process.
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", f"{__file__}::test_triton_kernels_match_references"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@cuda
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_fast_path_triton_eager_cuda():
+    cfg = ModelConfig.from_name("tinyllama-tiny")
+    ids = torch.randint(0, cfg.vocab_size, (2, 65), device="cuda")
+    out = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        m = Llama(cfg).cuda()
+        if fast:
+            apply_fast_path(m, KernelConfig(compile_blocks=False, triton_kernels=True))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(ids[:, :-1], ids[:, 1:])[1]
+        loss.backward()
+        out.append((loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    assert _rel(out[1][0], out[0][0]) < 1e-3
+    assert _rel(out[1][1], out[0][1]) < 5e-2

@@ -1,0 +1,276 @@
+"""Triton kernels for the eager fast path: RMSNorm, SwiGLU and rotary embeddings, forward and backward.
+
+Each is one pass over its tensors in each direction, computes in fp32 and stores in the input's
+dtype; the plain-PyTorch references are the model's own RMSNorm / `F.silu(g) * u` / `apply_rope`
+(tests/test_kernels.py compares them; on the CPU through TRITON_INTERPRET=1 when Triton is installed).
+The per-block `torch.compile` path fuses the same ops and is the default; these serve eager runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # optional: Triton ships with CUDA builds of PyTorch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+
+def triton_available() -> bool:
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _out_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
+    # Under autocast the norm's only consumers are matmuls that cast to the autocast dtype: store that.
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, weight_dtype)
+
+
+if triton is not None:
+
+    # ---- RMSNorm -----------------------------------------------------------------------------------
+
+    @triton.jit
+    def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        # Round the normalised value to x's dtype before scaling, as the reference (and HF) do.
+        xn = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, (xn * w).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols,
+                      rows_per_prog, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        start = pid * rows_per_prog
+        for i in range(0, rows_per_prog):
+            row = start + i
+            if row < n_rows:
+                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(RSTD + row)
+                xhat = x * rstd
+                dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
+                g = dy * w
+                dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+                tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DW_PART + pid * n_cols + cols, dw, mask=mask)
+
+    class _RMSNorm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, eps, out_dtype):
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            n_rows, n_cols = x2.shape
+            y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+            rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+            block = triton.next_power_of_2(n_cols)
+            _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
+                                     BLOCK=block, num_warps=min(16, max(1, block // 256)))
+            ctx.save_for_backward(x2, weight, rstd)
+            ctx.shape = shape
+            return y.view(shape)
+
+        @staticmethod
+        def backward(ctx, dy):
+            x2, weight, rstd = ctx.saved_tensors
+            n_rows, n_cols = x2.shape
+            dy2 = dy.reshape(-1, n_cols)
+            if dy2.stride(-1) != 1:
+                dy2 = dy2.contiguous()
+            dx = torch.empty_like(x2)
+            n_progs = min(n_rows, 4 * (torch.cuda.get_device_properties(x2.device).multi_processor_count
+                                       if x2.is_cuda else 8))
+            rows_per_prog = triton.cdiv(n_rows, n_progs)
+            n_progs = triton.cdiv(n_rows, rows_per_prog)
+            dw_part = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2.device)
+            block = triton.next_power_of_2(n_cols)
+            _rms_norm_bwd[(n_progs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0),
+                                      n_rows, n_cols, rows_per_prog, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+            return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None, None
+
+    # ---- SwiGLU ------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _swiglu_fwd(G, U, H, stride_g, stride_u, stride_h, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+        h = g * tl.sigmoid(g) * u
+        tl.store(H + row * stride_h + cols, h.to(H.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd(DH, G, U, DG, DU, stride_dh, stride_g, stride_u, stride_d, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        dh = tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        dg = dh * u * (sig + silu * (1.0 - sig))
+        tl.store(DG + row * stride_d + cols, dg.to(DG.dtype.element_ty), mask=mask)
+        tl.store(DU + row * stride_d + cols, (dh * silu).to(DU.dtype.element_ty), mask=mask)
+
+    def _rows(t: torch.Tensor) -> torch.Tensor:
+        t2 = t.reshape(-1, t.shape[-1])
+        return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+    class _SwiGLU(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, gate, up):
+            g2, u2 = _rows(gate), _rows(up)
+            n_rows, n_cols = g2.shape
+            h = torch.empty((n_rows, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+            block = 1024
+            _swiglu_fwd[(n_rows, triton.cdiv(n_cols, block))](g2, u2, h, g2.stride(0), u2.stride(0), h.stride(0),
+                                                              n_cols, BLOCK=block, num_warps=4)
+            ctx.save_for_backward(g2, u2)
+            ctx.shapes = (gate.shape, up.shape)
+            return h.view(gate.shape)
+
+        @staticmethod
+        def backward(ctx, dh):
+            g2, u2 = ctx.saved_tensors
+            n_rows, n_cols = g2.shape
+            dh2 = _rows(dh)
+            dg = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
+            du = torch.empty((n_rows, n_cols), dtype=u2.dtype, device=u2.device)
+            block = 1024
+            _swiglu_bwd[(n_rows, triton.cdiv(n_cols, block))](dh2, g2, u2, dg, du, dh2.stride(0), g2.stride(0),
+                                                              u2.stride(0), dg.stride(0), n_cols, BLOCK=block,
+                                                              num_warps=4)
+            return dg.view(ctx.shapes[0]), du.view(ctx.shapes[1])
+
+    # ---- rotary ------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _rope_kernel(X, COS, SIN, Y, seq_len, n_heads, sign, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+        # One program per (batch, position): all heads of one token, rotate-half layout.
+        pid = tl.program_id(0)
+        t = pid % seq_len
+        half: tl.constexpr = HEAD_DIM // 2
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, half)[None, :]
+        mask = heads < n_heads
+        base = pid * n_heads * HEAD_DIM + heads * HEAD_DIM + d
+        x1 = tl.load(X + base, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(X + base + half, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(COS + t * HEAD_DIM + d).to(tl.float32)
+        s = tl.load(SIN + t * HEAD_DIM + d).to(tl.float32) * sign
+        tl.store(Y + base, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + base + half, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
+
+    def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+        B, T, H, D = x.shape
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        _rope_kernel[(B * T,)](x, cos, sin, y, T, H, sign, HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(H),
+                               num_warps=4)
+        return y
+
+    class _Rope(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, cos, sin):
+            cos, sin = cos.contiguous(), sin.contiguous()
+            ctx.save_for_backward(cos, sin)
+            return _rope_launch(x, cos, sin, 1.0)
+
+        @staticmethod
+        def backward(ctx, dy):
+            cos, sin = ctx.saved_tensors
+            # The rotation's transpose is the rotation by the opposite angle.
+            return _rope_launch(dy, cos, sin, -1.0), None, None
+
+
+def _need_triton() -> None:
+    if triton is None:
+        raise RuntimeError("Triton is not installed: these kernels need it (pip install triton)")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim; same result as `tinyllama.model.RMSNorm` (stored in the autocast dtype under autocast)."""
+    _need_triton()
+    return _RMSNorm.apply(x, weight, eps, _out_dtype(x, weight.dtype))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in one pass; backward recomputes silu instead of storing it."""
+    _need_triton()
+    return _SwiGLU.apply(gate, up)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, T, H, D) with cos/sin (T, D) (halves repeated), rotate-half layout."""
+    _need_triton()
+    if x.dim() != 4 or cos.shape != (x.shape[1], x.shape[3]):
+        raise ValueError(f"rope expects x (B, T, H, D) and cos/sin (T, D); got {tuple(x.shape)} and {tuple(cos.shape)}")
+    return _Rope.apply(x, cos, sin)
+
+
+def self_check(device: str = "cuda") -> dict:
+    """Each kernel vs its reference on fresh random bf16 inputs (forward and backward): relative errors."""
+    from tinyllama.model import RMSNorm, apply_rope, rope_cache
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    out = {}
+    g = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(4), "little"))
+    # RMSNorm: fp32 residual input (autocast path) and bf16 input, ragged width
+    for dtype, n in ((torch.float32, 2048), (torch.bfloat16, 2048), (torch.bfloat16, 1000)):
+        x = torch.randn(4096, n, device=device, dtype=dtype, generator=g)
+        w = 1 + 0.1 * torch.randn(n, device=device, generator=g)
+        dy = torch.randn(4096, n, device=device, dtype=dtype, generator=g)
+        ref = RMSNorm(n).to(device)
+        ref.weight.data.copy_(w)
+        xr = x.double().requires_grad_()
+        yr = ref.double()(xr)
+        yr.backward(dy.double())
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ya = rms_norm(xa, wa, 1e-5)
+        ya.backward(dy.to(ya.dtype))
+        out[f"rms_norm {str(dtype)[6:]} {n}"] = {"y": rel(ya, yr), "dx": rel(xa.grad, xr.grad), "dw": rel(wa.grad, ref.weight.grad)}
+    # SwiGLU
+    gt = torch.randn(4096, 5632, device=device, dtype=torch.bfloat16, generator=g) * 2
+    up = torch.randn(4096, 5632, device=device, dtype=torch.bfloat16, generator=g)
+    dh = torch.randn(4096, 5632, device=device, dtype=torch.bfloat16, generator=g)
+    gr, ur = gt.double().requires_grad_(), up.double().requires_grad_()
+    hr = torch.nn.functional.silu(gr) * ur
+    hr.backward(dh.double())
+    ga, ua = gt.clone().requires_grad_(), up.clone().requires_grad_()
+    ha = swiglu(ga, ua)
+    ha.backward(dh)
+    out["swiglu"] = {"h": rel(ha, hr), "dgate": rel(ga.grad, gr.grad), "dup": rel(ua.grad, ur.grad)}
+    # rotary on (B, T, H, D) with GQA-sized heads
+    cos, sin = rope_cache(2048, 64, 10000.0, device=device)
+    for heads in (32, 4):
+        x = torch.randn(2, 2048, heads, 64, device=device, dtype=torch.bfloat16, generator=g)
+        dy = torch.randn_like(x)
+        xr = x.double().requires_grad_()
+        yr = apply_rope(xr.transpose(1, 2), cos.double(), sin.double()).transpose(1, 2)
+        yr.backward(dy.double())
+        xa = x.clone().requires_grad_()
+        ya = rope(xa, cos.to(x.dtype), sin.to(x.dtype))
+        ya.backward(dy)
+        out[f"rope H={heads}"] = {"y": rel(ya, yr), "dx": rel(xa.grad, xr.grad)}
+    return out
