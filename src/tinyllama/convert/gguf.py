@@ -244,19 +244,27 @@ def convert_hf_dir_to_gguf(hf_dir, out_path, quant: str = "f16") -> Path:
 
 
 # ---- reading back (checks, and loading a GGUF into tinyllama) ------------------------------------
-def read_gguf(path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
-    """GGUF file -> (ModelConfig, our fp32 state dict in the rotate-half layout, metadata dict).
-
-    Quantized tensors are dequantized; q/k rows are permuted back, so export->read is exact for f32 data.
-    """
+def open_gguf(path):
+    """A `gguf.GGUFReader` for path, with a one-line error for a missing or unreadable file."""
     gguf = _import_gguf()
     path = Path(path)
     if not path.is_file():
         raise TinyLlamaError(f"{path}: GGUF file not found")
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except Exception as e:
         raise TinyLlamaError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:200]})") from None
+
+
+def read_gguf(path, reader=None) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """GGUF file -> (ModelConfig, our fp32 state dict in the rotate-half layout, metadata dict).
+
+    Quantized tensors are dequantized; q/k rows are permuted back, so export->read is exact for f32 data.
+    `reader`: an already open `gguf.GGUFReader` of path (parsing the 32k-token vocabulary takes seconds).
+    """
+    gguf = _import_gguf()
+    path = Path(path)
+    reader = reader if reader is not None else open_gguf(path)
 
     meta: dict = {}
     for key, field in reader.fields.items():
