@@ -145,6 +145,14 @@ class Tokenizer:
         pre, post = ([self.bos_id] if bos else []), ([self.eos_id] if eos else [])
         return [pre + list(ids) + post for ids in out]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """ids (no BOS/EOS added; special tokens written in the text are recognised) and each token's
+        (start, end) character span in `text`: lets chat fine-tuning mask the loss by message."""
+        if self._hf is None:
+            raise TinyLlamaError("character offsets need a tokenizer.json tokenizer (not a SentencePiece .model)")
+        enc = self._hf.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
         if self._hf is not None:

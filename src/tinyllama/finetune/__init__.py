@@ -1,0 +1,1 @@
+"""Fine-tuning: chat SFT and DPO on the pretraining engine, LoRA / quantized-base LoRA, adapter merging."""

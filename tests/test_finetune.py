@@ -1,0 +1,181 @@
+"""tinyllama.finetune: chat data, SFT, DPO (tiny model, a few steps on CPU)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyllama.config import ModelConfig
+from tinyllama.errors import TinyLlamaError
+from tinyllama.finetune.chat_data import (IGNORE, pack_examples, read_chat_jsonl, read_preference_jsonl, render_chat,
+                                          tokenize_conversations)
+from tinyllama.finetune.trainer import finetune, load_finetune_config
+from tinyllama.model import Llama
+from tinyllama.tokenizer import Tokenizer
+
+COLORS = ["red", "blue", "green", "yellow"]
+SEQ = 96
+
+
+def _conv(rnd: random.Random, i: int) -> list[dict]:
+    c, n = rnd.choice(COLORS), rnd.randint(1, 9)
+    msgs = [{"role": "user", "content": f"What is {n} plus one, and name a {c} thing?"},
+            {"role": "assistant", "content": f"{n} plus one is {n + 1}. A {c} thing is a {c} ball."}]
+    if i % 3 == 0:
+        msgs = [{"role": "system", "content": "You are helpful."}] + msgs + [
+            {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You are welcome."}]
+    return msgs
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("ft")
+    torch.manual_seed(0)
+    Llama(ModelConfig.from_name("tinyllama-tiny")).save_pretrained(d / "base")
+    rnd = random.Random(0)
+    for name, n in (("train", 32), ("val", 8)):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps({"messages": _conv(rnd, i)}) + "\n" for i in range(n)))
+    prefs = []
+    for i in range(16):
+        c = COLORS[i % 4]
+        prefs.append({"prompt": f"Name a {c} thing.", "chosen": f"A {c} ball.", "rejected": "I do not know."})
+    # the UltraFeedback-binarized layout: full message lists
+    prefs.append({"prompt": "Say hi.", "chosen": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}],
+                  "rejected": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "No."}]})
+    (d / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prefs))
+    return {"dir": d, "base": d / "base", "train": d / "train.jsonl", "val": d / "val.jsonl", "prefs": d / "prefs.jsonl"}
+
+
+def _cfg(kind: str, files: dict, out: Path, **kw):
+    direct = {"model.path": str(files["base"]), "data.train": str(files["train" if kind == "sft" else "prefs"]),
+              "train.out_dir": str(out), "data.seq_len": SEQ, "train.micro_batch": 2, "train.global_batch": 4,
+              "train.progress": False, "train.export_hf": None, "optim.lr": 3e-3, "optim.warmup_steps": 0}
+    direct.update(kw)
+    return load_finetune_config(kind, None, [], **direct)
+
+
+# ---- data --------------------------------------------------------------------------------------------
+def test_render_chat_masks_exactly_the_assistant_turns():
+    tok = Tokenizer()
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello! How are you?"}, {"role": "user", "content": "Fine."},
+            {"role": "assistant", "content": "Good."}]
+    ids, mask = render_chat(tok, msgs)
+    assert ids[0] == tok.bos_id and ids[1:] == tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=False))
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert tok.decode(trained, skip_special_tokens=False) == "Hello! How are you?</s>Good.</s>"
+    ids_last, mask_last = render_chat(tok, msgs, train_on="last")
+    assert tok.decode([i for i, m in zip(ids_last, mask_last) if m], skip_special_tokens=False) == "Good.</s>"
+
+
+def test_packing_keeps_conversations_whole_and_ignores_non_assistant_targets(files):
+    tok = Tokenizer()
+    convs = read_chat_jsonl(files["train"])
+    ex, truncated = tokenize_conversations(tok, convs, SEQ)
+    assert truncated == 0
+    blocks = pack_examples(ex, SEQ, tok.eos_id, packing=True)
+    unpacked = pack_examples(ex, SEQ, tok.eos_id, packing=False)
+    assert blocks.shape[1:] == (2, SEQ) and len(blocks) < len(unpacked) == len(ex)
+    # Every assistant token of every conversation is a target exactly once, and nothing else is.
+    n_trained = sum(sum(e.mask[1:]) for e in ex)
+    assert int((blocks[:, 1] != IGNORE).sum()) == n_trained == int((unpacked[:, 1] != IGNORE).sum())
+    # Conversations start on a BOS at a block position, never cut across blocks.
+    starts = (blocks[:, 0] == tok.bos_id).sum()
+    assert int(starts) == len(ex)
+
+
+@pytest.mark.parametrize("line,msg", [
+    ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'robot'"),
+    ({"messages": []}, "empty conversation"),
+    ({"conversation": []}, "missing field 'messages'"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}, r"messages\[0\] is missing field 'content'"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "no assistant message"),
+])
+def test_bad_chat_lines_are_named(tmp_path, line, msg):
+    p = tmp_path / "chat.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    p.write_text(good + "\n\n" + json.dumps(line) + "\n")
+    with pytest.raises(TinyLlamaError, match=rf"chat\.jsonl:3: .*{msg}"):
+        read_chat_jsonl(p)
+
+
+def test_bad_preference_lines_are_named(tmp_path):
+    p = tmp_path / "prefs.jsonl"
+    p.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    with pytest.raises(TinyLlamaError, match=r"prefs\.jsonl:1: missing field 'rejected'"):
+        read_preference_jsonl(p)
+
+
+def test_cli_reports_bad_data_in_one_line(files, tmp_path, capsys):
+    from tinyllama.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}) + "\n")
+    rc = main(["sft", "--model", str(files["base"]), "--data", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "bad.jsonl:1" in err and "unknown role 'bot'" in err
+
+
+# ---- SFT -------------------------------------------------------------------------------------------
+def heldout_assistant_loss(model_dir: Path, val: Path) -> float:
+    tok = Tokenizer(model_dir)
+    model = Llama.from_pretrained(model_dir).eval()
+    ex, _ = tokenize_conversations(tok, read_chat_jsonl(val), SEQ)
+    blocks = pack_examples(ex, SEQ, tok.eos_id, packing=False)
+    with torch.no_grad():
+        logits = model(blocks[:, 0])
+    return float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), blocks[:, 1].reshape(-1), ignore_index=IGNORE))
+
+
+def test_sft_lowers_heldout_assistant_loss(files, tmp_path):
+    before = heldout_assistant_loss(files["base"], files["val"])
+    cfg = _cfg("sft", files, tmp_path / "sft", **{"data.val": str(files["val"]), "train.max_steps": 12,
+                                                  "train.export_hf": "hf"})
+    r = finetune(cfg)
+    after = heldout_assistant_loss(Path(r["hf_dir"]), files["val"])
+    assert after == pytest.approx(r["val_loss"], rel=1e-4)  # the exported model is the trained one
+    assert after < before - 1.0, (before, after)
+
+
+def test_sft_resume_is_exact(files, tmp_path):
+    common = {"train.max_steps": 4, "optim.max_steps": 4, "lora.enabled": True, "lora.dropout": 0.1}
+    straight = finetune(_cfg("sft", files, tmp_path / "a", **common))
+    first = finetune(_cfg("sft", files, tmp_path / "b", **{**common, "train.max_steps": 2}))
+    resumed = finetune(_cfg("sft", files, tmp_path / "b", **common), resume=True)
+    assert resumed["resumed_from"].endswith("step-00000002") or "2" in resumed["resumed_from"]
+    assert first["losses"] + resumed["losses"] == straight["losses"]
+
+
+# ---- DPO -------------------------------------------------------------------------------------------
+def test_dpo_raises_chosen_over_rejected_margin(files, tmp_path):
+    prefs = read_preference_jsonl(files["prefs"])
+    assert prefs[-1][0][-1]["content"] == "Hi!" and prefs[0][1][-1]["content"] == "I do not know."
+    # Held-out = the training pairs: the policy starts equal to the reference (margin 0) and must move up.
+    cfg = _cfg("dpo", files, tmp_path / "dpo", **{"data.val": str(files["prefs"]), "train.max_steps": 6,
+                                                  "optim.lr": 1e-3, "dpo.beta": 0.5})
+    r = finetune(cfg)
+    assert r["losses"][0] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference at step 0
+    assert r["val_reward_margin"] > 0.1 and r["val_reward_accuracy"] > 0.9
+    assert r["val_loss"] < 0.69
+
+
+def test_dpo_with_lora_uses_the_base_as_reference(files, tmp_path):
+    cfg = _cfg("dpo", files, tmp_path / "dpo_lora", **{"data.val": str(files["prefs"]), "train.max_steps": 4,
+                                                       "optim.lr": 1e-2, "lora.enabled": True, "lora.dropout": 0.0})
+    r = finetune(cfg)
+    assert r["losses"][0] == pytest.approx(0.6931, abs=1e-3)
+    assert r["val_reward_margin"] > 0 and Path(r["adapter_dir"], "adapter_model.safetensors").is_file()
+
+
+def test_config_errors_are_clear(files, tmp_path):
+    with pytest.raises(TinyLlamaError, match="model.path is required"):
+        load_finetune_config("sft", None, [], **{"data.train": str(files["train"])})
+    with pytest.raises(TinyLlamaError, match="unknown field"):
+        load_finetune_config("sft", None, ["--train.nosuch", "1"], **{"model.path": "x", "data.train": "y"})
+    with pytest.raises(TinyLlamaError, match="expected a number"):
+        load_finetune_config("sft", None, ["--optim.lr", "fast"], **{"model.path": "x", "data.train": "y"})
