@@ -9,6 +9,7 @@ BENCHES = {
     "train": ("tinyllama.bench.train", "training step throughput vs the transformers baseline"),
     "generate": ("tinyllama.bench.generate", "decode speed vs transformers generate"),
     "data": ("tinyllama.bench.data", "prepare tokens/s and loader blocks/s"),
+    "eval": ("tinyllama.bench.eval", "multiple-choice scoring speed vs lm-evaluation-harness's hf backend"),
 }
 
 
