@@ -22,8 +22,10 @@ def test_bench_train_cli_tiny(tmp_path, capsys):
     assert set(res) == {"ours", "reference", "hf-eager"}
     for r in res.values():
         assert r["error"] is None and r["tokens_per_s"] > 0 and 5 < r["final_loss"] < 15
-    # same init, same batch, same step: the fast path's loss equals the reference's
-    assert abs(res["ours"]["final_loss"] - res["reference"]["final_loss"]) < 1e-3
+    # same init, same batch, same step: the fast path's loss equals the reference's (fp32 on the CPU;
+    # on a GPU both run under bf16 autocast, the fast path with a bf16 residual stream)
+    tol = 1e-2 if data["device"] != "cpu" else 1e-3
+    assert abs(res["ours"]["final_loss"] - res["reference"]["final_loss"]) < tol
 
 
 def test_bench_train_bad_arguments(capsys):
