@@ -41,7 +41,9 @@ class Int8Linear(nn.Module):
         q, scales = quantize_int8(weight)
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales.to(dtype))
-        self.use_kernel = _int8_kernel_ok(weight.device.type, dtype)
+        # CPU: the fused aten kernel. CUDA: dequantize-in-the-product, which torch.compile fuses into one
+        # GEMV; the aten int8 kernel measured ~10x slower than bf16 there (BENCHMARKS.md).
+        self.use_kernel = weight.device.type == "cpu" and _int8_kernel_ok("cpu", dtype)
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.to(self.scales.dtype) * self.scales[:, None]

@@ -1,0 +1,150 @@
+"""`tinyllama chat --model DIR`: an interactive terminal chat in the TinyLlama-Chat format.
+
+The conversation is rendered with the tokenizer's chat template (TinyLlama-Chat-v1.0:
+`<|system|>\\n{system}</s>\\n<|user|>\\n{message}</s>\\n<|assistant|>\\n`), replies stream as they are
+generated, and when the conversation no longer fits the context (with room for a reply) the oldest turns
+are dropped; the system prompt is always kept. Commands: /reset, /system TEXT, /exit (or Ctrl-D).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterator, Optional, TextIO
+
+from tinyllama.errors import TinyLlamaError
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt, resets), /exit"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors + tokenizer)")
+    p.add_argument("--random-preset", metavar="NAME", help="instead of --model, a randomly initialised preset (smoke test)")
+    p.add_argument("--system", default="You are a friendly chatbot.", help="system prompt ('' for none)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="CUDA only: compile the decode step into a CUDA graph")
+
+
+class ChatSession:
+    """Conversation state plus generation. `reply(text)` streams the assistant's answer and records it."""
+
+    def __init__(self, model, tokenizer, cfg, system: Optional[str] = None, engine=None) -> None:
+        from tinyllama.generate import DecodeEngine
+
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.system = system or None
+        self.turns: list[dict] = []  # user/assistant messages, oldest first
+        self.engine = engine or DecodeEngine(model)
+        self.dropped = 0  # messages dropped so far to fit the context
+
+    def reset(self, system: Optional[str] = "keep") -> None:
+        self.turns = []
+        if system != "keep":
+            self.system = system or None
+
+    def messages(self, turns: Optional[list[dict]] = None) -> list[dict]:
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
+        return sys_msg + (self.turns if turns is None else turns)
+
+    def render(self, turns: Optional[list[dict]] = None) -> str:
+        return self.tokenizer.apply_chat_template(self.messages(turns), add_generation_prompt=True)
+
+    def prompt_ids(self) -> list[int]:
+        """Token ids of the conversation so far, oldest turns dropped until it fits with room for a reply."""
+        ctx = self.model.config.max_seq_len
+        room = min(self.cfg.max_new_tokens, ctx // 2)
+        alone = self.tokenizer.encode(self.render(self.turns[-1:]), bos=True)
+        if len(alone) + room > ctx:  # refuse before dropping any history
+            raise TinyLlamaError(
+                f"message too long: {len(alone)} tokens with the system prompt, the context is {ctx} "
+                f"and {room} are kept for the reply; shorten it or lower --max-new-tokens"
+            )
+        while True:
+            ids = self.tokenizer.encode(self.render(), bos=True)
+            if len(ids) + room <= ctx:
+                return ids
+            # Drop the oldest exchange (a user message and the reply to it).
+            n = 2 if len(self.turns) >= 3 and self.turns[1]["role"] == "assistant" else 1
+            del self.turns[:n]
+            self.dropped += n
+
+    def reply(self, text: str) -> Iterator[str]:
+        from tinyllama.generate import stream_text
+
+        self.turns.append({"role": "user", "content": text})
+        try:
+            ids = self.prompt_ids()
+        except TinyLlamaError:
+            self.turns.pop()
+            raise
+        ctx_left = self.model.config.max_seq_len - len(ids)
+        cfg = self.cfg.replace(max_new_tokens=min(self.cfg.max_new_tokens, ctx_left),
+                               stop=tuple(self.cfg.stop) or ("<|user|>", "<|system|>"))
+        pieces = []
+        for piece in stream_text(self.model, self.tokenizer, ids, cfg, engine=self.engine):
+            pieces.append(piece)
+            yield piece
+        self.turns.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+def chat_loop(session: ChatSession, inp: TextIO, out: TextIO, interactive: bool) -> int:
+    if interactive:
+        out.write(f"tinyllama chat — {HELP}\n")
+    while True:
+        if interactive:
+            out.write("\n> ")
+            out.flush()
+        line = inp.readline()
+        if not line:  # EOF / Ctrl-D
+            if interactive:
+                out.write("\n")
+            return 0
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        cmd = text.strip()
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            session.reset()
+            out.write("[conversation reset]\n")
+            continue
+        if cmd.startswith("/system"):
+            session.reset(system=cmd[len("/system"):].strip())
+            out.write(f"[system prompt set to {session.system!r}; conversation reset]\n")
+            continue
+        if cmd in ("/help", "/?"):
+            out.write(HELP + "\n")
+            continue
+        before = session.dropped
+        try:
+            for piece in session.reply(text):
+                out.write(piece)
+                out.flush()
+        except TinyLlamaError as e:
+            out.write(f"[error: {e}]\n")
+            continue
+        out.write("\n")
+        if session.dropped > before:
+            out.write(f"[context full: dropped the {session.dropped - before} oldest message(s)]\n")
+        out.flush()
+
+
+def run(args) -> int:
+    from tinyllama.commands.generate import load_model_and_tokenizer
+    from tinyllama.generate import DecodeEngine, SamplingConfig
+
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                         seed=args.seed)
+    cfg.validate()
+    model, tok = load_model_and_tokenizer(args.model, args.random_preset, args.device, args.dtype)
+    session = ChatSession(model, tok, cfg, system=args.system, engine=DecodeEngine(model, compile=args.compile))
+    return chat_loop(session, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
