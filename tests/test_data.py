@@ -82,6 +82,21 @@ def test_round_trip_all_formats(tmp_path, tok):
     assert raw[:8] == b"TLTOKS\x00\x01"
 
 
+def test_fast_encoder_is_exact(tok):
+    from tinyllama.data.prepare import fast_encoder
+
+    enc = fast_encoder(tok)
+    assert enc is not tok.encode_batch  # the Llama 2 tokenizer takes the word-split fast path
+    texts = ["", " ", "  two  spaces  ", "\n\n  indented\n\tdef f(x):\n        return x  ", "naïve café 🐳 日本語",
+             "trailing   ", "a" * 3000, " leading", "x\u2581y ▁▁z", "<s> </s> [INST]"] + _docs(30, seed=3)
+    assert enc(texts) == tok.encode_batch(texts)
+    if SHARED.is_dir():
+        import pyarrow.parquet as pq
+
+        code = pq.read_table(SHARED / "cpython_stdlib.parquet").column("content").to_pylist()[:40]
+        assert enc(code) == tok.encode_batch(code)
+
+
 def test_drop_filter_and_field(tmp_path, tok):
     lines = _jsonl(["keep me"], meta={"redpajama_set_name": "RedPajamaBook"})
     lines += _jsonl(["drop me"], meta={"redpajama_set_name": "RedPajamaGithub"})

@@ -1,8 +1,9 @@
 """`tinyllama bench data`: `prepare` tokens/s over a real corpus, and mixture-loader blocks/s.
 
 Default corpus: ../shared/data/corpus of a checkout (SlimPajama-format .jsonl.zst + StarCoder-format
-.parquet), else the embedded demo corpus. The .jsonl.zst files become source "slimpajama", the
-.parquet files "starcoder", mixed 0.7 : 0.3 for the loader, as TinyLlama did.
+.parquet), else the embedded demo corpus. All files are prepared into one dataset (timed); the loader
+is timed on it as one source and as a 0.7 : 0.3 mixture of two sources (the same data under two names:
+the loader's cost does not depend on what the tokens are).
 """
 
 from __future__ import annotations
@@ -44,36 +45,30 @@ def run(args: argparse.Namespace) -> int:
 
     corpus = args.corpus or _default_corpus()
     if corpus is not None:
-        groups = {"slimpajama": sorted(corpus.glob("*.jsonl.zst")), "starcoder": sorted(corpus.glob("*.parquet"))}
+        files = sorted([*corpus.glob("*.jsonl.zst"), *corpus.glob("*.parquet")])
     else:
-        groups = {"slimpajama": [demo_inputs()["prose"]], "starcoder": [demo_inputs()["code"]]}
-    groups = {k: v for k, v in groups.items() if v}
+        files = list(demo_inputs().values())
     tok = Tokenizer()
     root = Path(args.keep or tempfile.mkdtemp(prefix="tinyllama-bench-data-"))
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs",
                      "corpus": str(corpus or "embedded demo"), "prepare": [], "loader": []}
-    print(f"corpus: {results['corpus']}  ({sum(p.stat().st_size for v in groups.values() for p in v) / 1e6:.1f} MB on disk)")
-    dirs = {}
+    print(f"corpus: {results['corpus']}  ({sum(p.stat().st_size for p in files) / 1e6:.1f} MB on disk)")
+    out = root / "corpus"
     try:
         for w in [int(x) for x in args.workers.split(",")]:
-            tokens, docs, t0 = 0, 0, time.perf_counter()
-            for name, files in groups.items():
-                out = root / f"w{w}" / name
-                shutil.rmtree(out, ignore_errors=True)
-                m = prepare(files, out, name=name, workers=w, tokenizer=tok, val_fraction=0.005)
-                tokens += m["run"]["tokens"]
-                docs += m["run"]["docs"]
-                dirs[name] = out
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            m = prepare(files, out, workers=w, tokenizer=tok, val_fraction=0.005)
             dt = time.perf_counter() - t0
+            tokens, docs = m["run"]["tokens"], m["run"]["docs"]
             row = {"workers": w, "documents": docs, "tokens": tokens, "seconds": round(dt, 2),
                    "tokens_per_s": round(tokens / dt)}
             results["prepare"].append(row)
             print(f"prepare --workers {w}: {docs:,} docs, {tokens:,} tokens in {dt:.1f} s = {tokens / dt:,.0f} tokens/s")
 
-        weights = {"slimpajama": 0.7, "starcoder": 0.3}
-        sources = [(dirs[n], weights[n]) for n in dirs]
-        for nw in [int(x) for x in args.loader_workers.split(",")]:
-            loader = MixtureLoader(sources, args.seq_len, args.batch_size, seed=0, num_workers=nw)
+        mixes = {"1 source": ([(out, 1.0)], None), "2 sources 0.7:0.3": ([(out, 0.7), (out, 0.3)], ["web", "code"])}
+        for (mix, (sources, names)), nw in [(m, nw) for m in mixes.items() for nw in map(int, args.loader_workers.split(","))]:
+            loader = MixtureLoader(sources, args.seq_len, args.batch_size, seed=0, num_workers=nw, names=names)
             for _ in range(5):
                 next(loader)  # warm-up (worker start-up, page cache)
             t0 = time.perf_counter()
@@ -81,14 +76,15 @@ def run(args: argparse.Namespace) -> int:
                 next(loader)
             dt = time.perf_counter() - t0
             blocks = args.batches * args.batch_size
-            row = {"num_workers": nw, "seq_len": args.seq_len, "batch_size": args.batch_size,
+            row = {"mixture": mix, "num_workers": nw, "seq_len": args.seq_len, "batch_size": args.batch_size,
                    "blocks_per_s": round(blocks / dt), "tokens_per_s": round(blocks * (args.seq_len + 1) / dt)}
             results["loader"].append(row)
-            print(f"loader num_workers={nw} seq_len={args.seq_len} batch={args.batch_size}: {blocks / dt:,.0f} blocks/s "
+            print(f"loader {mix}, num_workers={nw}, seq_len={args.seq_len} batch={args.batch_size}: {blocks / dt:,.0f} blocks/s "
                   f"({blocks * (args.seq_len + 1) / dt / 1e6:,.1f} M tokens/s)")
             loader.close()
         # Resume cost: restoring a state deep into training is O(1) (no replay of the past).
-        loader = MixtureLoader(sources, args.seq_len, args.batch_size, seed=0)
+        sources, names = mixes["2 sources 0.7:0.3"]
+        loader = MixtureLoader(sources, args.seq_len, args.batch_size, seed=0, names=names)
         state = loader.state_dict()
         state["samples"] = 10**9
         for s in state["sources"]:

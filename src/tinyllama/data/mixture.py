@@ -209,8 +209,12 @@ class _TorchStream(tud.IterableDataset):
         self.body = body
 
     def __iter__(self):
-        for step, arr in self.body:
-            yield step, torch.from_numpy(arr)
+        return iter(self.body)
+
+
+def _as_is(item):
+    # Ship numpy arrays through the worker pipe as bytes: cheaper than torch's per-tensor shared memory.
+    return item
 
 
 class _WorkerStream:
@@ -290,7 +294,10 @@ class MixtureLoader:
             return batch.pin_memory() if self.pin_memory else batch
         if self._iter is None:
             self._start_workers()
-        step, batch = next(self._iter)
+        step, arr = next(self._iter)
+        batch = torch.from_numpy(arr)
+        if self.pin_memory:
+            batch = batch.pin_memory()
         if step != self._steps_since_start:
             raise RuntimeError(f"data loader workers out of order: got step {step}, expected {self._steps_since_start}")
         self._steps_since_start += 1
@@ -300,8 +307,8 @@ class MixtureLoader:
     def _start_workers(self) -> None:
         ctx = self.mp_context or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         body = _WorkerStream(self.plan, self._state.copy(), self.rank, self.world_size, self.batch_size, self.seq_len + 1)
-        dl = tud.DataLoader(_TorchStream(body), batch_size=None, num_workers=self.num_workers,
-                            multiprocessing_context=ctx, pin_memory=self.pin_memory, prefetch_factor=2)
+        dl = tud.DataLoader(_TorchStream(body), batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+                            multiprocessing_context=ctx, prefetch_factor=4)
         self._dl = dl
         self._iter = iter(dl)
         self._steps_since_start = 0
