@@ -187,6 +187,16 @@ def test_kernel_config_validation_and_resolution():
     assert isinstance(m.loss_fn, LinearCrossEntropyLoss)
 
 
+def test_fast_path_as_the_trainer_calls_it():
+    # tinyllama.train passes its ModelConfig: defaults; blocks are compiled only on a GPU.
+    m = _tiny()
+    assert apply_fast_path(m, m.config) is m
+    assert isinstance(m.loss_fn, LinearCrossEntropyLoss)
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in m.layers)
+    ids = torch.randint(0, 32000, (1, 9))
+    assert torch.isfinite(m(ids, ids)[1])
+
+
 def test_causal_attention_backends_match_reference_cpu():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)

@@ -169,10 +169,7 @@ def build_ours(cfg: ModelConfig, device: torch.device, kernels=None, fast: bool 
     with torch.device(device):
         model = Llama(cfg)
     if fast:
-        kcfg = kernels or KernelConfig()
-        if device.type != "cuda" and kernels is None:
-            kcfg = KernelConfig(compile_blocks=False)  # compiling on CPU costs minutes for no gain here
-        apply_fast_path(model, kcfg)
+        apply_fast_path(model, kernels or KernelConfig())  # blocks are compiled on GPUs only by default
     return model
 
 
@@ -380,7 +377,7 @@ def run(args) -> int:
     kernels = KernelConfig(
         fused_cross_entropy=not args.no_fused_ce,
         ce_chunk_rows=args.ce_chunk_rows,
-        compile_blocks=not (args.no_compile_blocks or args.triton) and device.type == "cuda",
+        compile_blocks=False if (args.no_compile_blocks or args.triton) else None,
         triton_kernels=args.triton,
         attention_backend=args.attention_backend,
         fuse_projections=args.fuse_projections,
