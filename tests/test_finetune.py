@@ -134,7 +134,7 @@ def heldout_assistant_loss(model_dir: Path, val: Path) -> float:
 
 def test_sft_lowers_heldout_assistant_loss(files, tmp_path):
     before = heldout_assistant_loss(files["base"], files["val"])
-    cfg = _cfg("sft", files, tmp_path / "sft", **{"data.val": str(files["val"]), "train.max_steps": 12,
+    cfg = _cfg("sft", files, tmp_path / "sft", **{"data.val": str(files["val"]), "train.max_steps": 8,
                                                   "train.export_hf": "hf"})
     r = finetune(cfg)
     after = heldout_assistant_loss(Path(r["hf_dir"]), files["val"])
@@ -179,3 +179,30 @@ def test_config_errors_are_clear(files, tmp_path):
         load_finetune_config("sft", None, ["--train.nosuch", "1"], **{"model.path": "x", "data.train": "y"})
     with pytest.raises(TinyLlamaError, match="expected a number"):
         load_finetune_config("sft", None, ["--optim.lr", "fast"], **{"model.path": "x", "data.train": "y"})
+
+
+def test_sft_two_processes_fsdp2_match_one(files, tmp_path):
+    """torchrun × 2 (FSDP2, gloo on CPU) follows the 1-process loss curve for the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    args = {"train.max_steps": 3, "optim.max_steps": 3, "data.val_fraction": 0.0}
+    single = finetune(_cfg("sft", files, tmp_path / "one", **args))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinyllama", "sft",
+           "--model", str(files["base"]), "--data", str(files["train"]), "--out", str(tmp_path / "two"),
+           "--max-steps", "3", "--optim.max_steps", "3", "--data.val_fraction", "0", "--data.seq_len", str(SEQ),
+           "--train.micro_batch", "1", "--train.global_batch", "4", "--optim.lr", "3e-3", "--optim.warmup_steps", "0",
+           "--train.export_hf", "hf"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    two = [r["loss"] for r in recs if r["kind"] == "train"]
+    assert two == pytest.approx(single["losses"], rel=1e-4)
+    assert Llama.from_pretrained(tmp_path / "two" / "hf").config.n_layers == 2

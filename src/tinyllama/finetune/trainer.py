@@ -462,12 +462,24 @@ class FinetuneTrainer:
                     lr = lr_at(step, cfg.optim)
                     set_lr(optimizer, lr)
                     sums: dict[str, torch.Tensor] = {}
-                    for _ in range(accum):
-                        inp, tgt = self._batch(next(loader), self.train_items, tokenizer)
+                    batches = [self._batch(next(loader), self.train_items, tokenizer) for _ in range(accum)]
+                    if cfg.kind == "sft":
+                        # Token-level mean over the whole global batch, whatever the split into micro-batches
+                        # and processes: each micro-batch's summed loss is divided by the global token count
+                        # (times world size, as gradients are averaged over processes).
+                        n_tok = torch.tensor([float(sum(int((tg != -100).sum()) for _, tg in batches))],
+                                             device=info.device)
+                        global_tok = float(all_reduce_(n_tok, info))
+                    for inp, tgt in batches:
                         loss, m = self._loss(model, ref, inp, tgt)
-                        (loss / accum).backward()
-                        for k, v in m.items():
-                            sums[k] = sums.get(k, 0) + v / accum
+                        if cfg.kind == "sft":
+                            summed = loss * int((tgt != -100).sum())
+                            (summed * (info.world_size / global_tok)).backward()
+                            sums["loss"] = sums.get("loss", 0) + summed.detach().float() * (info.world_size / global_tok)
+                        else:
+                            (loss / accum).backward()
+                            for k, v in m.items():
+                                sums[k] = sums.get(k, 0) + v / accum
                     if lora_params is not None and info.is_distributed:
                         for p in lora_params:  # replicated adapters: average their gradients
                             if p.grad is not None:
