@@ -51,4 +51,19 @@ def test_bench_train_token_file(tmp_path, capsys):
     assert b.next().equal(first)
     np.save(p, np.array([5, 40000], dtype=np.uint16).repeat(20))
     assert main(["bench", "train", "--config", "tinyllama-tiny", "--seq-len", "16", "--data", str(p)]) == 2
-    assert "outside the vocabulary" in capsys.readouterr().err
+    assert "outside the model's vocabulary" in capsys.readouterr().err
+
+
+def test_bench_train_prepared_dataset(tmp_path):
+    from tinyllama.bench.train import TokenBatches
+    from tinyllama.data.shards import TokenSource
+    from tinyllama.tokenizer import Tokenizer
+
+    text = tmp_path / "doc.txt"
+    text.write_text("Call me Ishmael. Some years ago, never mind how long precisely, I went to sea. " * 20)
+    assert main(["prepare", str(text), "--output", str(tmp_path / "ds"), "--val-fraction", "0", "--no-progress"]) == 0
+    src = TokenSource(tmp_path / "ds", "train")
+    b = TokenBatches(32000, 16, 2, data=str(tmp_path / "ds"))
+    first = b.next()
+    assert first.shape == (2, 17) and first.flatten().tolist() == src.read(0, 34).tolist()
+    assert Tokenizer().decode(first[0].tolist()).startswith("Call me Ishmael")

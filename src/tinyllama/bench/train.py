@@ -70,28 +70,40 @@ def load_model_config(spec: str) -> ModelConfig:
 
 
 class TokenBatches:
-    """Batches of (B, T+1) tokens: synthetic (the trainer's SyntheticLoader) or from a flat token file.
+    """Batches of (B, T+1) tokens: synthetic (the trainer's SyntheticLoader) or prepared tokens, read in order.
 
-    A flat file is a .npy or raw uint16 .bin of token ids (as `perf/make_tokens.py` writes); it wraps around.
+    Prepared tokens: a dataset directory from `tinyllama prepare` (its train split), LITPKDS .bin file(s),
+    or a flat .npy of token ids (as `perf/make_tokens.py` writes). Reading wraps around at the end.
     """
 
     def __init__(self, vocab_size: int, seq_len: int, batch_size: int, data: Optional[str] = None, seed: int = 0):
         self.seq_len, self.batch_size, self.vocab_size = seq_len, batch_size, vocab_size
-        self.tokens = None
+        self.source = None  # callable (start, length) -> int64 tensor
+        self.n_tokens = 0
         self.loader = None
         self.pos = 0
         if data:
             import numpy as np
 
             p = Path(data)
-            if not p.is_file():
-                raise TinyLlamaError(f"--data {data}: file not found")
-            arr = np.load(p, mmap_mode="r") if p.suffix == ".npy" else np.memmap(p, dtype=np.uint16, mode="r")
-            if arr.size < seq_len + 1:
-                raise TinyLlamaError(f"--data {data}: {arr.size} tokens, fewer than one sequence of {seq_len + 1}")
-            if int(arr.max()) >= vocab_size:
-                raise TinyLlamaError(f"--data {data}: token id {int(arr.max())} is outside the vocabulary of {vocab_size}")
-            self.tokens = torch.from_numpy(np.asarray(arr, dtype=np.int64))
+            if not p.exists():
+                raise TinyLlamaError(f"--data {data}: not found (a `tinyllama prepare` directory, LITPKDS .bin or .npy)")
+            if p.suffix == ".npy":
+                arr = np.load(p, mmap_mode="r")
+                self.n_tokens = int(arr.size)
+                top = int(arr.max()) if arr.size else 0
+                self.source = lambda start, n: torch.from_numpy(np.asarray(arr[start : start + n], dtype=np.int64))
+            else:
+                from tinyllama.data.shards import TokenSource
+
+                src = TokenSource(p, "train")
+                self.n_tokens = src.num_tokens
+                top = int(src.read(0, min(src.num_tokens, 1 << 20)).max()) if src.num_tokens else 0
+                self.source = lambda start, n: torch.from_numpy(src.read(start, n))
+            if self.n_tokens < seq_len + 1:
+                raise TinyLlamaError(f"--data {data}: {self.n_tokens} tokens, fewer than one sequence of {seq_len + 1}")
+            if top >= vocab_size:
+                raise TinyLlamaError(f"--data {data}: token id {top} is outside the model's vocabulary of {vocab_size}")
         else:
             try:
                 from tinyllama.train.synthetic import SyntheticLoader
@@ -107,13 +119,12 @@ class TokenBatches:
 
     def next(self) -> torch.Tensor:
         B, T = self.batch_size, self.seq_len
-        if self.tokens is not None:
-            n = self.tokens.numel()
+        if self.source is not None:
             rows = []
             for _ in range(B):
-                if self.pos + T + 1 > n:
+                if self.pos + T + 1 > self.n_tokens:
                     self.pos = 0
-                rows.append(self.tokens[self.pos : self.pos + T + 1])
+                rows.append(self.source(self.pos, T + 1))
                 self.pos += T + 1
             return torch.stack(rows)
         if self.loader is not None:
@@ -345,7 +356,8 @@ def add_arguments(p) -> None:
     p.add_argument("--variants", default="ours,hf-eager,hf-compile",
                    help=f"comma-separated, from {','.join(VARIANTS)} (reference = our model without the fast path; "
                    f"ours-lowmem = ours with activation_memory_budget {LOWMEM_BUDGET})")
-    p.add_argument("--data", default=None, help="flat token file (.npy or uint16 .bin); default: synthetic tokens")
+    p.add_argument("--data", default=None,
+                   help="prepared tokens: a `tinyllama prepare` directory, LITPKDS .bin, or .npy of ids (default: synthetic)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="MFU denominator (default 989, H100 bf16 dense)")
     p.add_argument("--attention-backend", default="auto", help="SDPA backend for ours: auto|flash|cudnn|efficient|math")

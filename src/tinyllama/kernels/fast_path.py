@@ -27,7 +27,7 @@ ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 @dataclass
 class KernelConfig:
-    """Which fused kernels the training step uses (YAML section `kernels`, CLI `--kernels.<field>`)."""
+    """Which fused kernels the training step uses (`KernelConfig.from_dict` reads a YAML mapping)."""
 
     fused_cross_entropy: bool = True  # chunked head + loss, never the full logits
     ce_chunk_rows: Optional[int] = None  # rows per chunk; None: ~512 MB of fp32 logits per chunk
