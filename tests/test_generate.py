@@ -18,6 +18,16 @@ from tinyllama.generate import (
     sample_next,
 )
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Many tiny matrix products: one thread avoids OpenMP spin-waiting on a busy 2-core CI machine (~20x here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 transformers = pytest.importorskip("transformers")
 
 SMALL = ModelConfig(name="gen-test", vocab_size=512, n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2,
