@@ -51,6 +51,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     fast_kernels: bool = False  # plug in tinyllama.kernels' fused ops when importable
+    kernels: Optional[dict] = None  # tinyllama.kernels.KernelConfig fields (None: its defaults)
     nonfinite_policy: str = "skip"  # skip = skip the step and count it; stop = checkpoint and stop
     max_consecutive_nonfinite: int = 5  # with "skip": checkpoint and stop after this many in a row
     seed: int = 1337

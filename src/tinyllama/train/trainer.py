@@ -277,16 +277,18 @@ class Trainer:
         torch.manual_seed(t.seed)
         with torch.device(self.info.device):
             model = Llama(self.model_cfg)
+        fast = False
         if t.fast_kernels:
             try:
                 from tinyllama.kernels import apply_fast_path
             except ImportError as e:
                 self.progress.print(f"note: train.fast_kernels requested but tinyllama.kernels is unavailable ({e})")
             else:
-                model = apply_fast_path(model, self.model_cfg) or model
+                model = apply_fast_path(model, dict(t.kernels or {})) or model
+                fast = True
         if t.activation_checkpointing:
             apply_activation_checkpointing(model)
-        if t.compile:
+        if t.compile and not fast:  # the fast path compiles blocks itself (its compile_blocks setting)
             apply_compile(model)
         self.fsdp = self.info.is_distributed
         if self.fsdp:
