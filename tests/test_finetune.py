@@ -206,3 +206,20 @@ def test_sft_two_processes_fsdp2_match_one(files, tmp_path):
     two = [r["loss"] for r in recs if r["kind"] == "train"]
     assert two == pytest.approx(single["losses"], rel=1e-4)
     assert Llama.from_pretrained(tmp_path / "two" / "hf").config.n_layers == 2
+
+
+def test_sft_cli_lora_on_int4_base_exports_merged_model_and_adapter(files, tmp_path):
+    from tinyllama.cli import main
+
+    out = tmp_path / "q"
+    rc = main(["sft", "--model", str(files["base"]), "--data", str(files["train"]), "--out", str(out),
+               "--quantize", "int4", "--lora.group_size", "32", "--max-steps", "2", "--data.seq_len", str(SEQ),
+               "--train.micro_batch", "2", "--train.global_batch", "2", "--optim.lr", "1e-2", "--train.progress", "false"])
+    assert rc == 0
+    merged = Llama.from_pretrained(out / "hf")
+    base = Llama.from_pretrained(files["base"])
+    # Adapter targets moved; embeddings (never quantized, never trained) are untouched.
+    assert torch.equal(merged.embed_tokens.weight, base.embed_tokens.weight)
+    assert not torch.equal(merged.layers[0].self_attn.q_proj.weight, base.layers[0].self_attn.q_proj.weight)
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and "q_proj" in cfg["target_modules"]

@@ -26,10 +26,15 @@ def _randomise_adapters(model) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def test_lora_training_changes_only_adapter_weights():
+@pytest.mark.parametrize("quant,targets", [(None, None), ("int8", ("q_proj", "v_proj")), ("int4", None)])
+def test_lora_training_changes_only_adapter_weights(quant, targets):
     model = _model()
-    names = apply_lora(model, r=4, alpha=8, dropout=0.1)
-    assert len(names) == 7 * CFG.n_layers
+    if quant:
+        from tinyllama.quantize import quantize_model
+
+        quantize_model(model, quant, 32, skip=("lm_head",))
+    names = apply_lora(model, r=4, alpha=8, dropout=0.1, **({"targets": targets} if targets else {}))
+    assert len(names) == (len(targets) if targets else 7) * CFG.n_layers
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -43,7 +48,10 @@ def test_lora_training_changes_only_adapter_weights():
         opt.zero_grad()
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {k for k in before if ".lora_A." in k or ".lora_B." in k}
+    adapters = {k for k in before if ".lora_A." in k or ".lora_B." in k}
+    assert changed == adapters
+    # Every adapter learned, including those in the first layer (gradients pass through the quantized layers above).
+    assert {k.rsplit(".", 2)[0] for k in changed if ".lora_A." in k} == {k.rsplit(".", 2)[0] for k in adapters if ".lora_A." in k}
 
 
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])

@@ -61,6 +61,43 @@ def _base_weight(base: nn.Module) -> torch.Tensor:
     return base.weight
 
 
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """y = base(x) with the fused quantized kernel; dx = dy @ dequant(W). The weight never gets a gradient,
+    and PyTorch's int4/int8 weight-only kernels have no derivative of their own."""
+
+    @staticmethod
+    def forward(ctx, x, base):
+        ctx.base = base
+        with torch.no_grad():
+            return base(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        w = ctx.base.dequantize().to(grad_y.dtype)
+        return grad_y @ w, None
+
+
+def frozen_base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if hasattr(base, "dequantize") and torch.is_grad_enabled() and x.requires_grad:
+        return _FrozenQuantizedMatmul.apply(x, base)
+    return base(x)
+
+
+class FrozenQuantizedLinear(nn.Module):
+    """A quantized layer without an adapter, made differentiable w.r.t. its input (so adapters below it train)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def dequantize(self) -> torch.Tensor:
+        return self.base.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_base_forward(self.base, x)
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
@@ -84,7 +121,7 @@ class LoRALinear(nn.Module):
         self._compute_dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = frozen_base_forward(self.base, x)
         if not self.adapters_enabled:
             return y
         a = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
@@ -111,6 +148,11 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+    # Quantized layers left without an adapter still have to pass gradients to the layers below.
+    for n, m in list(model.named_modules()):
+        if hasattr(m, "dequantize") and hasattr(m, "in_features") and not isinstance(m, FrozenQuantizedLinear) \
+                and not n.endswith(".base") and n not in names:
+            _set(model, n, FrozenQuantizedLinear(m))
     return names
 
 
@@ -153,7 +195,8 @@ def merge_lora(model: nn.Module, dtype: Optional[torch.dtype] = None, dequantize
         _set(model, n, lin)
     if dequantize_rest:
         for n, mod in list(model.named_modules()):
-            if hasattr(mod, "dequantize") and not isinstance(mod, nn.Linear) and hasattr(mod, "in_features"):
+            if hasattr(mod, "dequantize") and not isinstance(mod, nn.Linear) and hasattr(mod, "in_features") \
+                    and not n.endswith(".base"):
                 w = mod.dequantize()
                 lin = nn.Linear(mod.in_features, mod.out_features, bias=False, device=w.device,
                                 dtype=dtype or w.dtype)
