@@ -301,3 +301,20 @@ def test_lm_eval_adapter_equals_hf_backend_for_all_request_types(model_dir, lm_s
     mine = {s["doc_id"]: s["filtered_resps"][0] for s in gen_samples}
     ref = {s["doc_id"]: s["filtered_resps"][0] for s in hf["samples"]["tl_gen"]}
     assert mine == ref and any(v.strip() for v in ref.values())
+
+
+def test_perplexity_of_a_prepared_dataset_scores_its_documents(model_dir, ours, tmp_path):
+    from tinyllama.data.prepare import prepare
+    from tinyllama.eval.cli import EvalConfig, evaluate
+    from tinyllama.eval.perplexity import perplexity_of_tokens
+
+    texts = [f"Document {i}: " + _phrase(i, 20) + "." for i in range(4)]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    prepare([src], tmp_path / "ds", val_fraction=0.0)
+    res = evaluate(EvalConfig(perplexity=[str(tmp_path / "ds")], split="train", window=32), ours.model, ours.tokenizer)
+    r = res["perplexity"][str(tmp_path / "ds")]
+    # Each prepared document is its text's tokens followed by </s>; every one is scored, conditioned on BOS.
+    expect = perplexity_of_tokens(ours, [ours.tokenizer.encode(t, eos=True) for t in texts], window=32)
+    assert r["documents"] == 4 and r["tokens"] == expect["tokens"]
+    assert r["ppl"] == pytest.approx(expect["ppl"], rel=1e-6)
