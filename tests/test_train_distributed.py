@@ -30,11 +30,16 @@ def _torchrun(tmp_path, run: dict, nproc: int, *extra: str) -> subprocess.Comple
     return proc
 
 
-def test_fsdp2_two_processes_match_one_and_resume_on_one(tmp_path):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, 20 steps of 8 sequences (micro 4 × 2 accumulation)."""
     torch.set_num_threads(1)
-    # Reference: one process, 20 steps of 8 sequences (micro 4 × 2 accumulation).
-    single = pretrain(run_config_from_dict(tiny_run(tmp_path / "single", micro_batch=4, global_batch=8)))
-    ref = single["losses"]
+    out = tmp_path_factory.mktemp("single")
+    return pretrain(run_config_from_dict(tiny_run(out, micro_batch=4, global_batch=8)))["losses"]
+
+
+def test_fsdp2_two_processes_match_one_and_resume_on_one(tmp_path, reference):
+    ref = reference
     # Two processes, FSDP2, same global batch (micro 4 × 2 ranks × 1 accumulation), stopped at step 10.
     run2 = tiny_run(tmp_path / "fsdp", micro_batch=4, global_batch=8, max_steps=10, progress=True)
     out = _torchrun(tmp_path, run2, 2)
@@ -47,3 +52,13 @@ def test_fsdp2_two_processes_match_one_and_resume_on_one(tmp_path):
     resumed = pretrain(run_config_from_dict(tiny_run(tmp_path / "fsdp", micro_batch=4, global_batch=8)), resume=True)
     assert resumed["resumed_from"].endswith("step-0000010")
     assert resumed["losses"] == pytest.approx(ref[10:], rel=1e-5)
+
+
+def test_hsdp_replicate_across_nodes_matches_one(tmp_path, reference):
+    # Two "nodes" of one process each: a 2-D (replicate=2, shard=1) mesh, as across real nodes.
+    run = tiny_run(tmp_path / "hsdp", micro_batch=4, global_batch=8, max_steps=6, hsdp_replicas=2)
+    _torchrun(tmp_path, run, 2)
+    got = losses_of(tmp_path / "hsdp")
+    assert sorted(got) == list(range(1, 7))
+    for step, loss in got.items():
+        assert loss == pytest.approx(reference[step - 1], rel=1e-5), step
