@@ -223,3 +223,23 @@ def test_sft_cli_lora_on_int4_base_exports_merged_model_and_adapter(files, tmp_p
     assert not torch.equal(merged.layers[0].self_attn.q_proj.weight, base.layers[0].self_attn.q_proj.weight)
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and "q_proj" in cfg["target_modules"]
+
+
+def test_dpo_loss_and_preference_batch():
+    from tinyllama.finetune.chat_data import preference_batch
+    from tinyllama.finetune.trainer import dpo_loss
+
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-3.0, -5.0, -4.0, -4.5))
+    loss, reward_c, reward_r = dpo_loss(pc, pr, rc, rr, beta=0.2)
+    z = 0.2 * ((-3.0 + 5.0) - (-4.0 + 4.5))
+    assert float(loss) == pytest.approx(-torch.log(torch.sigmoid(torch.tensor(z))).item())
+    assert float(reward_c) == pytest.approx(0.2) and float(reward_r) == pytest.approx(-0.1)
+
+    tok = Tokenizer()
+    pairs = [([{"role": "user", "content": "q1"}, {"role": "assistant", "content": "good one"}],
+              [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "bad"}]),
+             ([{"role": "user", "content": "question two"}, {"role": "assistant", "content": "yes"}],
+              [{"role": "user", "content": "question two"}, {"role": "assistant", "content": "no no no"}])]
+    inp, tgt = preference_batch(tok, pairs, 64, tok.eos_id)
+    judged = [tok.decode([t for t in row.tolist() if t != IGNORE], skip_special_tokens=False) for row in tgt]
+    assert judged == ["good one</s>", "yes</s>", "bad</s>", "no no no</s>"]  # chosen rows first, then rejected
