@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader-workers", default="0,2", help="comma-separated loader num_workers to time")
     p.add_argument("--batches", type=int, default=400, help="batches timed per loader setting")
     p.add_argument("--keep", type=Path, default=None, help="write the prepared datasets here instead of a temp dir")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the reference: the plain tokenizer's encode_batch over the same documents")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -66,6 +68,16 @@ def run(args: argparse.Namespace) -> int:
             results["prepare"].append(row)
             print(f"prepare --workers {w}: {docs:,} docs, {tokens:,} tokens in {dt:.1f} s = {tokens / dt:,.0f} tokens/s")
 
+        if not args.no_baseline:
+            from tinyllama.data.readers import Record, read_records
+
+            texts = [r.text for f in files for r in read_records(f) if isinstance(r, Record)]
+            t0 = time.perf_counter()
+            n = sum(len(ids) + 1 for i in range(0, len(texts), 1024) for ids in tok.encode_batch(texts[i:i + 1024]))
+            dt = time.perf_counter() - t0
+            results["baseline_tokenizer_tokens_per_s"] = round(n / dt)
+            print(f"reference: Tokenizer.encode_batch alone (texts in memory, no I/O): {n:,} tokens in {dt:.1f} s "
+                  f"= {n / dt:,.0f} tokens/s")
         mixes = {"1 source": ([(out, 1.0)], None), "2 sources 0.7:0.3": ([(out, 0.7), (out, 0.3)], ["web", "code"])}
         for (mix, (sources, names)), nw in [(m, nw) for m in mixes.items() for nw in map(int, args.loader_workers.split(","))]:
             loader = MixtureLoader(sources, args.seq_len, args.batch_size, seed=0, num_workers=nw, names=names)
