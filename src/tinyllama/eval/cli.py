@@ -142,13 +142,24 @@ def print_table(results: dict, out=sys.stdout) -> None:
         print(f"perplexity {name}: {r['ppl']:.4f} over {r['tokens']} tokens in {r['windows']} windows{bpb}", file=out)
 
 
+def _finite(obj):
+    """NaN (a standard error of one item) is not JSON: write null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str, obj: dict) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+            json.dump(_finite(obj), f, indent=2)
             f.write("\n")
         os.replace(tmp, target)
     except BaseException:

@@ -247,7 +247,6 @@ def preference_batch(tokenizer, pairs: Sequence[tuple[list[dict], list[dict]]], 
         for conv in (chosen, rejected):
             ids, mask = render_chat(tokenizer, conv, train_on="last")
             rows.append((ids[: max_len + 1], mask[: max_len + 1]))
-    rows = [r for r in rows]
     order = list(range(0, len(rows), 2)) + list(range(1, len(rows), 2))
     width = max(len(ids) for ids, _ in rows) - 1
     inp = torch.full((len(rows), width), pad_id, dtype=torch.long)
