@@ -225,3 +225,23 @@ def test_kill9_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     after = losses_of(out)
     common = [s for s in before if s > resume_step and s in after]
     assert common and all(after[s] == before[s] for s in common)
+
+
+def test_default_command_runs_the_demo_end_to_end(tmp_path, capsys):
+    """`tinyllama pretrain` (the demo recipe) on a tiny preset: prepares the corpus, trains, validates,
+    checkpoints, exports a Hugging Face directory, reports the unigram entropy and prints a sample."""
+    from tinyllama.cli import main
+
+    out, data = tmp_path / "demo", tmp_path / "data"
+    rc = main(["pretrain", "--out", str(out), "--train.data_root", str(data), "--model.preset", "tinyllama-tiny",
+               "--data.seq_len", "64", "--train.max_steps", "4", "--train.global_batch", "4",
+               "--train.micro_batch", "4", "--train.eval_every", "2", "--train.eval_blocks", "8",
+               "--train.save_every", "2", "--train.sample_tokens", "5", "--train.tensorboard", "false"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "validation at step 2" in err and "validation at step 4" in err
+    assert "unigram entropy of the training tokens" in err and "sample (greedy): Call me Ishmael" in err
+    assert find_latest(out / "checkpoints").name == "step-0000004"
+    model = Llama.from_pretrained(out / "hf")
+    assert model.config.n_layers == 2 and (out / "hf" / "tokenizer.json").is_file()
+    assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
