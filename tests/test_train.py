@@ -245,3 +245,18 @@ def test_default_command_runs_the_demo_end_to_end(tmp_path, capsys):
     model = Llama.from_pretrained(out / "hf")
     assert model.config.n_layers == 2 and (out / "hf" / "tokenizer.json").is_file()
     assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
+
+
+def test_init_from_starts_a_new_stage_from_previous_weights(tmp_path):
+    from tinyllama.train.synthetic import SyntheticLoader
+
+    pretrain(run_config_from_dict(tiny_run(tmp_path / "stage1", max_steps=4)))
+    stage2 = tiny_run(tmp_path / "stage2", max_steps=1, init_from=str(tmp_path / "stage1"), global_batch=2)
+    r = pretrain(run_config_from_dict(stage2))
+    assert r["step"] == 1  # a new run: step, schedule and data start over
+    prev = Llama(ModelConfig.from_name("tinyllama-tiny", vocab_size=512))
+    load_model_weights(tmp_path / "stage1", prev)
+    batch = next(SyntheticLoader(512, 32, 2, seed=5))
+    with torch.no_grad():
+        _, loss = prev(batch[:, :-1], batch[:, 1:])
+    assert r["losses"][0] == pytest.approx(loss.item(), rel=1e-6)
