@@ -121,25 +121,17 @@ def _decode_step(model: Llama, ids, input_pos, rope_pos, key_mask):
     return model(ids, input_pos=input_pos, rope_pos=rope_pos, key_mask=key_mask)[:, -1]
 
 
-@dataclass
-class _Graph:
-    graph: "torch.cuda.CUDAGraph"
-    ids: torch.Tensor
-    pos: torch.Tensor
-    rope: Optional[torch.Tensor]
-    mask: Optional[torch.Tensor]
-    logits: torch.Tensor
-    mask_src: Optional[torch.Tensor] = None
-
-
 class DecodeEngine:
     """Owns `model`'s static KV cache and runs prefill + one-token decode steps.
 
-    compile=True (CUDA only): the decode step is compiled with torch.compile (fullgraph, static shapes) and
-    captured in a CUDA graph per (batch size, padded or not); each token then costs a few input copies and
-    one graph replay, so the GPU is never starved by Python. The graphs point into the KV cache, which is
-    kept between calls and re-allocated (dropping the graphs) only when a larger or different-batch cache
-    is needed; `release()` frees it. The prefill stays eager. On CPU everything is eager.
+    compile=True (CUDA only): the decode step is compiled with torch.compile(mode="reduce-overhead",
+    fullgraph, static shapes), which captures it in a CUDA graph per (batch size, padded or not) and replays
+    it every token. The graphs point into the KV cache, which is kept between calls and re-allocated only
+    when a larger or different-batch cache is needed; `release()` frees it. The prefill stays eager. On CPU
+    everything is eager.
+
+    (A hand-captured torch.cuda.CUDAGraph around the compiled step did not help: 539 tokens/s on an H100
+    against 592 for this path on an H200; BENCHMARKS.md. The step is bound by its kernel count.)
     """
 
     def __init__(self, model: Llama, compile: bool = False, cache_dtype: Optional[torch.dtype] = None) -> None:
@@ -150,14 +142,12 @@ class DecodeEngine:
         self.cache_dtype = cache_dtype or model.embed_tokens.weight.dtype
         self._cache_key: Optional[tuple[int, int]] = None
         self._step = _decode_step
-        self._graphs: dict[tuple, _Graph] = {}
-        self._pool = None
         if self.compile:
             import torch._dynamo
 
             # One compiled graph per (batch size, padded or not, model): keep them all, never fall back to eager.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._step = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+            self._step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
     # cache ------------------------------------------------------------------------------------
     def cache_len_for(self, needed: int) -> int:
@@ -170,13 +160,11 @@ class DecodeEngine:
         max_len = self.cache_len_for(needed_len)
         key = self._cache_key
         if key is None or key[0] != batch_size or key[1] < max_len or not self.model.has_cache:
-            self._graphs.clear()  # captured graphs point into the old cache
             self.model.setup_cache(batch_size, max_len, dtype=self.cache_dtype, device=self.device)
             self._cache_key = (batch_size, max_len)
         return self._cache_key[1]
 
     def release(self) -> None:
-        self._graphs.clear()
         self.model.clear_cache()
         self._cache_key = None
 
@@ -190,40 +178,7 @@ class DecodeEngine:
     def step(self, ids: torch.Tensor, input_pos: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
         """ids (B, 1) at slot input_pos (1,) -> logits (B, V). With CUDA graphs the result is overwritten by
         the next step: consume (sample from) it before calling again."""
-        if not self.compile:
-            return self._step(self.model, ids, input_pos, rope_pos, key_mask)
-        key = (ids.size(0), rope_pos is not None, key_mask is not None)
-        g = self._graphs.get(key)
-        if g is None:
-            g = self._graphs[key] = self._capture(ids, input_pos, rope_pos, key_mask)
-        g.ids.copy_(ids)
-        g.pos.copy_(input_pos)
-        if g.rope is not None:
-            g.rope.copy_(rope_pos)
-        if g.mask is not None and g.mask_src is not key_mask:
-            g.mask.copy_(key_mask)
-            g.mask_src = key_mask
-        g.graph.replay()
-        return g.logits
-
-    def _capture(self, ids, input_pos, rope_pos, key_mask) -> _Graph:
-        ids, pos = ids.clone(), input_pos.clone()
-        rope = rope_pos.clone() if rope_pos is not None else None
-        mask = key_mask.clone() if key_mask is not None else None
-        # Compile and warm up on a side stream (as CUDA graph capture requires). These runs write this very
-        # step's keys/values into the cache, exactly what the replay below writes again.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step(self.model, ids, pos, rope, mask)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._step(self.model, ids, pos, rope, mask)
-        return _Graph(graph, ids, pos, rope, mask, logits, mask_src=key_mask)
+        return self._step(self.model, ids, input_pos, rope_pos, key_mask)
 
 
 def _check_prompts(model: Llama, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> None:
