@@ -540,9 +540,12 @@ class Trainer:
             h = unigram_entropy_nats({k: v for k, v in demo_paths.items() if k in weights}, weights)
             result["unigram_entropy"] = h
             if result.get("val_loss") is not None:
+                gap = h - result["val_loss"]
+                verdict = (f"{gap:.2f} nats below it: the model uses context" if gap > 0
+                           else "not below it yet: train longer")
                 self.progress.print(
                     f"validation loss {result['val_loss']:.3f} nats/token vs. unigram entropy of the training tokens "
-                    f"{h:.3f} nats/token ({h - result['val_loss']:.2f} below: the model uses context)"
+                    f"{h:.3f} nats/token ({verdict})"
                 )
         from tinyllama.tokenizer import Tokenizer
 
