@@ -8,6 +8,7 @@ import sys
 BENCHES = {
     "train": ("tinyllama.bench.train", "training step throughput vs the transformers baseline"),
     "generate": ("tinyllama.bench.generate", "decode speed vs transformers generate"),
+    "quantize": ("tinyllama.bench.quantize", "int8/int4 weight-only quantization: perplexity change and speed"),
     "data": ("tinyllama.bench.data", "prepare tokens/s and loader blocks/s"),
     "eval": ("tinyllama.bench.eval", "multiple-choice scoring speed vs lm-evaluation-harness's hf backend"),
 }
