@@ -214,14 +214,17 @@ def test_shard_index_parts_merge(tmp_path, tok):
 def test_prepare_cli_one_line_errors(tmp_path, capsys):
     from tinyllama.cli import main
 
+    _zst(tmp_path / "a_good.jsonl.zst", [b'{"text": "fine"}'] + [b'{"text": "a bigger file, done first"}'] * 20)
     _zst(tmp_path / "bad.jsonl.zst", [b'{"text": "ok"}', b"{oops"])
-    args = ["prepare", str(tmp_path / "bad.jsonl.zst"), "-o", str(tmp_path / "ds"), "--no-progress"]
+    args = ["prepare", str(tmp_path / "*.jsonl.zst"), "-o", str(tmp_path / "ds"), "--no-progress", "--val-fraction", "0"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.jsonl.zst:line 2: malformed JSON" in err
-    assert main(args + ["--skip-bad"]) == 0
+    assert (tmp_path / "ds" / ".units" / "u00000.json").exists()  # the good file is finished and kept
+    assert main(args + ["--skip-bad"]) == 0  # the natural retry: only the bad file is redone
     out = capsys.readouterr().out
-    assert "skipped 1 bad records" in out and "line 2: malformed JSON" in out and "tokens/s" in out
+    assert "skipped 1 bad records" in out and "line 2: malformed JSON" in out and "this run 2 tokens" in out  # "ok" + </s>
+    assert sorted(Tokenizer().decode(d) for d in _decoded_docs(tmp_path / "ds", "train"))[-2:] == ["fine", "ok"]
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared corpus not available")

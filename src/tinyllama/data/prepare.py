@@ -223,7 +223,7 @@ def process_unit(job: dict, tokenizer, report: Optional[Callable[[int, int, int]
             continue
         if isinstance(item, Bad):
             where = f"{path}:{'row ' if path.suffix == '.parquet' else 'line '}{item.line}"
-            if not s["skip_bad"]:
+            if not job.get("skip_bad"):
                 hint = "" if item.fatal else "; fix it or pass --skip-bad to skip bad records"
                 raise TinyLlamaError(f"{where}: {item.reason}{hint}")
             skipped += 1
@@ -285,7 +285,6 @@ def prepare(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, n
         "val_fraction": val_fraction,
         "shard_tokens": shard_tokens,
         "dtype": token_dtype(tok.vocab_size),
-        "skip_bad": skip_bad,
         "format_version": FORMAT_VERSION,
     }
     jobs, done = [], {}
@@ -303,7 +302,7 @@ def prepare(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, n
                 raise TinyLlamaError(f"{path}: changed since it was prepared into {out}; use a new --output directory")
             done[unit] = rec
         elif unit % num_shards == shard_index:
-            jobs.append({"unit": unit, "input": str(path), "output": str(out), "settings": settings})
+            jobs.append({"unit": unit, "input": str(path), "output": str(out), "settings": settings, "skip_bad": skip_bad})
 
     t0 = time.time()
     totals = {"bytes": 0, "docs": 0, "tokens": 0}
@@ -424,7 +423,7 @@ def write_token_dataset(output: str | os.PathLike, splits: dict[str, Sequence[Se
     (out / UNITS_DIR).mkdir(parents=True, exist_ok=True)
     settings = {"tokenizer": tokenizer_fingerprint, "vocab_size": vocab_size, "eos_id": None, "field": None,
                 "filters": [], "val_fraction": None, "shard_tokens": shard_tokens, "dtype": token_dtype(vocab_size),
-                "skip_bad": False, "format_version": FORMAT_VERSION}
+                "format_version": FORMAT_VERSION}
     rec = {"unit": 0, "input_name": "<tokens>", "input_bytes": 0, "skipped": 0, "skipped_examples": [], "filtered": 0,
            "splits": {}}
     for sp in ("train", "val"):
