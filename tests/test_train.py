@@ -260,3 +260,11 @@ def test_init_from_starts_a_new_stage_from_previous_weights(tmp_path):
     with torch.no_grad():
         _, loss = prev(batch[:, :-1], batch[:, 1:])
     assert r["losses"][0] == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    pretrain(run_config_from_dict(tiny_run(tmp_path, max_steps=2)))
+    run = tiny_run(tmp_path, max_steps=4)
+    run["model"]["n_layers"] = 1
+    with pytest.raises(TinyLlamaError, match="n_layers: checkpoint 2 vs config 1"):
+        pretrain(run_config_from_dict(run), resume=True)

@@ -319,6 +319,7 @@ class Trainer:
             if latest is None:
                 self.progress.print(f"no checkpoint in {ckpt.root}; starting from scratch")
             else:
+                self._check_same_model(latest)
                 saved = ckpt.load(latest, model, optimizer)
                 state = TrainerState(**saved["trainer"])
                 train_loader.load_state_dict(saved["loader"])
@@ -326,6 +327,7 @@ class Trainer:
                 self.progress.print(f"resumed from {latest} (step {state.step}, {state.tokens:,} tokens)")
         elif t.init_from:
             src = resolve_checkpoint(t.init_from)
+            self._check_same_model(src)
             ckpt.load(src, model, optimizer, load_optimizer=t.init_optimizer, load_rng=False)
             self.progress.print(f"initialised weights{' and optimizer' if t.init_optimizer else ''} from {src}")
         elif ckpt.latest() is not None:
@@ -463,6 +465,17 @@ class Trainer:
         return result
 
     # -- pieces ----------------------------------------------------------------------------------
+    def _check_same_model(self, path: Path) -> None:
+        """DCP would load a subset of tensors silently (e.g. fewer layers): compare architectures first."""
+        from tinyllama.train.checkpoint import read_meta
+
+        saved = read_meta(path).get("model", {})
+        mine = self.model_cfg.to_dict()
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if k != "name" and saved.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise TinyLlamaError(f"{path}: checkpoint holds a different model ({detail}); fix --model.* to match")
+
     def _throughput_summary(self, result, step_times, tokens_per_step, flops_tok, peak) -> None:
         """Steady-state speed (first steps excluded: allocator warm-up, compilation) and peak memory."""
         info = self.info
