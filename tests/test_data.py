@@ -379,6 +379,9 @@ def test_val_loader_and_config(tmp_path, three):
     train = build_train_loader(cfg, 2, 0, 1, tmp_path)
     assert train.names == ["a", "b"] and next(train).shape == (2, L + 1)
     full = torch.cat(list(val_loader(cfg, 5, 0, 1, tmp_path)))
+    n_a, n_b = (37 * (1605 // 37 // 5)) // 16, (37 * (997 // 37 // 5)) // 16  # val blocks per source
+    assert full[:, 0].tolist()[: (n_a + n_b) // 5 * 5] == ([16 * k for k in range(n_a)] + [10000 + 16 * k for k in range(n_b)])[
+        : (n_a + n_b) // 5 * 5]
     for ws in (2, 3):
         parts = [list(val_loader(cfg, 2, r, ws, tmp_path)) for r in range(ws)]
         assert len({len(p) for p in parts}) == 1  # same number of batches on every rank
