@@ -142,6 +142,8 @@ def lm_setup(model_dir, tmp_path_factory):
             data_files["dev"] = str(files[name]["lm_dev"])
             cfg.update(fewshot_split="dev", num_fewshot=MMLU_SHOTS)
         cfgs[f"tl_{name}"] = cfg
+        if name == "mmlu":  # and zero-shot
+            cfgs["tl_mmlu0"] = {**cfg, "num_fewshot": 0}
     roll = tmp / "roll.jsonl"
     roll.write_text("".join(json.dumps({"text": " ".join(_phrase(i + j, 8) + "." for j in range(40))}) + "\n"
                             for i in range(2)))
@@ -173,14 +175,15 @@ MMLU_SHOTS = 2
 @pytest.mark.slow
 def test_multiple_choice_equals_lm_eval_hf_backend(lm_setup, ours):
     files, _, res = lm_setup
-    for name in LM_TASK_YAML:
-        kwargs = {"num_fewshot": MMLU_SHOTS} if name == "mmlu" else {}
+    for key in [*LM_TASK_YAML, "mmlu0"]:
+        name = "mmlu" if key == "mmlu0" else key
+        kwargs = {"num_fewshot": MMLU_SHOTS if key == "mmlu" else 0} if name == "mmlu" else {}
         items = load_task(name, files[name]["ours"], **kwargs)
         pairs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
         lls = [ll for ll, _ in ours.loglikelihood(pairs)]
         mine = score_items(items, lls)
-        theirs = res["results"][f"tl_{name}"]
-        samples = sorted(res["samples"][f"tl_{name}"], key=lambda s: s["doc_id"])
+        theirs = res["results"][f"tl_{key}"]
+        samples = sorted(res["samples"][f"tl_{key}"], key=lambda s: s["doc_id"])
         # The same requests, in the same order, with the same scores.
         assert [tuple(a)[:2] for smp in samples for a in smp["arguments"]] == [tuple(p) for p in pairs], name
         their_lls = [float(r[0][0]) for smp in samples for r in smp["resps"]]
