@@ -166,7 +166,9 @@ def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int, packin
     """Blocks of (inputs, targets) as a (N, 2, seq_len) tensor; targets are IGNORE off assistant tokens.
 
     With packing, whole conversations are placed one after another (first fit, in order) until the next
-    would overflow; a conversation is never split. Without packing, one conversation per block.
+    would overflow; a conversation is never split. As in TRL's packing (how TinyLlama-Chat was trained),
+    attention is causal over the whole block, so a conversation may see the one before it; each starts
+    with BOS. Without packing, one conversation per block.
     """
     blocks, cur_ids, cur_mask = [], [], []
 

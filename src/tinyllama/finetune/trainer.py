@@ -50,7 +50,7 @@ class ChatDataConfig:
 
 @dataclass
 class FTTrainConfig:
-    out_dir: str = "out/finetune"
+    out_dir: str = "out/finetune"  # the commands default to out/sft and out/dpo
     micro_batch: int = 4  # blocks (sft) or pairs (dpo) per forward, per process
     global_batch: int = 32  # per optimizer step, all processes
     epochs: float = 1.0
@@ -163,6 +163,11 @@ def load_finetune_config(kind: str, path: Optional[str] = None, overrides: Optio
             setattr(cfg, sec, dataclasses.replace(cur, **vals))
         except (TypeError, ValueError) as e:
             raise TinyLlamaError(f"{path or 'config'}: section '{sec}': {e}") from None
+    if cfg.lora.enabled and "lr" not in (raw.get("optim") or {}):
+        # Adapters start from zero and are few: they need a far larger step than full fine-tuning.
+        cfg.optim = dataclasses.replace(cfg.optim, lr=2e-4 if kind == "sft" else 5e-6)
+    if "out_dir" not in (raw.get("train") or {}):
+        cfg.train = dataclasses.replace(cfg.train, out_dir=f"out/{kind}")
     cfg.validate()
     return cfg
 
