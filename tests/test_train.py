@@ -268,3 +268,10 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
     run["model"]["n_layers"] = 1
     with pytest.raises(TinyLlamaError, match="n_layers: checkpoint 2 vs config 1"):
         pretrain(run_config_from_dict(run), resume=True)
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    pretrain(run_config_from_dict(tiny_run(tmp_path, max_steps=2, tensorboard=True)))
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
