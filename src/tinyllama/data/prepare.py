@@ -33,7 +33,7 @@ from tinyllama.errors import TinyLlamaError
 UNITS_DIR = ".units"
 DEFAULT_VAL_FRACTION = 0.005
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64 Mi tokens = 128 MiB of uint16 per shard
-_BATCH_DOCS, _BATCH_CHARS = 1024, 8 << 20
+_BATCH_DOCS, _BATCH_CHARS = 1024, 4 << 20  # per encode_batch call (progress granularity)
 _MAX_EXAMPLES = 5
 
 

@@ -22,8 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop", action="append", default=[], metavar="FIELD.PATH=VALUE",
                    help="drop records whose field equals VALUE, e.g. meta.redpajama_set_name=RedPajamaGithub "
                         "(TinyLlama's SlimPajama filter); repeatable")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
-                   help=f"fraction of documents held out for validation (default {DEFAULT_VAL_FRACTION})")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"fraction of documents held out for validation (default {DEFAULT_VAL_FRACTION}; "
+                        "for the demo corpus 0.02)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes, one input file each at a time")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) malformed records instead of stopping at the first one")
@@ -39,14 +40,18 @@ def run(args: argparse.Namespace) -> int:
 
     from tinyllama.data.prepare import prepare
 
+    val_fraction = args.val_fraction
     if not args.inputs:
-        from tinyllama.data.demo import demo_inputs
+        from tinyllama.data.demo import DEMO_VAL_FRACTION, demo_inputs
 
         jobs = [([path], Path(args.output) / name, name) for name, path in demo_inputs().items()]
+        val_fraction = DEMO_VAL_FRACTION if val_fraction is None else val_fraction
     else:
         jobs = [(args.inputs, Path(args.output), args.name)]
+    if val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION
     for inputs, out, name in jobs:
-        m = prepare(inputs, out, name=name, field=args.field, val_fraction=args.val_fraction, workers=args.workers,
+        m = prepare(inputs, out, name=name, field=args.field, val_fraction=val_fraction, workers=args.workers,
                     skip_bad=args.skip_bad, filters=args.drop, shard_index=args.shard_index,
                     num_shards=args.num_shards, tokenizer=args.tokenizer, shard_tokens=args.shard_tokens,
                     progress=not args.no_progress)
