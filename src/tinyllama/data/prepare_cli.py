@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from tinyllama.data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
 
