@@ -147,8 +147,9 @@ class CheckpointManager:
         self._async_pg = None
         if info.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            for p in self.root.glob("step-*.tmp"):  # left by a crash: never a valid checkpoint
-                shutil.rmtree(p, ignore_errors=True)
+            for pattern in ("step-*.tmp", ".deleting-step-*"):  # left by a crash: never valid checkpoints
+                for p in self.root.glob(pattern):
+                    shutil.rmtree(p, ignore_errors=True)
         barrier(info)
         if self.use_async and info.is_distributed:
             # Background saves talk on their own gloo group so they never interleave with training collectives.
@@ -219,7 +220,10 @@ class CheckpointManager:
             keep |= {s for s, _ in found if s % self.keep_every == 0}
         for s, p in found:
             if s not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+                # Rename first: a kill mid-delete must not leave a half-deleted dir that looks like a checkpoint.
+                doomed = p.with_name(f".deleting-{p.name}")
+                os.replace(p, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
     # ---- load ------------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
