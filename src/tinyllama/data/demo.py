@@ -26,11 +26,10 @@ def demo_inputs() -> dict[str, Path]:
 
 def ensure_demo_dataset(data_root: str | Path, workers: int = 2) -> dict[str, Path]:
     """Prepare the demo corpus under data_root once (idempotent, safe when all ranks call it at once)."""
-    from tinyllama.data.prepare import prepare
-    from tinyllama.tokenizer import Tokenizer
+    from tinyllama.data.prepare import _load_tokenizer, prepare, tokenizer_fingerprint
 
-    tok = Tokenizer()
-    h = hashlib.sha256(tok.fingerprint().encode())
+    tok = _load_tokenizer(None)
+    h = hashlib.sha256(tokenizer_fingerprint(tok).encode())
     for name, p in sorted(demo_inputs().items()):
         h.update(f"{name}:{p.stat().st_size}:{DEMO_VAL_FRACTION}".encode())
     root = Path(data_root) / f"demo-{h.hexdigest()[:10]}"

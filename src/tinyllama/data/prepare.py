@@ -21,6 +21,7 @@ import os
 import queue
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -162,6 +163,39 @@ _worker: dict = {}
 _encoders: dict = {}
 
 
+def _cached_encoder(tokenizer, fingerprint: str):
+    # Building the word-split encoder parses the tokenizer JSON: do it once per tokenizer per process.
+    key = (str(tokenizer.source_path), fingerprint)
+    if key not in _encoders:
+        _encoders.clear()
+        _encoders[key] = fast_encoder(tokenizer)
+    return _encoders[key]
+
+
+def _load_tokenizer(tokenizer):
+    """A Tokenizer object, a path, or None (the shipped Llama 2 tokenizer; loaded once per process)."""
+    from tinyllama.tokenizer import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    key = str(Path(tokenizer).resolve()) if tokenizer is not None else None
+    if _tokenizers.get("key", 0) != key:
+        _tokenizers.update(key=key, tok=Tokenizer(tokenizer))
+    return _tokenizers["tok"]
+
+
+_tokenizers: dict = {}
+_fingerprints: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """tok.fingerprint(), computed once per tokenizer object (it serialises the whole vocabulary)."""
+    fp = _fingerprints.get(tok)
+    if fp is None:
+        fp = _fingerprints[tok] = tok.fingerprint()
+    return fp
+
+
 def _init_worker(tokenizer_path, progress_queue) -> None:
     # Each worker keeps tokenizers' own thread pool at full width: when one big file is left, its worker
     # still uses every core; with several busy workers the oversubscription costs little.
@@ -188,10 +222,7 @@ def process_unit(job: dict, tokenizer, report: Optional[Callable[[int, int, int]
     fields = [s["field"]] if s["field"] else list(DEFAULT_FIELDS)
     filters = parse_filters(s["filters"])
     eos = tokenizer.eos_id
-    key = id(tokenizer)
-    if _encoders.get("key") != key:
-        _encoders.update(key=key, encode=fast_encoder(tokenizer))
-    encode = _encoders["encode"]
+    encode = _cached_encoder(tokenizer, s["tokenizer"])
     skipped, examples, filtered = 0, [], 0
     batch: list[Record] = []
     chars = 0
@@ -262,8 +293,6 @@ def prepare(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, n
             skip_bad: bool = False, filters: Sequence[str] = (), shard_index: int = 0, num_shards: int = 1,
             tokenizer=None, shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = False) -> dict:
     """Tokenize `inputs` into `output`; returns the manifest (also written to output/manifest.json)."""
-    from tinyllama.tokenizer import Tokenizer
-
     if not 0 <= val_fraction < 1:
         raise TinyLlamaError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if not 0 <= shard_index < num_shards:
@@ -272,12 +301,12 @@ def prepare(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, n
         raise TinyLlamaError("shard_tokens and workers must be positive")
     parse_filters(filters)
     files = expand_inputs(inputs)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    tok = _load_tokenizer(tokenizer)
     tokenizer_path = str(tok.source_path) if tok.source_path else None
     out = Path(output)
     (out / UNITS_DIR).mkdir(parents=True, exist_ok=True)
     settings = {
-        "tokenizer": tok.fingerprint(),
+        "tokenizer": tokenizer_fingerprint(tok),
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
         "field": field,
