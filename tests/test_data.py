@@ -63,7 +63,9 @@ def test_round_trip_all_formats(tmp_path, tok):
         f.write(b"\n".join(_jsonl(docs[30:45])))  # no trailing newline: last line still read
     pq.write_table(pa.table({"content": docs[45:59], "lang": ["Python"] * 14}), src / "d.parquet")
     (src / "e.txt").write_text(docs[59])
-    m = prepare([src], tmp_path / "ds", val_fraction=0.25, shard_tokens=100, tokenizer=tok)
+    m = prepare([src], src / "ds", val_fraction=0.25, shard_tokens=100, tokenizer=tok)
+    assert prepare([src], src / "ds", val_fraction=0.25, shard_tokens=100, tokenizer=tok)["run"]["docs"] == 0
+    (tmp_path / "ds").symlink_to(src / "ds")  # (output inside the input directory is not read back as input)
 
     want = {tuple(tok.encode(d) + [tok.eos_id]) for d in docs}
     train, val = _decoded_docs(tmp_path / "ds", "train"), _decoded_docs(tmp_path / "ds", "val")

@@ -300,7 +300,11 @@ def prepare(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, n
     if shard_tokens <= 0 or workers <= 0:
         raise TinyLlamaError("shard_tokens and workers must be positive")
     parse_filters(filters)
-    files = expand_inputs(inputs)
+    out_resolved = Path(output).resolve()
+    # An output directory inside an input directory must not be read back as input (manifest.json).
+    files = [f for f in expand_inputs(inputs) if out_resolved not in f.parents]
+    if not files:
+        raise TinyLlamaError(f"{', '.join(map(str, inputs))}: no input files outside the output directory {output}")
     tok = _load_tokenizer(tokenizer)
     tokenizer_path = str(tok.source_path) if tok.source_path else None
     out = Path(output)
