@@ -33,6 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per variant (best is kept)")
     p.add_argument("--time-budget", type=float, default=0,
                    help="seconds; variants that would start after this are skipped (0 = no limit)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", default=None, help="write results to this JSON file")
 
 
@@ -78,6 +79,8 @@ def run(args) -> int:
     from tinyllama.quantize import quantize_model, weight_bytes
 
     t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = build_model(args, device, dtype)

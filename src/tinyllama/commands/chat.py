@@ -89,6 +89,10 @@ class ChatSession:
                                stop=tuple(self.cfg.stop) or ("<|user|>", "<|system|>"))
         pieces = []
         for piece in stream_text(self.model, self.tokenizer, ids, cfg, engine=self.engine):
+            if not pieces:
+                piece = piece.lstrip(" ")  # the first token's word-start marker, not part of the reply
+                if not piece:
+                    continue
             pieces.append(piece)
             yield piece
         self.turns.append({"role": "assistant", "content": "".join(pieces).strip()})
