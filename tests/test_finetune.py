@@ -126,7 +126,7 @@ def heldout_assistant_loss(model_dir: Path, val: Path) -> float:
     tok = Tokenizer(model_dir)
     model = Llama.from_pretrained(model_dir).eval()
     ex, _ = tokenize_conversations(tok, read_chat_jsonl(val), SEQ)
-    blocks = pack_examples(ex, SEQ, tok.eos_id, packing=False)
+    blocks = pack_examples(ex, SEQ, tok.eos_id, packing=False).long()
     with torch.no_grad():
         logits = model(blocks[:, 0])
     return float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), blocks[:, 1].reshape(-1), ignore_index=IGNORE))

@@ -323,7 +323,7 @@ class FinetuneTrainer:
         from tinyllama.finetune.chat_data import preference_batch
 
         if self.cfg.kind == "sft":
-            b = items[idx]
+            b = items[idx].long()
             return b[:, 0], b[:, 1]
         pairs = [items[int(i)] for i in idx]
         return preference_batch(tokenizer, pairs, self.seq_len, tokenizer.eos_id)
@@ -371,7 +371,7 @@ class FinetuneTrainer:
         if self.cfg.kind == "sft":
             acc = torch.zeros(2, dtype=torch.float64, device=dev)
             for s in range(0, len(mine), mb):
-                b = items[torch.tensor(mine[s:s + mb])]
+                b = items[torch.tensor(mine[s:s + mb])].long()
                 inp, tgt = b[:, 0].to(dev), b[:, 1].to(dev)
                 with self._autocast():
                     logits = model(inp)
