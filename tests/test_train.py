@@ -275,3 +275,24 @@ def test_tensorboard_events_when_installed(tmp_path):
     pretrain(run_config_from_dict(tiny_run(tmp_path, max_steps=2, tensorboard=True)))
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_async_checkpoint_is_published_only_when_complete(tmp_path):
+    from tinyllama.train.checkpoint import CheckpointManager
+    from tinyllama.train.distributed import DistInfo
+    from tinyllama.train.optim import OptimConfig, build_optimizer
+
+    model = Llama(ModelConfig.from_name("tinyllama-tiny", vocab_size=512))
+    opt = build_optimizer(model, OptimConfig(max_steps=3))
+    ids = torch.randint(0, 512, (2, 9))
+    model(ids[:, :-1], ids[:, 1:])[1].backward()
+    opt.step()
+    mgr = CheckpointManager(tmp_path, DistInfo(), use_async=True)
+    mgr.save(1, model, opt, {"trainer": {}, "loader": {}}, {"step": 1, "model": model.config.to_dict()})
+    if mgr._pending is not None:  # in flight: nothing published yet
+        assert find_latest(tmp_path / "checkpoints") is None or mgr._pending[0].done()
+    mgr.wait()
+    assert find_latest(tmp_path / "checkpoints").name == "step-0000001"
+    fresh = Llama(ModelConfig.from_name("tinyllama-tiny", vocab_size=512))
+    load_model_weights(tmp_path, fresh)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))

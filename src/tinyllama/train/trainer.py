@@ -216,7 +216,7 @@ def prepare_data(cfg: RunConfig, info: DistInfo, progress: Progress) -> Optional
 
     paths = None
     if info.is_main:
-        progress.print(f"preparing the demo corpus under {cfg.train.data_root} (once)…")
+        progress.print(f"demo corpus: {cfg.train.data_root} (tokenized on first use)")
         paths = ensure_demo_dataset(cfg.train.data_root)
     barrier(info)
     if not info.is_main:
