@@ -213,6 +213,8 @@ def _run_unit(job: dict) -> dict:
 
 def process_unit(job: dict, tokenizer, report: Optional[Callable[[int, int, int], None]] = None) -> dict:
     path, out, unit, s = Path(job["input"]), Path(job["output"]), job["unit"], job["settings"]
+    if tokenizer_fingerprint(tokenizer) != s["tokenizer"]:
+        raise TinyLlamaError(f"{tokenizer.source_path}: tokenizer in this process differs from the one the run started with")
     # Leftovers of a killed earlier attempt at this unit (only this unit's: other machines may be
     # writing other units into the same directory right now).
     for old in [*out.glob(f"*-u{unit:05d}-*.bin"), *out.glob(f".*-u{unit:05d}-*.tmp-*"),
