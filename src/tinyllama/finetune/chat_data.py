@@ -213,7 +213,10 @@ class BlockLoader:
         order = list(range(len(self.blocks)))
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order[self.rank:: self.world_size] or order[:1]
+        # Every rank gets the same number per epoch (the shuffled remainder waits for the next epoch).
+        usable = max(self.world_size, len(order) // self.world_size * self.world_size)
+        order = (order * self.world_size)[:usable] if len(order) < self.world_size else order[:usable]
+        return order[self.rank:: self.world_size]
 
     def __iter__(self):
         return self
@@ -230,13 +233,20 @@ class BlockLoader:
         return self.blocks[idx]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "num_blocks": len(self.blocks)}
+        # Positions are kept in global items (all ranks advance together), so a run may resume on
+        # another number of processes and still continue the same sequence of global batches.
+        return {"epoch": self.epoch, "consumed": self.pos * self.world_size, "seed": self.seed,
+                "num_blocks": len(self.blocks)}
 
     def load_state_dict(self, s: dict) -> None:
         if s.get("num_blocks") != len(self.blocks):
             raise TinyLlamaError(f"cannot resume: the checkpoint saw {s.get('num_blocks')} training blocks, the data "
                                  f"now gives {len(self.blocks)}; resume with the same data and seq_len")
-        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
+        consumed = int(s["consumed"])
+        if consumed % self.world_size:
+            raise TinyLlamaError(f"cannot resume on {self.world_size} processes: {consumed} items of this epoch are "
+                                 f"consumed, not a multiple of the process count")
+        self.epoch, self.pos = int(s["epoch"]), consumed // self.world_size
         self._order = self._make_order()
 
     def blocks_per_epoch(self) -> int:
