@@ -178,8 +178,9 @@ class Llama(nn.Module):
         max_len = max_len or self.config.max_seq_len
         if max_len > self.rope_cos.shape[0]:
             raise ValueError(f"cache length {max_len} exceeds the model's context of {self.rope_cos.shape[0]}")
-        dtype = dtype or self.lm_head.weight.dtype
-        device = device or self.lm_head.weight.device
+        # The embedding table, not the head: the head may be weight-only quantized (tinyllama.quantize).
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = device or self.embed_tokens.weight.device
         c = self.config
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, device)
