@@ -33,6 +33,9 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per variant (best is kept)")
     p.add_argument("--time-budget", type=float, default=0,
                    help="seconds; variants that would start after this are skipped (0 = no limit)")
+    p.add_argument("--draft", default=None,
+                   help="a draft model directory (or preset) for speculative decoding: times target alone vs drafted")
+    p.add_argument("--draft-k", default="2,4", help="comma list of draft tokens per round to time with --draft")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", default=None, help="write results to this JSON file")
 
@@ -281,6 +284,35 @@ def run(args) -> int:
 
     for spec in [s.strip() for s in args.quant.split(",") if s.strip()]:
         attempt(f"quant {spec}", quant_run, spec)
+
+    # 6. speculative decoding with a draft model, batch 1 (eager)
+    def speculative_run():
+        from tinyllama.config import PRESETS
+        from tinyllama.model import Llama
+        from tinyllama.speculative import speculative_generate
+
+        if args.draft in PRESETS:
+            torch.manual_seed(1)
+            with torch.device(device):
+                draft = Llama(PRESETS[args.draft])
+            draft = draft.to(dtype).eval()
+        else:
+            draft = Llama.from_pretrained(args.draft, dtype=dtype, device=device).eval()
+        base = None
+        for k in [int(x) for x in args.draft_k.split(",") if x.strip()]:
+            t, (out, stats) = timed(lambda: speculative_generate(model, draft, one[0], greedy, k=k))
+            if base is None:
+                eng = DecodeEngine(model)
+                base, _ = timed(lambda: generate_batch(model, one, greedy, engine=eng))
+                eng.release()
+            record(f"speculative k={k} (draft {args.draft})", 1, t,
+                   {"acceptance_rate": round(stats.acceptance_rate, 3), "tokens_per_round": round(stats.tokens_per_round, 2),
+                    "speedup_vs_target_eager": round(base / t, 2), "same_as_target_greedy": out == ours_eager[0]})
+            print(f"    acceptance {stats.acceptance_rate:.1%}, {stats.tokens_per_round:.2f} tokens per target pass, "
+                  f"speed-up {base / t:.2f}x over the target alone (eager)", flush=True)
+
+    if args.draft:
+        attempt("speculative", speculative_run)
 
     result["total_s"] = round(time.perf_counter() - t_start, 1)
     save()
