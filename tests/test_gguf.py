@@ -265,9 +265,14 @@ def test_llamacpp_roundtrip(model, tok, tmp_path):
                        workdir=tmp_path, log=lambda *a: None)
     for quant, q in report["quants"].items():
         assert q["tokenizer_mismatches"] == [], (quant, q["tokenizer_mismatches"][:1])
+        for r in q["prompts"]:
+            # llama.cpp computes the same logits as our model on the file's own weights (it also rounds
+            # activations to f16 / q8_0 blocks, hence the tolerance) ...
+            assert r["max_abs_logit_diff_step0"] < 0.05 * r["logit_scale_step0"], (quant, r)
+            # ... so greedy paths may part only where our top two logits nearly tie
+            tie = 4 * r["max_abs_logit_diff_step0"]
+            assert r["equal_gguf_weights"] or r["margin_at_divergence"] < tie, (quant, r)
     for r in report["quants"]["f16"]["prompts"]:
         assert r["equal_fp32"] and r["equal_gguf_weights"], r
     for r in report["quants"]["q8_0"]["prompts"]:
-        assert r["agree_fp32"] >= 4 and r["equal_gguf_weights"], r
-    for r in report["quants"]["q4_0"]["prompts"]:
-        assert r["agree_gguf_weights"] >= 4, r  # q4_0: llama.cpp runs it like our dequantized model
+        assert r["agree_fp32"] >= 4, r

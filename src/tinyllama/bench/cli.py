@@ -10,7 +10,9 @@ BENCHES = {
     "generate": ("tinyllama.bench.generate", "decode speed vs transformers generate"),
     "quantize": ("tinyllama.bench.quantize", "int8/int4 weight-only quantization: perplexity change and speed"),
     "data": ("tinyllama.bench.data", "prepare tokens/s and loader blocks/s"),
+    "gguf": ("tinyllama.bench.gguf", "GGUF export round trip through llama.cpp (llama-cpp-python)"),
     "eval": ("tinyllama.bench.eval", "multiple-choice scoring speed vs lm-evaluation-harness's hf backend"),
+    "serve": ("tinyllama.bench.serve", "OpenAI server load test: requests/s and tokens/s under concurrency"),
 }
 
 

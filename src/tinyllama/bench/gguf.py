@@ -74,20 +74,20 @@ def llamacpp_greedy(llm, prompt_ids: Sequence[int], n: int) -> tuple[list[int], 
 
 
 @torch.inference_mode()
-def our_greedy(model, prompt_ids: Sequence[int], n: int) -> tuple[list[int], float, np.ndarray]:
-    """Greedy continuation (EOS ignored), the smallest top-1/top-2 logit margin on the way, first logits."""
+def our_greedy(model, prompt_ids: Sequence[int], n: int) -> tuple[list[int], list[float], np.ndarray]:
+    """Greedy continuation (EOS ignored), the top-1/top-2 logit margin at each step, the first logits."""
     ids = torch.tensor([list(prompt_ids)])
-    out, margin, first = [], float("inf"), None
+    out, margins, first = [], [], None
     for _ in range(n):
         logits = model(ids)[0, -1].float()
         if first is None:
             first = logits.numpy().copy()
         top = torch.topk(logits, 2).values
-        margin = min(margin, float(top[0] - top[1]))
+        margins.append(float(top[0] - top[1]))
         tok = int(logits.argmax())
         out.append(tok)
         ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
-    return out, margin, first
+    return out, margins, first
 
 
 def _agree(a: Sequence[int], b: Sequence[int]) -> int:
@@ -125,14 +125,17 @@ def roundtrip(model, tokenizer, quants=("f16", "q8_0", "q4_0"), n_tokens: int = 
         rows = []
         for text, ids, (ref32, margin32, _) in zip(prompts, prompt_ids, ours_fp32):
             theirs, first_theirs = llamacpp_greedy(llm, ids, n_tokens)
-            ours_q, margin_q, first_ours_q = our_greedy(deq, ids, n_tokens)
+            ours_q, margins_q, first_ours_q = our_greedy(deq, ids, n_tokens)
+            k = _agree(theirs, ours_q)
             rows.append({
                 "prompt": text,
                 "agree_fp32": _agree(theirs, ref32),
                 "agree_gguf_weights": _agree(theirs, ours_q),
                 "equal_fp32": theirs == ref32,
                 "equal_gguf_weights": theirs == ours_q,
-                "min_margin_gguf_weights": round(margin_q, 5),
+                "min_margin_gguf_weights": round(min(margins_q), 5),
+                # our top-1/top-2 margin where llama.cpp first picks another token (None: never)
+                "margin_at_divergence": margins_q[k] if k < n_tokens else None,
                 "max_abs_logit_diff_step0": float(np.abs(first_theirs - first_ours_q).max()),
                 "logit_scale_step0": float(np.abs(first_ours_q).max()),
             })

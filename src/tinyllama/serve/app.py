@@ -187,6 +187,7 @@ class Service:
             text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
         except Exception as e:  # a template that rejects these messages (e.g. roles out of order)
             raise APIError(400, f"The chat template rejected the messages: {e}", param="messages") from None
+        # BOS first, as in chat fine-tuning (template text tokenized with add_bos_token) and in llama.cpp
         bos_text = self.tokenizer.id_to_token(self.tokenizer.bos_id)
         return self.tokenizer.encode(text, bos=not text.startswith(bos_text))
 
