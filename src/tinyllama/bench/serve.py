@@ -26,6 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-sizes", default="16,1", help="server --max-batch-size values to compare")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--threads", type=int, default=None, help="server's CPU threads (serve --threads)")
     p.add_argument("--json", help="write results here")
 
 
@@ -43,6 +44,8 @@ def _start_server(args, batch: int, port: int) -> subprocess.Popen:
         cmd += ["--device", args.device]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

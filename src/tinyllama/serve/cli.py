@@ -21,6 +21,7 @@ class ServeConfig:
     max_seq_len: Optional[int] = None  # cache length per slot (default: the model's context)
     device: Optional[str] = None
     dtype: Optional[str] = None
+    threads: Optional[int] = None  # CPU threads for torch (default: torch's); fewer beats oversubscribed cores
     log_level: str = "info"
 
     def validate(self) -> None:
@@ -32,6 +33,8 @@ class ServeConfig:
             raise TinyLlamaError(f"serve: --port must be in 1..65535, got {self.port}")
         if self.max_batch_size < 1:
             raise TinyLlamaError(f"serve: --max-batch-size must be >= 1, got {self.max_batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise TinyLlamaError(f"serve: --threads must be >= 1, got {self.threads}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise TinyLlamaError(f"serve: --max-seq-len must be >= 2, got {self.max_seq_len}")
 
@@ -66,6 +69,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-seq-len", type=int, help="context per sequence (default: the model's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--log-level", help="uvicorn log level (default info)")
 
 
@@ -85,6 +89,10 @@ def build(cfg: ServeConfig):
     from tinyllama.serve.app import create_app
     from tinyllama.serve.engine import Engine
 
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.random_preset, cfg.device, cfg.dtype)
     name = cfg.model_name or (Path(cfg.model).resolve().name if cfg.model else cfg.random_preset)
     engine = Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len, eos_id=tokenizer.eos_id)

@@ -228,11 +228,22 @@ class Engine:
             picked = logits[greedy].argmax(dim=-1).tolist()
             for r, t in zip(greedy, picked):
                 tokens[r] = t
+        # Unseeded rows with the same filters are sampled in one call; seeded or penalised rows one by one
+        # (a seeded request draws from its own generator, so its tokens do not depend on its neighbours).
+        groups: dict = {}
         for r, s in enumerate(seqs):
             if r in greedy:
                 continue
+            if s.generator is None and s.seen is None:
+                c = s.sampling
+                groups.setdefault((c.temperature, c.top_k, c.top_p, c.min_p), []).append(r)
+                continue
             seen = s.seen.unsqueeze(0) if s.seen is not None else None
             tokens[r] = int(sample_next(logits[r : r + 1], s.sampling, s.generator, seen=seen)[0])
+        for rows in groups.values():
+            picked = sample_next(logits[rows], seqs[rows[0]].sampling).tolist()
+            for r, t in zip(rows, picked):
+                tokens[r] = t
         for s, tok in zip(seqs, tokens):
             if s.cancelled:
                 self._finish(s.slot, "cancelled")
