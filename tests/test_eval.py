@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,15 @@ from tinyllama.eval.scoring import Scorer, rolling_windows
 from tinyllama.eval.tasks import load_task, mean_stderr, score_items
 from tinyllama.model import Llama
 from tinyllama.tokenizer import Tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matrices: one thread is as fast, and immune to OpenMP spin-waits on a busy shared CPU (5x here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +302,8 @@ def test_lm_eval_adapter_equals_hf_backend_for_all_request_types(model_dir, lm_s
     cmd = [sys.executable, "-m", "tinyllama.eval.lm_eval_cli", "--model", "tinyllama", "--model_args",
            f"pretrained={model_dir},dtype=float32,device=cpu", "--tasks", ",".join(names), "--include_path", str(inc),
            "--batch_size", "4", "--output_path", str(out), "--log_samples"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
     theirs = hf["results"]
