@@ -225,6 +225,9 @@ def export_gguf(model, tokenizer, out_path, quant: str = "f16", name: Optional[s
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; a model file is an ordinary file
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
