@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tinyllama.errors import TinyLlamaError
 
 SCHEMES = ("int8", "int4")
+KERNEL_MAX_ROWS = 64  # CPU: above this many activation rows, dequantize once and use the dense product
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -49,7 +50,8 @@ class Int8Linear(nn.Module):
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernel and x.dtype == self.scales.dtype:
+        rows = x.numel() // x.shape[-1]
+        if self.use_kernel and x.dtype == self.scales.dtype and rows <= KERNEL_MAX_ROWS:
             shape = x.shape
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
             return y.view(*shape[:-1], self.out_features)
@@ -158,7 +160,10 @@ class Int4Linear(nn.Module):
         return dequantize_int4(q, self.scales, self.zeros, self.group_size, self.dtype)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.dtype == self.dtype:
+        rows = x.numel() // x.shape[-1]
+        # The fused kernels are built for decode (few rows); a prefill or scoring pass of many rows is faster
+        # as one dequantization plus a dense product.
+        if self.kernel is not None and x.dtype == self.dtype and (rows <= KERNEL_MAX_ROWS or self.kernel == "cuda"):
             shape = x.shape
             y = self._kernel_mm(x.reshape(-1, shape[-1]).contiguous())
             return y.view(*shape[:-1], self.out_features)

@@ -31,6 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--schemes", default="int8,int4-32,int4-128")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--save", default=None, help="save the quickly trained model here (Hugging Face format)")
     p.add_argument("--json", default=None, help="write results to this JSON file")
 
 
@@ -130,6 +131,8 @@ def run(args) -> int:
     else:
         model = train_quick(args.preset, train_ids, args.train_steps, args.seq_len, args.batch, device)
         source = f"{args.preset} trained {args.train_steps} steps x {args.batch}x{args.seq_len} tokens here"
+        if args.save:
+            model.save_pretrained(args.save, tokenizer=tok)
     result = {"model": source, "device": str(device), "threads": torch.get_num_threads(), "rows": []}
 
     def measure(name, m):
@@ -145,6 +148,10 @@ def run(args) -> int:
         row = {"name": name, "perplexity": round(ppl, 3), "weight_MB": round(weight_bytes(m) / 1e6, 2),
                "decode_tokens_per_s": round(tps, 1)}
         result["rows"].append(row)
+        if args.json:
+            tmp = args.json + ".tmp"
+            Path(tmp).write_text(json.dumps(result, indent=2))
+            os.replace(tmp, args.json)
         base = result["rows"][0]["perplexity"]
         print(f"  {name:<10} perplexity {ppl:9.3f} ({100 * (ppl / base - 1):+6.2f}%)  weights {row['weight_MB']:7.2f} MB"
               f"  batch-1 decode {tps:7.1f} tokens/s", flush=True)
