@@ -54,6 +54,21 @@ def test_engine_batched_greedy_equals_one_by_one(model):
     assert engine.running == 0 and engine.stats.finished == len(prompts)
 
 
+def test_engine_batched_greedy_equals_transformers_dynamic_and_static_cache(model, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model.save_pretrained(tmp_path / "m")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    prompts = _prompts(4, seed=5)
+    out = run_to_completion(Engine(model, max_batch_size=4, max_seq_len=128), prompts,
+                            SamplingConfig(max_new_tokens=12, stop_at_eos=False))
+    for p, mine in zip(prompts, out):
+        for cache in (None, "static"):
+            with torch.no_grad():
+                ref = hf.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0, cache_implementation=cache)
+            assert mine == ref[0, len(p):].tolist(), cache
+
+
 def test_engine_requests_join_a_running_batch(model):
     """A request submitted mid-generation is decoded together with the running one and still matches."""
     prompts = _prompts(3, seed=2)
