@@ -190,8 +190,10 @@ def test_config_errors_are_clear(files, tmp_path):
         load_finetune_config("sft", None, ["--optim.lr", "fast"], **{"model.path": "x", "data.train": "y"})
 
 
-def test_sft_two_processes_fsdp2_match_one(files, tmp_path):
-    """torchrun × 2 (FSDP2, gloo on CPU) follows the 1-process loss curve for the same global batch."""
+@pytest.mark.parametrize("mode", ["full", "lora-int8"])
+def test_sft_two_processes_match_one(files, tmp_path, mode):
+    """torchrun × 2 (gloo on CPU) follows the 1-process loss curve for the same global batch: full fine-tuning
+    under FSDP2, and LoRA over an int8 base (replicated, adapter gradients averaged)."""
     import os
     import subprocess
     import sys
@@ -201,6 +203,10 @@ def test_sft_two_processes_fsdp2_match_one(files, tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
     args = {"train.max_steps": 3, "optim.max_steps": 3, "data.val_fraction": 0.0}
+    extra = []
+    if mode == "lora-int8":
+        args.update({"lora.enabled": True, "lora.quantize": "int8", "lora.dropout": 0.0, "optim.lr": 1e-2})
+        extra = ["--quantize", "int8", "--lora.dropout", "0", "--optim.lr", "1e-2"]
     single = finetune(_cfg("sft", files, tmp_path / "one", **args))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
@@ -208,7 +214,7 @@ def test_sft_two_processes_fsdp2_match_one(files, tmp_path):
            "--model", str(files["base"]), "--data", str(files["train"]), "--out", str(tmp_path / "two"),
            "--max-steps", "3", "--optim.max_steps", "3", "--data.val_fraction", "0", "--data.seq_len", str(SEQ),
            "--train.micro_batch", "1", "--train.global_batch", "4", "--optim.lr", "3e-3", "--optim.warmup_steps", "0",
-           "--train.export_hf", "hf"]
+           "--train.export_hf", "hf", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
