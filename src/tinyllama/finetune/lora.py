@@ -21,7 +21,6 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tinyllama.errors import TinyLlamaError
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -286,7 +287,7 @@ class FinetuneTrainer:
 
         d, t = self.cfg.data, self.cfg.train
         seq = min(d.seq_len, self.model_cfg.max_seq_len)
-        rnd = __import__("random").Random(t.seed)
+        rnd = random.Random(t.seed)
         if self.cfg.kind == "sft":
             train = read_chat_jsonl(d.train, d.limit)
             val = read_chat_jsonl(d.val) if d.val else None
