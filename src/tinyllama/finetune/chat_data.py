@@ -127,7 +127,12 @@ def render_chat(tokenizer, messages: Sequence[dict], train_on: str = "all") -> t
     spans = []  # character spans of trainable text
     assistant_idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     for i, m in enumerate(messages):
-        full = tokenizer.apply_chat_template(list(messages[: i + 1]), add_generation_prompt=False)
+        try:
+            full = tokenizer.apply_chat_template(list(messages[: i + 1]), add_generation_prompt=False)
+        except Exception as e:  # jinja2 errors, or the template's own raise_exception(...)
+            raise TinyLlamaError(f"the chat template cannot render the first {i + 1} message(s) of a conversation "
+                                 f"({type(e).__name__}: {str(e)[:200]}); fine-tuning renders turn by turn to mask "
+                                 f"the loss, so the template must accept every prefix") from None
         if not full.startswith(text):
             raise TinyLlamaError("chat template does not render conversations incrementally; cannot mask by message")
         piece = full[len(text):]
