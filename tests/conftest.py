@@ -17,6 +17,16 @@ def corpus_dir() -> Path:
     return CORPUS
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # The suite runs many tiny matrix products: one thread is as fast, and immune to OpenMP spin-waits
+    # on a busy 2-core CI machine (5-20x slower with two threads there).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

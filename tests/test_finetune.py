@@ -18,13 +18,6 @@ from tinyllama.finetune.trainer import finetune, load_finetune_config
 from tinyllama.model import Llama
 from tinyllama.tokenizer import Tokenizer
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: one thread is as fast, and immune to OpenMP spin-waits on a busy shared CPU (5x here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 COLORS = ["red", "blue", "green", "yellow"]

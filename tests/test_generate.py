@@ -19,13 +19,6 @@ from tinyllama.generate import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many tiny matrix products: one thread avoids OpenMP spin-waiting on a busy 2-core CI machine (~20x here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 transformers = pytest.importorskip("transformers")

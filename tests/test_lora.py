@@ -11,13 +11,6 @@ from tinyllama.finetune.lora import (LoRALinear, adapters_disabled, apply_lora, 
 from tinyllama.model import Llama
 from tinyllama.train.optim import OptimConfig, build_optimizer
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: one thread is as fast, and immune to OpenMP spin-waits on a busy shared CPU (5x here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 CFG = ModelConfig.from_name("tinyllama-tiny")

@@ -12,13 +12,6 @@ from tinyllama.generate import generate, generate_batch, SamplingConfig
 from tinyllama.quantize import Int4Linear, Int8Linear, quantize_int4, quantize_model, weight_bytes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many tiny matrix products: one thread avoids OpenMP spin-waiting on a busy 2-core CI machine (~20x here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 SMALL = ModelConfig(name="q-test", vocab_size=512, n_layers=2, hidden_size=128, n_heads=4, n_kv_heads=2,

@@ -8,13 +8,6 @@ from tinyllama.generate import GenerationError, SamplingConfig, generate
 from tinyllama.speculative import speculative_generate, verify
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many tiny matrix products: one thread avoids OpenMP spin-waiting on a busy 2-core CI machine (~20x here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TARGET = ModelConfig(name="spec-target", vocab_size=256, n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2,
