@@ -113,3 +113,15 @@ def test_console_entry_point_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "missing" in proc.stderr
+
+
+def test_generate_stop_string_and_sampling_flags(tiny_dir, capsys):
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0"]
+    rc, full, err = run_cli(args, capsys)
+    assert rc == 0, err
+    continuation = full[len("Hello"):-1]
+    assert len(continuation) > 2
+    stop = continuation[1:3]
+    rc, out, err = run_cli(args + ["--stop", stop, "--min-p", "0.05", "--repetition-penalty", "1.0"], capsys)
+    assert rc == 0, err
+    assert out == "Hello" + continuation[: continuation.index(stop)] + "\n"

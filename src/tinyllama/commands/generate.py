@@ -18,6 +18,9 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (CTRL rule)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
@@ -53,22 +56,20 @@ def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=N
 
 
 def run(args) -> int:
-    from tinyllama.generate import SamplingConfig, generate_stream
+    from tinyllama.generate import SamplingConfig, stream_text
 
     model, tok = load_model_and_tokenizer(args.model, args.random_preset, args.device, args.dtype)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed)
+                         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                         stop=tuple(args.stop), seed=args.seed)
     cfg.validate()
     prompt_ids = tok.encode(args.prompt, bos=True)
     if len(prompt_ids) >= model.config.max_seq_len:
         raise TinyLlamaError(f"--prompt is {len(prompt_ids)} tokens, the model's context is {model.config.max_seq_len}")
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    stream = tok.stream_decoder(prefix=prompt_ids)
-    for token in generate_stream(model, prompt_ids, cfg, eos_id=tok.eos_id):
-        piece = stream.put(token)
-        if piece:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    for piece in stream_text(model, tok, prompt_ids, cfg):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
