@@ -6,9 +6,50 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tinyllama.errors import TinyLlamaError
+
+T = TypeVar("T")
+
+
+def dataclass_from_dict(cls: type[T], d: dict[str, Any] | None, where: str) -> T:
+    """Build any config dataclass from a mapping (a YAML section), naming unknown or bad fields.
+
+    Every concern's config (model, optim, data, train, kernels, eval, serve) is built through this.
+    """
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise TinyLlamaError(f"{where}: expected a mapping of fields, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise TinyLlamaError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    try:
+        return cls(**d)
+    except TinyLlamaError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise TinyLlamaError(f"{where}: {e}") from None
+
+
+def read_yaml_mapping(path: str | os.PathLike, expected: str = "a mapping of fields") -> dict[str, Any]:
+    """Read a YAML file whose top level is a mapping; an empty file is an empty mapping."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise TinyLlamaError(f"{path}: config file not found")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise TinyLlamaError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise TinyLlamaError(f"{path}: expected {expected}")
+    return d
 
 
 @dataclass(frozen=True)
@@ -72,11 +113,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise TinyLlamaError(f"model config: unknown field(s) {sorted(unknown)}; known fields: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "model config")
 
     # ---- parameter counting (exact, matches the module) ---------------------------------------
     def num_params(self, include_embeddings: bool = True) -> int:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
+from tinyllama.config import dataclass_from_dict
 from tinyllama.data.mixture import MixtureLoader
 from tinyllama.data.shards import TokenSource
 from tinyllama.errors import TinyLlamaError
@@ -53,11 +54,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d or {}) - known
-        if unknown:
-            raise TinyLlamaError(f"data config: unknown field(s) {sorted(unknown)}; known fields: {sorted(known)}")
-        return cls(**(d or {}))
+        return dataclass_from_dict(cls, d, "data config")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -37,6 +37,24 @@ class _StreamError(Exception):
     pass
 
 
+def read_jsonl_objects(path: Path, what: str = "data file") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a plain JSON-lines file (task items, chat data)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TinyLlamaError(f"{path}: {what} not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TinyLlamaError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise TinyLlamaError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
 def input_kind(path: Path) -> Optional[str]:
     name = path.name.lower()
     if name.endswith(".parquet"):

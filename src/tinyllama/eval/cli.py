@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from tinyllama.config import dataclass_from_dict, read_yaml_mapping
 from tinyllama.errors import TinyLlamaError
 
 
@@ -36,19 +37,7 @@ class EvalConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "EvalConfig":
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise TinyLlamaError(f"{p}: eval config not found")
-        d = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(d, dict):
-            raise TinyLlamaError(f"{p}: expected a mapping of eval settings")
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise TinyLlamaError(f"{p}: unknown field(s) {bad}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, read_yaml_mapping(path, "a mapping of eval settings"), f"{path}")
 
 
 def add_arguments(p) -> None:

@@ -20,13 +20,13 @@ Formats accepted (JSON Lines unless said):
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from tinyllama.data.readers import read_jsonl_objects
 from tinyllama.errors import TinyLlamaError
 
 
@@ -41,19 +41,7 @@ class MCItem:
 
 # ---- file reading ---------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    if not path.is_file():
-        raise TinyLlamaError(f"{path}: task file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TinyLlamaError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(doc, dict):
-                raise TinyLlamaError(f"{path}:{lineno}: expected a JSON object, got {type(doc).__name__}")
-            yield lineno, doc
+    return read_jsonl_objects(path, "task file")
 
 
 def _need(doc: dict, key: str, where: str):

@@ -13,14 +13,13 @@ or its end-of-turn marker (`</s>`), so the model learns to answer and to stop, n
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from tinyllama.data.readers import read_jsonl_objects
 from tinyllama.errors import TinyLlamaError
 
 ROLES = ("system", "user", "assistant")
@@ -28,23 +27,6 @@ IGNORE = -100
 
 
 # ---- reading ---------------------------------------------------------------------------------------
-def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    path = Path(path)
-    if not path.is_file():
-        raise TinyLlamaError(f"{path}: data file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TinyLlamaError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise TinyLlamaError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
-
-
 def check_messages(messages, where: str, field: str = "messages") -> list[dict]:
     if not isinstance(messages, list):
         raise TinyLlamaError(f"{where}: field '{field}' must be a list of {{role, content}} objects")
@@ -67,7 +49,7 @@ def check_messages(messages, where: str, field: str = "messages") -> list[dict]:
 
 def read_chat_jsonl(path, limit: Optional[int] = None) -> list[list[dict]]:
     convs = []
-    for lineno, rec in _jsonl(Path(path)):
+    for lineno, rec in read_jsonl_objects(path):
         where = f"{path}:{lineno}"
         if "messages" not in rec:
             raise TinyLlamaError(f"{where}: missing field 'messages'")
@@ -85,7 +67,7 @@ def read_chat_jsonl(path, limit: Optional[int] = None) -> list[list[dict]]:
 def read_preference_jsonl(path, limit: Optional[int] = None) -> list[tuple[list[dict], list[dict]]]:
     """(chosen conversation, rejected conversation) pairs; each ends with the assistant reply that is judged."""
     pairs = []
-    for lineno, rec in _jsonl(Path(path)):
+    for lineno, rec in read_jsonl_objects(path):
         where = f"{path}:{lineno}"
         for key in ("prompt", "chosen", "rejected"):
             if key not in rec:

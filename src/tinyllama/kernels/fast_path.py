@@ -12,12 +12,13 @@ Apply it before `fully_shard` / FSDP2 and before moving the optimizer's paramete
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
+from tinyllama.config import dataclass_from_dict
 from tinyllama.errors import TinyLlamaError
 from tinyllama.kernels.cross_entropy import LinearCrossEntropyLoss
 from tinyllama.model import MLP, Attention, Llama, RMSNorm, apply_rope
@@ -62,11 +63,7 @@ class KernelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KernelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise TinyLlamaError(f"kernels config: unknown field(s) {sorted(unknown)}; known fields: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "kernels config")
 
 
 def _sdpa_backends(name: str):

@@ -353,10 +353,7 @@ def create_app(engine: Engine, tokenizer, model_name: str):
 
             return StreamingResponse(_guarded(events(), gen), media_type="text/event-stream")
 
-        texts, reasons = [""] * len(jobs), [None] * len(jobs)
-        async for i, text, reason in gen:
-            texts[i] += text
-            reasons[i] = reason or reasons[i]
+        texts, reasons = await _collect(gen, len(jobs))
         return {**base, "choices": [choice(i, texts[i], reasons[i]) for i in range(len(jobs))],
                 "usage": _usage(jobs, counts)}
 
@@ -390,16 +387,22 @@ def create_app(engine: Engine, tokenizer, model_name: str):
 
             return StreamingResponse(_guarded(events(), gen), media_type="text/event-stream")
 
-        texts, reasons = [""] * len(jobs), [None] * len(jobs)
-        async for i, text, reason in gen:
-            texts[i] += text
-            reasons[i] = reason or reasons[i]
+        texts, reasons = await _collect(gen, len(jobs))
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                              "finish_reason": reasons[i]} for i in range(len(jobs))],
                 "usage": _usage(jobs, counts)}
 
     return app
+
+
+async def _collect(gen, n: int) -> tuple[list[str], list]:
+    """Gather a non-streamed request's pieces into each choice's text and finish reason."""
+    texts, reasons = [""] * n, [None] * n
+    async for i, text, reason in gen:
+        texts[i] += text
+        reasons[i] = reason or reasons[i]
+    return texts, reasons
 
 
 def _usage(jobs, counts) -> dict:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+from tinyllama.config import dataclass_from_dict, read_yaml_mapping
 from tinyllama.errors import TinyLlamaError
 
 
@@ -40,22 +41,7 @@ class ServeConfig:
 
     @classmethod
     def from_yaml(cls, path) -> "ServeConfig":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise TinyLlamaError(f"{path}: serve config file not found")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise TinyLlamaError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(d, dict):
-            raise TinyLlamaError(f"{path}: expected a mapping of serve options")
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise TinyLlamaError(f"{path}: unknown serve option(s) {bad}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, read_yaml_mapping(path, "a mapping of serve options"), f"{path}")
 
 
 def add_arguments(p) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from tinyllama.config import ModelConfig, PRESETS
+from tinyllama.config import PRESETS, ModelConfig, dataclass_from_dict, read_yaml_mapping
 from tinyllama.errors import TinyLlamaError
 from tinyllama.train.optim import OptimConfig
 
@@ -176,23 +176,6 @@ def data_config_class(raw: Optional[dict] = None):
     return DataConfig
 
 
-def _build(cls, d: dict, where: str):
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise TinyLlamaError(f"{where}: expected a mapping of fields, got {type(d).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise TinyLlamaError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-    try:
-        return cls(**d)
-    except TinyLlamaError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise TinyLlamaError(f"{where}: {e}") from None
-
-
 def _check_types(obj, where: str) -> None:
     """Reject values of the wrong kind early (e.g. a string for an int), with the field's name."""
     try:
@@ -249,15 +232,7 @@ def resolve_config_path(path: str) -> Path:
 
 
 def read_yaml(path: Path) -> dict:
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TinyLlamaError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise TinyLlamaError(f"{path}: expected a mapping with sections model/optim/data/train")
-    return d
+    return read_yaml_mapping(path, "a mapping with sections model/optim/data/train")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -320,11 +295,11 @@ def run_config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
         raise TinyLlamaError(f"{source}: section 'model' must be a mapping (e.g. {{preset: tinyllama-1.1b}})")
     if "preset" in model and model["preset"] not in PRESETS:
         raise TinyLlamaError(f"{source}: model.preset '{model['preset']}' unknown; choose one of {sorted(PRESETS)}")
-    optim = _build(OptimConfig, raw.get("optim"), f"{source}: section 'optim'")
-    train = _build(TrainConfig, raw.get("train"), f"{source}: section 'train'")
+    optim = dataclass_from_dict(OptimConfig, raw.get("optim"), f"{source}: section 'optim'")
+    train = dataclass_from_dict(TrainConfig, raw.get("train"), f"{source}: section 'train'")
     _check_types(optim, f"{source}: section 'optim'")
     _check_types(train, f"{source}: section 'train'")
-    data = _build(data_config_class(raw.get("data")), raw.get("data"), f"{source}: section 'data'")
+    data = dataclass_from_dict(data_config_class(raw.get("data")), raw.get("data"), f"{source}: section 'data'")
     cfg = RunConfig(model=model, optim=optim, data=data, train=train, source=source)
     cfg.model_config()  # fail now on bad model fields
     return cfg
