@@ -62,3 +62,15 @@ def test_hsdp_replicate_across_nodes_matches_one(tmp_path, reference):
     assert sorted(got) == list(range(1, 7))
     for step, loss in got.items():
         assert loss == pytest.approx(reference[step - 1], rel=1e-5), step
+
+
+def test_fsdp2_fused_optimizer_step_on_device_matches_one(tmp_path, reference):
+    # Fused AdamW clips (grad_scale) and skips (found_inf) on the device next to DTensor parameters; with
+    # the blocks' weights kept gathered between forward and backward (fsdp_reshard_after_forward: false).
+    run = tiny_run(tmp_path / "fused", micro_batch=4, global_batch=8, max_steps=6, fsdp_reshard_after_forward=False)
+    run["optim"]["fused"] = True
+    _torchrun(tmp_path, run, 2)
+    got = losses_of(tmp_path / "fused")
+    assert sorted(got) == list(range(1, 7))
+    for step, loss in got.items():
+        assert loss == pytest.approx(reference[step - 1], rel=2e-5), step

@@ -56,6 +56,10 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5  # with "skip": checkpoint and stop after this many in a row
     seed: int = 1337
     hsdp_replicas: Optional[int] = None  # None = one replica per node (shard inside a node, replicate across)
+    # FSDP2: free each block's gathered bf16 weights after its forward (True; all-gathered again in backward)
+    # or keep them until its backward (False: one all-gather less per step for the weights' size in memory).
+    fsdp_reshard_after_forward: bool = True
+    fsdp_reduce_dtype: str = "float32"  # gradient reduce-scatter dtype: float32 (exact sums) or bfloat16
     init_from: Optional[str] = None  # start from another run's checkpoint (weights + optimizer), step 0
     init_optimizer: bool = True
     # Position on the LR curve = lr_step_offset + step × lr_step_scale (in optim.max_steps units): lets a later
@@ -86,6 +90,10 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise TinyLlamaError(f"train config: field '{name}' must be a positive integer, got {v!r}")
+        if self.fsdp_reduce_dtype not in ("float32", "bfloat16"):
+            raise TinyLlamaError(
+                f"train config: field 'fsdp_reduce_dtype' is '{self.fsdp_reduce_dtype}'; choose float32 or bfloat16"
+            )
         if self.nonfinite_policy not in NONFINITE_POLICIES:
             raise TinyLlamaError(
                 f"train config: field 'nonfinite_policy' is '{self.nonfinite_policy}'; choose one of {NONFINITE_POLICIES}"

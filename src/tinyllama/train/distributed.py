@@ -122,15 +122,16 @@ def apply_compile(model: nn.Module) -> None:
         block.compile(fullgraph=True)
 
 
-def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: Optional[torch.dtype], hsdp_replicas: Optional[int]):
+def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: Optional[torch.dtype], hsdp_replicas: Optional[int],
+               reshard_after_forward: bool = True, reduce_dtype: torch.dtype = torch.float32):
     """FSDP2: shard every Block, then the root (embeddings, final norm, head). fp32 master weights always."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = build_mesh(info, hsdp_replicas)
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     n = len(model.layers)
     for i, block in enumerate(model.layers):
         # The last block is all-gathered again at once by the root's backward: keep it unsharded.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < n - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return mesh

@@ -293,7 +293,8 @@ class Trainer:
         self.fsdp = self.info.is_distributed
         if self.fsdp:
             param_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else None
-            apply_fsdp(model, self.info, param_dtype, t.hsdp_replicas)
+            reduce_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[t.fsdp_reduce_dtype]
+            apply_fsdp(model, self.info, param_dtype, t.hsdp_replicas, t.fsdp_reshard_after_forward, reduce_dtype)
         return model
 
     def _autocast(self):
@@ -374,20 +375,28 @@ class Trainer:
                                 _, loss = model(inputs, targets)
                             (loss / self.accum).backward()
                             loss_sum += loss.detach().float()
-                        grad_norm = self._clip(model)
+                        norm_sharded, grad_norm = self._grad_norm(model)
+                        # Fused AdamW (the default on CUDA): clip and skip on the device, then one host sync per step (below)
+                        # instead of a sync before the optimizer step that would leave the GPU idle.
+                        stepped_on_device = self._device_step(optimizer, grad_norm)
+                        if not stepped_on_device:
+                            self._clip_(model, norm_sharded)
                     except torch.OutOfMemoryError:
                         optimizer.zero_grad(set_to_none=True)
                         raise TinyLlamaError(OOM_ADVICE) from None
-                    loss_val = all_reduce_(loss_sum / self.accum, info)
-                    if info.is_distributed:
-                        loss_val = loss_val / info.world_size
-                    stats = torch.stack([loss_val, grad_norm.to(loss_val)]).cpu()
-                    loss_f, gnorm_f = float(stats[0]), float(stats[1])
+                    # One all-reduce and one host sync: mean loss, and whether any rank caught a signal.
+                    synced = torch.stack([loss_sum / self.accum,
+                                          torch.tensor(1.0 if stop.requested else 0.0, device=info.device)])
+                    synced = all_reduce_(synced, info)
+                    stats = torch.cat([synced, grad_norm.to(synced).view(1)]).cpu()
+                    loss_f = float(stats[0]) / (info.world_size if info.is_distributed else 1)
+                    stop_seen, gnorm_f = float(stats[1]) > 0, float(stats[2])
                     finite = math.isfinite(loss_f) and math.isfinite(gnorm_f)
                     if finite:
-                        optimizer.step()
+                        if not stepped_on_device:
+                            optimizer.step()
                         state.consecutive_nonfinite = 0
-                    else:
+                    else:  # a fused step saw found_inf and left weights, moments and its step count unchanged
                         state.skipped_steps += 1
                         state.consecutive_nonfinite += 1
                     optimizer.zero_grad(set_to_none=True)
@@ -426,9 +435,7 @@ class Trainer:
                                            + f"; policy '{t.nonfinite_policy}': checkpoint written, stopping")
                     if t.eval_every and state.step % t.eval_every == 0 and state.step < self.max_steps:
                         last_val = self._evaluate(model, make_val, state, metrics)
-                    stop_flag = all_reduce_(torch.tensor([1.0 if stop.requested else 0.0], device=info.device), info,
-                                            op=dist.ReduceOp.MAX if info.is_distributed else None)
-                    if stop_flag.item() > 0 and stop_reason is None:
+                    if stop_seen and stop_reason is None:
                         stop_reason = f"{stop.signal_name or 'signal'} received: checkpoint written, exiting"
                         result["stopped_by"] = stop.signal_name or "signal"
                     if stop_reason:
@@ -496,13 +503,42 @@ class Trainer:
                 + (f" | peak memory {mem:.1f} GiB" if mem is not None else "")
             )
 
-    def _clip(self, model) -> torch.Tensor:
+    def _grad_norm(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global L2 norm of the gradients: as computed (a DTensor under FSDP2, for clipping DTensor
+        gradients) and as a plain fp32 tensor on the device (all ranks agree on it)."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        plain = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norm, plain.float()
+
+    def _clip_(self, model, norm: torch.Tensor) -> None:
         clip = self.cfg.optim.grad_clip
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
-        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
-            norm = norm.full_tensor()
-        return norm.float()
+        if clip > 0:
+            params = [p for p in model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm, foreach=True)
+
+    def _device_step(self, optimizer, norm: torch.Tensor) -> bool:
+        """With fused AdamW, step without a host sync: the kernel divides the gradients by the clip factor
+        (its grad_scale input, saving a pass over the gradients) and leaves everything unchanged when the
+        norm is not finite (its found_inf input). Returns False where this path does not apply."""
+        if not optimizer.defaults.get("fused"):
+            return False
+        clip = self.cfg.optim.grad_clip
+        # clip_grad_norm_'s rule: multiply by clip / (norm + 1e-6) when that is below 1.
+        scale = ((norm + 1e-6) / clip).clamp(min=1.0) if clip > 0 else torch.ones_like(norm)
+        optimizer.grad_scale = scale.float()
+        optimizer.found_inf = (~torch.isfinite(norm)).float()
+        try:
+            if self.fsdp:  # plain scalar tensors next to DTensor parameters
+                from torch.distributed.tensor.experimental import implicit_replication
+
+                with implicit_replication():
+                    optimizer.step()
+            else:
+                optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+        return True
 
     @torch.no_grad()
     def _evaluate(self, model, make_val, state: TrainerState, metrics: MetricsLog) -> float:
