@@ -85,6 +85,18 @@ def test_batched_equals_one_by_one_and_transformers_batch(pair):
     assert out[:, T:].tolist() == singles
 
 
+def test_fused_engine_equals_unfused_and_transformers(pair):
+    import copy
+
+    ours, hf = pair
+    fused = copy.deepcopy(ours)
+    engine = DecodeEngine(fused, fuse=True)  # fuses q/k/v and gate/up in place (inference only)
+    assert fused.projections_fused and not ours.projections_fused
+    cfg = SamplingConfig(max_new_tokens=20, stop_at_eos=False)
+    assert generate_batch(fused, PROMPTS, cfg, engine=engine) == generate_batch(ours, PROMPTS, cfg)
+    assert generate_batch(fused, PROMPTS[:1], cfg, engine=engine)[0] == _hf_greedy(hf, PROMPTS[0], 20)
+
+
 def test_batch_rows_stop_independently_and_engine_reuse(pair):
     ours, _ = pair
     free = [generate(ours, p, max_new_tokens=12, stop_at_eos=False) for p in PROMPTS]

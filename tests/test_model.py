@@ -183,3 +183,36 @@ def test_meta_build_then_materialise():
     assert torch.equal(model.rope_cos, ref.rope_cos)
     ids = torch.randint(0, cfg.vocab_size, (1, 8))
     assert torch.isfinite(model(ids)).all()
+
+
+def test_one_token_attention_equals_sdpa_with_mask():
+    from tinyllama.model import one_token_attention
+
+    torch.manual_seed(11)
+    for mask_rows in (1, 3):  # one causal row for the batch, or per-row padding masks
+        q = torch.randn(3, 6, 1, 16, dtype=torch.float64)
+        k, v = torch.randn(3, 2, 40, 16, dtype=torch.float64), torch.randn(3, 2, 40, 16, dtype=torch.float64)
+        mask = torch.rand(mask_rows, 1, 1, 40) < 0.7
+        mask[..., 0] = True
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        got = one_token_attention(q, k, v, mask)
+        assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-12
+
+
+def test_fused_projections_give_the_same_logits_and_refuse_to_save(tmp_path):
+    from tinyllama.errors import TinyLlamaError
+
+    torch.manual_seed(12)
+    model = Llama(SMALL_GQA).eval()
+    ids = torch.randint(0, SMALL_GQA.vocab_size, (2, 20))
+    n_params = model.num_params()
+    with torch.no_grad():
+        ref = model(ids)
+        model.fuse_projections()
+        got = model(ids)
+    assert model.projections_fused and model.num_params() == n_params
+    assert not hasattr(model.layers[0].self_attn, "q_proj") and not hasattr(model.layers[0].mlp, "up_proj")
+    assert (got - ref).abs().max().item() < 1e-5
+    with pytest.raises(TinyLlamaError, match="fuse_projections"):
+        model.save_pretrained(tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()

@@ -121,33 +121,44 @@ def _decode_step(model: Llama, ids, input_pos, rope_pos, key_mask):
     return model(ids, input_pos=input_pos, rope_pos=rope_pos, key_mask=key_mask)[:, -1]
 
 
+def _prefill_step(model: Llama, ids, input_pos, rope_pos, key_mask):
+    return model(ids, input_pos=input_pos, rope_pos=rope_pos, key_mask=key_mask)[:, -1]
+
+
 class DecodeEngine:
     """Owns `model`'s static KV cache and runs prefill + one-token decode steps.
 
     compile=True (CUDA only): the decode step is compiled with torch.compile(mode="reduce-overhead",
     fullgraph, static shapes), which captures it in a CUDA graph per (batch size, padded or not) and replays
     it every token. The graphs point into the KV cache, which is kept between calls and re-allocated only
-    when a larger or different-batch cache is needed; `release()` frees it. The prefill stays eager. On CPU
-    everything is eager.
+    when a larger or different-batch cache is needed; `release()` frees it. The prefill is compiled too
+    (default mode, no graph; shapes become dynamic after the first new prompt length). On CPU everything
+    is eager.
 
-    (A hand-captured torch.cuda.CUDAGraph around the compiled step did not help: 539 tokens/s on an H100
-    against 592 for this path on an H200; BENCHMARKS.md. The step is bound by its kernel count.)
+    fuse=True first fuses the model's q/k/v and gate/up projections in place (`Llama.fuse_projections`;
+    inference only): a decode step is bound by its kernel count, and this removes three matrix products per
+    layer (H100: 1.71 -> 1.43 ms per step, perf/NOTES.md).
     """
 
-    def __init__(self, model: Llama, compile: bool = False, cache_dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(self, model: Llama, compile: bool = False, cache_dtype: Optional[torch.dtype] = None,
+                 fuse: bool = False) -> None:
+        if fuse:
+            model.fuse_projections()
         self.model = model
         # The embedding table stays a float tensor even when linear layers are quantized (tinyllama.quantize).
         self.device = model.embed_tokens.weight.device
         self.compile = bool(compile) and self.device.type == "cuda"
         self.cache_dtype = cache_dtype or model.embed_tokens.weight.dtype
         self._cache_key: Optional[tuple[int, int]] = None
-        self._step = _decode_step
+        self._step, self._prefill = _decode_step, _prefill_step
         if self.compile:
             import torch._dynamo
 
             # One compiled graph per (batch size, padded or not, model): keep them all, never fall back to eager.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self._step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            # Eager prefill of 128 tokens took 31 ms on an H100, as long as 20 decode steps: compile it too.
+            self._prefill = torch.compile(_prefill_step, fullgraph=True)
 
     # cache ------------------------------------------------------------------------------------
     def cache_len_for(self, needed: int) -> int:
@@ -172,8 +183,7 @@ class DecodeEngine:
     def prefill(self, ids: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
         """ids (B, T) written to slots 0..T-1 -> last-position logits (B, V)."""
         T = ids.size(1)
-        return self.model(ids, input_pos=torch.arange(T, device=self.device), rope_pos=rope_pos,
-                          key_mask=key_mask)[:, -1]
+        return self._prefill(self.model, ids, torch.arange(T, device=self.device), rope_pos, key_mask)
 
     def step(self, ids: torch.Tensor, input_pos: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
         """ids (B, 1) at slot input_pos (1,) -> logits (B, V). With CUDA graphs the result is overwritten by

@@ -75,6 +75,21 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One new query per row against the cache: q (B, H, 1, D), k/v (B, KV, S, D), mask (1 or B, 1, 1, S) bool.
+
+    The H query heads are viewed as KV groups, so k/v are never repeated. Used for decode steps: SDPA with a
+    boolean mask over the static cache, compiled (torch 2.11, H100), drifted from eager after a few tokens,
+    while this form agrees with eager and is as fast (perf/NOTES.md, decode).
+    """
+    B, H, _, D = q.shape
+    KV = k.size(1)
+    scores = torch.matmul(q.view(B, KV, H // KV, D), k.transpose(-1, -2))  # (B, KV, G, S)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * D**-0.5  # softmax in >= fp32
+    scores = scores.masked_fill(~mask.view(mask.size(0), 1, 1, -1), float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v).view(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -84,6 +99,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, config.n_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, config.n_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(config.n_heads * d, h, bias=False)
+        self.qkv_proj: Optional[nn.Linear] = None  # set by Llama.fuse_projections (inference)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(
@@ -95,14 +111,21 @@ class Attention(nn.Module):
         mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         gqa = self.n_kv_heads != self.n_heads
-        if mask is None:
+        if T == 1 and mask is not None:
+            y = one_token_attention(q, k, v, mask)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -115,8 +138,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: Optional[nn.Linear] = None  # set by Llama.fuse_projections (inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -194,6 +221,34 @@ class Llama(nn.Module):
     @property
     def has_cache(self) -> bool:
         return self.causal_mask is not None
+
+    # ---- inference-only fusion -----------------------------------------------------------------
+    @torch.no_grad()
+    def fuse_projections(self) -> "Llama":
+        """Concatenate q/k/v and gate/up weights into one matrix each (two matrix products per layer fewer:
+        a decode step is bound by its kernel count). In place, for inference: the parameter names change,
+        so save a model before fusing it. Layers that are not plain nn.Linear (quantized) stay as they are."""
+        def fused(parts: list) -> Optional[nn.Linear]:
+            if any(type(m) is not nn.Linear or m.bias is not None for m in parts):
+                return None
+            w = torch.cat([m.weight for m in parts])
+            lin = nn.Linear(w.size(1), w.size(0), bias=False, device="meta")
+            lin.weight = nn.Parameter(w, requires_grad=parts[0].weight.requires_grad)
+            return lin
+
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            if a.qkv_proj is None and (qkv := fused([a.q_proj, a.k_proj, a.v_proj])) is not None:
+                a.qkv_proj = qkv
+                del a.q_proj, a.k_proj, a.v_proj
+            if m.gate_up_proj is None and (gate_up := fused([m.gate_proj, m.up_proj])) is not None:
+                m.gate_up_proj = gate_up
+                del m.gate_proj, m.up_proj
+        return self
+
+    @property
+    def projections_fused(self) -> bool:
+        return any(layer.self_attn.qkv_proj is not None or layer.mlp.gate_up_proj is not None for layer in self.layers)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(

@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="CUDA only: compile the decode step into a CUDA graph")
+    p.add_argument("--compile", action="store_true", help="CUDA only: fuse projections, compile the decode step into a CUDA graph")
 
 
 class ChatSession:
@@ -150,5 +150,5 @@ def run(args) -> int:
                          seed=args.seed)
     cfg.validate()
     model, tok = load_model_and_tokenizer(args.model, args.random_preset, args.device, args.dtype)
-    session = ChatSession(model, tok, cfg, system=args.system, engine=DecodeEngine(model, compile=args.compile))
+    session = ChatSession(model, tok, cfg, system=args.system, engine=DecodeEngine(model, compile=args.compile, fuse=args.compile))
     return chat_loop(session, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
