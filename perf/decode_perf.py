@@ -6,6 +6,7 @@ For each variant of the 1.1B bf16 model (batch 1, 128-token prompt, 256 new toke
   * a profile of 20 steps: kernels per step, GPU kernel time per step, graph launches, top kernels;
   * greedy tokens against the eager model (equal prefix of 64).
 PYTHONUNBUFFERED=1 python perf/decode_perf.py --variants base,fused,fused-attn,fused-attn-cdt
+Results of its H100 run (before the model took up one_token_attention; "base" now includes it): perf/NOTES.md.
 """
 
 from __future__ import annotations
