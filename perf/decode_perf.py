@@ -170,9 +170,14 @@ def main() -> None:
         import torch._inductor.config as ic
 
         ic.coordinate_descent_tuning = "cdt" in name
-        model = base_model if name == "base" else fuse(copy.deepcopy(base_model), manual_attn="attn" in name)
         t0 = time.perf_counter()
-        engine = DecodeEngine(model, compile=True)
+        if name.startswith("engine"):  # the product path: DecodeEngine(fuse=True), optionally max-autotune
+            model = copy.deepcopy(base_model)
+            engine = DecodeEngine(model, compile=True, fuse=True,
+                                  compile_mode="max-autotune" if name.endswith("mat") else "reduce-overhead")
+        else:
+            model = base_model if name == "base" else fuse(copy.deepcopy(base_model), manual_attn="attn" in name)
+            engine = DecodeEngine(model, compile=True)
         generate_batch(model, [prompt], cfg.replace(max_new_tokens=8), engine=engine)
         generate_batch(model, [prompt], cfg.replace(max_new_tokens=8), engine=engine)
         warm = time.perf_counter() - t0

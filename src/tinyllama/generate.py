@@ -141,7 +141,7 @@ class DecodeEngine:
     """
 
     def __init__(self, model: Llama, compile: bool = False, cache_dtype: Optional[torch.dtype] = None,
-                 fuse: bool = False) -> None:
+                 fuse: bool = False, compile_mode: str = "reduce-overhead") -> None:
         if fuse:
             model.fuse_projections()
         self.model = model
@@ -156,7 +156,8 @@ class DecodeEngine:
 
             # One compiled graph per (batch size, padded or not, model): keep them all, never fall back to eager.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            # compile_mode "max-autotune" also benchmarks Triton GEMM templates against cuBLAS (long compile).
+            self._step = torch.compile(_decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
             # Eager prefill of 128 tokens took 31 ms on an H100, as long as 20 decode steps: compile it too.
             self._prefill = torch.compile(_prefill_step, fullgraph=True)
 
