@@ -144,6 +144,30 @@ def test_nonfinite_skip_policy_skips_and_counts(tmp_path, monkeypatch, fused):
     assert all(torch.isfinite(v).all() for v in final_weights(tmp_path).values())
 
 
+class _NaNLossOnly(_NaNAt):
+    """NaN loss value with finite gradients (a NaN constant added to the loss)."""
+
+    def forward(self, ids, targets=None, **kw):
+        out = Llama.forward(self, ids, targets, **kw)
+        if targets is not None and self.training:
+            type(self).calls += 1
+            if type(self).calls in self.nan_calls:
+                return out[0], out[1] + torch.tensor(float("nan"))
+        return out
+
+
+def test_nan_loss_with_finite_gradients_is_skipped_by_fused_step_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "Llama", _NaNLossOnly)
+    weights = {}
+    for fused in (False, True):
+        _NaNLossOnly.calls, _NaNLossOnly.nan_calls = 0, {3 * 2 - 1}
+        r = pretrain(run_config_from_dict(fused_run(tmp_path / str(fused), fused, max_steps=5)))
+        assert r["skipped_steps"] == 1
+        weights[fused] = final_weights(tmp_path / str(fused))
+    # both paths skipped the same step (a fused step taken on finite gradients would move the weights by ~lr)
+    assert all(torch.allclose(weights[False][k], weights[True][k], rtol=1e-4, atol=1e-4) for k in weights[True])
+
+
 def test_nonfinite_stop_policy_checkpoints_then_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "Llama", _NaNAt)
     _NaNAt.calls, _NaNAt.nan_calls = 0, {4 * 2}

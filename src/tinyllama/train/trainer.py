@@ -376,18 +376,18 @@ class Trainer:
                             (loss / self.accum).backward()
                             loss_sum += loss.detach().float()
                         norm_sharded, grad_norm = self._grad_norm(model)
-                        # Fused AdamW (the default on CUDA): clip and skip on the device, then one host sync per step (below)
-                        # instead of a sync before the optimizer step that would leave the GPU idle.
-                        stepped_on_device = self._device_step(optimizer, grad_norm)
+                        # One all-reduce (queued, no wait): the ranks' summed loss and whether any caught a signal.
+                        synced = torch.stack([loss_sum / self.accum,
+                                              torch.tensor(1.0 if stop.requested else 0.0, device=info.device)])
+                        synced = all_reduce_(synced, info)
+                        # Fused AdamW (the default on CUDA): clip and skip on the device, then one host sync per
+                        # step (below) instead of a sync before the optimizer step that would leave the GPU idle.
+                        stepped_on_device = self._device_step(optimizer, grad_norm, synced[0])
                         if not stepped_on_device:
                             self._clip_(model, norm_sharded)
                     except torch.OutOfMemoryError:
                         optimizer.zero_grad(set_to_none=True)
                         raise TinyLlamaError(OOM_ADVICE) from None
-                    # One all-reduce and one host sync: mean loss, and whether any rank caught a signal.
-                    synced = torch.stack([loss_sum / self.accum,
-                                          torch.tensor(1.0 if stop.requested else 0.0, device=info.device)])
-                    synced = all_reduce_(synced, info)
                     stats = torch.cat([synced, grad_norm.to(synced).view(1)]).cpu()
                     loss_f = float(stats[0]) / (info.world_size if info.is_distributed else 1)
                     stop_seen, gnorm_f = float(stats[1]) > 0, float(stats[2])
@@ -517,17 +517,18 @@ class Trainer:
             params = [p for p in model.parameters() if p.grad is not None]
             torch.nn.utils.clip_grads_with_norm_(params, clip, norm, foreach=True)
 
-    def _device_step(self, optimizer, norm: torch.Tensor) -> bool:
+    def _device_step(self, optimizer, norm: torch.Tensor, loss_sum: torch.Tensor) -> bool:
         """With fused AdamW, step without a host sync: the kernel divides the gradients by the clip factor
         (its grad_scale input, saving a pass over the gradients) and leaves everything unchanged when the
-        norm is not finite (its found_inf input). Returns False where this path does not apply."""
+        norm or the (all-reduced) loss is not finite (its found_inf input): the same rule the host applies
+        afterwards to count the step as skipped. Returns False where this path does not apply."""
         if not optimizer.defaults.get("fused"):
             return False
         clip = self.cfg.optim.grad_clip
         # clip_grad_norm_'s rule: multiply by clip / (norm + 1e-6) when that is below 1.
         scale = ((norm + 1e-6) / clip).clamp(min=1.0) if clip > 0 else torch.ones_like(norm)
         optimizer.grad_scale = scale.float()
-        optimizer.found_inf = (~torch.isfinite(norm)).float()
+        optimizer.found_inf = (~(torch.isfinite(norm) & torch.isfinite(loss_sum))).float()
         try:
             if self.fsdp:  # plain scalar tensors next to DTensor parameters
                 from torch.distributed.tensor.experimental import implicit_replication
