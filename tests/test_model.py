@@ -216,3 +216,21 @@ def test_fused_projections_give_the_same_logits_and_refuse_to_save(tmp_path):
     with pytest.raises(TinyLlamaError, match="fuse_projections"):
         model.save_pretrained(tmp_path / "fused")
     assert not (tmp_path / "fused").exists()
+
+
+def test_fused_model_is_refused_where_separate_weights_are_needed(tmp_path):
+    from tinyllama.errors import TinyLlamaError
+    from tinyllama.finetune.lora import apply_lora
+    from tinyllama.kernels import apply_fast_path
+
+    model = Llama(SMALL_GQA).eval().fuse_projections()
+    for use in (lambda: apply_lora(model), lambda: apply_fast_path(model)):
+        with pytest.raises(TinyLlamaError, match="fuse_projections"):
+            use()
+    gguf = pytest.importorskip("gguf")  # noqa: F841
+    from tinyllama.convert.gguf import export_gguf
+    from tinyllama.tokenizer import Tokenizer
+
+    with pytest.raises(TinyLlamaError, match="fuse_projections"):
+        export_gguf(model, Tokenizer(), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -359,3 +359,25 @@ def test_load_200_requests_16_clients(server, client):
     assert len(tokens) == n_requests and all(t >= 1 for t in tokens)
     assert server.engine.stats.max_rows_in_step > 1
     assert json.loads(json.dumps(server.engine.stats.as_dict()))["errors"] == 0
+
+
+def test_engine_runs_a_fused_model():
+    import copy
+
+    from tinyllama import Llama, ModelConfig
+    from tinyllama.generate import SamplingConfig, generate_batch
+    from tinyllama.serve.engine import Engine, run_to_completion
+
+    cfg = ModelConfig(name="serve-fused", vocab_size=256, n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2,
+                      intermediate_size=128, max_seq_len=64)
+    torch.manual_seed(3)
+    model = Llama(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    prompts = [[1, 5, 9, 20], [1, 7]]
+    sampling = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
+    expect = generate_batch(model, prompts, sampling)
+    fused = copy.deepcopy(model).fuse_projections()
+    # run_to_completion steps the engine in this thread (no background thread)
+    assert run_to_completion(Engine(fused, max_batch_size=4), prompts, sampling) == expect
+    assert run_to_completion(Engine(model, max_batch_size=4), prompts, sampling) == expect

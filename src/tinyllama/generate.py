@@ -2,7 +2,7 @@
 
 - `DecodeEngine` owns the model's cache and the one-token decode step; on CUDA the step can be
   compiled with `torch.compile` (static shapes, gpt-fast style) and captured in a CUDA graph that is
-  replayed every token. The prefill stays eager. On CPU everything is eager.
+  replayed every token, and the prefill compiled too. On CPU everything is eager.
 - Batches of prompts of different lengths are left-padded: per-row rotary positions and a key mask hide
   the padding, so each row gets the tokens it would get alone (`generate_batch`, `generate_batch_stream`).
 - Sampling (`sample_next`): greedy, temperature, top-k, top-p, min-p, repetition penalty, seed; stop at
@@ -159,6 +159,8 @@ class DecodeEngine:
             # compile_mode "max-autotune" also benchmarks Triton GEMM templates against cuBLAS (long compile).
             self._step = torch.compile(_decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
             # Eager prefill of 128 tokens took 31 ms on an H100, as long as 20 decode steps: compile it too.
+            # The first graph is specialised to its shapes; a new prompt length, batch or cache length
+            # recompiles once with that dimension dynamic (torch.compile's automatic dynamic shapes).
             self._prefill = torch.compile(_prefill_step, fullgraph=True)
 
     # cache ------------------------------------------------------------------------------------

@@ -18,6 +18,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyllama.config import ModelConfig
+from tinyllama.errors import TinyLlamaError
+
+
+def ensure_unfused(model: nn.Module, purpose: str) -> None:
+    """Refuse, with a clear message, to use a model fused by `Llama.fuse_projections` where the separate
+    q/k/v and gate/up weights are needed (saving, GGUF export, LoRA, training kernels)."""
+    if getattr(model, "projections_fused", False):
+        raise TinyLlamaError(
+            f"{purpose} needs separate q/k/v and gate/up weights, but this model's were fused for inference "
+            "(fuse_projections); use the model before fusing it, or reload it from its checkpoint"
+        )
 
 
 class RMSNorm(nn.Module):
@@ -102,6 +113,18 @@ class Attention(nn.Module):
         self.qkv_proj: Optional[nn.Linear] = None  # set by Llama.fuse_projections (inference)
         self.kv_cache: Optional[KVCache] = None
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, hidden) -> q (B, H, T, D), k and v (B, KV, T, D), before rotary; fused or not."""
+        B, T, _ = x.shape
+        if self.qkv_proj is not None:
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2),
+                k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2),
+                v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -111,14 +134,7 @@ class Attention(nn.Module):
         mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.qkv_proj is not None:
-            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -225,9 +241,10 @@ class Llama(nn.Module):
     # ---- inference-only fusion -----------------------------------------------------------------
     @torch.no_grad()
     def fuse_projections(self) -> "Llama":
-        """Concatenate q/k/v and gate/up weights into one matrix each (two matrix products per layer fewer:
+        """Concatenate q/k/v and gate/up weights into one matrix each (three matrix products per layer fewer:
         a decode step is bound by its kernel count). In place, for inference: the parameter names change,
-        so save a model before fusing it. Layers that are not plain nn.Linear (quantized) stay as they are."""
+        so save, export or fine-tune a model before fusing it (`ensure_unfused` guards those paths). Layers
+        that are not plain nn.Linear (quantized) stay as they are."""
         def fused(parts: list) -> Optional[nn.Linear]:
             if any(type(m) is not nn.Linear or m.bias is not None for m in parts):
                 return None

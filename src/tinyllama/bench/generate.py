@@ -258,6 +258,9 @@ def run(args) -> int:
             attempt(f"ours compiled b{B}", compiled_batch, B)
         attempt("padded batch check", padded_check)
         compiled.release()
+        compiled = fast = None  # frees the fused copy (2.2 GB for 1.1B in bf16)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # 4. eager batches on CPU (no graphs there)
     if device.type != "cuda":

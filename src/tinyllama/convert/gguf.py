@@ -159,6 +159,9 @@ def _tensor_type(gguf, quant: str, name: str, shape: tuple[int, ...]):
 
 def export_gguf(model, tokenizer, out_path, quant: str = "f16", name: Optional[str] = None) -> Path:
     """Write `model` (a tinyllama Llama) and `tokenizer` as a llama.cpp GGUF file; returns the path."""
+    from tinyllama.model import ensure_unfused
+
+    ensure_unfused(model, "GGUF export")
     gguf = _import_gguf()
     if quant not in QUANTS:
         raise TinyLlamaError(f"GGUF export: unknown --quant '{quant}'; choose one of: {', '.join(QUANTS)}")

@@ -172,9 +172,9 @@ def save_hf_model(model, path, tokenizer=None, dtype=None, max_shard_size: int =
     from tinyllama.tokenizer import Tokenizer
 
     config: ModelConfig = model.config
-    if getattr(model, "projections_fused", False):
-        raise TinyLlamaError("this model's q/k/v and gate/up weights were fused for inference (fuse_projections); "
-                             "save it before fusing, or reload it from its checkpoint")
+    from tinyllama.model import ensure_unfused
+
+    ensure_unfused(model, "saving a Hugging Face checkpoint")
     target = Path(path)
     dtype = parse_dtype(dtype)
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}

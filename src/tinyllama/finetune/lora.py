@@ -136,6 +136,9 @@ class LoRALinear(nn.Module):
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                targets: Sequence[str] = ALL_TARGETS) -> list[str]:
     """Freeze every parameter and wrap the targeted layers (matched by name suffix). Returns wrapped names."""
+    from tinyllama.model import ensure_unfused
+
+    ensure_unfused(model, "LoRA")
     for p in model.parameters():
         p.requires_grad_(False)
     names = [n for n, m in model.named_modules()

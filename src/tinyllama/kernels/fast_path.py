@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tinyllama.config import dataclass_from_dict
 from tinyllama.errors import TinyLlamaError
 from tinyllama.kernels.cross_entropy import LinearCrossEntropyLoss
-from tinyllama.model import MLP, Attention, Llama, RMSNorm, apply_rope
+from tinyllama.model import MLP, Attention, Llama, RMSNorm, apply_rope, ensure_unfused
 
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
@@ -195,6 +195,7 @@ def apply_fast_path(model: Llama, config: Any = None) -> Llama:
     cfg = resolve_kernel_config(config)
     if not isinstance(model, Llama):
         raise TinyLlamaError(f"apply_fast_path expects a tinyllama Llama model, got {type(model).__name__}")
+    ensure_unfused(model, "the training fast path")
     on_gpu = any(p.is_cuda for p in model.parameters())
     compile_blocks = on_gpu if cfg.compile_blocks is None else cfg.compile_blocks
     use_triton = cfg.triton_kernels and not compile_blocks

@@ -296,9 +296,7 @@ class Engine:
         for layer, k_cache, v_cache in zip(m.layers, self.k_cache, self.v_cache):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(R, T, attn.n_heads, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(R, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(R, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+            q, k, v = attn.project_qkv(h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             # cache[slot, :, pos] = k[r, :, t]  for every (r, t)
             k_cache[row_idx, :, pos_c] = k.transpose(1, 2).to(k_cache.dtype)

@@ -376,9 +376,11 @@ class Trainer:
                             (loss / self.accum).backward()
                             loss_sum += loss.detach().float()
                         norm_sharded, grad_norm = self._grad_norm(model)
-                        # One all-reduce (queued, no wait): the ranks' summed loss and whether any caught a signal.
-                        synced = torch.stack([loss_sum / self.accum,
-                                              torch.tensor(1.0 if stop.requested else 0.0, device=info.device)])
+                        # One all-reduce (queued, no wait): the ranks' summed loss and whether any caught a signal
+                        # (a signal that arrives after this point is acted on at the end of the next step). The
+                        # flag is written by a fill kernel: torch.tensor(..., device=cuda) would copy from the
+                        # host and wait for the GPU, the very sync this step avoids.
+                        synced = torch.stack([loss_sum / self.accum, loss_sum.new_full((), float(stop.requested))])
                         synced = all_reduce_(synced, info)
                         # Fused AdamW (the default on CUDA): clip and skip on the device, then one host sync per
                         # step (below) instead of a sync before the optimizer step that would leave the GPU idle.
