@@ -325,3 +325,25 @@ def test_perplexity_of_a_prepared_dataset_scores_its_documents(model_dir, ours, 
     expect = perplexity_of_tokens(ours, [ours.tokenizer.encode(t, eos=True) for t in texts], window=32)
     assert r["documents"] == 4 and r["tokens"] == expect["tokens"]
     assert r["ppl"] == pytest.approx(expect["ppl"], rel=1e-6)
+
+
+def test_perplexity_documents_read_through_the_data_reader(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from tinyllama.errors import TinyLlamaError
+    from tinyllama.eval.perplexity import iter_documents
+
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": "three"}\n')
+    assert list(iter_documents(tmp_path / "a.jsonl")) == ["one", "two", "three"]
+    assert list(iter_documents(tmp_path / "a.jsonl", limit=2)) == ["one", "two"]
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"body": "z"}\n'))
+    assert list(iter_documents(tmp_path / "b.jsonl.zst", text_field="body")) == ["z"]
+    pq.write_table(pa.table({"content": ["def f(): pass"]}), tmp_path / "c.parquet")
+    assert list(iter_documents(tmp_path / "c.parquet")) == ["def f(): pass"]
+    (tmp_path / "d.raw").write_text("the whole\nfile")
+    assert list(iter_documents(tmp_path / "d.raw")) == ["the whole\nfile"]
+    (tmp_path / "e.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
+    with pytest.raises(TinyLlamaError, match=r"e\.jsonl:2: field 'text' is int"):
+        list(iter_documents(tmp_path / "e.jsonl"))

@@ -50,7 +50,8 @@ def add_arguments(p) -> None:
     p.add_argument("--perplexity", nargs="*", metavar="PATH",
                    help="perplexity of .txt/.jsonl(.zst)/.parquet files or prepared dataset directories")
     p.add_argument("--split", help="prepared-dataset split for --perplexity (default val)")
-    p.add_argument("--text-field", help="JSONL field holding the text (default text)")
+    p.add_argument("--text-field", "--field", dest="text_field",
+                   help="JSONL field / parquet column holding the text (default text; parquet falls back to content)")
     p.add_argument("--window", type=int, help="perplexity window in tokens (default: the model's context)")
     p.add_argument("--limit", type=int, help="only the first N items/documents of each task (not a real result)")
     p.add_argument("--batch-size", type=int)

@@ -7,8 +7,6 @@ exp(NLL / tokens) and bits per UTF-8 byte, which compares across tokenizers.
 
 from __future__ import annotations
 
-import io
-import json
 import math
 from pathlib import Path
 from typing import Iterator, Optional
@@ -18,56 +16,33 @@ from tinyllama.eval.scoring import Scorer, ScoredRequest, rolling_windows
 
 
 def iter_documents(path: Path, text_field: str = "text", limit: Optional[int] = None) -> Iterator[str]:
-    """Texts from .txt (the whole file is one document), .jsonl/.jsonl.zst (field `text_field`) or .parquet."""
+    """Texts from .jsonl/.json(.zst/.gz) (field `text_field`), .parquet (`text_field`, else `content`) through
+    the data pipeline's reader (`tinyllama.data.readers.read_records`); any other file is one document."""
+    from tinyllama.data.readers import Bad, input_kind, read_records
+
     path = Path(path)
     if not path.is_file():
         raise TinyLlamaError(f"{path}: text file not found")
-    name = path.name
+    if limit is not None and limit <= 0:
+        return
+    kind = input_kind(path)
+    if kind is None:  # e.g. wiki.test.raw: the whole file is one document
+        try:
+            yield path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise TinyLlamaError(f"{path}: not UTF-8 text (give .txt, .jsonl, .jsonl.zst or .parquet)") from None
+        return
+    fields = (text_field, "content") if kind == "parquet" else (text_field,)
     count = 0
-
-    def done() -> bool:
-        return limit is not None and count >= limit
-
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        col = text_field if text_field in table.column_names else ("content" if "content" in table.column_names else None)
-        if col is None:
-            raise TinyLlamaError(f"{path}: no column '{text_field}' (columns: {table.column_names})")
-        for t in table.column(col).to_pylist():
-            if done():
-                return
-            count += 1
-            yield t
-        return
-    if name.endswith((".jsonl", ".jsonl.zst", ".json")):
-        raw = open(path, "rb")
-        if name.endswith(".zst"):
-            import zstandard
-
-            stream = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
-        else:
-            stream = io.TextIOWrapper(raw, encoding="utf-8")
-        with stream:
-            for lineno, line in enumerate(stream, 1):
-                if done():
-                    return
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TinyLlamaError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(doc, dict) or not isinstance(doc.get(text_field), str):
-                    raise TinyLlamaError(f"{path}:{lineno}: missing string field '{text_field}'")
-                count += 1
-                yield doc[text_field]
-        return
-    try:
-        yield path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise TinyLlamaError(f"{path}: not UTF-8 text (give .txt, .jsonl, .jsonl.zst or .parquet)") from None
+    for item in read_records(path, fields):
+        if item is None:
+            continue
+        if isinstance(item, Bad):
+            raise TinyLlamaError(f"{path}:{item.line}: {item.reason}")
+        yield item.text
+        count += 1
+        if limit is not None and count >= limit:
+            return
 
 
 def perplexity_of_tokens(scorer: Scorer, docs_tokens: list[list[int]], window: Optional[int] = None) -> dict:
