@@ -11,18 +11,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 COMMON=(--config tinyllama-1.1b --data.sources synthetic --train.max_steps 50 --optim.warmup_steps 10
         --train.eval_every 0 --train.eval_blocks 8 --train.save_every 0 --train.log_every 10
         --train.micro_batch 8 --train.tensorboard false --train.fast_kernels true --train.save_final false)
-run1() {  # name gpus nproc extra...
-  local name=$1 gpus=$2 n=$3; shift 3
-  if [ "$n" = 1 ]; then
-    CUDA_VISIBLE_DEVICES=$gpus timeout 300 python3 -m tinyllama pretrain "${COMMON[@]}" --train.global_batch 8 \
-      --out "$W/$name" "$@" > "$OUT/$name.log" 2>&1
-  else
-    CUDA_VISIBLE_DEVICES=$gpus timeout 300 python3 -m torch.distributed.run --standalone --nproc_per_node "$n" \
-      --master_port $((29500 + RANDOM % 1000)) -m tinyllama pretrain "${COMMON[@]}" \
-      --train.global_batch $((8 * n)) --out "$W/$name" "$@" > "$OUT/$name.log" 2>&1
-  fi
-  echo "$name rc=$?"
-}
+RUN_TIMEOUT=300
+source "$(dirname "$0")/pretrain_runs.sh"
 T0=$(date +%s)
 run1 A-2gpu 0,1 2 & run1 B-2gpu-keep 2,3 2 --train.fsdp_reshard_after_forward false & wait
 echo "phase 2 at $(( $(date +%s) - T0 )) s"

@@ -14,18 +14,7 @@ COMMON=(--config tinyllama-1.1b --data.sources synthetic --train.max_steps "$STE
         --train.eval_every 0 --train.eval_blocks 8 --train.save_every 0 --train.log_every 10
         --train.micro_batch 8 --train.tensorboard false)
 FAST=(--train.fast_kernels true)
-run1() {  # name gpus nproc extra...
-  local name=$1 gpus=$2 n=$3; shift 3
-  if [ "$n" = 1 ]; then
-    CUDA_VISIBLE_DEVICES=$gpus timeout 420 python3 -m tinyllama pretrain "${COMMON[@]}" --train.global_batch 8 \
-      --out "$W/$name" "$@" > "$OUT/$name.log" 2>&1
-  else
-    CUDA_VISIBLE_DEVICES=$gpus timeout 420 python3 -m torch.distributed.run --standalone --nproc_per_node "$n" \
-      --master_port $((29500 + RANDOM % 1000)) -m tinyllama pretrain "${COMMON[@]}" \
-      --train.global_batch $((8 * n)) --out "$W/$name" "$@" > "$OUT/$name.log" 2>&1
-  fi
-  echo "$name rc=$?"
-}
+source "$(dirname "$0")/pretrain_runs.sh"
 T0=$(date +%s)
 echo "== phase 1"
 run1 1gpu-fast 0 1 "${FAST[@]}" --train.save_final false &
