@@ -250,9 +250,8 @@ def test_causal_attention_backends_cuda(backend):
         assert _rel(a, b) < 2e-2
 
 
-@cuda
-@pytest.mark.parametrize("kw", [dict(), dict(fuse_projections=True, activation_memory_budget=0.7)])
-def test_fast_path_compiled_blocks_cuda(kw):
+def _reference_and_fast_loss_and_grads_cuda(kernels: KernelConfig) -> list:
+    """[(loss, flat grads)] of the reference model and of the same model with `kernels`, bf16 autocast."""
     cfg = ModelConfig.from_name("tinyllama-tiny")
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (2, 65), device="cuda")
@@ -261,11 +260,18 @@ def test_fast_path_compiled_blocks_cuda(kw):
         torch.manual_seed(0)
         m = Llama(cfg).cuda()
         if fast:
-            apply_fast_path(m, KernelConfig(**kw))
+            apply_fast_path(m, kernels)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = m(ids[:, :-1], ids[:, 1:])[1]
         loss.backward()
         out.append((loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    return out
+
+
+@cuda
+@pytest.mark.parametrize("kw", [dict(), dict(fuse_projections=True, activation_memory_budget=0.7)])
+def test_fast_path_compiled_blocks_cuda(kw):
+    out = _reference_and_fast_loss_and_grads_cuda(KernelConfig(**kw))
     torch._dynamo.reset()
     assert _rel(out[1][0], out[0][0]) < 1e-3
     assert _rel(out[1][1], out[0][1]) < 5e-2  # bf16 residual + different rounding order
@@ -341,17 +347,6 @@ def test_triton_kernels_interpreted_on_cpu():
 @cuda
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_fast_path_triton_eager_cuda():
-    cfg = ModelConfig.from_name("tinyllama-tiny")
-    ids = torch.randint(0, cfg.vocab_size, (2, 65), device="cuda")
-    out = []
-    for fast in (False, True):
-        torch.manual_seed(0)
-        m = Llama(cfg).cuda()
-        if fast:
-            apply_fast_path(m, KernelConfig(compile_blocks=False, triton_kernels=True))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = m(ids[:, :-1], ids[:, 1:])[1]
-        loss.backward()
-        out.append((loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    out = _reference_and_fast_loss_and_grads_cuda(KernelConfig(compile_blocks=False, triton_kernels=True))
     assert _rel(out[1][0], out[0][0]) < 1e-3
     assert _rel(out[1][1], out[0][1]) < 5e-2
