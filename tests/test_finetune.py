@@ -153,6 +153,16 @@ def test_sft_resume_is_exact(files, tmp_path):
     assert first["losses"] + resumed["losses"] == straight["losses"]
 
 
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_fused_optimizer_step_matches_foreach(files, tmp_path, kind):
+    # Fine-tuning steps through train.optim.clip_or_step_on_device as pretraining does: with fused AdamW
+    # the clip and the skip run inside the optimizer kernel; the losses follow the for-each path's.
+    common = {"train.max_steps": 3, "optim.grad_clip": 0.05}
+    a = finetune(_cfg(kind, files, tmp_path / "a", **common, **{"optim.fused": False}))
+    b = finetune(_cfg(kind, files, tmp_path / "b", **common, **{"optim.fused": True}))
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-4)
+
+
 # ---- DPO -------------------------------------------------------------------------------------------
 def test_dpo_raises_chosen_over_rejected_margin(files, tmp_path):
     prefs = read_preference_jsonl(files["prefs"])

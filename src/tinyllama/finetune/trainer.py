@@ -403,7 +403,7 @@ class FinetuneTrainer:
         from tinyllama.tokenizer import Tokenizer
         from tinyllama.train.checkpoint import CheckpointManager
         from tinyllama.train.distributed import all_reduce_
-        from tinyllama.train.optim import build_optimizer, lr_at, set_lr
+        from tinyllama.train.optim import build_optimizer, clip_or_step_on_device, lr_at, set_lr
         from tinyllama.train.trainer import MetricsLog, StopRequest, _fmt_time, model_num_params
 
         cfg, t, info = self.cfg, self.cfg.train, self.info
@@ -491,14 +491,11 @@ class FinetuneTrainer:
                             if p.grad is not None:
                                 all_reduce_(p.grad, info)
                                 p.grad /= info.world_size
-                    params = [p for p in model.parameters() if p.grad is not None]
-                    clip = cfg.optim.grad_clip
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-                    if hasattr(gnorm, "full_tensor"):
-                        gnorm = gnorm.full_tensor()
-                    stats = {k: float(all_reduce_(v.detach().clone(), info) / info.world_size) for k, v in sums.items()}
+                    reduced = {k: all_reduce_(v.detach().clone(), info) / info.world_size for k, v in sums.items()}
+                    gnorm, stepped = clip_or_step_on_device(optimizer, model, cfg.optim.grad_clip, reduced["loss"])
+                    stats = {k: float(v) for k, v in reduced.items()}
                     finite = math.isfinite(stats["loss"]) and math.isfinite(float(gnorm))
-                    if finite:
+                    if finite and not stepped:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1

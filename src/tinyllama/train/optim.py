@@ -87,3 +87,39 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def clip_or_step_on_device(optimizer: torch.optim.Optimizer, model: nn.Module, grad_clip: float,
+                           loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """After backward: the global gradient norm (a plain fp32 tensor on the device; all ranks agree under
+    FSDP2) and whether the optimizer has already stepped.
+
+    Fused AdamW steps here, without a host sync: the kernel divides the gradients by the clip factor (its
+    grad_scale input, one pass over the gradients less) and leaves weights, moments and its step count
+    unchanged when the norm or `loss` (already all-reduced) is not finite (its found_inf input), the rule a
+    caller applies on the host afterwards to count a skipped step. Otherwise the gradients are clipped in
+    place and the caller runs `optimizer.step()` once it has checked the norm and loss on the host.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm_sharded = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    sharded = hasattr(norm_sharded, "full_tensor")  # DTensor gradients (FSDP2)
+    norm = (norm_sharded.full_tensor() if sharded else norm_sharded).float()
+    if not optimizer.defaults.get("fused"):
+        if grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm_sharded, foreach=True)
+        return norm, False
+    # clip_grad_norm_'s rule: multiply by clip / (norm + 1e-6) when that is below 1.
+    scale = ((norm + 1e-6) / grad_clip).clamp(min=1.0) if grad_clip > 0 else torch.ones_like(norm)
+    optimizer.grad_scale = scale
+    optimizer.found_inf = (~(torch.isfinite(norm) & torch.isfinite(loss))).float()
+    try:
+        if sharded:  # plain scalar tensors next to DTensor parameters
+            from torch.distributed.tensor.experimental import implicit_replication
+
+            with implicit_replication():
+                optimizer.step()
+        else:
+            optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+    return norm, True

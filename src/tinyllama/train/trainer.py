@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,7 +34,7 @@ from tinyllama.train.distributed import (
     barrier,
     init_distributed,
 )
-from tinyllama.train.optim import build_optimizer, lr_at, set_lr
+from tinyllama.train.optim import build_optimizer, clip_or_step_on_device, lr_at, set_lr
 
 OOM_ADVICE = (
     "out of GPU memory: lower --train.micro_batch (global_batch stays, gradient accumulation grows), "
@@ -375,7 +375,6 @@ class Trainer:
                                 _, loss = model(inputs, targets)
                             (loss / self.accum).backward()
                             loss_sum += loss.detach().float()
-                        norm_sharded, grad_norm = self._grad_norm(model)
                         # One all-reduce (queued, no wait): the ranks' summed loss and whether any caught a signal
                         # (a signal that arrives after this point is acted on at the end of the next step). The
                         # flag is written by a fill kernel: torch.tensor(..., device=cuda) would copy from the
@@ -384,9 +383,8 @@ class Trainer:
                         synced = all_reduce_(synced, info)
                         # Fused AdamW (the default on CUDA): clip and skip on the device, then one host sync per
                         # step (below) instead of a sync before the optimizer step that would leave the GPU idle.
-                        stepped_on_device = self._device_step(optimizer, grad_norm, synced[0])
-                        if not stepped_on_device:
-                            self._clip_(model, norm_sharded)
+                        grad_norm, stepped_on_device = clip_or_step_on_device(optimizer, model, cfg.optim.grad_clip,
+                                                                              synced[0])
                     except torch.OutOfMemoryError:
                         optimizer.zero_grad(set_to_none=True)
                         raise TinyLlamaError(OOM_ADVICE) from None
@@ -504,44 +502,6 @@ class Trainer:
                 f"{len(steady)} steps" + (f" | MFU {mfu:.1%}" if mfu is not None else "")
                 + (f" | peak memory {mem:.1f} GiB" if mem is not None else "")
             )
-
-    def _grad_norm(self, model) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global L2 norm of the gradients: as computed (a DTensor under FSDP2, for clipping DTensor
-        gradients) and as a plain fp32 tensor on the device (all ranks agree on it)."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        plain = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return norm, plain.float()
-
-    def _clip_(self, model, norm: torch.Tensor) -> None:
-        clip = self.cfg.optim.grad_clip
-        if clip > 0:
-            params = [p for p in model.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(params, clip, norm, foreach=True)
-
-    def _device_step(self, optimizer, norm: torch.Tensor, loss_sum: torch.Tensor) -> bool:
-        """With fused AdamW, step without a host sync: the kernel divides the gradients by the clip factor
-        (its grad_scale input, saving a pass over the gradients) and leaves everything unchanged when the
-        norm or the (all-reduced) loss is not finite (its found_inf input): the same rule the host applies
-        afterwards to count the step as skipped. Returns False where this path does not apply."""
-        if not optimizer.defaults.get("fused"):
-            return False
-        clip = self.cfg.optim.grad_clip
-        # clip_grad_norm_'s rule: multiply by clip / (norm + 1e-6) when that is below 1.
-        scale = ((norm + 1e-6) / clip).clamp(min=1.0) if clip > 0 else torch.ones_like(norm)
-        optimizer.grad_scale = scale.float()
-        optimizer.found_inf = (~(torch.isfinite(norm) & torch.isfinite(loss_sum))).float()
-        try:
-            if self.fsdp:  # plain scalar tensors next to DTensor parameters
-                from torch.distributed.tensor.experimental import implicit_replication
-
-                with implicit_replication():
-                    optimizer.step()
-            else:
-                optimizer.step()
-        finally:
-            del optimizer.grad_scale, optimizer.found_inf
-        return True
 
     @torch.no_grad()
     def _evaluate(self, model, make_val, state: TrainerState, metrics: MetricsLog) -> float:
