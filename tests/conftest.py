@@ -31,3 +31,27 @@ def _one_torch_thread():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def _patch_triton_interpreter_for_numpy2() -> None:
+    """Triton 3.6's interpreter turns a scalar into an int with int(array) on a 1-element array, which
+    NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted"): loops with run-time bounds then
+    fail under TRITON_INTERPRET=1. Take the element instead. Test-only; compiled kernels are unaffected."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_tinyllama_patched", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._tinyllama_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_triton_interpreter_for_numpy2()

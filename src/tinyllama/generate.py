@@ -140,10 +140,17 @@ class DecodeEngine:
     fuse=True first fuses the model's q/k/v and gate/up projections in place (`Llama.fuse_projections`;
     inference only): a decode step is bound by its kernel count, and this removes three matrix products per
     layer (H100: 1.71 -> 1.43 ms per step, perf/NOTES.md).
+
+    decode_kernels: which code runs unpadded batch-1 decode steps. "auto" (default): the Triton step
+    (`tinyllama.kernels.decode`, five kernels per layer in one CUDA graph) when compiling on CUDA with a
+    fused model it supports, else the compiled step; "triton": always the Triton step (an error if it cannot
+    run; on CPU it runs eagerly under TRITON_INTERPRET=1, for tests); "torch": never.
     """
 
     def __init__(self, model: Llama, compile: bool = False, cache_dtype: Optional[torch.dtype] = None,
-                 fuse: bool = False, compile_mode: str = "reduce-overhead") -> None:
+                 fuse: bool = False, compile_mode: str = "reduce-overhead", decode_kernels: str = "auto") -> None:
+        if decode_kernels not in ("auto", "triton", "torch"):
+            raise GenerationError(f"decode_kernels must be auto, triton or torch, got {decode_kernels!r}")
         if fuse:
             model.fuse_projections()
         self.model = model
@@ -164,6 +171,17 @@ class DecodeEngine:
             # The first graph is specialised to its shapes; a new prompt length, batch or cache length
             # recompiles once with that dimension dynamic (torch.compile's automatic dynamic shapes).
             self._prefill = torch.compile(_prefill_step, fullgraph=True)
+        self._batch1_step = None
+        if decode_kernels == "triton" or (decode_kernels == "auto" and self.compile):
+            from tinyllama.kernels import decode as triton_decode
+
+            reason = triton_decode.unsupported_reason(model)
+            if reason is None and (cache_dtype or model.embed_tokens.weight.dtype) != model.embed_tokens.weight.dtype:
+                reason = "the Triton decode step keeps the KV cache in the model's dtype"
+            if reason is None:
+                self._batch1_step = triton_decode.TritonDecodeStep(model)
+            elif decode_kernels == "triton":
+                raise GenerationError(f"decode_kernels='triton': {reason}")
 
     # cache ------------------------------------------------------------------------------------
     def cache_len_for(self, needed: int) -> int:
@@ -183,6 +201,8 @@ class DecodeEngine:
     def release(self) -> None:
         self.model.clear_cache()
         self._cache_key = None
+        if self._batch1_step is not None:
+            self._batch1_step.reset()  # its CUDA graph points into the freed cache
 
     # steps ------------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
@@ -193,6 +213,8 @@ class DecodeEngine:
     def step(self, ids: torch.Tensor, input_pos: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
         """ids (B, 1) at slot input_pos (1,) -> logits (B, V). With CUDA graphs the result is overwritten by
         the next step: consume (sample from) it before calling again."""
+        if self._batch1_step is not None and ids.size(0) == 1 and rope_pos is None and key_mask is None:
+            return self._batch1_step.step(ids, input_pos)
         return self._step(self.model, ids, input_pos, rope_pos, key_mask)
 
 

@@ -1,0 +1,400 @@
+"""The batch-1 decode step as Triton kernels: five per layer, each weight matrix read once.
+
+Why: one decode step reads all 2.2 GB of weights to produce one token, so it is bound by memory
+bandwidth and by how many kernels it runs. The compiled PyTorch step runs ~10 kernels per layer and its
+cuBLAS small-M products read the weights at ~2.1 TB/s (perf/NOTES.md, decode). Here one layer is
+
+  1. RMSNorm -> q/k/v product            the norm is recomputed in every program's prologue (x is 4 KB)
+  2. rotary -> KV-cache write -> attention over the cache, one program per query head
+  3. o product + residual add             in place on the residual stream
+  4. RMSNorm -> gate/up product -> SiLU(gate) * up
+  5. down product + residual add
+
+and the step ends with RMSNorm -> output head. Every tensor the step touches is allocated once, so on
+CUDA `TritonDecodeStep` captures the whole step in one CUDA graph and replays it each token.
+
+Numerics follow the model's own eager decode step (`Llama.forward` + `one_token_attention`): fp32
+accumulation, and rounding to the model dtype where the model rounds (norm output, product outputs,
+rotary terms, attention scores). The attention's softmax is computed online in fp32 (the eager step
+rounds the probabilities to the model dtype before the value product), so results agree to rounding,
+not bit for bit. `reference_*` functions give each kernel's semantics in plain PyTorch; tests compare
+them on the GPU, and on the CPU through TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional: Triton ships with CUDA builds of PyTorch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---- plain-PyTorch references (the kernels' semantics) --------------------------------------------
+def reference_gemv(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None,
+                   eps: float = 1e-5, residual: Optional[torch.Tensor] = None, swiglu: bool = False) -> torch.Tensor:
+    """x (K,) -> (N,) in x's dtype: [RMSNorm(x)] @ weight.T, then [+ residual] or [SiLU(gate) * up]
+    (with swiglu, weight is (2N, K): gate rows then up rows, as `Llama.fuse_projections` concatenates)."""
+    if norm_weight is not None:
+        x32 = x.float()
+        x = norm_weight * (x32 * torch.rsqrt(x32.pow(2).mean() + eps)).to(x.dtype)
+    y = F.linear(x, weight)
+    if swiglu:
+        gate, up = y.chunk(2)
+        return F.silu(gate) * up
+    return y if residual is None else residual + y
+
+
+def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., D), cos/sin (D,) in x's dtype: the model's rotate-half rotary (`apply_rope`)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def reference_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                               cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """One token at cache slot `pos` (batch 1): rotate q and k, write k and v to slot pos of the caches
+    (1, KV, S, D) in place, attend over slots 0..pos. qkv (H·D + 2·KV·D,) -> (H·D,). cos/sin: the rotary
+    tables' rows for this position, (D,) fp32."""
+    D = k_cache.size(-1)
+    dt = qkv.dtype
+    q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D])
+    c, s = cos.to(dt), sin.to(dt)
+    q = reference_rope(q.view(n_heads, D), c, s)
+    k = reference_rope(k.view(n_kv_heads, D), c, s)
+    k_cache[0, :, pos] = k
+    v_cache[0, :, pos] = v.view(n_kv_heads, D)
+    keys, values = k_cache[0, :, : pos + 1], v_cache[0, :, : pos + 1]  # (KV, pos+1, D)
+    qg = q.view(n_kv_heads, n_heads // n_kv_heads, D)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * D**-0.5  # rounded to dt first, as the model
+    probs = scores.softmax(-1)
+    return torch.matmul(probs, values.float()).to(dt).reshape(n_heads * D)
+
+
+# ---- kernels --------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(X, W, OUT, RES, NORM_W, N, K, eps,
+                     HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        cols = tl.arange(0, BLOCK_K)
+        dt = OUT.dtype.element_ty
+        rstd = 1.0
+        if HAS_NORM:
+            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xv = tl.load(X + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+                ss += xv * xv
+            rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        w_rows = W + rows[:, None].to(tl.int64) * K
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = k0 + cols < K
+            xv = tl.load(X + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                # The model rounds the normalised x to its dtype, then scales by the weight in that dtype.
+                nw = tl.load(NORM_W + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
+                xv = (nw * (xv * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            m = row_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_rows + k0 + cols[None, :], mask=m, other=0.0)
+            acc += w.to(tl.float32) * xv[None, :]
+            if SWIGLU:
+                wu = tl.load(w_rows + N * K + k0 + cols[None, :], mask=m, other=0.0)
+                acc_up += wu.to(tl.float32) * xv[None, :]
+        y = tl.sum(acc, axis=1).to(dt).to(tl.float32)
+        if SWIGLU:
+            up = tl.sum(acc_up, axis=1).to(dt).to(tl.float32)
+            y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * up
+        if HAS_RES:
+            y = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32) + y
+        tl.store(OUT + rows, y.to(dt), mask=row_ok)
+
+    @triton.jit
+    def _rope_half(x1, x2, c, s, dt: tl.constexpr):
+        # x*cos + rotate_half(x)*sin with each product and the sum rounded to dt, as the model computes it
+        r1 = ((x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        r2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        return r1, r2
+
+    @triton.jit
+    def _decode_attention_kernel(QKV, K_CACHE, V_CACHE, OUT, POS, COS, SIN, cache_len, scale,
+                                 N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                 BLOCK_S: tl.constexpr):
+        head = tl.program_id(0)
+        GROUP: tl.constexpr = N_HEADS // N_KV
+        HALF: tl.constexpr = HEAD_DIM // 2
+        kv_head = head // GROUP
+        dt = OUT.dtype.element_ty
+        half = tl.arange(0, HALF)
+        full = tl.arange(0, HEAD_DIM)
+        pos = tl.load(POS)
+        c = tl.load(COS + pos * HEAD_DIM + half).to(dt).to(tl.float32)  # the table's halves are equal
+        s = tl.load(SIN + pos * HEAD_DIM + half).to(dt).to(tl.float32)
+        q_at = QKV + head * HEAD_DIM
+        k_at = QKV + N_HEADS * HEAD_DIM + kv_head * HEAD_DIM
+        v_at = QKV + (N_HEADS + N_KV) * HEAD_DIM + kv_head * HEAD_DIM
+        q1, q2 = _rope_half(tl.load(q_at + half).to(tl.float32), tl.load(q_at + HALF + half).to(tl.float32), c, s, dt)
+        k1, k2 = _rope_half(tl.load(k_at + half).to(tl.float32), tl.load(k_at + HALF + half).to(tl.float32), c, s, dt)
+        v = tl.load(v_at + full)
+        kc = K_CACHE + kv_head.to(tl.int64) * cache_len * HEAD_DIM
+        vc = V_CACHE + kv_head.to(tl.int64) * cache_len * HEAD_DIM
+        if head % GROUP == 0:  # one program per kv head writes the new key and value
+            tl.store(kc + pos * HEAD_DIM + half, k1.to(dt))
+            tl.store(kc + pos * HEAD_DIM + HALF + half, k2.to(dt))
+            tl.store(vc + pos * HEAD_DIM + full, v)
+        # Online softmax, seeded with the new position (from registers: no read-after-write on the cache).
+        m = (tl.sum(q1 * k1, axis=0) + tl.sum(q2 * k2, axis=0)).to(dt).to(tl.float32) * scale
+        l = tl.sum(tl.full([1], 1.0, tl.float32), axis=0)
+        acc = v.to(tl.float32)
+        for start in range(0, pos, BLOCK_S):
+            slots = start + tl.arange(0, BLOCK_S)
+            ok = slots < pos
+            row = slots[:, None] * HEAD_DIM
+            kk1 = tl.load(kc + row + half[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            kk2 = tl.load(kc + row + HALF + half[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            sc = tl.sum(kk1 * q1[None, :], axis=1) + tl.sum(kk2 * q2[None, :], axis=1)
+            sc = tl.where(ok, sc.to(dt).to(tl.float32) * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new)
+            vv = tl.load(vc + row + full[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
+            l = l * alpha + tl.sum(p, axis=0)
+            m = m_new
+        tl.store(OUT + head * HEAD_DIM + full, (acc / l).to(dt))
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Candidates timed once per product shape on CUDA (`TritonDecodeStep.tune`); the first is the untimed
+# default. Under the interpreter (CPU tests) big blocks instead: fewer programs to interpret.
+GEMV_CANDIDATES = (
+    GemvConfig(8, 512, 4, 3),
+    GemvConfig(16, 256, 4, 3),
+    GemvConfig(16, 512, 8, 3),
+    GemvConfig(4, 1024, 4, 3),
+    GemvConfig(32, 256, 8, 3),
+    GemvConfig(8, 256, 4, 4),
+    GemvConfig(4, 512, 4, 4),
+)
+INTERPRETER_CONFIG = GemvConfig(64, 256, 4, 1)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None,
+         eps: float = 1e-5, residual: Optional[torch.Tensor] = None, swiglu: bool = False,
+         config: GemvConfig = GEMV_CANDIDATES[0]) -> torch.Tensor:
+    """The kernel behind `reference_gemv`, written into `out` (N,); `residual` may be `out` itself."""
+    n = weight.size(0) // 2 if swiglu else weight.size(0)
+    k = weight.size(1)
+    assert weight.is_contiguous() and x.numel() == k and out.numel() == n, (weight.shape, x.shape, out.shape)
+    grid = (triton.cdiv(n, config.block_n),)
+    _gemv_kernel[grid](x, weight, out, residual if residual is not None else out,
+                       norm_weight if norm_weight is not None else x, n, k, eps,
+                       HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RES=residual is not None,
+                       BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                       num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     cos_table: torch.Tensor, sin_table: torch.Tensor, out: torch.Tensor, n_heads: int,
+                     n_kv_heads: int, block_s: int = 64) -> torch.Tensor:
+    """The kernel behind `reference_decode_attention`: pos is a (1,) integer tensor (so a CUDA graph can
+    replay it for any position), cos/sin the full (max_len, D) fp32 tables; writes `out` (H·D,)."""
+    head_dim = k_cache.size(-1)
+    assert k_cache.size(0) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    _decode_attention_kernel[(n_heads,)](qkv, k_cache, v_cache, out, pos, cos_table, sin_table, k_cache.size(2),
+                                         head_dim**-0.5, N_HEADS=n_heads, N_KV=n_kv_heads, HEAD_DIM=head_dim,
+                                         BLOCK_S=block_s, num_warps=4)
+    return out
+
+
+# ---- the step ----------------------------------------------------------------------------------------
+def unsupported_reason(model) -> Optional[str]:
+    """Why `TritonDecodeStep` cannot run `model`, or None if it can."""
+    if triton is None:
+        return "Triton is not installed"
+    device = model.embed_tokens.weight.device
+    if device.type != "cuda" and not _interpreted():
+        return f"the Triton decode step needs a CUDA device (the model is on {device})"
+    if not model.projections_fused:
+        return "the Triton decode step needs fused q/k/v and gate/up projections (Llama.fuse_projections)"
+    c = model.config
+    if c.head_dim % 2 or c.head_dim & (c.head_dim - 1):
+        return f"head_dim {c.head_dim} is not a power of two"
+    dtype = model.embed_tokens.weight.dtype
+    for i, layer in enumerate(model.layers):
+        a, m = layer.self_attn, layer.mlp
+        for name, lin in (("qkv_proj", a.qkv_proj), ("o_proj", a.o_proj), ("gate_up_proj", m.gate_up_proj),
+                          ("down_proj", m.down_proj)):
+            if type(lin) is not nn.Linear or lin.bias is not None:
+                return f"layer {i} {name} is not a plain bias-free nn.Linear (quantized?)"
+            if lin.weight.dtype != dtype:
+                return f"layer {i} {name} is {lin.weight.dtype}, the embeddings {dtype}: use one dtype"
+    if type(model.lm_head) is not nn.Linear or model.lm_head.weight.dtype != dtype:
+        return "the output head is not a plain nn.Linear in the model's dtype"
+    return None
+
+
+class TritonDecodeStep:
+    """Batch-1 decode step of a fused Llama on its static KV cache (`Llama.setup_cache(1, ...)`).
+
+    `step(ids (1, 1), input_pos (1,))` -> logits (1, vocab) in the model's dtype, the same contract as
+    `Llama.forward(ids, input_pos=input_pos)[:, -1]` for an unpadded batch of one. On CUDA the first call
+    also picks each product's block shape (`tune`) and captures the step in a CUDA graph; later calls copy
+    the token and position in and replay it. The returned logits are a fixed
+    buffer, overwritten by the next call.
+    """
+
+    def __init__(self, model, use_graph: Optional[bool] = None) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(reason)
+        self.model = model
+        c = model.config
+        self.config = c
+        self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
+        self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
+        new = lambda n, dtype=None: torch.empty(n, dtype=dtype or self.dtype, device=self.device)  # noqa: E731
+        self.ids = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.x = new(c.hidden_size)
+        self.qkv = new((c.n_heads + 2 * c.n_kv_heads) * c.head_dim)
+        self.attn = new(c.n_heads * c.head_dim)
+        self.hidden = new(c.intermediate_size)
+        self.logits = new((1, c.vocab_size))
+        self._graph = None
+        self._graph_key = None
+        # Every GEMV of the step: (input, weight, output, kwargs) over the fixed buffers.
+        self.products = []
+        for layer in model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+            self.products.append((self.x, a.qkv_proj.weight, self.qkv, dict(norm_weight=n1.weight, eps=n1.eps)))
+            self.products.append((self.attn, a.o_proj.weight, self.x, dict(residual=self.x)))
+            self.products.append((self.x, mlp.gate_up_proj.weight, self.hidden,
+                                  dict(norm_weight=n2.weight, eps=n2.eps, swiglu=True)))
+            self.products.append((self.hidden, mlp.down_proj.weight, self.x, dict(residual=self.x)))
+        self.products.append((self.x, model.lm_head.weight, self.logits.view(-1),
+                              dict(norm_weight=model.norm.weight, eps=model.norm.eps)))
+        default = GEMV_CANDIDATES[0] if self.device.type == "cuda" else INTERPRETER_CONFIG
+        self.configs: list[GemvConfig] = [default] * len(self.products)
+
+    def tune(self) -> None:
+        """On CUDA, pick each product's block shape by timing the candidates on scratch buffers (the live
+        ones are never written); the choice is kept per card and shape for the process."""
+        if self.device.type != "cuda":
+            return
+        card = torch.cuda.get_device_name(self.device)
+        for i, (x, weight, out, kw) in enumerate(self.products):
+            key = (card, tuple(weight.shape), "norm_weight" in kw, "residual" in kw, kw.get("swiglu", False))
+            if key not in _TUNED:
+                xs, outs = torch.randn_like(x), torch.zeros_like(out)
+                skw = dict(kw)
+                if "residual" in skw:
+                    skw["residual"] = outs
+                if "norm_weight" in skw:
+                    skw["norm_weight"] = torch.ones_like(skw["norm_weight"])
+                _TUNED[key] = _fastest(lambda cfg: gemv(xs, weight, outs, config=cfg, **skw))
+            self.configs[i] = _TUNED[key]
+
+    # one step, kernel by kernel ---------------------------------------------------------------------
+    def _run(self) -> None:
+        m, c = self.model, self.config
+        torch.index_select(m.embed_tokens.weight, 0, self.ids, out=self.x.view(1, -1))
+        products = iter(zip(self.products, self.configs))
+
+        def product() -> None:
+            (x, weight, out, kw), cfg = next(products)
+            gemv(x, weight, out, config=cfg, **kw)
+
+        for layer in m.layers:
+            a = layer.self_attn
+            product()  # RMSNorm -> q/k/v
+            decode_attention(self.qkv, a.kv_cache.k, a.kv_cache.v, self.pos, m.rope_cos, m.rope_sin, self.attn,
+                             c.n_heads, c.n_kv_heads)
+            product()  # o + residual
+            product()  # RMSNorm -> gate/up -> SiLU(gate) * up
+            product()  # down + residual
+        product()  # RMSNorm -> output head
+
+    def reset(self) -> None:
+        """Forget the captured graph (call when the KV cache it points into is freed)."""
+        self._graph = self._graph_key = None
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        cache = self.model.layers[0].self_attn.kv_cache
+        if cache is None or cache.k.size(0) != 1:
+            raise RuntimeError("TritonDecodeStep needs the model's KV cache for batch 1: setup_cache(1, ...)")
+        self.ids.copy_(ids.reshape(1), non_blocking=True)
+        self.pos.copy_(input_pos.reshape(1), non_blocking=True)
+        if not self.use_graph:
+            self._run()
+            return self.logits
+        key = tuple((layer.self_attn.kv_cache.k.data_ptr(), layer.self_attn.kv_cache.v.data_ptr(),
+                     layer.self_attn.kv_cache.k.shape) for layer in self.model.layers)
+        if self._graph is None or self._graph_key != key:
+            # First call for this cache: tune, run eagerly (this step's result; compiles the kernels), then
+            # capture the step (capturing runs nothing) for the next calls.
+            self._graph = None
+            self.tune()
+            self._run()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._run()
+            self._graph, self._graph_key = graph, key
+            return self.logits
+        self._graph.replay()
+        return self.logits
+
+
+_TUNED: dict[tuple, GemvConfig] = {}
+
+
+def _fastest(run) -> GemvConfig:
+    """Time each GEMV candidate (CUDA events, median of 20 after warm-up) and return the fastest."""
+    best, best_t = GEMV_CANDIDATES[0], float("inf")
+    for cfg in GEMV_CANDIDATES:
+        try:
+            for _ in range(3):
+                run(cfg)
+        except Exception:  # a config this card cannot run (shared memory, registers): skip it
+            continue
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(cfg)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        t = sorted(times)[len(times) // 2]
+        if t < best_t:
+            best, best_t = cfg, t
+    return best
