@@ -152,9 +152,89 @@ def profile(engine, steps=20):
             "top": [(name[:90], c // steps, round(t / steps / 1e3, 4)) for name, (c, t) in top]}
 
 
+def _time_us(fn, reps=30) -> float:
+    """Median µs of fn() over reps (CUDA events), after 3 warm-ups."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def gemv_table(base_model) -> dict:
+    """Each product of the decode step over all 22 layers' matrices in turn (as the step reads them, so the
+    small ones do not sit in L2): cuBLAS F.linear vs each Triton GEMV candidate; and the attention kernel."""
+    from tinyllama.kernels.decode import GEMV_CANDIDATES, decode_attention, gemv
+    from tinyllama.model import one_token_attention
+
+    model = copy.deepcopy(base_model).fuse_projections()
+    L, c = model.layers, model.config
+    n1 = dict(norm_weight=L[0].input_layernorm.weight, eps=1e-5)
+    shapes = {
+        "qkv (+norm)": ([b.self_attn.qkv_proj.weight for b in L], n1, False),
+        "o (+residual)": ([b.self_attn.o_proj.weight for b in L], {}, True),
+        "gate_up (+norm, SwiGLU)": ([b.mlp.gate_up_proj.weight for b in L], dict(n1, swiglu=True), False),
+        "down (+residual)": ([b.mlp.down_proj.weight for b in L], {}, True),
+        "lm_head (+norm)": ([model.lm_head.weight], n1, False),
+    }
+    rows = {}
+    with torch.inference_mode():
+        for name, (ws, kw, res) in shapes.items():
+            K = ws[0].size(1)
+            n_out = ws[0].size(0) // 2 if kw.get("swiglu") else ws[0].size(0)
+            x = torch.randn(K, device=DEV, dtype=torch.bfloat16)
+            out = torch.zeros(n_out, device=DEV, dtype=torch.bfloat16)
+            nbytes = sum(w.numel() * w.element_size() for w in ws)
+            cublas = _time_us(lambda: [F.linear(x[None], w) for w in ws]) / len(ws)
+            row = {"bytes_per_matrix": nbytes // len(ws), "cublas_us": round(cublas, 2),
+                   "cublas_GBps": round(nbytes / len(ws) / cublas / 1e3, 1), "triton": {}}
+            for cfg in GEMV_CANDIDATES:
+                kw2 = dict(kw, residual=out) if res else kw
+                try:
+                    t = _time_us(lambda: [gemv(x, w, out, config=cfg, **kw2) for w in ws]) / len(ws)
+                except Exception as e:  # noqa: BLE001
+                    row["triton"][str(cfg)] = f"error {type(e).__name__}"
+                    continue
+                row["triton"][f"{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"] = (
+                    round(t, 2), round(nbytes / len(ws) / t / 1e3, 1))
+            best = min((v for v in row["triton"].values() if isinstance(v, tuple)), default=None)
+            row["triton_best"] = best
+            rows[name] = row
+            print(f"  gemv {name}: {nbytes / len(ws) / 1e6:.1f} MB/matrix; cuBLAS {cublas:.2f} us "
+                  f"({row['cublas_GBps']} GB/s); Triton best {best}; all {row['triton']}", flush=True)
+        # attention: the Triton kernel (rotary + cache write + attention) vs the model's one-token attention
+        S = 512
+        caches = [(torch.randn(1, c.n_kv_heads, S, c.head_dim, device=DEV, dtype=torch.bfloat16),
+                   torch.randn(1, c.n_kv_heads, S, c.head_dim, device=DEV, dtype=torch.bfloat16)) for _ in L]
+        qkv = torch.randn((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, device=DEV, dtype=torch.bfloat16)
+        out = torch.empty(c.n_heads * c.head_dim, device=DEV, dtype=torch.bfloat16)
+        for pos in (128, 383):
+            pos_t = torch.tensor([pos], device=DEV)
+            tri = {bs: _time_us(lambda: [decode_attention(qkv, k, v, pos_t, model.rope_cos, model.rope_sin, out,
+                                                          c.n_heads, c.n_kv_heads, block_s=bs) for k, v in caches]) / len(L)
+                   for bs in (32, 64, 128)}
+            q = torch.randn(1, c.n_heads, 1, c.head_dim, device=DEV, dtype=torch.bfloat16)
+            mask = (torch.arange(S, device=DEV) <= pos).view(1, 1, 1, S)
+            eager = _time_us(lambda: [one_token_attention(q, k, v, mask) for k, v in caches]) / len(L)
+            rows[f"attention pos {pos}"] = {"triton_us_by_block_s": {k: round(v, 2) for k, v in tri.items()},
+                                            "eager_one_token_attention_us": round(eager, 2)}
+            print(f"  attention at pos {pos}: Triton {rows[f'attention pos {pos}']['triton_us_by_block_s']} us; "
+                  f"eager one_token_attention (no rotary/cache write) {eager:.2f} us", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="base,fused,fused-attn,fused-attn-cdt")
+    ap.add_argument("--gemv", action="store_true", help="first time each product and the attention kernel alone")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", ".")
     torch._logging.set_logs(perf_hints=True)
@@ -165,6 +245,10 @@ def main() -> None:
     cfg = SamplingConfig(max_new_tokens=N, stop_at_eos=False)
     ref = generate_batch(base_model, [prompt], cfg.replace(max_new_tokens=64))[0]
     results = {}
+    if args.gemv:
+        results["gemv"] = gemv_table(base_model)
+        with open(os.path.join(out_dir, "decode_perf.json"), "w") as f:
+            json.dump(results, f, indent=1)
     for name in args.variants.split(","):
         torch._dynamo.reset()
         import torch._inductor.config as ic
@@ -173,7 +257,8 @@ def main() -> None:
         t0 = time.perf_counter()
         if name.startswith("engine"):  # the product path: DecodeEngine(fuse=True), optionally max-autotune
             model = copy.deepcopy(base_model)
-            engine = DecodeEngine(model, compile=True, fuse=True,
+            kernels = "torch" if "torch" in name else "triton" if "triton" in name else "auto"
+            engine = DecodeEngine(model, compile=True, fuse=True, decode_kernels=kernels,
                                   compile_mode="max-autotune" if name.endswith("mat") else "reduce-overhead")
         else:
             model = base_model if name == "base" else fuse(copy.deepcopy(base_model), manual_attn="attn" in name)
@@ -210,6 +295,8 @@ def main() -> None:
     print("\n| variant | tokens/s | decode tok/s | step ms (GPU) | host ms/step | kernels/step | kernel ms/step | graph launches/20 | prefill ms | prefix=eager |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
+        if name == "gemv":
+            continue
         print(f"| {name} | {r['tokens_per_s']} | {r['decode_tokens_per_s']} | {r['step_ms']} | {r['host_issue_ms']} | "
               f"{r['kernels_per_step']} | {r['kernel_ms_per_step']} | {r['graph_launches']} | {r['prefill_ms']} | "
               f"{r['greedy_prefix_vs_eager']} |")

@@ -178,26 +178,33 @@ def run(args) -> int:
         fast = copy.deepcopy(model)
         compiled = DecodeEngine(fast, compile=True, fuse=True)
 
-    def compiled_batch(B):
+    def compiled_batch(B, kernels="auto"):
+        # kernels="auto": batch 1 runs the Triton decode step where it can (tinyllama.kernels.decode);
+        # "torch": the torch.compile'd step, for comparison in the same run.
+        engine = compiled if kernels == "auto" else DecodeEngine(fast, compile=True, decode_kernels=kernels)
         name = "ours compiled + CUDA graph"
+        if B == 1 and engine._batch1_step is not None:
+            name = "ours Triton decode step + CUDA graph"
         prompts = prompts_all[:B]
-        compiled.ensure_cache(B, P + N)
+        engine.ensure_cache(B, P + N)
         t0 = time.perf_counter()
-        generate_batch(fast, prompts, greedy.replace(max_new_tokens=8), engine=compiled)  # compile + capture
-        generate_batch(fast, prompts, greedy.replace(max_new_tokens=8), engine=compiled)
+        generate_batch(fast, prompts, greedy.replace(max_new_tokens=8), engine=engine)  # compile + capture
+        generate_batch(fast, prompts, greedy.replace(max_new_tokens=8), engine=engine)
         warm = time.perf_counter() - t0
-        t, dec, out = timed_stream(prompts, compiled, fast)
+        t, dec, out = timed_stream(prompts, engine, fast)
         extra = {"compile_s": round(warm, 1), "decode_tokens_per_s": round(dec * B, 1)}
         ids = torch.tensor(prompts, device=device)
         with torch.inference_mode():
-            pre, _ = timed(lambda: compiled.prefill(ids), repeats=5)
+            pre, _ = timed(lambda: engine.prefill(ids), repeats=5)
         extra["prefill_ms"] = round(pre * 1e3, 2)
         if B == 1:
             match = next((i for i, (a, b) in enumerate(zip(out[0], ours_eager[0])) if a != b), len(out[0]))
             extra["greedy_prefix_equal_to_eager"] = match
-            result["checks"]["compiled_vs_eager_prefix"] = match
+            result["checks"]["compiled_vs_eager_prefix" if kernels == "auto" else f"{kernels}_step_vs_eager_prefix"] = match
             extra["decode_weight_GBps"] = round(wb * dec / 1e9, 1)
         record(name, B, t, extra)
+        if engine is not compiled:
+            engine.release()
 
     def padded_check():
         # a left-padded batch under the CUDA graph gives the rows' single-prompt outputs
@@ -250,6 +257,8 @@ def run(args) -> int:
 
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip() and int(b) != 1]
     if compiled is not None:
+        if compiled._batch1_step is not None:
+            attempt("ours compiled b1 (torch step)", compiled_batch, 1, "torch")
         attempt("ours compiled b1", compiled_batch, 1)
     if not args.no_hf:
         attempt("transformers generate", hf_baseline)

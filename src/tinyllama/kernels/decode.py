@@ -306,22 +306,35 @@ class TritonDecodeStep:
         self.configs: list[GemvConfig] = [default] * len(self.products)
 
     def tune(self) -> None:
-        """On CUDA, pick each product's block shape by timing the candidates on scratch buffers (the live
-        ones are never written); the choice is kept per card and shape for the process."""
+        """On CUDA, pick each product's block shape by timing the candidates on scratch outputs (the live
+        buffers are never written). Each candidate runs over all the layers' matrices of that shape in turn,
+        as the step does, so the small ones are not timed from L2 (50 MB on an H100 would hold one layer's
+        q/k/v and o). Kept per card and shape for the process."""
         if self.device.type != "cuda":
             return
         card = torch.cuda.get_device_name(self.device)
+        groups: dict[tuple, list[int]] = {}
         for i, (x, weight, out, kw) in enumerate(self.products):
             key = (card, tuple(weight.shape), "norm_weight" in kw, "residual" in kw, kw.get("swiglu", False))
+            groups.setdefault(key, []).append(i)
+        for key, members in groups.items():
             if key not in _TUNED:
+                x, _, out, kw = self.products[members[0]]
                 xs, outs = torch.randn_like(x), torch.zeros_like(out)
                 skw = dict(kw)
                 if "residual" in skw:
                     skw["residual"] = outs
                 if "norm_weight" in skw:
                     skw["norm_weight"] = torch.ones_like(skw["norm_weight"])
-                _TUNED[key] = _fastest(lambda cfg: gemv(xs, weight, outs, config=cfg, **skw))
-            self.configs[i] = _TUNED[key]
+                weights = [self.products[i][1] for i in members]
+
+                def run_all(cfg, weights=weights, xs=xs, outs=outs, skw=skw):
+                    for w in weights:
+                        gemv(xs, w, outs, config=cfg, **skw)
+
+                _TUNED[key] = _fastest(run_all)
+            for i in members:
+                self.configs[i] = _TUNED[key]
 
     # one step, kernel by kernel ---------------------------------------------------------------------
     def _run(self) -> None:
