@@ -152,25 +152,28 @@ def profile(engine, steps=20):
             "top": [(name[:90], c // steps, round(t / steps / 1e3, 4)) for name, (c, t) in top]}
 
 
-def _time_us(fn, reps=30) -> float:
-    """Median µs of fn() over reps (CUDA events), after 3 warm-ups."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3)
-    return sorted(times)[len(times) // 2]
+def sweep_configs():
+    """The GEMV block shapes to sweep: rows per program x columns per step x warps x pipeline stages."""
+    from tinyllama.kernels.decode import GemvConfig
+
+    out = []
+    for bn in (1, 2, 4, 8, 16):
+        for bk in (512, 1024, 2048):
+            for warps in (4, 8):
+                per_thread = bn * bk // (32 * warps)
+                if not 16 <= per_thread <= 64:
+                    continue
+                for stages in (1, 3):
+                    out.append(GemvConfig(bn, bk, warps, stages))
+    return out
 
 
 def gemv_table(base_model) -> dict:
-    """Each product of the decode step over all 22 layers' matrices in turn (as the step reads them, so the
-    small ones do not sit in L2): cuBLAS F.linear vs each Triton GEMV candidate; and the attention kernel."""
-    from tinyllama.kernels.decode import GEMV_CANDIDATES, decode_attention, gemv
+    """Each product of the decode step over all 22 layers' matrices in turn, as the step reads them (so the
+    small ones are not served from L2), timed as CUDA-graph replays: cuBLAS F.linear vs every swept Triton
+    GEMV block shape; then the attention kernel (rotary + cache write + attention) vs the model's eager
+    one-token attention. Prints µs per matrix and GB/s of weights read."""
+    from tinyllama.kernels.decode import decode_attention, gemv, time_candidates
     from tinyllama.model import one_token_attention
 
     model = copy.deepcopy(base_model).fuse_projections()
@@ -181,8 +184,9 @@ def gemv_table(base_model) -> dict:
         "o (+residual)": ([b.self_attn.o_proj.weight for b in L], {}, True),
         "gate_up (+norm, SwiGLU)": ([b.mlp.gate_up_proj.weight for b in L], dict(n1, swiglu=True), False),
         "down (+residual)": ([b.mlp.down_proj.weight for b in L], {}, True),
-        "lm_head (+norm)": ([model.lm_head.weight], n1, False),
+        "lm_head (+norm)": ([model.lm_head.weight] * 3, n1, False),  # 131 MB: L2 cannot hold it between calls
     }
+    configs = sweep_configs()
     rows = {}
     with torch.inference_mode():
         for name, (ws, kw, res) in shapes.items():
@@ -190,42 +194,37 @@ def gemv_table(base_model) -> dict:
             n_out = ws[0].size(0) // 2 if kw.get("swiglu") else ws[0].size(0)
             x = torch.randn(K, device=DEV, dtype=torch.bfloat16)
             out = torch.zeros(n_out, device=DEV, dtype=torch.bfloat16)
-            nbytes = sum(w.numel() * w.element_size() for w in ws)
-            cublas = _time_us(lambda: [F.linear(x[None], w) for w in ws]) / len(ws)
-            row = {"bytes_per_matrix": nbytes // len(ws), "cublas_us": round(cublas, 2),
-                   "cublas_GBps": round(nbytes / len(ws) / cublas / 1e3, 1), "triton": {}}
-            for cfg in GEMV_CANDIDATES:
-                kw2 = dict(kw, residual=out) if res else kw
-                try:
-                    t = _time_us(lambda: [gemv(x, w, out, config=cfg, **kw2) for w in ws]) / len(ws)
-                except Exception as e:  # noqa: BLE001
-                    row["triton"][str(cfg)] = f"error {type(e).__name__}"
-                    continue
-                row["triton"][f"{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"] = (
-                    round(t, 2), round(nbytes / len(ws) / t / 1e3, 1))
-            best = min((v for v in row["triton"].values() if isinstance(v, tuple)), default=None)
-            row["triton_best"] = best
+            per = ws[0].numel() * ws[0].element_size()
+            kw2 = dict(kw, residual=out) if res else kw
+            cublas = time_candidates(lambda _: [F.linear(x[None], w) for w in ws], ["cublas"])["cublas"] / len(ws)
+            t = time_candidates(lambda cfg: [gemv(x, w, out, config=cfg, **kw2) for w in ws], configs)
+            ranked = sorted(t.items(), key=lambda kv: kv[1])
+            row = {"MB_per_matrix": round(per / 1e6, 2), "cublas_us": round(cublas, 2),
+                   "cublas_GBps": round(per / cublas / 1e3, 1),
+                   "triton": [(f"{k.block_n}x{k.block_k} w{k.num_warps} s{k.num_stages}", round(v / len(ws), 2),
+                               round(per / (v / len(ws)) / 1e3, 1)) for k, v in ranked]}
             rows[name] = row
-            print(f"  gemv {name}: {nbytes / len(ws) / 1e6:.1f} MB/matrix; cuBLAS {cublas:.2f} us "
-                  f"({row['cublas_GBps']} GB/s); Triton best {best}; all {row['triton']}", flush=True)
-        # attention: the Triton kernel (rotary + cache write + attention) vs the model's one-token attention
+            print(f"  gemv {name}: {row['MB_per_matrix']} MB/matrix; cuBLAS {row['cublas_us']} us "
+                  f"({row['cublas_GBps']} GB/s); Triton top 6 (cfg, us, GB/s): {row['triton'][:6]}; "
+                  f"worst {row['triton'][-1]}", flush=True)
         S = 512
         caches = [(torch.randn(1, c.n_kv_heads, S, c.head_dim, device=DEV, dtype=torch.bfloat16),
                    torch.randn(1, c.n_kv_heads, S, c.head_dim, device=DEV, dtype=torch.bfloat16)) for _ in L]
         qkv = torch.randn((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, device=DEV, dtype=torch.bfloat16)
         out = torch.empty(c.n_heads * c.head_dim, device=DEV, dtype=torch.bfloat16)
+        q = torch.randn(1, c.n_heads, 1, c.head_dim, device=DEV, dtype=torch.bfloat16)
         for pos in (128, 383):
             pos_t = torch.tensor([pos], device=DEV)
-            tri = {bs: _time_us(lambda: [decode_attention(qkv, k, v, pos_t, model.rope_cos, model.rope_sin, out,
-                                                          c.n_heads, c.n_kv_heads, block_s=bs) for k, v in caches]) / len(L)
-                   for bs in (32, 64, 128)}
-            q = torch.randn(1, c.n_heads, 1, c.head_dim, device=DEV, dtype=torch.bfloat16)
+            cands = [(bs, w) for bs in (32, 64, 128, 256) for w in (2, 4, 8)]
+            t = time_candidates(lambda cw: [decode_attention(qkv, k, v, pos_t, model.rope_cos, model.rope_sin, out,
+                                                             c.n_heads, c.n_kv_heads, block_s=cw[0], num_warps=cw[1])
+                                            for k, v in caches], cands)
             mask = (torch.arange(S, device=DEV) <= pos).view(1, 1, 1, S)
-            eager = _time_us(lambda: [one_token_attention(q, k, v, mask) for k, v in caches]) / len(L)
-            rows[f"attention pos {pos}"] = {"triton_us_by_block_s": {k: round(v, 2) for k, v in tri.items()},
-                                            "eager_one_token_attention_us": round(eager, 2)}
-            print(f"  attention at pos {pos}: Triton {rows[f'attention pos {pos}']['triton_us_by_block_s']} us; "
-                  f"eager one_token_attention (no rotary/cache write) {eager:.2f} us", flush=True)
+            eager = time_candidates(lambda _: [one_token_attention(q, k, v, mask) for k, v in caches], ["e"])["e"]
+            ranked = sorted(((f"block_s {k[0]} w{k[1]}", round(v / len(L), 2)) for k, v in t.items()), key=lambda r: r[1])
+            rows[f"attention pos {pos}"] = {"triton_us": ranked, "eager_one_token_attention_us": round(eager / len(L), 2)}
+            print(f"  attention at pos {pos}: Triton (cfg, us) {ranked}; eager one_token_attention (no rotary, no "
+                  f"cache write) {eager / len(L):.2f} us", flush=True)
     del model
     torch.cuda.empty_cache()
     return rows

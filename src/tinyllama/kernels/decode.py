@@ -96,32 +96,35 @@ if triton is not None:
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
         dt = OUT.dtype.element_ty
-        rstd = 1.0
-        if HAS_NORM:
-            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                xv = tl.load(X + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-                ss += xv * xv
-            rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        # One pass over x and W: the norm's 1/rms is a scalar, so it is applied to the sums at the end
+        # (the model rounds the normalised x to its dtype first; here it stays fp32 — the only deviation).
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         w_rows = W + rows[:, None].to(tl.int64) * K
         for k0 in range(0, K, BLOCK_K):
             k_ok = k0 + cols < K
-            xv = tl.load(X + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
-            if HAS_NORM:
-                # The model rounds the normalised x to its dtype, then scales by the weight in that dtype.
-                nw = tl.load(NORM_W + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
-                xv = (nw * (xv * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
             m = row_ok[:, None] & k_ok[None, :]
             w = tl.load(w_rows + k0 + cols[None, :], mask=m, other=0.0)
-            acc += w.to(tl.float32) * xv[None, :]
             if SWIGLU:
                 wu = tl.load(w_rows + N * K + k0 + cols[None, :], mask=m, other=0.0)
+            xv = tl.load(X + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                ss += xv * xv
+                xv = xv * tl.load(NORM_W + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * xv[None, :]
+            if SWIGLU:
                 acc_up += wu.to(tl.float32) * xv[None, :]
-        y = tl.sum(acc, axis=1).to(dt).to(tl.float32)
+        y = tl.sum(acc, axis=1)
+        if HAS_NORM:
+            rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+            y = y * rstd
+        y = y.to(dt).to(tl.float32)
         if SWIGLU:
-            up = tl.sum(acc_up, axis=1).to(dt).to(tl.float32)
+            up = tl.sum(acc_up, axis=1)
+            if HAS_NORM:
+                up = up * rstd
+            up = up.to(dt).to(tl.float32)
             y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * up
         if HAS_RES:
             y = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32) + y
@@ -137,49 +140,69 @@ if triton is not None:
     @triton.jit
     def _decode_attention_kernel(QKV, K_CACHE, V_CACHE, OUT, POS, COS, SIN, cache_len, scale,
                                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_S: tl.constexpr):
-        head = tl.program_id(0)
+                                 BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr):
+        # One program per key/value head and its GROUP query heads (rows of the tile, padded to BLOCK_G >=
+        # 16 for the tensor-core products): each cache block is read once for the whole group.
+        kv_head = tl.program_id(0)
         GROUP: tl.constexpr = N_HEADS // N_KV
         HALF: tl.constexpr = HEAD_DIM // 2
-        kv_head = head // GROUP
         dt = OUT.dtype.element_ty
+        g = tl.arange(0, BLOCK_G)
+        g_ok = g < GROUP
         half = tl.arange(0, HALF)
         full = tl.arange(0, HEAD_DIM)
+        q_rows = QKV + (kv_head * GROUP + g)[:, None] * HEAD_DIM
+        qa = tl.load(q_rows + half[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        qb = tl.load(q_rows + HALF + half[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        k_at = QKV + N_HEADS * HEAD_DIM + kv_head * HEAD_DIM
+        ka = tl.load(k_at + half).to(tl.float32)
+        kb = tl.load(k_at + HALF + half).to(tl.float32)
+        v = tl.load(QKV + (N_HEADS + N_KV) * HEAD_DIM + kv_head * HEAD_DIM + full)
         pos = tl.load(POS)
         c = tl.load(COS + pos * HEAD_DIM + half).to(dt).to(tl.float32)  # the table's halves are equal
         s = tl.load(SIN + pos * HEAD_DIM + half).to(dt).to(tl.float32)
-        q_at = QKV + head * HEAD_DIM
-        k_at = QKV + N_HEADS * HEAD_DIM + kv_head * HEAD_DIM
-        v_at = QKV + (N_HEADS + N_KV) * HEAD_DIM + kv_head * HEAD_DIM
-        q1, q2 = _rope_half(tl.load(q_at + half).to(tl.float32), tl.load(q_at + HALF + half).to(tl.float32), c, s, dt)
-        k1, k2 = _rope_half(tl.load(k_at + half).to(tl.float32), tl.load(k_at + HALF + half).to(tl.float32), c, s, dt)
-        v = tl.load(v_at + full)
+        qa, qb = _rope_half(qa, qb, c[None, :], s[None, :], dt)
+        ka, kb = _rope_half(ka, kb, c, s, dt)
         kc = K_CACHE + kv_head.to(tl.int64) * cache_len * HEAD_DIM
         vc = V_CACHE + kv_head.to(tl.int64) * cache_len * HEAD_DIM
-        if head % GROUP == 0:  # one program per kv head writes the new key and value
-            tl.store(kc + pos * HEAD_DIM + half, k1.to(dt))
-            tl.store(kc + pos * HEAD_DIM + HALF + half, k2.to(dt))
-            tl.store(vc + pos * HEAD_DIM + full, v)
+        tl.store(kc + pos * HEAD_DIM + half, ka.to(dt))
+        tl.store(kc + pos * HEAD_DIM + HALF + half, kb.to(dt))
+        tl.store(vc + pos * HEAD_DIM + full, v)
         # Online softmax, seeded with the new position (from registers: no read-after-write on the cache).
-        m = (tl.sum(q1 * k1, axis=0) + tl.sum(q2 * k2, axis=0)).to(dt).to(tl.float32) * scale
-        l = tl.sum(tl.full([1], 1.0, tl.float32), axis=0)
-        acc = v.to(tl.float32)
+        # Scores are rounded to the model dtype before scaling, as the model's matmul output is.
+        m = (tl.sum(qa * ka[None, :], axis=1) + tl.sum(qb * kb[None, :], axis=1)).to(dt).to(tl.float32) * scale
+        l = tl.full([BLOCK_G], 1.0, tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32) + v.to(tl.float32)[None, :]
+        # Products on the tensor cores in the model dtype; in fp32 ("ieee", not tf32) for fp32 models and
+        # under the interpreter, whose bf16 dot is wrong (the operands are the same values either way).
+        op = tl.float32 if DOT_FP32 else dt
+        qa16 = qa.to(dt).to(op)
+        qb16 = qb.to(dt).to(op)
         for start in range(0, pos, BLOCK_S):
             slots = start + tl.arange(0, BLOCK_S)
             ok = slots < pos
-            row = slots[:, None] * HEAD_DIM
-            kk1 = tl.load(kc + row + half[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            kk2 = tl.load(kc + row + HALF + half[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            sc = tl.sum(kk1 * q1[None, :], axis=1) + tl.sum(kk2 * q2[None, :], axis=1)
-            sc = tl.where(ok, sc.to(dt).to(tl.float32) * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, axis=0))
+            cols = slots[None, :] * HEAD_DIM
+            kta = tl.load(kc + cols + half[:, None], mask=ok[None, :], other=0.0)  # (HALF, BLOCK_S)
+            ktb = tl.load(kc + cols + HALF + half[:, None], mask=ok[None, :], other=0.0)
+            vv = tl.load(vc + slots[:, None] * HEAD_DIM + full[None, :], mask=ok[:, None], other=0.0)
+            if DOT_FP32:
+                sc = (tl.dot(qa16, kta.to(op), input_precision="ieee")
+                      + tl.dot(qb16, ktb.to(op), input_precision="ieee"))
+            else:
+                sc = tl.dot(qa16, kta) + tl.dot(qb16, ktb)
+            sc = tl.where(ok[None, :], sc.to(dt).to(tl.float32) * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=1))
             alpha = tl.exp(m - m_new)
-            p = tl.exp(sc - m_new)
-            vv = tl.load(vc + row + full[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
-            l = l * alpha + tl.sum(p, axis=0)
+            p = tl.exp(sc - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            if DOT_FP32:
+                pv = tl.dot(p.to(dt).to(op), vv.to(op), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(dt), vv)
+            acc = acc * alpha[:, None] + pv
             m = m_new
-        tl.store(OUT + head * HEAD_DIM + full, (acc / l).to(dt))
+        out_rows = OUT + (kv_head * GROUP + g)[:, None] * HEAD_DIM
+        tl.store(out_rows + full[None, :], (acc / l[:, None]).to(dt), mask=g_ok[:, None])
 
 
 @dataclass(frozen=True)
@@ -222,14 +245,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      cos_table: torch.Tensor, sin_table: torch.Tensor, out: torch.Tensor, n_heads: int,
-                     n_kv_heads: int, block_s: int = 64) -> torch.Tensor:
+                     n_kv_heads: int, block_s: int = 64, num_warps: int = 4) -> torch.Tensor:
     """The kernel behind `reference_decode_attention`: pos is a (1,) integer tensor (so a CUDA graph can
     replay it for any position), cos/sin the full (max_len, D) fp32 tables; writes `out` (H·D,)."""
     head_dim = k_cache.size(-1)
     assert k_cache.size(0) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    _decode_attention_kernel[(n_heads,)](qkv, k_cache, v_cache, out, pos, cos_table, sin_table, k_cache.size(2),
-                                         head_dim**-0.5, N_HEADS=n_heads, N_KV=n_kv_heads, HEAD_DIM=head_dim,
-                                         BLOCK_S=block_s, num_warps=4)
+    block_g = max(16, triton.next_power_of_2(n_heads // n_kv_heads))
+    _decode_attention_kernel[(n_kv_heads,)](qkv, k_cache, v_cache, out, pos, cos_table, sin_table, k_cache.size(2),
+                                            head_dim**-0.5, N_HEADS=n_heads, N_KV=n_kv_heads, HEAD_DIM=head_dim,
+                                            BLOCK_G=block_g, BLOCK_S=block_s, DOT_FP32=qkv.dtype == torch.float32 or _interpreted(),
+                                            num_warps=num_warps)
     return out
 
 
@@ -390,24 +415,34 @@ class TritonDecodeStep:
 _TUNED: dict[tuple, GemvConfig] = {}
 
 
-def _fastest(run) -> GemvConfig:
-    """Time each GEMV candidate (CUDA events, median of 20 after warm-up) and return the fastest."""
-    best, best_t = GEMV_CANDIDATES[0], float("inf")
-    for cfg in GEMV_CANDIDATES:
+def time_candidates(run, candidates) -> dict:
+    """Median µs per call of run(cfg) for each candidate, timed as CUDA-graph replays (a Python launch takes
+    longer than these kernels run, so eager timing would measure the launches). Failing candidates are left
+    out."""
+    times = {}
+    for cfg in candidates:
         try:
-            for _ in range(3):
+            run(cfg)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 run(cfg)
-        except Exception:  # a config this card cannot run (shared memory, registers): skip it
+        except Exception:  # a config this card cannot compile or run (shared memory, registers): skip it
             continue
-        times = []
-        for _ in range(20):
+        graph.replay()
+        samples = []
+        for _ in range(15):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            run(cfg)
+            graph.replay()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
-        t = sorted(times)[len(times) // 2]
-        if t < best_t:
-            best, best_t = cfg, t
-    return best
+            samples.append(start.elapsed_time(end) * 1e3)
+        times[cfg] = sorted(samples)[len(samples) // 2]
+        del graph
+    return times
+
+
+def _fastest(run) -> GemvConfig:
+    times = time_candidates(run, GEMV_CANDIDATES)
+    return min(times, key=times.get) if times else GEMV_CANDIDATES[0]
