@@ -173,8 +173,11 @@ def gemv_table(base_model) -> dict:
     small ones are not served from L2), timed as CUDA-graph replays: cuBLAS F.linear vs every swept Triton
     GEMV block shape; then the attention kernel (rotary + cache write + attention) vs the model's eager
     one-token attention. Prints µs per matrix and GB/s of weights read."""
-    from tinyllama.kernels.decode import decode_attention, gemv, time_candidates
+    from tinyllama.kernels.decode import decode_attention, gemv, pdl_supported, time_candidates
     from tinyllama.model import one_token_attention
+
+    pdl = pdl_supported(DEV)
+    print(f"  sweep with programmatic dependent launch: {pdl}", flush=True)
 
     model = copy.deepcopy(base_model).fuse_projections()
     L, c = model.layers, model.config
@@ -197,7 +200,7 @@ def gemv_table(base_model) -> dict:
             per = ws[0].numel() * ws[0].element_size()
             kw2 = dict(kw, residual=out) if res else kw
             cublas = time_candidates(lambda _: [F.linear(x[None], w) for w in ws], ["cublas"])["cublas"] / len(ws)
-            t = time_candidates(lambda cfg: [gemv(x, w, out, config=cfg, **kw2) for w in ws], configs)
+            t = time_candidates(lambda cfg: [gemv(x, w, out, config=cfg, pdl=pdl, **kw2) for w in ws], configs)
             ranked = sorted(t.items(), key=lambda kv: kv[1])
             row = {"MB_per_matrix": round(per / 1e6, 2), "cublas_us": round(cublas, 2),
                    "cublas_GBps": round(per / cublas / 1e3, 1),
@@ -215,9 +218,10 @@ def gemv_table(base_model) -> dict:
         q = torch.randn(1, c.n_heads, 1, c.head_dim, device=DEV, dtype=torch.bfloat16)
         for pos in (128, 383):
             pos_t = torch.tensor([pos], device=DEV)
-            cands = [(bs, w) for bs in (32, 64, 128, 256) for w in (2, 4, 8)]
+            cands = [(bs, w) for bs in (64, 128, 256) for w in (4, 8)]
             t = time_candidates(lambda cw: [decode_attention(qkv, k, v, pos_t, model.rope_cos, model.rope_sin, out,
-                                                             c.n_heads, c.n_kv_heads, block_s=cw[0], num_warps=cw[1])
+                                                             c.n_heads, c.n_kv_heads, block_s=cw[0], num_warps=cw[1],
+                                                             pdl=pdl)
                                             for k, v in caches], cands)
             mask = (torch.arange(S, device=DEV) <= pos).view(1, 1, 1, S)
             eager = time_candidates(lambda _: [one_token_attention(q, k, v, mask) for k, v in caches], ["e"])["e"]
@@ -259,6 +263,8 @@ def main() -> None:
             kernels = "torch" if "torch" in name else "triton" if "triton" in name else "auto"
             engine = DecodeEngine(model, compile=True, fuse=True, decode_kernels=kernels,
                                   compile_mode="max-autotune" if name.endswith("mat") else "reduce-overhead")
+            if "nopdl" in name:
+                engine._batch1_step.pdl = False
         else:
             model = base_model if name == "base" else fuse(copy.deepcopy(base_model), manual_attn="attn" in name)
             engine = DecodeEngine(model, compile=True)

@@ -24,7 +24,8 @@ DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 
 
 def tiny_config(**kw) -> ModelConfig:
-    base = dict(vocab_size=96, hidden_size=64, n_layers=2, n_heads=8, n_kv_heads=2, intermediate_size=160,
+    # head_dim 16: the smallest the attention kernel's tensor-core products take
+    base = dict(vocab_size=96, hidden_size=128, n_layers=2, n_heads=8, n_kv_heads=2, intermediate_size=200,
                 max_seq_len=64)
     return ModelConfig(**{**base, **kw})
 
@@ -194,3 +195,35 @@ def test_decode_kernels_interpreted_on_cpu():
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout.split("\n")[-2], r.stdout[-2000:]
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA")
+@pytest.mark.parametrize("pdl", [False, True])
+def test_graph_replay_equals_eager_steps_cuda(pdl):
+    """The CUDA-graph replay (with and without programmatic dependent launch) gives the eager kernels'
+    logits bit for bit, and re-captures when the cache is re-allocated."""
+    from tinyllama.kernels.decode import TritonDecodeStep, pdl_supported
+
+    if pdl and not pdl_supported("cuda"):
+        pytest.skip("programmatic dependent launch needs Hopper or newer")
+    _, a = _models(torch.bfloat16)
+    b = copy.deepcopy(a)
+    prompt = torch.randint(0, 96, (1, 7), device="cuda")
+    with torch.inference_mode():
+        for m in (a, b):
+            m.setup_cache(1, 48)
+            m(prompt, input_pos=torch.arange(7, device="cuda"))
+        eager, graphed = TritonDecodeStep(a, use_graph=False, pdl=pdl), TritonDecodeStep(b, use_graph=True, pdl=pdl)
+        for pos in range(7, 30):
+            tok = torch.randint(0, 96, (1, 1), device="cuda")
+            want = eager.step(tok, torch.tensor([pos], device="cuda")).clone()
+            got = graphed.step(tok, torch.tensor([pos], device="cuda"))
+            assert torch.equal(got, want), pos
+        assert graphed._graph is not None and graphed.pdl == pdl
+        b.setup_cache(1, 48)  # a new cache: the old graph points into freed memory
+        b(prompt, input_pos=torch.arange(7, device="cuda"))
+        a.setup_cache(1, 48)
+        a(prompt, input_pos=torch.arange(7, device="cuda"))
+        tok = torch.randint(0, 96, (1, 1), device="cuda")
+        assert torch.equal(graphed.step(tok, torch.tensor([7], device="cuda")),
+                           eager.step(tok, torch.tensor([7], device="cuda")))

@@ -37,6 +37,10 @@ try:  # optional: Triton ships with CUDA builds of PyTorch
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
+try:  # programmatic dependent launch (Hopper+): Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the install
+    gdc_launch_dependents = gdc_wait = None
 
 
 def _interpreted() -> bool:
@@ -88,59 +92,75 @@ def reference_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache
 if triton is not None:
 
     @triton.jit
+    def _gemv_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, K, cols,
+                         HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr):
+        k_ok = k0 + cols < K
+        xv = tl.load(X + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            ss += xv * xv
+            xv = xv * tl.load(NORM_W + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * xv[None, :]
+        if SWIGLU:
+            acc_up += wu.to(tl.float32) * xv[None, :]
+        return acc, acc_up, ss
+
+    @triton.jit
     def _gemv_kernel(X, W, OUT, RES, NORM_W, N, K, eps,
-                     HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr,
+                     HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
         dt = OUT.dtype.element_ty
+        w_rows = W + rows[:, None].to(tl.int64) * K
+        # The first weight tile does not depend on the previous kernel: with programmatic dependent launch
+        # (PDL) it is read while that kernel finishes; gdc_wait then waits for its results (x, residual).
+        m = row_ok[:, None] & (cols < K)[None, :]
+        w = tl.load(w_rows + cols[None, :], mask=m, other=0.0)
+        wu = w
+        if SWIGLU:
+            wu = tl.load(w_rows + N * K + cols[None, :], mask=m, other=0.0)
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()  # the next kernel may start its own weight reads now
         # One pass over x and W: the norm's 1/rms is a scalar, so it is applied to the sums at the end
         # (the model rounds the normalised x to its dtype first; here it stays fp32 — the only deviation).
-        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        w_rows = W + rows[:, None].to(tl.int64) * K
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = k0 + cols < K
-            m = row_ok[:, None] & k_ok[None, :]
+        zero = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc, acc_up, ss = _gemv_accumulate(zero, zero, tl.zeros([BLOCK_K], dtype=tl.float32), w, wu, X, NORM_W,
+                                           0, K, cols, HAS_NORM, SWIGLU)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            m = row_ok[:, None] & (k0 + cols < K)[None, :]
             w = tl.load(w_rows + k0 + cols[None, :], mask=m, other=0.0)
             if SWIGLU:
                 wu = tl.load(w_rows + N * K + k0 + cols[None, :], mask=m, other=0.0)
-            xv = tl.load(X + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
-            if HAS_NORM:
-                ss += xv * xv
-                xv = xv * tl.load(NORM_W + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * xv[None, :]
-            if SWIGLU:
-                acc_up += wu.to(tl.float32) * xv[None, :]
+            acc, acc_up, ss = _gemv_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, K, cols, HAS_NORM, SWIGLU)
         y = tl.sum(acc, axis=1)
+        rstd = 1.0
         if HAS_NORM:
             rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
             y = y * rstd
         y = y.to(dt).to(tl.float32)
         if SWIGLU:
-            up = tl.sum(acc_up, axis=1)
-            if HAS_NORM:
-                up = up * rstd
-            up = up.to(dt).to(tl.float32)
+            up = (tl.sum(acc_up, axis=1) * rstd).to(dt).to(tl.float32)
             y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * up
         if HAS_RES:
             y = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32) + y
         tl.store(OUT + rows, y.to(dt), mask=row_ok)
 
     @triton.jit
-    def _rope_half(x1, x2, c, s, dt: tl.constexpr):
-        # x*cos + rotate_half(x)*sin with each product and the sum rounded to dt, as the model computes it
-        r1 = ((x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        r2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        return r1, r2
+    def _rope(x, x_swapped, c, s, sign, dt: tl.constexpr):
+        # x*cos + rotate_half(x)*sin, rotate_half(x) = sign * x_swapped (halves exchanged, the first negated);
+        # each product and the sum rounded to dt, as the model computes it
+        a = (x * c).to(dt).to(tl.float32)
+        b = (sign * x_swapped * s).to(dt).to(tl.float32)
+        return (a + b).to(dt).to(tl.float32)
 
     @triton.jit
     def _decode_attention_kernel(QKV, K_CACHE, V_CACHE, OUT, POS, COS, SIN, cache_len, scale,
                                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr):
+                                 BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr,
+                                 PDL: tl.constexpr):
         # One program per key/value head and its GROUP query heads (rows of the tile, padded to BLOCK_G >=
         # 16 for the tensor-core products): each cache block is read once for the whole group.
         kv_head = tl.program_id(0)
@@ -149,47 +169,45 @@ if triton is not None:
         dt = OUT.dtype.element_ty
         g = tl.arange(0, BLOCK_G)
         g_ok = g < GROUP
-        half = tl.arange(0, HALF)
-        full = tl.arange(0, HEAD_DIM)
-        q_rows = QKV + (kv_head * GROUP + g)[:, None] * HEAD_DIM
-        qa = tl.load(q_rows + half[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-        qb = tl.load(q_rows + HALF + half[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-        k_at = QKV + N_HEADS * HEAD_DIM + kv_head * HEAD_DIM
-        ka = tl.load(k_at + half).to(tl.float32)
-        kb = tl.load(k_at + HALF + half).to(tl.float32)
-        v = tl.load(QKV + (N_HEADS + N_KV) * HEAD_DIM + kv_head * HEAD_DIM + full)
+        d = tl.arange(0, HEAD_DIM)
+        d_swapped = (d + HALF) % HEAD_DIM
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        # The position, its rotary row and the cache's old slots do not depend on the previous kernel.
         pos = tl.load(POS)
-        c = tl.load(COS + pos * HEAD_DIM + half).to(dt).to(tl.float32)  # the table's halves are equal
-        s = tl.load(SIN + pos * HEAD_DIM + half).to(dt).to(tl.float32)
-        qa, qb = _rope_half(qa, qb, c[None, :], s[None, :], dt)
-        ka, kb = _rope_half(ka, kb, c, s, dt)
+        c = tl.load(COS + pos * HEAD_DIM + d).to(dt).to(tl.float32)
+        s = tl.load(SIN + pos * HEAD_DIM + d).to(dt).to(tl.float32)
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        q_rows = QKV + (kv_head * GROUP + g)[:, None] * HEAD_DIM
+        q = tl.load(q_rows + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q_sw = tl.load(q_rows + d_swapped[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q = _rope(q, q_sw, c[None, :], s[None, :], sign[None, :], dt)
+        k_at = QKV + N_HEADS * HEAD_DIM + kv_head * HEAD_DIM
+        k = _rope(tl.load(k_at + d).to(tl.float32), tl.load(k_at + d_swapped).to(tl.float32), c, s, sign, dt)
+        v = tl.load(QKV + (N_HEADS + N_KV) * HEAD_DIM + kv_head * HEAD_DIM + d)
         kc = K_CACHE + kv_head.to(tl.int64) * cache_len * HEAD_DIM
         vc = V_CACHE + kv_head.to(tl.int64) * cache_len * HEAD_DIM
-        tl.store(kc + pos * HEAD_DIM + half, ka.to(dt))
-        tl.store(kc + pos * HEAD_DIM + HALF + half, kb.to(dt))
-        tl.store(vc + pos * HEAD_DIM + full, v)
+        tl.store(kc + pos * HEAD_DIM + d, k.to(dt))
+        tl.store(vc + pos * HEAD_DIM + d, v)
         # Online softmax, seeded with the new position (from registers: no read-after-write on the cache).
         # Scores are rounded to the model dtype before scaling, as the model's matmul output is.
-        m = (tl.sum(qa * ka[None, :], axis=1) + tl.sum(qb * kb[None, :], axis=1)).to(dt).to(tl.float32) * scale
+        m = tl.sum(q * k[None, :], axis=1).to(dt).to(tl.float32) * scale
         l = tl.full([BLOCK_G], 1.0, tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32) + v.to(tl.float32)[None, :]
         # Products on the tensor cores in the model dtype; in fp32 ("ieee", not tf32) for fp32 models and
         # under the interpreter, whose bf16 dot is wrong (the operands are the same values either way).
         op = tl.float32 if DOT_FP32 else dt
-        qa16 = qa.to(dt).to(op)
-        qb16 = qb.to(dt).to(op)
+        q_op = q.to(dt).to(op)
         for start in range(0, pos, BLOCK_S):
             slots = start + tl.arange(0, BLOCK_S)
             ok = slots < pos
-            cols = slots[None, :] * HEAD_DIM
-            kta = tl.load(kc + cols + half[:, None], mask=ok[None, :], other=0.0)  # (HALF, BLOCK_S)
-            ktb = tl.load(kc + cols + HALF + half[:, None], mask=ok[None, :], other=0.0)
-            vv = tl.load(vc + slots[:, None] * HEAD_DIM + full[None, :], mask=ok[:, None], other=0.0)
+            kt = tl.load(kc + slots[None, :] * HEAD_DIM + d[:, None], mask=ok[None, :], other=0.0)  # (D, S)
+            vv = tl.load(vc + slots[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)  # (S, D)
             if DOT_FP32:
-                sc = (tl.dot(qa16, kta.to(op), input_precision="ieee")
-                      + tl.dot(qb16, ktb.to(op), input_precision="ieee"))
+                sc = tl.dot(q_op, kt.to(op), input_precision="ieee")
             else:
-                sc = tl.dot(qa16, kta) + tl.dot(qb16, ktb)
+                sc = tl.dot(q_op, kt)
             sc = tl.where(ok[None, :], sc.to(dt).to(tl.float32) * scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, axis=1))
             alpha = tl.exp(m - m_new)
@@ -202,7 +220,7 @@ if triton is not None:
             acc = acc * alpha[:, None] + pv
             m = m_new
         out_rows = OUT + (kv_head * GROUP + g)[:, None] * HEAD_DIM
-        tl.store(out_rows + full[None, :], (acc / l[:, None]).to(dt), mask=g_ok[:, None])
+        tl.store(out_rows + d[None, :], (acc / l[:, None]).to(dt), mask=g_ok[:, None])
 
 
 @dataclass(frozen=True)
@@ -215,37 +233,51 @@ class GemvConfig:
 
 # Candidates timed once per product shape on CUDA (`TritonDecodeStep.tune`); the first is the untimed
 # default. Under the interpreter (CPU tests) big blocks instead: fewer programs to interpret.
-GEMV_CANDIDATES = (
+GEMV_CANDIDATES = (  # the leaders per shape of an H200 sweep of 34 shapes (perf/NOTES.md, decode)
     GemvConfig(8, 512, 4, 3),
-    GemvConfig(16, 256, 4, 3),
-    GemvConfig(16, 512, 8, 3),
-    GemvConfig(4, 1024, 4, 3),
-    GemvConfig(32, 256, 8, 3),
-    GemvConfig(8, 256, 4, 4),
-    GemvConfig(4, 512, 4, 4),
+    GemvConfig(4, 512, 4, 3),
+    GemvConfig(2, 1024, 4, 3),
+    GemvConfig(4, 1024, 4, 1),
+    GemvConfig(4, 1024, 8, 1),
+    GemvConfig(8, 1024, 8, 1),
+    GemvConfig(4, 2048, 4, 1),
+    GemvConfig(2, 2048, 4, 1),
+    GemvConfig(16, 512, 4, 3),
 )
 INTERPRETER_CONFIG = GemvConfig(64, 256, 4, 1)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None,
          eps: float = 1e-5, residual: Optional[torch.Tensor] = None, swiglu: bool = False,
-         config: GemvConfig = GEMV_CANDIDATES[0]) -> torch.Tensor:
-    """The kernel behind `reference_gemv`, written into `out` (N,); `residual` may be `out` itself."""
+         config: GemvConfig = GEMV_CANDIDATES[0], pdl: bool = False) -> torch.Tensor:
+    """The kernel behind `reference_gemv`, written into `out` (N,); `residual` may be `out` itself.
+    pdl: launch with programmatic dependent launch (see `pdl_supported`): the first weight tile is read
+    while the previous kernel on the stream finishes."""
     n = weight.size(0) // 2 if swiglu else weight.size(0)
     k = weight.size(1)
     assert weight.is_contiguous() and x.numel() == k and out.numel() == n, (weight.shape, x.shape, out.shape)
     grid = (triton.cdiv(n, config.block_n),)
     _gemv_kernel[grid](x, weight, out, residual if residual is not None else out,
                        norm_weight if norm_weight is not None else x, n, k, eps,
-                       HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RES=residual is not None,
+                       HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RES=residual is not None, PDL=pdl,
                        BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                       num_warps=config.num_warps, num_stages=config.num_stages)
+                       num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
     return out
+
+
+def pdl_supported(device) -> bool:
+    """Programmatic dependent launch: Hopper or newer, compiled (not interpreted), Triton with gdc_*."""
+    return (gdc_wait is not None and not _interpreted() and torch.device(device).type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _pdl_launch(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
 
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      cos_table: torch.Tensor, sin_table: torch.Tensor, out: torch.Tensor, n_heads: int,
-                     n_kv_heads: int, block_s: int = 64, num_warps: int = 4) -> torch.Tensor:
+                     n_kv_heads: int, block_s: int = 128, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
     """The kernel behind `reference_decode_attention`: pos is a (1,) integer tensor (so a CUDA graph can
     replay it for any position), cos/sin the full (max_len, D) fp32 tables; writes `out` (H·D,)."""
     head_dim = k_cache.size(-1)
@@ -253,8 +285,9 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     block_g = max(16, triton.next_power_of_2(n_heads // n_kv_heads))
     _decode_attention_kernel[(n_kv_heads,)](qkv, k_cache, v_cache, out, pos, cos_table, sin_table, k_cache.size(2),
                                             head_dim**-0.5, N_HEADS=n_heads, N_KV=n_kv_heads, HEAD_DIM=head_dim,
-                                            BLOCK_G=block_g, BLOCK_S=block_s, DOT_FP32=qkv.dtype == torch.float32 or _interpreted(),
-                                            num_warps=num_warps)
+                                            BLOCK_G=block_g, BLOCK_S=block_s, PDL=pdl,
+                                            DOT_FP32=qkv.dtype == torch.float32 or _interpreted(),
+                                            num_warps=num_warps, **_pdl_launch(pdl))
     return out
 
 
@@ -269,8 +302,8 @@ def unsupported_reason(model) -> Optional[str]:
     if not model.projections_fused:
         return "the Triton decode step needs fused q/k/v and gate/up projections (Llama.fuse_projections)"
     c = model.config
-    if c.head_dim % 2 or c.head_dim & (c.head_dim - 1):
-        return f"head_dim {c.head_dim} is not a power of two"
+    if c.head_dim < 16 or c.head_dim & (c.head_dim - 1):
+        return f"head_dim {c.head_dim} is not a power of two >= 16 (the attention kernel's tensor-core tiles)"
     dtype = model.embed_tokens.weight.dtype
     for i, layer in enumerate(model.layers):
         a, m = layer.self_attn, layer.mlp
@@ -295,7 +328,7 @@ class TritonDecodeStep:
     buffer, overwritten by the next call.
     """
 
-    def __init__(self, model, use_graph: Optional[bool] = None) -> None:
+    def __init__(self, model, use_graph: Optional[bool] = None, pdl: Optional[bool] = None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
@@ -305,6 +338,9 @@ class TritonDecodeStep:
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
+        # Programmatic dependent launch: each kernel reads its first weight tile while the one before it
+        # finishes (Hopper+; turned off again if this driver cannot capture it in a graph).
+        self.pdl = pdl_supported(self.device) if pdl is None else pdl
         new = lambda n, dtype=None: torch.empty(n, dtype=dtype or self.dtype, device=self.device)  # noqa: E731
         self.ids = torch.zeros(1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -340,7 +376,7 @@ class TritonDecodeStep:
         card = torch.cuda.get_device_name(self.device)
         groups: dict[tuple, list[int]] = {}
         for i, (x, weight, out, kw) in enumerate(self.products):
-            key = (card, tuple(weight.shape), "norm_weight" in kw, "residual" in kw, kw.get("swiglu", False))
+            key = (card, tuple(weight.shape), "norm_weight" in kw, "residual" in kw, kw.get("swiglu", False), self.pdl)
             groups.setdefault(key, []).append(i)
         for key, members in groups.items():
             if key not in _TUNED:
@@ -355,7 +391,7 @@ class TritonDecodeStep:
 
                 def run_all(cfg, weights=weights, xs=xs, outs=outs, skw=skw):
                     for w in weights:
-                        gemv(xs, w, outs, config=cfg, **skw)
+                        gemv(xs, w, outs, config=cfg, pdl=self.pdl, **skw)
 
                 _TUNED[key] = _fastest(run_all)
             for i in members:
@@ -369,17 +405,24 @@ class TritonDecodeStep:
 
         def product() -> None:
             (x, weight, out, kw), cfg = next(products)
-            gemv(x, weight, out, config=cfg, **kw)
+            gemv(x, weight, out, config=cfg, pdl=self.pdl, **kw)
 
         for layer in m.layers:
             a = layer.self_attn
             product()  # RMSNorm -> q/k/v
             decode_attention(self.qkv, a.kv_cache.k, a.kv_cache.v, self.pos, m.rope_cos, m.rope_sin, self.attn,
-                             c.n_heads, c.n_kv_heads)
+                             c.n_heads, c.n_kv_heads, pdl=self.pdl)
             product()  # o + residual
             product()  # RMSNorm -> gate/up -> SiLU(gate) * up
             product()  # down + residual
         product()  # RMSNorm -> output head
+
+    def _capture(self):
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._run()
+        return graph
 
     def reset(self) -> None:
         """Forget the captured graph (call when the KV cache it points into is freed)."""
@@ -403,9 +446,15 @@ class TritonDecodeStep:
             self._graph = None
             self.tune()
             self._run()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            try:
+                graph = self._capture()
+            except RuntimeError:
+                if not self.pdl:
+                    raise
+                self.pdl = False  # this driver/runtime cannot capture programmatic launches: plain ones
+                self.tune()
                 self._run()
+                graph = self._capture()
             self._graph, self._graph_key = graph, key
             return self.logits
         self._graph.replay()
