@@ -165,6 +165,7 @@ def sweep_configs():
                     continue
                 for stages in (1, 3):
                     out.append(GemvConfig(bn, bk, warps, stages))
+                out.append(GemvConfig(bn, bk, warps, 1, rowsum=True))
     return out
 
 
@@ -204,7 +205,8 @@ def gemv_table(base_model) -> dict:
             ranked = sorted(t.items(), key=lambda kv: kv[1])
             row = {"MB_per_matrix": round(per / 1e6, 2), "cublas_us": round(cublas, 2),
                    "cublas_GBps": round(per / cublas / 1e3, 1),
-                   "triton": [(f"{k.block_n}x{k.block_k} w{k.num_warps} s{k.num_stages}", round(v / len(ws), 2),
+                   "triton": [(f"{k.block_n}x{k.block_k} w{k.num_warps} s{k.num_stages}{' rowsum' if k.rowsum else ''}",
+                               round(v / len(ws), 2),
                                round(per / (v / len(ws)) / 1e3, 1)) for k, v in ranked]}
             rows[name] = row
             print(f"  gemv {name}: {row['MB_per_matrix']} MB/matrix; cuBLAS {row['cublas_us']} us "

@@ -93,21 +93,28 @@ if triton is not None:
 
     @triton.jit
     def _gemv_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, K, cols,
-                         HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr):
+                         HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, ROWSUM: tl.constexpr):
+        # ROWSUM: reduce each tile to per-row sums at once (fewer registers, more shuffles); else keep
+        # (rows, BLOCK_K) partial sums and reduce once at the end
         k_ok = k0 + cols < K
         xv = tl.load(X + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
         if HAS_NORM:
             ss += xv * xv
             xv = xv * tl.load(NORM_W + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * xv[None, :]
-        if SWIGLU:
-            acc_up += wu.to(tl.float32) * xv[None, :]
+        if ROWSUM:
+            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+            if SWIGLU:
+                acc_up += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+        else:
+            acc += w.to(tl.float32) * xv[None, :]
+            if SWIGLU:
+                acc_up += wu.to(tl.float32) * xv[None, :]
         return acc, acc_up, ss
 
     @triton.jit
     def _gemv_kernel(X, W, OUT, RES, NORM_W, N, K, eps,
                      HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWSUM: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -126,23 +133,34 @@ if triton is not None:
             gdc_launch_dependents()  # the next kernel may start its own weight reads now
         # One pass over x and W: the norm's 1/rms is a scalar, so it is applied to the sums at the end
         # (the model rounds the normalised x to its dtype first; here it stays fp32 — the only deviation).
-        zero = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if ROWSUM:
+            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+        else:
+            zero = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc, acc_up, ss = _gemv_accumulate(zero, zero, tl.zeros([BLOCK_K], dtype=tl.float32), w, wu, X, NORM_W,
-                                           0, K, cols, HAS_NORM, SWIGLU)
+                                           0, K, cols, HAS_NORM, SWIGLU, ROWSUM)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             m = row_ok[:, None] & (k0 + cols < K)[None, :]
             w = tl.load(w_rows + k0 + cols[None, :], mask=m, other=0.0)
             if SWIGLU:
                 wu = tl.load(w_rows + N * K + k0 + cols[None, :], mask=m, other=0.0)
-            acc, acc_up, ss = _gemv_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, K, cols, HAS_NORM, SWIGLU)
-        y = tl.sum(acc, axis=1)
+            acc, acc_up, ss = _gemv_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, K, cols, HAS_NORM, SWIGLU,
+                                               ROWSUM)
+        if ROWSUM:
+            y = acc
+        else:
+            y = tl.sum(acc, axis=1)
         rstd = 1.0
         if HAS_NORM:
             rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
             y = y * rstd
         y = y.to(dt).to(tl.float32)
         if SWIGLU:
-            up = (tl.sum(acc_up, axis=1) * rstd).to(dt).to(tl.float32)
+            if ROWSUM:
+                up = acc_up
+            else:
+                up = tl.sum(acc_up, axis=1)
+            up = (up * rstd).to(dt).to(tl.float32)
             y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * up
         if HAS_RES:
             y = tl.load(RES + rows, mask=row_ok, other=0.0).to(tl.float32) + y
@@ -155,6 +173,25 @@ if triton is not None:
         a = (x * c).to(dt).to(tl.float32)
         b = (sign * x_swapped * s).to(dt).to(tl.float32)
         return (a + b).to(dt).to(tl.float32)
+
+    @triton.jit
+    def _attend_block(q, kt, vv, ok, m, l, acc, scale, dt: tl.constexpr, op: tl.constexpr, DOT_FP32: tl.constexpr):
+        # one block of cached keys (D, S) and values (S, D) into the online softmax (m, l, acc); slots with
+        # ok False are masked (all False: no change, as exp(-inf) = 0 and alpha = 1)
+        if DOT_FP32:
+            sc = tl.dot(q, kt.to(op), input_precision="ieee")
+        else:
+            sc = tl.dot(q, kt)
+        sc = tl.where(ok[None, :], sc.to(dt).to(tl.float32) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        if DOT_FP32:
+            pv = tl.dot(p.to(dt).to(op), vv.to(op), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(dt), vv)
+        return m_new, l, acc * alpha[:, None] + pv
 
     @triton.jit
     def _decode_attention_kernel(QKV, K_CACHE, V_CACHE, OUT, POS, COS, SIN, cache_len, scale,
@@ -172,10 +209,17 @@ if triton is not None:
         d = tl.arange(0, HEAD_DIM)
         d_swapped = (d + HALF) % HEAD_DIM
         sign = tl.where(d < HALF, -1.0, 1.0)
-        # The position, its rotary row and the cache's old slots do not depend on the previous kernel.
+        kc = K_CACHE + kv_head.to(tl.int64) * cache_len * HEAD_DIM
+        vc = V_CACHE + kv_head.to(tl.int64) * cache_len * HEAD_DIM
+        # The position, its rotary row and the cache's old slots do not depend on the previous kernel: the
+        # first block of keys and values is read before waiting for it (programmatic dependent launch).
         pos = tl.load(POS)
         c = tl.load(COS + pos * HEAD_DIM + d).to(dt).to(tl.float32)
         s = tl.load(SIN + pos * HEAD_DIM + d).to(dt).to(tl.float32)
+        slots = tl.arange(0, BLOCK_S)
+        ok = slots < pos
+        kt = tl.load(kc + slots[None, :] * HEAD_DIM + d[:, None], mask=ok[None, :], other=0.0)  # (D, S)
+        vv = tl.load(vc + slots[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)  # (S, D)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
@@ -186,8 +230,6 @@ if triton is not None:
         k_at = QKV + N_HEADS * HEAD_DIM + kv_head * HEAD_DIM
         k = _rope(tl.load(k_at + d).to(tl.float32), tl.load(k_at + d_swapped).to(tl.float32), c, s, sign, dt)
         v = tl.load(QKV + (N_HEADS + N_KV) * HEAD_DIM + kv_head * HEAD_DIM + d)
-        kc = K_CACHE + kv_head.to(tl.int64) * cache_len * HEAD_DIM
-        vc = V_CACHE + kv_head.to(tl.int64) * cache_len * HEAD_DIM
         tl.store(kc + pos * HEAD_DIM + d, k.to(dt))
         tl.store(vc + pos * HEAD_DIM + d, v)
         # Online softmax, seeded with the new position (from registers: no read-after-write on the cache).
@@ -199,26 +241,13 @@ if triton is not None:
         # under the interpreter, whose bf16 dot is wrong (the operands are the same values either way).
         op = tl.float32 if DOT_FP32 else dt
         q_op = q.to(dt).to(op)
-        for start in range(0, pos, BLOCK_S):
+        m, l, acc = _attend_block(q_op, kt, vv, ok, m, l, acc, scale, dt, op, DOT_FP32)
+        for start in range(BLOCK_S, pos, BLOCK_S):
             slots = start + tl.arange(0, BLOCK_S)
             ok = slots < pos
-            kt = tl.load(kc + slots[None, :] * HEAD_DIM + d[:, None], mask=ok[None, :], other=0.0)  # (D, S)
-            vv = tl.load(vc + slots[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)  # (S, D)
-            if DOT_FP32:
-                sc = tl.dot(q_op, kt.to(op), input_precision="ieee")
-            else:
-                sc = tl.dot(q_op, kt)
-            sc = tl.where(ok[None, :], sc.to(dt).to(tl.float32) * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(sc - m_new[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            if DOT_FP32:
-                pv = tl.dot(p.to(dt).to(op), vv.to(op), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(dt), vv)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
+            kt = tl.load(kc + slots[None, :] * HEAD_DIM + d[:, None], mask=ok[None, :], other=0.0)
+            vv = tl.load(vc + slots[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
+            m, l, acc = _attend_block(q_op, kt, vv, ok, m, l, acc, scale, dt, op, DOT_FP32)
         out_rows = OUT + (kv_head * GROUP + g)[:, None] * HEAD_DIM
         tl.store(out_rows + d[None, :], (acc / l[:, None]).to(dt), mask=g_ok[:, None])
 
@@ -229,20 +258,22 @@ class GemvConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    rowsum: bool = False
 
 
 # Candidates timed once per product shape on CUDA (`TritonDecodeStep.tune`); the first is the untimed
 # default. Under the interpreter (CPU tests) big blocks instead: fewer programs to interpret.
-GEMV_CANDIDATES = (  # the leaders per shape of an H200 sweep of 34 shapes (perf/NOTES.md, decode)
+GEMV_CANDIDATES = (  # near the best for some product in an H100 sweep of 34 shapes (perf/NOTES.md, decode)
+    GemvConfig(4, 2048, 4, 1),
+    GemvConfig(4, 2048, 4, 3),
+    GemvConfig(8, 2048, 8, 3),
+    GemvConfig(8, 2048, 8, 1),
+    GemvConfig(16, 1024, 8, 3),
+    GemvConfig(4, 1024, 4, 1),
     GemvConfig(8, 512, 4, 3),
     GemvConfig(4, 512, 4, 3),
-    GemvConfig(2, 1024, 4, 3),
-    GemvConfig(4, 1024, 4, 1),
-    GemvConfig(4, 1024, 8, 1),
     GemvConfig(8, 1024, 8, 1),
-    GemvConfig(4, 2048, 4, 1),
-    GemvConfig(2, 2048, 4, 1),
-    GemvConfig(16, 512, 4, 3),
+    GemvConfig(2, 1024, 4, 3),
 )
 INTERPRETER_CONFIG = GemvConfig(64, 256, 4, 1)
 
@@ -260,7 +291,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
     _gemv_kernel[grid](x, weight, out, residual if residual is not None else out,
                        norm_weight if norm_weight is not None else x, n, k, eps,
                        HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RES=residual is not None, PDL=pdl,
-                       BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                       BLOCK_N=config.block_n, BLOCK_K=config.block_k, ROWSUM=config.rowsum,
                        num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
     return out
 
