@@ -242,12 +242,12 @@ if triton is not None:
         op = tl.float32 if DOT_FP32 else dt
         q_op = q.to(dt).to(op)
         m, l, acc = _attend_block(q_op, kt, vv, ok, m, l, acc, scale, dt, op, DOT_FP32)
-        for start in range(BLOCK_S, pos, BLOCK_S):
-            slots = start + tl.arange(0, BLOCK_S)
-            ok = slots < pos
-            kt = tl.load(kc + slots[None, :] * HEAD_DIM + d[:, None], mask=ok[None, :], other=0.0)
-            vv = tl.load(vc + slots[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
-            m, l, acc = _attend_block(q_op, kt, vv, ok, m, l, acc, scale, dt, op, DOT_FP32)
+        for start in range(BLOCK_S, pos, BLOCK_S):  # new names: the loop's int64 slots are not the int32 above
+            blk = start + tl.arange(0, BLOCK_S)
+            blk_ok = blk < pos
+            blk_k = tl.load(kc + blk[None, :] * HEAD_DIM + d[:, None], mask=blk_ok[None, :], other=0.0)
+            blk_v = tl.load(vc + blk[:, None] * HEAD_DIM + d[None, :], mask=blk_ok[:, None], other=0.0)
+            m, l, acc = _attend_block(q_op, blk_k, blk_v, blk_ok, m, l, acc, scale, dt, op, DOT_FP32)
         out_rows = OUT + (kv_head * GROUP + g)[:, None] * HEAD_DIM
         tl.store(out_rows + d[None, :], (acc / l[:, None]).to(dt), mask=g_ok[:, None])
 
@@ -263,17 +263,19 @@ class GemvConfig:
 
 # Candidates timed once per product shape on CUDA (`TritonDecodeStep.tune`); the first is the untimed
 # default. Under the interpreter (CPU tests) big blocks instead: fewer programs to interpret.
-GEMV_CANDIDATES = (  # near the best for some product in an H100 sweep of 34 shapes (perf/NOTES.md, decode)
+GEMV_CANDIDATES = (  # near the best for some product in an H100 sweep of 51 shapes (perf/NOTES.md, decode)
     GemvConfig(4, 2048, 4, 1),
     GemvConfig(4, 2048, 4, 3),
     GemvConfig(8, 2048, 8, 3),
     GemvConfig(8, 2048, 8, 1),
-    GemvConfig(16, 1024, 8, 3),
-    GemvConfig(4, 1024, 4, 1),
+    GemvConfig(16, 1024, 8, 1),
+    GemvConfig(4, 1024, 4, 3),
     GemvConfig(8, 512, 4, 3),
-    GemvConfig(4, 512, 4, 3),
-    GemvConfig(8, 1024, 8, 1),
-    GemvConfig(2, 1024, 4, 3),
+    GemvConfig(4, 512, 4, 1),
+    GemvConfig(2, 1024, 4, 1, rowsum=True),
+    GemvConfig(4, 2048, 4, 1, rowsum=True),
+    GemvConfig(8, 2048, 8, 1, rowsum=True),
+    GemvConfig(4, 2048, 8, 1, rowsum=True),
 )
 INTERPRETER_CONFIG = GemvConfig(64, 256, 4, 1)
 
