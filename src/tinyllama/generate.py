@@ -148,9 +148,13 @@ class DecodeEngine:
     """
 
     def __init__(self, model: Llama, compile: bool = False, cache_dtype: Optional[torch.dtype] = None,
-                 fuse: bool = False, compile_mode: str = "reduce-overhead", decode_kernels: str = "auto") -> None:
+                 fuse: bool = False, compile_mode: str = "reduce-overhead", decode_kernels: str = "auto",
+                 prefill_mode: str = "default") -> None:
         if decode_kernels not in ("auto", "triton", "torch"):
             raise GenerationError(f"decode_kernels must be auto, triton or torch, got {decode_kernels!r}")
+        if prefill_mode not in ("default", "reduce-overhead"):
+            raise GenerationError(f"prefill_mode must be default or reduce-overhead, got {prefill_mode!r}")
+        self.prefill_graphs = prefill_mode == "reduce-overhead"
         if fuse:
             model.fuse_projections()
         self.model = model
@@ -170,7 +174,11 @@ class DecodeEngine:
             # Eager prefill of 128 tokens took 31 ms on an H100, as long as 20 decode steps: compile it too.
             # The first graph is specialised to its shapes; a new prompt length, batch or cache length
             # recompiles once with that dimension dynamic (torch.compile's automatic dynamic shapes).
-            self._prefill = torch.compile(_prefill_step, fullgraph=True)
+            if self.prefill_graphs:
+                # Compiled once with a symbolic length; CUDA-graph trees record one graph per new prompt shape.
+                self._prefill = torch.compile(_prefill_step, mode="reduce-overhead", fullgraph=True, dynamic=True)
+            else:
+                self._prefill = torch.compile(_prefill_step, fullgraph=True)
         self._batch1_step = None
         if decode_kernels == "triton" or (decode_kernels == "auto" and self.compile):
             from tinyllama.kernels import decode as triton_decode
@@ -208,6 +216,8 @@ class DecodeEngine:
     def prefill(self, ids: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
         """ids (B, T) written to slots 0..T-1 -> last-position logits (B, V)."""
         T = ids.size(1)
+        if self.compile and self.prefill_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # earlier graph outputs (logits) are consumed
         return self._prefill(self.model, ids, torch.arange(T, device=self.device), rope_pos, key_mask)
 
     def step(self, ids: torch.Tensor, input_pos: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
