@@ -265,7 +265,7 @@ def main() -> None:
             kernels = "torch" if "torch" in name else "triton" if "triton" in name else "auto"
             engine = DecodeEngine(model, compile=True, fuse=True, decode_kernels=kernels,
                                   compile_mode="max-autotune" if name.endswith("mat") else "reduce-overhead",
-                                  prefill_mode="reduce-overhead" if "prefillgraph" in name else "default")
+                                  prefill_graphs="noprefillgraph" not in name)
             if "nopdl" in name:
                 engine._batch1_step.pdl = False
         else:

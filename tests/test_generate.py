@@ -224,3 +224,29 @@ def test_text_streamer_holds_back_stop_prefixes():
     assert pieces == ["Hel", "lo ", "", ""] and s.stopped
     s2 = TextStreamer(FakeTok(), stop=["<|system|>"])
     assert "".join(s2.put(i) for i in range(4)) + s2.flush() == "Hello <|user|> more"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_engine_prefill_graph_replays_equal_first_run_cuda():
+    """The compiled engine captures an unpadded prefill per shape after its first run; replays give the same
+    logits and cache as the run, and generation stays equal to the eager engine (fp32)."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=96, hidden_size=128, n_layers=2, n_heads=8, n_kv_heads=2,
+                              intermediate_size=200, max_seq_len=128)).cuda().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    prompts = [torch.randint(0, 96, (11,)).tolist() for _ in range(3)]
+    cfg = SamplingConfig(max_new_tokens=12, stop_at_eos=False)
+    want = [generate_batch(model, [p], cfg)[0] for p in prompts]
+    engine = DecodeEngine(model, compile=True, decode_kernels="torch")
+    got = [generate_batch(model, [p], cfg, engine=engine)[0] for p in prompts]
+    assert got == want
+    assert len(engine._prefill_graphs) == 1  # one shape: captured once, replayed for prompts 2 and 3
+    ids = torch.tensor([prompts[0]], device="cuda")
+    with torch.inference_mode():
+        first = engine.prefill(ids).clone()
+        k0 = model.layers[1].self_attn.kv_cache.k[:, :, :11].clone()
+        model.layers[1].self_attn.kv_cache.k.zero_()
+        again = engine.prefill(ids)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(model.layers[1].self_attn.kv_cache.k[:, :, :11], k0, atol=0, rtol=0)

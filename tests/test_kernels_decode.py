@@ -166,10 +166,16 @@ def test_engine_uses_triton_step_and_matches_eager():
     engine = DecodeEngine(fused, decode_kernels="triton")
     calls = []
     original = engine._batch1_step.step
-    engine._batch1_step.step = lambda *a: calls.append(1) or original(*a)
+    engine._batch1_step.step = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    # greedy: the step's own argmax and position are passed back (no copies); the second prompt restarts
+    # at another position, which the step must notice
     got = [generate_batch(fused, [p], cfg, engine=engine)[0] for p in prompts]
     assert got == want
-    assert len(calls) == 2 * 9  # every decode step of batch 1 ran the Triton step
+    sampled = cfg.replace(temperature=0.8, top_k=20, seed=3)  # sampling: tokens copied in as before
+    assert generate_batch(fused, prompts[:1], sampled, engine=engine) == generate_batch(ref, prompts[:1], sampled)
+    calls.clear()
+    got = [generate_batch(fused, [p], cfg, engine=engine)[0] for p in prompts]
+    assert got == want and len(calls) == 2 * 9  # every decode step of batch 1 ran the Triton step
     # a padded batch takes the regular step and still matches one-by-one
     assert generate_batch(fused, prompts, cfg, engine=engine) == want
     assert len(calls) == 2 * 9

@@ -145,16 +145,19 @@ class DecodeEngine:
     (`tinyllama.kernels.decode`, five kernels per layer in one CUDA graph) when compiling on CUDA with a
     fused model it supports, else the compiled step; "triton": always the Triton step (an error if it cannot
     run; on CPU it runs eagerly under TRITON_INTERPRET=1, for tests); "torch": never.
+
+    prefill_graphs=True (with compile): an unpadded prefill is also captured in a CUDA graph per (batch,
+    length) after its first run and replayed for the next prompt of that shape (the compiled prefill alone
+    spends ~6-10 ms launching its kernels for 128 tokens on an H100); at most `max_prefill_graphs` are kept.
     """
+
+    max_prefill_graphs = 8
 
     def __init__(self, model: Llama, compile: bool = False, cache_dtype: Optional[torch.dtype] = None,
                  fuse: bool = False, compile_mode: str = "reduce-overhead", decode_kernels: str = "auto",
-                 prefill_mode: str = "default") -> None:
+                 prefill_graphs: bool = True) -> None:
         if decode_kernels not in ("auto", "triton", "torch"):
             raise GenerationError(f"decode_kernels must be auto, triton or torch, got {decode_kernels!r}")
-        if prefill_mode not in ("default", "reduce-overhead"):
-            raise GenerationError(f"prefill_mode must be default or reduce-overhead, got {prefill_mode!r}")
-        self.prefill_graphs = prefill_mode == "reduce-overhead"
         if fuse:
             model.fuse_projections()
         self.model = model
@@ -174,11 +177,10 @@ class DecodeEngine:
             # Eager prefill of 128 tokens took 31 ms on an H100, as long as 20 decode steps: compile it too.
             # The first graph is specialised to its shapes; a new prompt length, batch or cache length
             # recompiles once with that dimension dynamic (torch.compile's automatic dynamic shapes).
-            if self.prefill_graphs:
-                # Compiled once with a symbolic length; CUDA-graph trees record one graph per new prompt shape.
-                self._prefill = torch.compile(_prefill_step, mode="reduce-overhead", fullgraph=True, dynamic=True)
-            else:
-                self._prefill = torch.compile(_prefill_step, fullgraph=True)
+            self._prefill = torch.compile(_prefill_step, fullgraph=True)
+        self.prefill_graphs = bool(prefill_graphs) and self.compile
+        self._prefill_graphs: dict = {}  # (ids shape, cache identity) -> (graph, static ids, static logits)
+        self._prefill_pool = None
         self._batch1_step = None
         if decode_kernels == "triton" or (decode_kernels == "auto" and self.compile):
             from tinyllama.kernels import decode as triton_decode
@@ -209,23 +211,57 @@ class DecodeEngine:
     def release(self) -> None:
         self.model.clear_cache()
         self._cache_key = None
+        self._prefill_graphs.clear()  # the graphs point into the freed cache
         if self._batch1_step is not None:
-            self._batch1_step.reset()  # its CUDA graph points into the freed cache
+            self._batch1_step.reset()
 
     # steps ------------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
         """ids (B, T) written to slots 0..T-1 -> last-position logits (B, V)."""
         T = ids.size(1)
-        if self.compile and self.prefill_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # earlier graph outputs (logits) are consumed
+        if self.prefill_graphs and rope_pos is None and key_mask is None:
+            return self._graphed_prefill(ids)
         return self._prefill(self.model, ids, torch.arange(T, device=self.device), rope_pos, key_mask)
 
-    def step(self, ids: torch.Tensor, input_pos: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
+    def _graphed_prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        cache = self.model.layers[0].self_attn.kv_cache
+        key = (tuple(ids.shape), cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))
+        entry = self._prefill_graphs.get(key)
+        if entry is not None:
+            graph, static_ids, static_logits = entry
+            static_ids.copy_(ids)
+            graph.replay()
+            return static_logits
+        # First prompt of this shape: run it (compiling if needed), then capture it for the next ones.
+        # Capturing runs nothing, so the cache keeps what this run wrote.
+        positions = torch.arange(ids.size(1), device=self.device)
+        logits = self._prefill(self.model, ids, positions, None, None)
+        static_ids = ids.clone()
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._prefill_pool):
+            static_logits = self._prefill(self.model, static_ids, positions, None, None)
+        self._prefill_pool = graph.pool()
+        if len(self._prefill_graphs) >= self.max_prefill_graphs:
+            self._prefill_graphs.pop(next(iter(self._prefill_graphs)))  # the oldest
+        self._prefill_graphs[key] = (graph, static_ids, static_logits)
+        return logits
+
+    def step(self, ids: torch.Tensor, input_pos: torch.Tensor, rope_pos=None, key_mask=None,
+             pos: Optional[int] = None) -> torch.Tensor:
         """ids (B, 1) at slot input_pos (1,) -> logits (B, V). With CUDA graphs the result is overwritten by
-        the next step: consume (sample from) it before calling again."""
+        the next step: consume (sample from) it before calling again. `pos`: input_pos as an int, when the
+        caller knows it (lets the Triton step skip copying it in)."""
         if self._batch1_step is not None and ids.size(0) == 1 and rope_pos is None and key_mask is None:
-            return self._batch1_step.step(ids, input_pos)
+            return self._batch1_step.step(ids, input_pos, pos=pos)
         return self._step(self.model, ids, input_pos, rope_pos, key_mask)
+
+    def greedy_token(self, batch_size: int, rope_pos=None, key_mask=None) -> Optional[torch.Tensor]:
+        """After a step: the argmax of its logits (B, 1) as the step computed it, if it did (the Triton
+        batch-1 step does, inside its graph), else None. Passing it back as the next step's ids skips a copy."""
+        if self._batch1_step is not None and batch_size == 1 and rope_pos is None and key_mask is None:
+            return self._batch1_step.greedy_token()
+        return None
 
 
 def _check_prompts(model: Llama, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> None:
@@ -318,10 +354,17 @@ def generate_batch_stream(
     done = [False] * B
     pipelined = device.type == "cuda"
     host = torch.empty(B, dtype=torch.long, pin_memory=pipelined) if pipelined else None
+    # Greedy without a penalty, after a decode step: the engine may hand over the argmax it computed.
+    plain_greedy = cfg.temperature == 0 and seen is None
     try:
         logits = engine.prefill(ids, rope_pos=rope_all[:, :T] if padded else None, key_mask=key_mask)
         for i in range(n_new):
-            nxt = sample_next(logits, cfg, generator, seen)
+            nxt = None
+            if plain_greedy and i > 0:
+                nxt = engine.greedy_token(B, rope_all if padded else None, key_mask)
+            if nxt is None:
+                nxt = sample_next(logits, cfg, generator, seen)
+            nxt = nxt.view(B)
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
             last = i + 1 == n_new
@@ -333,7 +376,7 @@ def generate_batch_stream(
                 if not last:
                     pos = T + i
                     logits = engine.step(nxt.view(B, 1), slots[pos:pos + 1],
-                                         rope_all[:, pos:pos + 1] if padded else None, key_mask)
+                                         rope_all[:, pos:pos + 1] if padded else None, key_mask, pos=pos)
                 ready.synchronize()
                 toks = host.tolist()
             else:
@@ -341,7 +384,7 @@ def generate_batch_stream(
                 if not last:
                     pos = T + i
                     logits = engine.step(nxt.view(B, 1), slots[pos:pos + 1],
-                                         rope_all[:, pos:pos + 1] if padded else None, key_mask)
+                                         rope_all[:, pos:pos + 1] if padded else None, key_mask, pos=pos)
             out: list[Optional[int]] = [None] * B
             for r, tok in enumerate(toks):
                 if done[r]:

@@ -28,8 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batch-sizes", default="1,8,32", help="comma list; batch 1 is always measured")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled / CUDA-graph runs")
-    p.add_argument("--prefill-mode", default="default", choices=["default", "reduce-overhead"],
-                   help="how the compiled engine runs the prefill (reduce-overhead: CUDA graphs per prompt shape)")
+    p.add_argument("--no-prefill-graphs", action="store_true",
+                   help="run the compiled prefill without capturing it in a CUDA graph per prompt shape")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--quant", default="", help="comma list of int8,int4-32,int4-128 to time at batch 1")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per variant (best is kept)")
@@ -178,13 +178,13 @@ def run(args) -> int:
     if device.type == "cuda" and not args.no_compile:
         # A fused copy (q/k/v and gate/up as one matrix each): the original stays for the baselines.
         fast = copy.deepcopy(model)
-        compiled = DecodeEngine(fast, compile=True, fuse=True, prefill_mode=args.prefill_mode)
+        compiled = DecodeEngine(fast, compile=True, fuse=True, prefill_graphs=not args.no_prefill_graphs)
 
     def compiled_batch(B, kernels="auto"):
         # kernels="auto": batch 1 runs the Triton decode step where it can (tinyllama.kernels.decode);
         # "torch": the torch.compile'd step, for comparison in the same run.
         engine = compiled if kernels == "auto" else DecodeEngine(fast, compile=True, decode_kernels=kernels,
-                                                                 prefill_mode=args.prefill_mode)
+                                                                 prefill_graphs=not args.no_prefill_graphs)
         name = "ours compiled + CUDA graph"
         if B == 1 and engine._batch1_step is not None:
             name = "ours Triton decode step + CUDA graph"

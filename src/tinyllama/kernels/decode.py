@@ -384,6 +384,7 @@ class TritonDecodeStep:
         self.logits = new((1, c.vocab_size))
         self._graph = None
         self._graph_key = None
+        self._next_pos: Optional[int] = None  # what self.pos holds after the last step, if known
         # Every GEMV of the step: (input, weight, output, kwargs) over the fixed buffers.
         self.products = []
         for layer in model.layers:
@@ -449,6 +450,10 @@ class TritonDecodeStep:
             product()  # RMSNorm -> gate/up -> SiLU(gate) * up
             product()  # down + residual
         product()  # RMSNorm -> output head
+        # The greedy token becomes the next step's input (ids is read only by the embedding above), and the
+        # position advances: a greedy caller then copies nothing in (`greedy_token`, step's `pos`).
+        torch.argmax(self.logits, dim=-1, out=self.ids)
+        self.pos.add_(1)
 
     def _capture(self):
         torch.cuda.synchronize(self.device)
@@ -460,14 +465,25 @@ class TritonDecodeStep:
     def reset(self) -> None:
         """Forget the captured graph (call when the KV cache it points into is freed)."""
         self._graph = self._graph_key = None
+        self._next_pos = None
+
+    def greedy_token(self) -> torch.Tensor:
+        """(1, 1): the argmax of the last step's logits, computed inside the step. It is the step's own input
+        buffer: passed back as the next `ids`, it needs no copy."""
+        return self.ids.view(1, 1)
 
     @torch.inference_mode()
-    def step(self, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, input_pos: torch.Tensor, pos: Optional[int] = None) -> torch.Tensor:
+        """`pos`, if given, is input_pos as an int: the step then skips copying it in when it is the slot
+        after the previous step's (the step advances its position buffer itself)."""
         cache = self.model.layers[0].self_attn.kv_cache
         if cache is None or cache.k.size(0) != 1:
             raise RuntimeError("TritonDecodeStep needs the model's KV cache for batch 1: setup_cache(1, ...)")
-        self.ids.copy_(ids.reshape(1), non_blocking=True)
-        self.pos.copy_(input_pos.reshape(1), non_blocking=True)
+        if ids.data_ptr() != self.ids.data_ptr():
+            self.ids.copy_(ids.reshape(1), non_blocking=True)
+        if pos is None or pos != self._next_pos:
+            self.pos.copy_(input_pos.reshape(1), non_blocking=True)
+        self._next_pos = None if pos is None else pos + 1
         if not self.use_graph:
             self._run()
             return self.logits
@@ -486,7 +502,6 @@ class TritonDecodeStep:
                     raise
                 self.pdl = False  # this driver/runtime cannot capture programmatic launches: plain ones
                 self.tune()
-                self._run()
                 graph = self._capture()
             self._graph, self._graph_key = graph, key
             return self.logits
