@@ -179,7 +179,7 @@ class DecodeEngine:
             # recompiles once with that dimension dynamic (torch.compile's automatic dynamic shapes).
             self._prefill = torch.compile(_prefill_step, fullgraph=True)
         self.prefill_graphs = bool(prefill_graphs) and self.compile
-        self._prefill_graphs: dict = {}  # (ids shape, cache identity) -> (graph, static ids, static logits)
+        self._prefill_graphs: dict = {}  # (ids shape, cache identity) -> (graph, its inputs, its logits)
         self._prefill_pool = None
         self._batch1_step = None
         if decode_kernels == "triton" or (decode_kernels == "auto" and self.compile):
@@ -228,7 +228,7 @@ class DecodeEngine:
         key = (tuple(ids.shape), cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))
         entry = self._prefill_graphs.get(key)
         if entry is not None:
-            graph, static_ids, static_logits = entry
+            graph, static_ids, _, static_logits = entry
             static_ids.copy_(ids)
             graph.replay()
             return static_logits
@@ -244,7 +244,8 @@ class DecodeEngine:
         self._prefill_pool = graph.pool()
         if len(self._prefill_graphs) >= self.max_prefill_graphs:
             self._prefill_graphs.pop(next(iter(self._prefill_graphs)))  # the oldest
-        self._prefill_graphs[key] = (graph, static_ids, static_logits)
+        # Keep every tensor the graph reads alive with it (a freed `positions` would be reused memory).
+        self._prefill_graphs[key] = (graph, static_ids, positions, static_logits)
         return logits
 
     def step(self, ids: torch.Tensor, input_pos: torch.Tensor, rope_pos=None, key_mask=None,
