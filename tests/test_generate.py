@@ -243,7 +243,7 @@ def test_compiled_engine_prefill_graph_replays_equal_first_run_cuda():
     assert got == want
     assert len(engine._prefill_graphs) == 1  # one shape: captured once, replayed for prompts 2 and 3
     # the graph's inputs outlive the call that captured it (a freed input was reused memory: a device assert)
-    junk = [torch.full((4096,), 10**6, device="cuda", dtype=torch.long) for _ in range(64)]  # noqa: F841
+    junk = [torch.full((11,), 10**6, device="cuda", dtype=torch.long) for _ in range(256)]  # noqa: F841
     ids = torch.tensor([prompts[0]], device="cuda")
     with torch.inference_mode():
         first = engine.prefill(ids).clone()
