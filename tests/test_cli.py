@@ -39,6 +39,17 @@ def test_generate_from_directory(tiny_dir, capsys):
     assert out.startswith("Call me Ishmael.") and len(out) > len("Call me Ishmael.\n")
 
 
+def test_generate_compile_flag_gives_the_same_greedy_text(tiny_dir, capsys):
+    # on CPU --compile falls back to the eager engine; on CUDA it takes the compiled/Triton path
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "Call me Ishmael.", "--max-new-tokens", "8",
+            "--temperature", "0", "--dtype", "float32"]
+    rc, plain, err = run_cli(args, capsys)
+    assert rc == 0, err
+    rc, compiled, err = run_cli(args + ["--compile"], capsys)
+    assert rc == 0, err
+    assert compiled == plain
+
+
 def _assert_one_line_error(rc, err, *needles):
     assert rc != 0
     lines = [line for line in err.strip().splitlines() if line]

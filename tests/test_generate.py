@@ -228,8 +228,8 @@ def test_text_streamer_holds_back_stop_prefixes():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_engine_prefill_graph_replays_equal_first_run_cuda():
-    """The compiled engine captures an unpadded prefill per shape after its first run; replays give the same
-    logits and cache as the run, and generation stays equal to the eager engine (fp32)."""
+    """The compiled engine captures an unpadded prefill per shape when the shape comes again; replays give
+    the same logits and cache as a run, and generation stays equal to the eager engine (fp32)."""
     torch.manual_seed(0)
     model = Llama(ModelConfig(vocab_size=96, hidden_size=128, n_layers=2, n_heads=8, n_kv_heads=2,
                               intermediate_size=200, max_seq_len=128)).cuda().eval()
@@ -241,7 +241,7 @@ def test_compiled_engine_prefill_graph_replays_equal_first_run_cuda():
     engine = DecodeEngine(model, compile=True, decode_kernels="torch")
     got = [generate_batch(model, [p], cfg, engine=engine)[0] for p in prompts]
     assert got == want
-    assert len(engine._prefill_graphs) == 1  # one shape: captured once, replayed for prompts 2 and 3
+    assert len(engine._prefill_graphs) == 1  # one shape: run, then captured, then replayed for prompt 3
     # the graph's inputs outlive the call that captured it (a freed input was reused memory: a device assert)
     junk = [torch.full((11,), 10**6, device="cuda", dtype=torch.long) for _ in range(256)]  # noqa: F841
     ids = torch.tensor([prompts[0]], device="cuda")

@@ -24,6 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA only: fuse projections, run decode steps as CUDA graphs (batch 1: the Triton "
+                        "decode kernels) and capture the prefill; the first call compiles")
 
 
 def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=None):
@@ -56,7 +59,7 @@ def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=N
 
 
 def run(args) -> int:
-    from tinyllama.generate import SamplingConfig, stream_text
+    from tinyllama.generate import DecodeEngine, SamplingConfig, stream_text
 
     model, tok = load_model_and_tokenizer(args.model, args.random_preset, args.device, args.dtype)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -68,7 +71,8 @@ def run(args) -> int:
         raise TinyLlamaError(f"--prompt is {len(prompt_ids)} tokens, the model's context is {model.config.max_seq_len}")
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    for piece in stream_text(model, tok, prompt_ids, cfg):
+    engine = DecodeEngine(model, compile=True, fuse=True) if args.compile else None
+    for piece in stream_text(model, tok, prompt_ids, cfg, engine=engine):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
