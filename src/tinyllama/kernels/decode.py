@@ -385,6 +385,7 @@ class TritonDecodeStep:
         self._graph = None
         self._graph_key = None
         self._next_pos: Optional[int] = None  # what self.pos holds after the last step, if known
+        self._tuned = False
         # Every GEMV of the step: (input, weight, output, kwargs) over the fixed buffers.
         self.products = []
         for layer in model.layers:
@@ -484,6 +485,9 @@ class TritonDecodeStep:
         if pos is None or pos != self._next_pos:
             self.pos.copy_(input_pos.reshape(1), non_blocking=True)
         self._next_pos = None if pos is None else pos + 1
+        if not self._tuned:
+            self.tune()  # also without a graph: eager and graphed steps then run the same block shapes
+            self._tuned = True
         if not self.use_graph:
             self._run()
             return self.logits
@@ -493,7 +497,6 @@ class TritonDecodeStep:
             # First call for this cache: tune, run eagerly (this step's result; compiles the kernels), then
             # capture the step (capturing runs nothing) for the next calls.
             self._graph = None
-            self.tune()
             self._run()
             try:
                 graph = self._capture()
