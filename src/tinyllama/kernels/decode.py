@@ -1,24 +1,29 @@
 """The batch-1 decode step as Triton kernels: five per layer, each weight matrix read once.
 
 Why: one decode step reads all 2.2 GB of weights to produce one token, so it is bound by memory
-bandwidth and by how many kernels it runs. The compiled PyTorch step runs ~10 kernels per layer and its
-cuBLAS small-M products read the weights at ~2.1 TB/s (perf/NOTES.md, decode). Here one layer is
+bandwidth and by how many kernels it runs. The compiled PyTorch step runs ~14 kernels per layer and its
+cuBLAS small-M products read the weights at ~1.3-2.6 TB/s (perf/NOTES.md, decode). Here one layer is
 
-  1. RMSNorm -> q/k/v product            the norm is recomputed in every program's prologue (x is 4 KB)
-  2. rotary -> KV-cache write -> attention over the cache, one program per query head
+  1. RMSNorm -> q/k/v product            x and W in one pass: the norm's 1/rms scales the sums at the end
+  2. rotary -> KV-cache write -> attention over the cache, one program per kv head and its query heads
   3. o product + residual add             in place on the residual stream
   4. RMSNorm -> gate/up product -> SiLU(gate) * up
   5. down product + residual add
 
-and the step ends with RMSNorm -> output head. Every tensor the step touches is allocated once, so on
-CUDA `TritonDecodeStep` captures the whole step in one CUDA graph and replays it each token.
+and the step ends with RMSNorm -> output head -> greedy token. Every tensor the step touches is allocated
+once, so on CUDA `TritonDecodeStep` captures the whole step in one CUDA graph and replays it each token.
+On Hopper the kernels use programmatic dependent launch: each reads its first weight tile (the attention
+its first cache block) while the kernel before it finishes, and waits (`gdc_wait`) before reading that
+kernel's results or writing anything.
 
 Numerics follow the model's own eager decode step (`Llama.forward` + `one_token_attention`): fp32
-accumulation, and rounding to the model dtype where the model rounds (norm output, product outputs,
-rotary terms, attention scores). The attention's softmax is computed online in fp32 (the eager step
-rounds the probabilities to the model dtype before the value product), so results agree to rounding,
-not bit for bit. `reference_*` functions give each kernel's semantics in plain PyTorch; tests compare
-them on the GPU, and on the CPU through TRITON_INTERPRET=1.
+accumulation, and rounding to the model dtype where the model rounds (product outputs, SiLU, rotary terms,
+attention scores). Two deviations: the normalised x is not rounded before the product (1/rms is applied
+to the sums), and the softmax is computed online in fp32 (the eager step rounds the probabilities before
+the value product). So results agree to rounding, not bit for bit; in bf16 they are as close to the fp32
+model as the eager bf16 step is (tests/test_kernels_decode.py). `reference_*` functions give each
+kernel's semantics in plain PyTorch; tests compare them on the GPU, and on the CPU through
+TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -357,8 +362,8 @@ class TritonDecodeStep:
     `step(ids (1, 1), input_pos (1,))` -> logits (1, vocab) in the model's dtype, the same contract as
     `Llama.forward(ids, input_pos=input_pos)[:, -1]` for an unpadded batch of one. On CUDA the first call
     also picks each product's block shape (`tune`) and captures the step in a CUDA graph; later calls copy
-    the token and position in and replay it. The returned logits are a fixed
-    buffer, overwritten by the next call.
+    the token and position in (unless they are already there: see `greedy_token` and step's `pos`) and
+    replay it. The returned logits are a fixed buffer, overwritten by the next call.
     """
 
     def __init__(self, model, use_graph: Optional[bool] = None, pdl: Optional[bool] = None) -> None:
