@@ -134,8 +134,8 @@ class DecodeEngine:
     fullgraph, static shapes), which captures it in a CUDA graph per (batch size, padded or not) and replays
     it every token. The graphs point into the KV cache, which is kept between calls and re-allocated only
     when a larger or different-batch cache is needed; `release()` frees it. The prefill is compiled too
-    (default mode, no graph; shapes become dynamic after the first new prompt length). On CPU everything
-    is eager.
+    (default mode; shapes become dynamic after the first new prompt length; see also prefill_graphs). On
+    CPU everything is eager.
 
     fuse=True first fuses the model's q/k/v and gate/up projections in place (`Llama.fuse_projections`;
     inference only): a decode step is bound by its kernel count, and this removes three matrix products per
@@ -184,6 +184,7 @@ class DecodeEngine:
         self._prefill_pool = None
         self._prefill_seen: set = set()
         self._batch1_step = None
+        self._last_step_batch1 = False  # whether the latest prefill/step ran the Triton batch-1 step
         if decode_kernels == "triton" or (decode_kernels == "auto" and self.compile):
             from tinyllama.kernels import decode as triton_decode
 
@@ -222,6 +223,7 @@ class DecodeEngine:
     def prefill(self, ids: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
         """ids (B, T) written to slots 0..T-1 -> last-position logits (B, V)."""
         T = ids.size(1)
+        self._last_step_batch1 = False
         if self.prefill_graphs and rope_pos is None and key_mask is None:
             return self._graphed_prefill(ids)
         return self._prefill(self.model, ids, torch.arange(T, device=self.device), rope_pos, key_mask)
@@ -261,16 +263,16 @@ class DecodeEngine:
         """ids (B, 1) at slot input_pos (1,) -> logits (B, V). With CUDA graphs the result is overwritten by
         the next step: consume (sample from) it before calling again. `pos`: input_pos as an int, when the
         caller knows it (lets the Triton step skip copying it in)."""
-        if self._batch1_step is not None and ids.size(0) == 1 and rope_pos is None and key_mask is None:
+        self._last_step_batch1 = (self._batch1_step is not None and ids.size(0) == 1 and rope_pos is None
+                                  and key_mask is None)
+        if self._last_step_batch1:
             return self._batch1_step.step(ids, input_pos, pos=pos)
         return self._step(self.model, ids, input_pos, rope_pos, key_mask)
 
-    def greedy_token(self, batch_size: int, rope_pos=None, key_mask=None) -> Optional[torch.Tensor]:
-        """After a step: the argmax of its logits (B, 1) as the step computed it, if it did (the Triton
-        batch-1 step does, inside its graph), else None. Passing it back as the next step's ids skips a copy."""
-        if self._batch1_step is not None and batch_size == 1 and rope_pos is None and key_mask is None:
-            return self._batch1_step.greedy_token()
-        return None
+    def greedy_token(self) -> Optional[torch.Tensor]:
+        """The argmax (B, 1) of the latest step's logits if that step computed it (the Triton batch-1 step
+        does, inside its graph), else None. Passing it back as the next step's ids skips a copy."""
+        return self._batch1_step.greedy_token() if self._last_step_batch1 else None
 
 
 def _check_prompts(model: Llama, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> None:
@@ -363,14 +365,12 @@ def generate_batch_stream(
     done = [False] * B
     pipelined = device.type == "cuda"
     host = torch.empty(B, dtype=torch.long, pin_memory=pipelined) if pipelined else None
-    # Greedy without a penalty, after a decode step: the engine may hand over the argmax it computed.
+    # Greedy without a penalty: after a decode step, the engine may hand over the argmax it computed.
     plain_greedy = cfg.temperature == 0 and seen is None
     try:
         logits = engine.prefill(ids, rope_pos=rope_all[:, :T] if padded else None, key_mask=key_mask)
         for i in range(n_new):
-            nxt = None
-            if plain_greedy and i > 0:
-                nxt = engine.greedy_token(B, rope_all if padded else None, key_mask)
+            nxt = engine.greedy_token() if plain_greedy else None
             if nxt is None:
                 nxt = sample_next(logits, cfg, generator, seen)
             nxt = nxt.view(B)

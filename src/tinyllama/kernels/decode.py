@@ -29,6 +29,7 @@ TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -388,7 +389,7 @@ class TritonDecodeStep:
         self.hidden = new(c.intermediate_size)
         self.logits = new((1, c.vocab_size))
         self._graph = None
-        self._graph_key = None
+        self._graph_cache = None  # weakref to the layer-0 KVCache the graph was captured on
         self._next_pos: Optional[int] = None  # what self.pos holds after the last step, if known
         self._tuned = False
         # Every GEMV of the step: (input, weight, output, kwargs) over the fixed buffers.
@@ -470,7 +471,7 @@ class TritonDecodeStep:
 
     def reset(self) -> None:
         """Forget the captured graph (call when the KV cache it points into is freed)."""
-        self._graph = self._graph_key = None
+        self._graph = self._graph_cache = None
         self._next_pos = None
 
     def greedy_token(self) -> torch.Tensor:
@@ -496,11 +497,10 @@ class TritonDecodeStep:
         if not self.use_graph:
             self._run()
             return self.logits
-        key = tuple((layer.self_attn.kv_cache.k.data_ptr(), layer.self_attn.kv_cache.v.data_ptr(),
-                     layer.self_attn.kv_cache.k.shape) for layer in self.model.layers)
-        if self._graph is None or self._graph_key != key:
-            # First call for this cache: tune, run eagerly (this step's result; compiles the kernels), then
-            # capture the step (capturing runs nothing) for the next calls.
+        # `Llama.setup_cache` makes new KVCache modules for every layer at once: layer 0's tells them apart.
+        if self._graph is None or self._graph_cache() is not cache:
+            # First call for this cache: run eagerly (this step's result; compiles the kernels), then capture
+            # the step (capturing runs nothing) for the next calls.
             self._graph = None
             self._run()
             try:
@@ -511,7 +511,7 @@ class TritonDecodeStep:
                 self.pdl = False  # this driver/runtime cannot capture programmatic launches: plain ones
                 self.tune()
                 graph = self._capture()
-            self._graph, self._graph_key = graph, key
+            self._graph, self._graph_cache = graph, weakref.ref(cache)
             return self.logits
         self._graph.replay()
         return self.logits
