@@ -1,4 +1,7 @@
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,17 @@ def _patch_triton_interpreter_for_numpy2() -> None:
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_triton_interpreter_for_numpy2()
+
+
+def run_pytest_interpreted(target: str, timeout: int = 900) -> int:
+    """Run pytest on `target` in a fresh process under TRITON_INTERPRET=1 (the interpreter is chosen when
+    the kernels are defined, so it cannot be switched on in this process); assert it passed and nothing
+    failed, and return how many tests passed."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", target],
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and "failed" not in summary, r.stdout[-2000:]
+    return int(passed.group(1))

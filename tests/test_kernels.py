@@ -281,8 +281,8 @@ def test_fast_path_compiled_blocks_cuda(kw):
 
 import importlib.util  # noqa: E402
 import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+
+from conftest import run_pytest_interpreted  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -337,11 +337,7 @@ def test_triton_kernels_match_references():
 
 @pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available() or INTERPRETED, reason="needs Triton without CUDA")
 def test_triton_kernels_interpreted_on_cpu():
-    # The interpreter is chosen when the kernels are defined, so it runs in a fresh process.
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", f"{__file__}::test_triton_kernels_match_references"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert run_pytest_interpreted(f"{__file__}::test_triton_kernels_match_references", timeout=600) == 1
 
 
 @cuda

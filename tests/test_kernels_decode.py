@@ -7,12 +7,10 @@ before Triton compiles anything, so the CPU test re-runs this file in a subproce
 import copy
 import importlib.util
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_pytest_interpreted
 
 from tinyllama.config import ModelConfig
 from tinyllama.model import Llama
@@ -195,14 +193,8 @@ def test_engine_refuses_what_the_triton_step_cannot_run():
 
 @pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available() or INTERPRETED, reason="needs Triton without CUDA")
 def test_decode_kernels_interpreted_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    summary = r.stdout.strip().splitlines()[-1]
-    passed = re.search(r"(\d+) passed", summary)
     # every kernel test ran (only the CUDA-only ones and this one skip under the interpreter)
-    assert passed and int(passed.group(1)) >= 16 and "failed" not in summary, r.stdout[-2000:]
+    assert run_pytest_interpreted(__file__) >= 16
 
 
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA")
