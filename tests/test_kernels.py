@@ -123,6 +123,7 @@ def _tiny(seed=0, dtype=torch.float64):
         dict(NO_COMPILE, fuse_projections=True),
         dict(NO_COMPILE, attention_backend="math", ce_chunk_rows=5),
         dict(NO_COMPILE, fused_cross_entropy=False, bf16_residual=False),
+        dict(fused_blocks=True),
     ],
 )
 def test_fast_path_same_function_and_names(kw):
@@ -146,9 +147,10 @@ def test_fast_path_same_function_and_names(kw):
         assert torch.allclose(ref(ids), fast(ids), atol=1e-10)
 
 
-def test_fast_path_generation_with_cache_unchanged():
+@pytest.mark.parametrize("kw", [dict(fuse_projections=True), dict(fused_blocks=True)])
+def test_fast_path_generation_with_cache_unchanged(kw):
     ref, fast = _tiny(seed=1), _tiny(seed=1)
-    apply_fast_path(fast, KernelConfig(compile_blocks=False, fuse_projections=True))
+    apply_fast_path(fast, KernelConfig(compile_blocks=False, **kw))
     ids = torch.randint(0, 32000, (1, 7))
     outs = []
     for m in (ref, fast):
@@ -344,5 +346,140 @@ def test_triton_kernels_interpreted_on_cpu():
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_fast_path_triton_eager_cuda():
     out = _reference_and_fast_loss_and_grads_cuda(KernelConfig(compile_blocks=False, triton_kernels=True))
+    assert _rel(out[1][0], out[0][0]) < 1e-3
+    assert _rel(out[1][1], out[0][1]) < 5e-2
+
+
+# ---- the fused training block -------------------------------------------------------------------------------
+
+
+def _saved_activation_bytes(block: torch.nn.Module, x: torch.Tensor, cos, sin) -> int:
+    """Bytes of the distinct tensors autograd saves for one block's backward, weights and rotary tables aside."""
+    rows = {x.shape[0], x.shape[0] * x.shape[1]}
+    seen: dict = {}
+
+    def pack(t):
+        if t.dim() and t.shape[0] in rows:  # activations lead with the batch or batch·time
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x, cos, sin)
+    return sum(seen.values())
+
+
+def test_fused_block_keeps_two_thirds_of_the_activations():
+    from tinyllama.kernels.fused_block import FusedBlock
+    from tinyllama.model import Block, rope_cache
+
+    cfg = ModelConfig.from_name("tinyllama-tiny")
+    B, T, C, F_, H, KV, D = 3, 37, cfg.hidden_size, cfg.intermediate_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    plain = Block(cfg)
+    fused = Block(cfg)
+    fused.__class__ = FusedBlock
+    x = torch.randn(B, T, C, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = (t.to(torch.bfloat16) for t in rope_cache(T, D, cfg.rope_theta))
+    got, ref = _saved_activation_bytes(fused, x, cos, sin), _saved_activation_bytes(plain, x, cos, sin)
+    n = B * T * 2  # bytes per bf16 feature
+    # Fused: x, q/k/v rotated, attention output (+ fp32 log-sum-exp per head), second residual, gate|up, 2 rstd.
+    expected = n * (C + (H + 2 * KV) * D + H * D + C + 2 * F_) + B * T * 4 * 2
+    assert got <= expected + B * H * T * 4 + 64, (got, expected)
+    # The plain block also keeps both normalised inputs and silu(gate)·up (and more, unfused).
+    assert got <= ref - n * (2 * C + F_), (got, ref)
+
+
+def test_fused_block_bf16_error_within_the_reference_error():
+    """Under bf16 autocast, the fused block's loss and gradients are as close to the fp64 truth as the plain
+    model's are (the same rounding level; different rounding order)."""
+    ids = torch.randint(0, 32000, (2, 33))
+
+    def run(dtype, kernels=None, autocast=False):
+        m = _tiny(dtype=dtype)
+        if kernels:
+            apply_fast_path(m, kernels)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = m(ids, ids.roll(-1, 1))[1]
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])
+
+    truth = run(torch.float64)
+    ref = run(torch.float32, autocast=True)
+    fused = run(torch.float32, KernelConfig(fused_blocks=True, fused_cross_entropy=False, bf16_residual=False), True)
+    assert _rel(fused[1], truth[1]) <= 1.25 * _rel(ref[1], truth[1])
+    assert abs(fused[0] - truth[0]) <= max(2 * abs(ref[0] - truth[0]), 2e-3)
+
+
+def _fused_block_cases(device):
+    from tinyllama.kernels import fused_block as FB
+    from tinyllama.kernels.fused_block import FusedBlock
+    from tinyllama.model import Block, rope_cache
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # the interpreter computes through numpy
+    tol = 1e-5 if device == "cpu" else 1e-2
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))  # fresh inputs every run
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dt)
+
+    def close(a, b):
+        return _rel(a, b) < tol
+
+    for n in (64, 50):  # power of two and ragged widths
+        x, r, w = rnd(37, n), rnd(37, n), 1 + 0.1 * rnd(n, dt=torch.float32)
+        for res in (None, r):
+            outs = {impl: FB.add_rms_norm(x, res, w, 1e-5, dtype, impl) for impl in ("triton", "torch")}
+            assert all(close(a, b) for a, b in zip(*outs.values()))
+            dh, dres = rnd(37, n), rnd(37, n)
+            for dr in (None, dres):
+                grads = {}
+                for impl, (s, h, rstd) in outs.items():
+                    grads[impl] = FB.rms_norm_backward(dh, s, rstd, w, dr, dtype, impl)
+                    assert torch.equal(grads[impl][1], h)  # h recomputed in backward = the forward's h
+                assert all(close(a, b) for a, b in zip(*grads.values()))
+    cos, sin = (t.to(dtype) for t in rope_cache(16, 8, 10000.0, device=device))
+    qkv = rnd(2, 16, (4 + 2 * 2) * 8)
+    outs = [FB.qkv_rope(qkv, cos, sin, 4, 2, 8, impl) for impl in ("triton", "torch")]
+    assert all(close(a, b) for a, b in zip(*outs))
+    dq, dk, dv = rnd(2, 4, 16, 8).transpose(1, 2), rnd(2, 16, 2, 8), rnd(2, 2, 16, 8).transpose(1, 2)  # any strides
+    grads = [FB.qkv_rope_backward(dq, dk, dv, cos, sin, impl) for impl in ("triton", "torch")]
+    assert close(*grads)
+    gu, da = rnd(33, 200, scale=2.0), rnd(33, 100)
+    assert close(FB.swiglu_rows(gu, "triton"), FB.swiglu_rows(gu, "torch"))
+    grads = [FB.swiglu_rows_backward(da, gu, impl) for impl in ("triton", "torch")]
+    assert all(close(a, b) for a, b in zip(*grads))
+    assert torch.equal(grads[0][1], FB.swiglu_rows(gu, "triton"))
+    # The whole block, forward and backward: Triton kernels against the same block on the reference maths.
+    cfg = ModelConfig.from_name("tinyllama-tiny")
+    base = Block(cfg).to(device)
+    x, dy = rnd(2, 24, cfg.hidden_size), rnd(2, 24, cfg.hidden_size)
+    cos, sin = (t.to(dtype) for t in rope_cache(24, cfg.head_dim, cfg.rope_theta, device=device))
+    results = []
+    for impl in ("triton", "torch"):
+        block = Block(cfg).to(device)
+        block.load_state_dict(base.state_dict())
+        block.__class__ = FusedBlock
+        block.kernel_impl = impl
+        xa = x.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            y = block(xa, cos, sin)
+        y.backward(dy)
+        results.append([y, xa.grad] + [p.grad for p in block.parameters()])
+    assert all(close(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.skipif(not (HAS_TRITON and (torch.cuda.is_available() or INTERPRETED)), reason="needs Triton on CUDA or TRITON_INTERPRET=1")
+def test_fused_block_kernels_match_references():
+    _fused_block_cases("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")
+
+
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available() or INTERPRETED, reason="needs Triton without CUDA")
+def test_fused_block_kernels_interpreted_on_cpu():
+    assert run_pytest_interpreted(f"{__file__}::test_fused_block_kernels_match_references", timeout=600) == 1
+
+
+@cuda
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_fast_path_fused_blocks_cuda():
+    out = _reference_and_fast_loss_and_grads_cuda(KernelConfig(fused_blocks=True))
     assert _rel(out[1][0], out[0][0]) < 1e-3
     assert _rel(out[1][1], out[0][1]) < 5e-2

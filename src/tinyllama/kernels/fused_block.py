@@ -1,0 +1,486 @@
+"""The fused training block: a decoder block as four autograd functions that save only what backward
+cannot cheaply recompute.
+
+A plain (or per-block compiled) block keeps ~0.97 GB of activations per layer for 8 × 2048 tokens of
+TinyLlama-1.1B: the block input and its normalised copy, q/k/v, the attention output, the second residual and
+its normalised copy, gate and up, and silu(gate)·up. This block keeps ~0.66 GB: the two residuals (plus one
+fp32 per row), the rotated q/k and v, the attention output and gate|up. The normalised inputs and
+silu(gate)·up are recomputed inside the backward kernels that read their inputs anyway (one extra store
+each), right where the weight gradients need them. Without activation checkpointing: no matrix product
+runs twice.
+
+Also: q/k/v and gate/up are one GEMM each (the bf16 weight copies are written concatenated), weight
+gradients come out of the GEMM in the weight's dtype (fp32 master weights: no bf16 copy and cast pass), the
+second residual add is fused into its RMSNorm and the residual gradient into the norm's backward.
+
+Kernels: Triton on CUDA (and under TRITON_INTERPRET=1); the same maths in plain PyTorch elsewhere, which
+is the reference tests/test_kernels.py compares the kernels with. The block as a whole is compared with
+`tinyllama.model.Block`, forward and backward.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from tinyllama.model import Block, rotate_half
+
+try:  # optional: Triton ships with CUDA builds of PyTorch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(t: torch.Tensor, impl: str = "auto") -> bool:
+    """Whether `t`'s kernels run through Triton: impl 'triton', 'torch', or 'auto' (CUDA or the interpreter)."""
+    if impl == "torch" or triton is None:
+        if impl == "triton":
+            raise RuntimeError("Triton is not installed: these kernels need it (pip install triton)")
+        return False
+    return impl == "triton" or t.is_cuda or _INTERPRET
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+# ---- kernels -------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _add_norm_fwd_kernel(X, R, S, H, W, RSTD, stride_x, stride_r, stride_s, stride_h, n_cols, eps,
+                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            s += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+            s = s.to(S.dtype.element_ty)  # the residual is stored, and normalised, in its own dtype
+            tl.store(S + row * stride_s + cols, s, mask=mask)
+            s = s.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / n_cols + eps)
+        # Round the normalised value to the residual's dtype before scaling, as the reference (and HF) do.
+        xn = (s * rstd).to(S.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(H + row * stride_h + cols, (xn * w).to(H.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _norm_bwd_kernel(DH, S, W, RSTD, DRES, DS, H, DW_PART, stride_dh, stride_s, stride_dres, stride_ds,
+                         stride_h, n_rows, n_cols, rows_per_prog, HAS_DRES: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        start = pid * rows_per_prog
+        for i in range(0, rows_per_prog):
+            row = (start + i).to(tl.int64)
+            if row < n_rows:
+                s = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+                dh = tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(RSTD + row)
+                xhat = s * rstd
+                xn = xhat.to(S.dtype.element_ty).to(tl.float32)
+                # The forward's normalised output, bit for bit: the weight gradient's other operand.
+                tl.store(H + row * stride_h + cols, (xn * w).to(H.dtype.element_ty), mask=mask)
+                dw += dh * xn
+                g = dh * w
+                ds = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+                if HAS_DRES:
+                    ds += tl.load(DRES + row * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DS + row * stride_ds + cols, ds.to(DS.dtype.element_ty), mask=mask)
+        tl.store(DW_PART + pid * n_cols + cols, dw, mask=mask)
+
+    @triton.jit
+    def _qkv_rope_fwd_kernel(QKV, COS, SIN, Q, K, V, seq_len, stride_row, N_Q: tl.constexpr, N_KV: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+        # One program per token: its q/k/v row -> rotated q and k, and v, each (B, T, heads, D) contiguous.
+        pid = tl.program_id(0).to(tl.int64)
+        t = pid % seq_len
+        half: tl.constexpr = HEAD_DIM // 2
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, half)[None, :]
+        valid = h < N_Q + 2 * N_KV
+        src = QKV + pid * stride_row + h * HEAD_DIM + d
+        x1 = tl.load(src, mask=valid, other=0.0).to(tl.float32)
+        x2 = tl.load(src + half, mask=valid, other=0.0).to(tl.float32)
+        c = tl.load(COS + t * HEAD_DIM + d).to(tl.float32)
+        s = tl.load(SIN + t * HEAD_DIM + d).to(tl.float32)
+        rot = h < N_Q + N_KV
+        y1 = tl.where(rot, x1 * c - x2 * s, x1).to(Q.dtype.element_ty)
+        y2 = tl.where(rot, x2 * c + x1 * s, x2).to(Q.dtype.element_ty)
+        is_q = h < N_Q
+        is_k = (h >= N_Q) & rot
+        is_v = (h >= N_Q + N_KV) & valid
+        q = Q + pid * (N_Q * HEAD_DIM) + h * HEAD_DIM + d
+        k = K + pid * (N_KV * HEAD_DIM) + (h - N_Q) * HEAD_DIM + d
+        v = V + pid * (N_KV * HEAD_DIM) + (h - N_Q - N_KV) * HEAD_DIM + d
+        tl.store(q, y1, mask=is_q)
+        tl.store(q + half, y2, mask=is_q)
+        tl.store(k, y1, mask=is_k)
+        tl.store(k + half, y2, mask=is_k)
+        tl.store(v, y1, mask=is_v)
+        tl.store(v + half, y2, mask=is_v)
+
+    @triton.jit
+    def _qkv_rope_bwd_kernel(DQ, DK, DV, COS, SIN, DQKV, seq_len, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t,
+                             sv_h, stride_row, N_Q: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_H: tl.constexpr):
+        # The rotation's transpose is the rotation by the opposite angle; v's gradient is copied.
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // seq_len
+        t = pid % seq_len
+        half: tl.constexpr = HEAD_DIM // 2
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, half)[None, :]
+        valid = h < N_Q + 2 * N_KV
+        is_q = h < N_Q
+        rot = h < N_Q + N_KV
+        is_k = (h >= N_Q) & rot
+        is_v = (h >= N_Q + N_KV) & valid
+        q = DQ + b * sq_b + t * sq_t + h * sq_h + d
+        k = DK + b * sk_b + t * sk_t + (h - N_Q) * sk_h + d
+        v = DV + b * sv_b + t * sv_t + (h - N_Q - N_KV) * sv_h + d
+        g1 = (tl.load(q, mask=is_q, other=0.0).to(tl.float32) + tl.load(k, mask=is_k, other=0.0).to(tl.float32)
+              + tl.load(v, mask=is_v, other=0.0).to(tl.float32))
+        g2 = (tl.load(q + half, mask=is_q, other=0.0).to(tl.float32)
+              + tl.load(k + half, mask=is_k, other=0.0).to(tl.float32)
+              + tl.load(v + half, mask=is_v, other=0.0).to(tl.float32))
+        c = tl.load(COS + t * HEAD_DIM + d).to(tl.float32)
+        s = tl.load(SIN + t * HEAD_DIM + d).to(tl.float32)
+        y1 = tl.where(rot, g1 * c + g2 * s, g1)
+        y2 = tl.where(rot, g2 * c - g1 * s, g2)
+        dst = DQKV + pid * stride_row + h * HEAD_DIM + d
+        tl.store(dst, y1.to(DQKV.dtype.element_ty), mask=valid)
+        tl.store(dst + half, y2.to(DQKV.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _swiglu_fwd_kernel(GU, A, stride_gu, stride_a, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(GU + row * stride_gu + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(A + row * stride_a + cols, (g * tl.sigmoid(g) * u).to(A.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(DA, GU, DGU, A, stride_da, stride_gu, stride_dgu, stride_a, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        da = tl.load(DA + row * stride_da + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(GU + row * stride_gu + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        # silu(g)·u again, as the forward stored it: the down projection's weight gradient needs it.
+        tl.store(A + row * stride_a + cols, (silu * u).to(A.dtype.element_ty), mask=mask)
+        tl.store(DGU + row * stride_dgu + cols, (da * u * (sig + silu * (1.0 - sig))).to(DGU.dtype.element_ty), mask=mask)
+        tl.store(DGU + row * stride_dgu + n_cols + cols, (da * silu).to(DGU.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _norm_warps(block: int) -> int:
+    return min(16, max(1, block // 256))
+
+
+# ---- the ops, each a Triton kernel or its plain-PyTorch reference -------------------------------
+
+
+def add_rms_norm(x: torch.Tensor, res: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype, impl: str = "auto"):
+    """(s, h, rstd) for rows x (N, C): s = x + res (or x), h = RMSNorm(s)·weight in out_dtype, rstd fp32 (N,)."""
+    s_dtype = x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
+    if not use_triton(x, impl):
+        s = x if res is None else (x + res).to(s_dtype)
+        s32 = s.float()
+        rstd = torch.rsqrt(s32.pow(2).mean(-1) + eps)
+        h = (weight * (s32 * rstd[:, None]).to(s_dtype)).to(out_dtype)
+        return s, h, rstd
+    n_rows, n_cols = x.shape
+    s = x if res is None else torch.empty((n_rows, n_cols), dtype=s_dtype, device=x.device)
+    h = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(n_cols)
+    r = x if res is None else res
+    _add_norm_fwd_kernel[(n_rows,)](x, r, s, h, weight, rstd, x.stride(0), r.stride(0), s.stride(0), h.stride(0),
+                                    n_cols, eps, HAS_RES=res is not None, BLOCK=block, num_warps=_norm_warps(block))
+    return s, h, rstd
+
+
+def rms_norm_backward(dh: torch.Tensor, s: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                      dres: Optional[torch.Tensor], h_dtype: torch.dtype, impl: str = "auto"):
+    """(ds, h, dweight): the gradient of s (plus the residual's gradient dres), the forward's h recomputed,
+    and the norm weight's gradient (fp32)."""
+    if not use_triton(s, impl):
+        s32 = s.float()
+        xhat = s32 * rstd[:, None]
+        xn = xhat.to(s.dtype)
+        h = (weight * xn).to(h_dtype)
+        dh32 = dh.float()
+        dw = (dh32 * xn.float()).sum(0)
+        g = dh32 * weight.float()
+        ds = rstd[:, None] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        if dres is not None:
+            ds = ds + dres.float()
+        return ds.to(s.dtype), h, dw
+    n_rows, n_cols = s.shape
+    ds = torch.empty_like(s)
+    h = torch.empty((n_rows, n_cols), dtype=h_dtype, device=s.device)
+    n_sm = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else 8
+    rows_per_prog = triton.cdiv(n_rows, min(n_rows, 4 * n_sm))
+    n_progs = triton.cdiv(n_rows, rows_per_prog)
+    dw_part = torch.empty((n_progs, n_cols), dtype=torch.float32, device=s.device)
+    block = triton.next_power_of_2(n_cols)
+    d = s if dres is None else dres
+    _norm_bwd_kernel[(n_progs,)](dh, s, weight, rstd, d, ds, h, dw_part, dh.stride(0), s.stride(0), d.stride(0),
+                                 ds.stride(0), h.stride(0), n_rows, n_cols, rows_per_prog, HAS_DRES=dres is not None,
+                                 BLOCK=block, num_warps=_norm_warps(block))
+    return ds, h, dw_part.sum(0)
+
+
+def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int, head_dim: int,
+             impl: str = "auto"):
+    """qkv (B, T, (n_q + 2 n_kv)·D) -> q (B, T, n_q, D) and k (B, T, n_kv, D) rotated, v (B, T, n_kv, D)."""
+    B, T, _ = qkv.shape
+    if not use_triton(qkv, impl):
+        q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+
+        def rot(x):
+            return x * c + rotate_half(x) * s
+
+        return (rot(q.reshape(B, T, n_q, head_dim)).contiguous(), rot(k.reshape(B, T, n_kv, head_dim)).contiguous(),
+                v.reshape(B, T, n_kv, head_dim).contiguous())
+    qkv2 = _rows(qkv)
+    q = torch.empty((B, T, n_q, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((B, T, n_kv, head_dim), dtype=qkv.dtype, device=qkv.device)
+    v = torch.empty_like(k)
+    _qkv_rope_fwd_kernel[(B * T,)](qkv2, cos, sin, q, k, v, T, qkv2.stride(0), N_Q=n_q, N_KV=n_kv, HEAD_DIM=head_dim,
+                                   BLOCK_H=triton.next_power_of_2(n_q + 2 * n_kv), num_warps=4)
+    return q, k, v
+
+
+def qkv_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      impl: str = "auto") -> torch.Tensor:
+    """The gradient of qkv (B, T, (n_q + 2 n_kv)·D) from those of q, k, v (B, T, heads, D), any strides."""
+    B, T, n_q, D = dq.shape
+    n_kv = dk.shape[2]
+    if not use_triton(dq, impl):
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+
+        def unrot(g):
+            return g * c - rotate_half(g) * s
+
+        return torch.cat([unrot(dq).reshape(B, T, -1), unrot(dk).reshape(B, T, -1), dv.reshape(B, T, -1)], dim=-1)
+    dq, dk, dv = (t if t.stride(-1) == 1 else t.contiguous() for t in (dq, dk, dv))
+    dqkv = torch.empty((B, T, (n_q + 2 * n_kv) * D), dtype=dq.dtype, device=dq.device)
+    _qkv_rope_bwd_kernel[(B * T,)](dq, dk, dv, cos, sin, dqkv, T, dq.stride(0), dq.stride(1), dq.stride(2),
+                                   dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+                                   dqkv.stride(1), N_Q=n_q, N_KV=n_kv, HEAD_DIM=D,
+                                   BLOCK_H=triton.next_power_of_2(n_q + 2 * n_kv), num_warps=4)
+    return dqkv
+
+
+def swiglu_rows(gu: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """gu (N, 2F) = [gate | up] -> silu(gate)·up (N, F)."""
+    n = gu.shape[1] // 2
+    if not use_triton(gu, impl):
+        g, u = gu[:, :n], gu[:, n:]
+        return F.silu(g) * u
+    a = torch.empty((gu.shape[0], n), dtype=gu.dtype, device=gu.device)
+    _swiglu_fwd_kernel[(gu.shape[0], triton.cdiv(n, 1024))](gu, a, gu.stride(0), a.stride(0), n, BLOCK=1024, num_warps=4)
+    return a
+
+
+def swiglu_rows_backward(da: torch.Tensor, gu: torch.Tensor, impl: str = "auto"):
+    """(dgu, a): the gradient of [gate | up] and silu(gate)·up recomputed."""
+    n = gu.shape[1] // 2
+    if not use_triton(gu, impl):
+        ct = torch.promote_types(gu.dtype, torch.float32)
+        g, u, d = gu[:, :n].to(ct), gu[:, n:].to(ct), da.to(ct)
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        dgu = torch.cat([d * u * (sig + silu * (1 - sig)), d * silu], dim=1).to(gu.dtype)
+        return dgu, F.silu(gu[:, :n]) * gu[:, n:]
+    dgu = torch.empty_like(gu)
+    a = torch.empty((gu.shape[0], n), dtype=gu.dtype, device=gu.device)
+    _swiglu_bwd_kernel[(gu.shape[0], triton.cdiv(n, 1024))](da, gu, dgu, a, da.stride(0), gu.stride(0), dgu.stride(0),
+                                                            a.stride(0), n, BLOCK=1024, num_warps=4)
+    return dgu, a
+
+
+_MM_OUT_DTYPE: Optional[bool] = None  # whether this torch has torch.mm(..., out_dtype=) on CUDA
+
+
+def weight_grad(dy: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dy^T @ x for rows dy (N, M), x (N, K): a weight's gradient (M, K) in `dtype`, accumulated in fp32.
+
+    bf16 operands with an fp32 weight: cuBLAS writes fp32 directly (no bf16 rounding, no cast pass)."""
+    global _MM_OUT_DTYPE
+    if dtype == dy.dtype:
+        return torch.mm(dy.t(), x)
+    if dtype == torch.float32 and dy.is_cuda and _MM_OUT_DTYPE is not False:
+        try:
+            out = torch.mm(dy.t(), x, out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    if dy.is_cuda:
+        return torch.mm(dy.t(), x).to(dtype)
+    return torch.mm(dy.t().to(dtype), x.to(dtype))  # CPU: the fp32 accumulation the GPU path has
+
+
+def _stack_weights(weights, dtype: torch.dtype) -> torch.Tensor:
+    """The weights as one (sum of rows, K) matrix in `dtype` (one cast-and-copy each)."""
+    if len(weights) == 1 and weights[0].dtype == dtype:
+        return weights[0]
+    out = torch.empty((sum(w.shape[0] for w in weights), weights[0].shape[1]), dtype=dtype, device=weights[0].device)
+    row = 0
+    for w in weights:
+        out[row:row + w.shape[0]].copy_(w)
+        row += w.shape[0]
+    return out
+
+
+# ---- autograd functions --------------------------------------------------------------------------
+
+
+class _NormProject(torch.autograd.Function):
+    """[s = x + res]; out = RMSNorm(s)·w_norm @ cat(weights)^T. Saves s, rstd and the stacked weight copy."""
+
+    @staticmethod
+    def forward(ctx, x, res, norm_weight, eps, impl, *weights):
+        cdt = _compute_dtype(x)
+        shape = x.shape
+        x2 = _rows(x)
+        s, h, rstd = add_rms_norm(x2, None if res is None else _rows(res), norm_weight, eps, cdt, impl)
+        w = _stack_weights(weights, cdt)
+        out = torch.mm(h, w.t())
+        ctx.save_for_backward(s, rstd, norm_weight, w)
+        ctx.has_res, ctx.impl, ctx.cdt, ctx.shape = res is not None, impl, cdt, shape
+        ctx.rows = [t.shape[0] for t in weights]
+        ctx.w_dtypes = [t.dtype for t in weights]
+        out = out.view(*shape[:-1], out.shape[-1])
+        return (s.view(shape), out) if ctx.has_res else out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        s, rstd, norm_weight, w = ctx.saved_tensors
+        ds_out, dout = grads if ctx.has_res else (None, grads[0])
+        dout = _rows(dout)
+        dh = torch.mm(dout.to(w.dtype), w)
+        dres = None if ds_out is None else _rows(ds_out)
+        ds, h, dnorm = rms_norm_backward(dh, s, rstd, norm_weight, dres, ctx.cdt, ctx.impl)
+        dws = []
+        if len(set(ctx.w_dtypes)) == 1:
+            dw = weight_grad(dout.to(h.dtype), h, ctx.w_dtypes[0])
+            dws = list(dw.split(ctx.rows, dim=0))
+        else:  # pragma: no cover - mixed weight dtypes
+            for part, dt in zip(dout.split(ctx.rows, dim=1), ctx.w_dtypes):
+                dws.append(weight_grad(part, h, dt))
+        ds = ds.view(ctx.shape)
+        return (ds, ds if ctx.has_res else None, dnorm.to(norm_weight.dtype), None, None, *dws)
+
+
+class _QKVRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_q, n_kv, head_dim, impl):
+        ctx.save_for_backward(cos, sin)
+        ctx.impl = impl
+        return qkv_rope(qkv, cos, sin, n_q, n_kv, head_dim, impl)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        return qkv_rope_backward(dq, dk, dv, cos, sin, ctx.impl), None, None, None, None, None, None
+
+
+class _Linear(torch.autograd.Function):
+    """x @ w^T in the compute dtype, the weight's gradient in its own dtype straight from the GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        cdt = _compute_dtype(x)
+        w = weight.to(cdt)
+        x2 = _rows(x).to(cdt)
+        ctx.save_for_backward(x2, w)
+        ctx.w_dtype = weight.dtype
+        return torch.mm(x2, w.t()).view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w = ctx.saved_tensors
+        dy2 = _rows(dy).to(w.dtype)
+        dx = torch.mm(dy2, w).view(*dy.shape[:-1], w.shape[1])
+        return dx, weight_grad(dy2, x2, ctx.w_dtype)
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """silu(gate)·up @ w_down^T from gu = [gate | up]. Saves gu; silu(gate)·up is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, gu, weight, impl):
+        gu2 = _rows(gu)
+        a = swiglu_rows(gu2, impl)
+        w = weight.to(gu.dtype)
+        ctx.save_for_backward(gu2, w)
+        ctx.w_dtype, ctx.impl = weight.dtype, impl
+        return torch.mm(a, w.t()).view(*gu.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        gu2, w = ctx.saved_tensors
+        dy2 = _rows(dy).to(w.dtype)
+        da = torch.mm(dy2, w)
+        dgu, a = swiglu_rows_backward(da, gu2, ctx.impl)
+        return dgu.view(*dy.shape[:-1], gu2.shape[1]), weight_grad(dy2, a, ctx.w_dtype), None
+
+
+# ---- the block -----------------------------------------------------------------------------------
+
+
+class FusedBlock(Block):
+    """`tinyllama.model.Block` with the training pass through the functions above.
+
+    Same parameters, names and function (up to rounding order). Passes with a KV cache, a mask or
+    per-row rotary positions (generation, padded batches) take the plain block's path.
+    """
+
+    attention_backend: str = "auto"
+    kernel_impl: str = "auto"  # 'auto' (Triton on CUDA), 'triton' or 'torch' (the reference maths)
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        attn, mlp = self.self_attn, self.mlp
+        if input_pos is not None or mask is not None or attn.kv_cache is not None or cos.dim() != 2:
+            return super().forward(x, cos, sin, input_pos, mask)
+        from tinyllama.kernels.fast_path import causal_attention
+
+        B, T, _ = x.shape
+        impl = self.kernel_impl
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = _NormProject.apply(x, None, n1.weight, n1.eps, impl,
+                                 attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+        q, k, v = _QKVRope.apply(qkv, cos.contiguous(), sin.contiguous(), attn.n_heads, attn.n_kv_heads,
+                                 attn.head_dim, impl)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.attention_backend)
+        o = _Linear.apply(y.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight)
+        x, gu = _NormProject.apply(x, o, n2.weight, n2.eps, impl, mlp.gate_proj.weight, mlp.up_proj.weight)
+        return x + _SwiGLUDown.apply(gu, mlp.down_proj.weight, impl)
