@@ -165,6 +165,8 @@ VARIANTS = {
     "ours-eager-fusedce": (dict(compile_blocks=False), "ours"),
     "ours-triton": (dict(compile_blocks=False, triton_kernels=True), "ours"),
     "ours-triton-cudnn": (dict(compile_blocks=False, triton_kernels=True, attention_backend="cudnn"), "ours"),
+    "ours-fused": (dict(fused_blocks=True), "ours"),
+    "ours-fused-flash": (dict(fused_blocks=True, attention_backend="flash"), "ours"),
     "reference": (None, "reference"),
     "hf-eager": (None, "hf-eager"),
     "hf-compile": (None, "hf-compile"),
@@ -188,7 +190,8 @@ def run_bench(names, cfg, mb, seq, steps, warmup, data):
             build, loss_of = (lambda: bt.build_ours(cfg, DEV, fast=False)), bt._ours_loss
         else:
             build, loss_of = (lambda c=(kind == "hf-compile"): bt.build_hf(cfg, DEV, compile=c)), bt.hf_loss
-        r = bt.measure(name, build, loss_of, batches, cfg, DEV, steps, warmup, bt.H100_BF16_TFLOPS)
+        r = bt.measure(name, build, loss_of, batches, cfg, DEV, steps, warmup, bt.H100_BF16_TFLOPS,
+                       trainer_step=not kind.startswith("hf"))
         out.append(r)
     print()
     print(bt.format_table(out), flush=True)
@@ -200,7 +203,7 @@ def profile(kernels: KernelConfig, cfg, mb, seq):
 
     m = bt.build_ours(cfg, DEV, kernels, fast=True)
     opt, _ = bt.build_optimizer(m)
-    step = bt.make_train_step(m, opt, bt._ours_loss, DEV)
+    step = bt.make_train_step(m, opt, bt._ours_loss, DEV, trainer_step=True)
     batches = bt.TokenBatches(cfg.vocab_size, seq, mb)
     for _ in range(3):
         step(batches.next())

@@ -1,7 +1,8 @@
 """`tinyllama bench train`: our full training step against the `transformers` baseline, in one process.
 
 Each variant runs the same step: forward under bf16 autocast (fp32 master weights), backward, global
-grad-norm clipping at 1.0, fused AdamW (on CUDA), on the same token batches. Ours is tinyllama's model
+grad-norm clipping at 1.0, fused AdamW (on CUDA), on the same token batches. Our variants clip the way the
+trainer does (the clip factor applied inside fused AdamW); the baselines with `clip_grad_norm_`. Ours is tinyllama's model
 with the kernel fast path (`tinyllama.kernels.apply_fast_path`); the baseline is Hugging Face's
 LlamaForCausalLM with the same config and SDPA attention, eager and `torch.compile`d.
 Reports tokens/s, model FLOPs utilisation (MFU), peak GPU memory, and our ratio to each baseline.
@@ -148,8 +149,16 @@ def build_optimizer(model: torch.nn.Module, lr: float = 4e-4, warmup_steps: int 
     return opt, schedule
 
 
-def make_train_step(model, optimizer, loss_of: Callable, device: torch.device, grad_clip: float = 1.0):
-    """One optimizer step on a (B, T+1) token batch: forward + loss, backward, clip, AdamW, zero grads."""
+def make_train_step(model, optimizer, loss_of: Callable, device: torch.device, grad_clip: float = 1.0,
+                    trainer_step: bool = False):
+    """One optimizer step on a (B, T+1) token batch: forward + loss, backward, clip, AdamW, zero grads.
+
+    trainer_step: clip the way `tinyllama pretrain` does (`clip_or_step_on_device`: the clip factor goes
+    into fused AdamW as its grad_scale, one pass over the gradients less); otherwise `clip_grad_norm_`,
+    as Hugging Face users (and its Trainer) do.
+    """
+    from tinyllama.train.optim import clip_or_step_on_device
+
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -159,9 +168,13 @@ def make_train_step(model, optimizer, loss_of: Callable, device: torch.device, g
         with autocast:
             loss = loss_of(model, ids, targets)
         loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=device.type == "cuda")
-        optimizer.step()
+        if trainer_step:
+            if not clip_or_step_on_device(optimizer, model, grad_clip, loss.detach())[1]:
+                optimizer.step()
+        else:
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=device.type == "cuda")
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -234,6 +247,7 @@ def measure(
     warmup: int,
     peak_tflops: float,
     log: Callable[[str], None] = print,
+    trainer_step: bool = False,
 ) -> BenchResult:
     """Build a model, run warmup + timed steps, return throughput and peak memory (model and optimizer included)."""
     res = BenchResult(name)
@@ -248,7 +262,7 @@ def measure(
             res.error = "transformers not installed"
             return res
         opt, _ = build_optimizer(model)
-        step = make_train_step(model, opt, loss_of, device)
+        step = make_train_step(model, opt, loss_of, device, trainer_step=trainer_step)
         batches.reset()
         pool = [batches.next() for _ in range(min(steps + warmup, 16))]
         if device.type == "cuda":
@@ -340,7 +354,8 @@ def run_bench(
     results = []
     for v in variants:
         build, loss_of = builders[v]
-        results.append(measure(v, build, loss_of, batches, cfg, device, steps, warmup, peak_tflops, log=log))
+        results.append(measure(v, build, loss_of, batches, cfg, device, steps, warmup, peak_tflops, log=log,
+                               trainer_step=not v.startswith("hf-")))
     return results
 
 
@@ -365,6 +380,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-fused-ce", action="store_true", help="ours with the plain head + cross-entropy")
     p.add_argument("--triton", action="store_true", help="ours with the eager Triton kernels (implies --no-compile-blocks)")
     p.add_argument("--fuse-projections", action="store_true", help="ours with one q/k/v and one gate/up GEMM")
+    p.add_argument("--fused-blocks", action="store_true",
+                   help="ours with the fused training block (Triton kernels, fewer saved activations; no compile)")
     p.add_argument("--fp32-residual", action="store_true", help="ours with the residual stream in fp32")
     p.add_argument("--activation-memory-budget", type=float, default=1.0,
                    help="ours: compile partitioner's activation budget in (0, 1] (default 1.0)")
@@ -393,6 +410,7 @@ def run(args) -> int:
         triton_kernels=args.triton,
         attention_backend=args.attention_backend,
         fuse_projections=args.fuse_projections,
+        fused_blocks=args.fused_blocks,
         bf16_residual=not args.fp32_residual,
         activation_memory_budget=args.activation_memory_budget,
     )
