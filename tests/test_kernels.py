@@ -425,17 +425,16 @@ def _fused_block_cases(device):
         return _rel(a, b) < tol
 
     for n in (64, 50):  # power of two and ragged widths
-        x, r, w = rnd(37, n), rnd(37, n), 1 + 0.1 * rnd(n, dt=torch.float32)
-        for res in (None, r):
-            outs = {impl: FB.add_rms_norm(x, res, w, 1e-5, dtype, impl) for impl in ("triton", "torch")}
-            assert all(close(a, b) for a, b in zip(*outs.values()))
-            dh, dres = rnd(37, n), rnd(37, n)
-            for dr in (None, dres):
-                grads = {}
-                for impl, (s, h, rstd) in outs.items():
-                    grads[impl] = FB.rms_norm_backward(dh, s, rstd, w, dr, dtype, impl)
-                    assert torch.equal(grads[impl][1], h)  # h recomputed in backward = the forward's h
-                assert all(close(a, b) for a, b in zip(*grads.values()))
+        x, w = rnd(37, n), 1 + 0.1 * rnd(n, dt=torch.float32)
+        outs = {impl: FB.rms_norm_rows(x, w, 1e-5, dtype, impl) for impl in ("triton", "torch")}
+        assert all(close(a, b) for a, b in zip(*outs.values()))
+        dh, dres = rnd(37, n), rnd(37, n)
+        for dr in (None, dres):
+            grads = {}
+            for impl, (h, rstd) in outs.items():
+                grads[impl] = FB.rms_norm_backward(dh, x, rstd, w, dr, dtype, impl)
+                assert torch.equal(grads[impl][1], h)  # h recomputed in backward = the forward's h
+            assert all(close(a, b) for a, b in zip(*grads.values()))
     cos, sin = (t.to(dtype) for t in rope_cache(16, 8, 10000.0, device=device))
     qkv = rnd(2, 16, (4 + 2 * 2) * 8)
     outs = [FB.qkv_rope(qkv, cos, sin, 4, 2, 8, impl) for impl in ("triton", "torch")]

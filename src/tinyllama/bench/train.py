@@ -27,8 +27,7 @@ from tinyllama.errors import TinyLlamaError
 # Dense bf16 tensor-core peak of one H100 SXM (the MFU denominator).
 H100_BF16_TFLOPS = 989.0
 
-VARIANTS = ("ours", "ours-lowmem", "reference", "hf-eager", "hf-compile")
-LOWMEM_BUDGET = 0.7  # ours-lowmem: KernelConfig.activation_memory_budget
+VARIANTS = ("ours", "ours-compiled", "reference", "hf-eager", "hf-compile")
 
 
 @dataclass
@@ -344,8 +343,8 @@ def run_bench(
     batches = TokenBatches(cfg.vocab_size, seq_len, micro_batch, data=data)
     builders = {
         "ours": (lambda: build_ours(cfg, device, kernels, fast=True), _ours_loss),
-        "ours-lowmem": (lambda: build_ours(cfg, device, replace(kernels or KernelConfig(), activation_memory_budget=LOWMEM_BUDGET),
-                                           fast=True), _ours_loss),
+        "ours-compiled": (lambda: build_ours(cfg, device, replace(kernels or KernelConfig(), fused_blocks=False,
+                                                                  compile_blocks=True), fast=True), _ours_loss),
         "reference": (lambda: build_ours(cfg, device, fast=False), _ours_loss),
         "hf-eager": (lambda: build_hf(cfg, device, compile=False), hf_loss),
         "hf-compile": (lambda: build_hf(cfg, device, compile=True), hf_loss),
@@ -370,7 +369,7 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here; default 3)")
     p.add_argument("--variants", default="ours,hf-eager,hf-compile",
                    help=f"comma-separated, from {','.join(VARIANTS)} (reference = our model without the fast path; "
-                   f"ours-lowmem = ours with activation_memory_budget {LOWMEM_BUDGET})")
+                   "ours-compiled = ours with each block torch.compile'd instead of the fused blocks)")
     p.add_argument("--data", default=None,
                    help="prepared tokens: a `tinyllama prepare` directory, LITPKDS .bin, or .npy of ids (default: synthetic)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -380,8 +379,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-fused-ce", action="store_true", help="ours with the plain head + cross-entropy")
     p.add_argument("--triton", action="store_true", help="ours with the eager Triton kernels (implies --no-compile-blocks)")
     p.add_argument("--fuse-projections", action="store_true", help="ours with one q/k/v and one gate/up GEMM")
-    p.add_argument("--fused-blocks", action="store_true",
-                   help="ours with the fused training block (Triton kernels, fewer saved activations; no compile)")
+    p.add_argument("--no-fused-blocks", action="store_true",
+                   help="ours without the fused training blocks (then each block is torch.compile'd, or eager)")
     p.add_argument("--fp32-residual", action="store_true", help="ours with the residual stream in fp32")
     p.add_argument("--activation-memory-budget", type=float, default=1.0,
                    help="ours: compile partitioner's activation budget in (0, 1] (default 1.0)")
@@ -410,7 +409,7 @@ def run(args) -> int:
         triton_kernels=args.triton,
         attention_backend=args.attention_backend,
         fuse_projections=args.fuse_projections,
-        fused_blocks=args.fused_blocks,
+        fused_blocks=False if args.no_fused_blocks else None,
         bf16_residual=not args.fp32_residual,
         activation_memory_budget=args.activation_memory_budget,
     )

@@ -12,7 +12,7 @@ Apply it before `fully_shard` / FSDP2 and before moving the optimizer's paramete
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -32,17 +32,18 @@ class KernelConfig:
 
     fused_cross_entropy: bool = True  # chunked head + loss, never the full logits
     ce_chunk_rows: Optional[int] = None  # rows per chunk; None: ~512 MB of fp32 logits per chunk
-    # torch.compile each decoder block on its own; None: only when the model is on a GPU (on the CPU the
-    # compile takes minutes and gains little).
+    # torch.compile each decoder block on its own; None: only when the model is on a GPU and the fused blocks
+    # are off (on the CPU the compile takes minutes and gains little).
     compile_blocks: Optional[bool] = None
     # Eager Triton RMSNorm/rotary/SwiGLU (used when compile_blocks is off): as fast as the compiled
     # blocks on H100 (69.98 k vs 70.12 k tokens/s) without their ~30 s compile, but no memory budget.
     triton_kernels: bool = False
     attention_backend: str = "auto"  # SDPA backend: auto | flash | cudnn | efficient | math
     # Each block as the fused training block (tinyllama.kernels.fused_block): Triton kernels, q/k/v and
-    # gate/up as one GEMM each, and only the activations backward cannot cheaply recompute are kept
-    # (~0.66 instead of ~0.97 GB per layer at 8 x 2048 on 1.1B). Replaces compile_blocks/triton_kernels.
-    fused_blocks: bool = False
+    # gate/up as one GEMM each, residual adds in the GEMM epilogues, and only the activations backward
+    # cannot cheaply recompute are kept (~0.66 instead of ~0.97 GB per layer at 8 x 2048 on 1.1B).
+    # None: on for a model on CUDA with Triton installed, unless compile_blocks or triton_kernels is set.
+    fused_blocks: Optional[bool] = None
     # One GEMM for q/k/v and one for gate/up (weights concatenated each step). Measured on H100: +0.6 %
     # tokens/s (within run-to-run noise) for +1.7 GB peak, hence off.
     fuse_projections: bool = False
@@ -201,6 +202,12 @@ def apply_fast_path(model: Llama, config: Any = None) -> Llama:
         raise TinyLlamaError(f"apply_fast_path expects a tinyllama Llama model, got {type(model).__name__}")
     ensure_unfused(model, "the training fast path")
     on_gpu = any(p.is_cuda for p in model.parameters())
+    fused_blocks = cfg.fused_blocks
+    if fused_blocks is None:
+        from tinyllama.kernels.triton_ops import triton_available
+
+        fused_blocks = on_gpu and triton_available() and not cfg.compile_blocks and not cfg.triton_kernels
+    cfg = replace(cfg, fused_blocks=fused_blocks)
     compile_blocks = (on_gpu if cfg.compile_blocks is None else cfg.compile_blocks) and not cfg.fused_blocks
     use_triton = (cfg.triton_kernels and not compile_blocks) or (cfg.fused_blocks and on_gpu)
     if use_triton:

@@ -58,20 +58,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 if triton is not None:
 
     @triton.jit
-    def _add_norm_fwd_kernel(X, R, S, H, W, RSTD, stride_x, stride_r, stride_s, stride_h, n_cols, eps,
-                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    def _norm_fwd_kernel(X, H, W, RSTD, stride_x, stride_h, n_cols, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            s += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-            s = s.to(S.dtype.element_ty)  # the residual is stored, and normalised, in its own dtype
-            tl.store(S + row * stride_s + cols, s, mask=mask)
-            s = s.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / n_cols + eps)
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         # Round the normalised value to the residual's dtype before scaling, as the reference (and HF) do.
-        xn = (s * rstd).to(S.dtype.element_ty).to(tl.float32)
+        xn = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(H + row * stride_h + cols, (xn * w).to(H.dtype.element_ty), mask=mask)
         tl.store(RSTD + row, rstd)
@@ -203,25 +197,19 @@ def _norm_warps(block: int) -> int:
 # ---- the ops, each a Triton kernel or its plain-PyTorch reference -------------------------------
 
 
-def add_rms_norm(x: torch.Tensor, res: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
-                 out_dtype: torch.dtype, impl: str = "auto"):
-    """(s, h, rstd) for rows x (N, C): s = x + res (or x), h = RMSNorm(s)·weight in out_dtype, rstd fp32 (N,)."""
-    s_dtype = x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype, impl: str = "auto"):
+    """(h, rstd) for rows x (N, C): h = RMSNorm(x)·weight in out_dtype, rstd fp32 (N,)."""
     if not use_triton(x, impl):
-        s = x if res is None else (x + res).to(s_dtype)
-        s32 = s.float()
-        rstd = torch.rsqrt(s32.pow(2).mean(-1) + eps)
-        h = (weight * (s32 * rstd[:, None]).to(s_dtype)).to(out_dtype)
-        return s, h, rstd
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1) + eps)
+        return (weight * (x32 * rstd[:, None]).to(x.dtype)).to(out_dtype), rstd
     n_rows, n_cols = x.shape
-    s = x if res is None else torch.empty((n_rows, n_cols), dtype=s_dtype, device=x.device)
     h = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(n_cols)
-    r = x if res is None else res
-    _add_norm_fwd_kernel[(n_rows,)](x, r, s, h, weight, rstd, x.stride(0), r.stride(0), s.stride(0), h.stride(0),
-                                    n_cols, eps, HAS_RES=res is not None, BLOCK=block, num_warps=_norm_warps(block))
-    return s, h, rstd
+    _norm_fwd_kernel[(n_rows,)](x, h, weight, rstd, x.stride(0), h.stride(0), n_cols, eps, BLOCK=block,
+                                num_warps=_norm_warps(block))
+    return h, rstd
 
 
 def rms_norm_backward(dh: torch.Tensor, s: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
@@ -363,41 +351,53 @@ def _stack_weights(weights, dtype: torch.dtype) -> torch.Tensor:
 # ---- autograd functions --------------------------------------------------------------------------
 
 
+def _add_mm(res: Optional[torch.Tensor], a: torch.Tensor, w: torch.Tensor, lead_shape) -> torch.Tensor:
+    """res + a @ w^T (or a @ w^T), shaped (*lead_shape, w rows), the add in the GEMM's epilogue when the
+    residual has the product's dtype. Written into a tensor of the final shape: not a view (FSDP2 hooks
+    a block's output and warns about views)."""
+    dtype = a.dtype if res is None else torch.promote_types(res.dtype, a.dtype)
+    out = torch.empty((*lead_shape, w.shape[0]), dtype=dtype, device=a.device)
+    out2 = out.view(-1, w.shape[0])
+    if res is None:
+        torch.mm(a, w.t(), out=out2)
+    elif res.dtype == a.dtype:
+        torch.addmm(_rows(res), a, w.t(), out=out2)
+    else:  # e.g. an fp32 residual stream under autocast
+        torch.add(_rows(res), torch.mm(a, w.t()), out=out2)
+    return out
+
+
 class _NormProject(torch.autograd.Function):
-    """[s = x + res]; out = RMSNorm(s)·w_norm @ cat(weights)^T. Saves s, rstd and the stacked weight copy."""
+    """(x, RMSNorm(x)·w_norm @ cat(weights)^T). Saves x, rstd and the stacked weight copy.
+
+    x is passed through so that its gradient from the residual path arrives here and is added inside the
+    norm's backward kernel (no separate add of the two gradients)."""
 
     @staticmethod
-    def forward(ctx, x, res, norm_weight, eps, impl, *weights):
+    def forward(ctx, x, norm_weight, eps, impl, *weights):
         cdt = _compute_dtype(x)
-        shape = x.shape
         x2 = _rows(x)
-        s, h, rstd = add_rms_norm(x2, None if res is None else _rows(res), norm_weight, eps, cdt, impl)
+        h, rstd = rms_norm_rows(x2, norm_weight, eps, cdt, impl)
         w = _stack_weights(weights, cdt)
-        out = torch.mm(h, w.t())
-        ctx.save_for_backward(s, rstd, norm_weight, w)
-        ctx.has_res, ctx.impl, ctx.cdt, ctx.shape = res is not None, impl, cdt, shape
+        out = _add_mm(None, h, w, x.shape[:-1])
+        ctx.save_for_backward(x2, rstd, norm_weight, w)
+        ctx.impl, ctx.cdt, ctx.shape = impl, cdt, x.shape
         ctx.rows = [t.shape[0] for t in weights]
         ctx.w_dtypes = [t.dtype for t in weights]
-        out = out.view(*shape[:-1], out.shape[-1])
-        return (s.view(shape), out) if ctx.has_res else out
+        return x, out
 
     @staticmethod
-    def backward(ctx, *grads):
-        s, rstd, norm_weight, w = ctx.saved_tensors
-        ds_out, dout = grads if ctx.has_res else (None, grads[0])
+    def backward(ctx, dx_residual, dout):
+        x2, rstd, norm_weight, w = ctx.saved_tensors
         dout = _rows(dout)
         dh = torch.mm(dout.to(w.dtype), w)
-        dres = None if ds_out is None else _rows(ds_out)
-        ds, h, dnorm = rms_norm_backward(dh, s, rstd, norm_weight, dres, ctx.cdt, ctx.impl)
-        dws = []
+        dres = None if dx_residual is None else _rows(dx_residual)
+        dx, h, dnorm = rms_norm_backward(dh, x2, rstd, norm_weight, dres, ctx.cdt, ctx.impl)
         if len(set(ctx.w_dtypes)) == 1:
-            dw = weight_grad(dout.to(h.dtype), h, ctx.w_dtypes[0])
-            dws = list(dw.split(ctx.rows, dim=0))
-        else:  # pragma: no cover - mixed weight dtypes
-            for part, dt in zip(dout.split(ctx.rows, dim=1), ctx.w_dtypes):
-                dws.append(weight_grad(part, h, dt))
-        ds = ds.view(ctx.shape)
-        return (ds, ds if ctx.has_res else None, dnorm.to(norm_weight.dtype), None, None, *dws)
+            dws = list(weight_grad(dout.to(h.dtype), h, ctx.w_dtypes[0]).split(ctx.rows, dim=0))
+        else:  # weights of different dtypes: one product each
+            dws = [weight_grad(part, h, dt) for part, dt in zip(dout.split(ctx.rows, dim=1), ctx.w_dtypes)]
+        return (dx.view(ctx.shape), dnorm.to(norm_weight.dtype), None, None, *dws)
 
 
 class _QKVRope(torch.autograd.Function):
@@ -414,36 +414,40 @@ class _QKVRope(torch.autograd.Function):
 
 
 class _Linear(torch.autograd.Function):
-    """x @ w^T in the compute dtype, the weight's gradient in its own dtype straight from the GEMM."""
+    """residual + x @ w^T in the compute dtype; the weight's gradient in its own dtype straight from the GEMM."""
 
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, residual):
         cdt = _compute_dtype(x)
         w = weight.to(cdt)
         x2 = _rows(x).to(cdt)
         ctx.save_for_backward(x2, w)
         ctx.w_dtype = weight.dtype
-        return torch.mm(x2, w.t()).view(*x.shape[:-1], w.shape[0])
+        ctx.res_dtype = None if residual is None else residual.dtype
+        return _add_mm(residual, x2, w, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, dy):
         x2, w = ctx.saved_tensors
         dy2 = _rows(dy).to(w.dtype)
         dx = torch.mm(dy2, w).view(*dy.shape[:-1], w.shape[1])
-        return dx, weight_grad(dy2, x2, ctx.w_dtype)
+        dres = None if ctx.res_dtype is None else dy.to(ctx.res_dtype)
+        return dx, weight_grad(dy2, x2, ctx.w_dtype), dres
 
 
 class _SwiGLUDown(torch.autograd.Function):
-    """silu(gate)·up @ w_down^T from gu = [gate | up]. Saves gu; silu(gate)·up is recomputed in backward."""
+    """residual + silu(gate)·up @ w_down^T from gu = [gate | up]. Saves gu; silu(gate)·up is recomputed in
+    backward."""
 
     @staticmethod
-    def forward(ctx, gu, weight, impl):
+    def forward(ctx, gu, weight, residual, impl):
         gu2 = _rows(gu)
         a = swiglu_rows(gu2, impl)
         w = weight.to(gu.dtype)
         ctx.save_for_backward(gu2, w)
         ctx.w_dtype, ctx.impl = weight.dtype, impl
-        return torch.mm(a, w.t()).view(*gu.shape[:-1], w.shape[0])
+        ctx.res_dtype = None if residual is None else residual.dtype
+        return _add_mm(residual, a, w, gu.shape[:-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -451,7 +455,8 @@ class _SwiGLUDown(torch.autograd.Function):
         dy2 = _rows(dy).to(w.dtype)
         da = torch.mm(dy2, w)
         dgu, a = swiglu_rows_backward(da, gu2, ctx.impl)
-        return dgu.view(*dy.shape[:-1], gu2.shape[1]), weight_grad(dy2, a, ctx.w_dtype), None
+        dres = None if ctx.res_dtype is None else dy.to(ctx.res_dtype)
+        return dgu.view(*dy.shape[:-1], gu2.shape[1]), weight_grad(dy2, a, ctx.w_dtype), dres, None
 
 
 # ---- the block -----------------------------------------------------------------------------------
@@ -476,11 +481,13 @@ class FusedBlock(Block):
         B, T, _ = x.shape
         impl = self.kernel_impl
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
-        qkv = _NormProject.apply(x, None, n1.weight, n1.eps, impl,
-                                 attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+        # The residual stream goes through each function: the adds happen in the GEMM epilogues (addmm), and
+        # the residual's gradient is added inside the norms' backward kernels.
+        x, qkv = _NormProject.apply(x, n1.weight, n1.eps, impl, attn.q_proj.weight, attn.k_proj.weight,
+                                    attn.v_proj.weight)
         q, k, v = _QKVRope.apply(qkv, cos.contiguous(), sin.contiguous(), attn.n_heads, attn.n_kv_heads,
                                  attn.head_dim, impl)
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.attention_backend)
-        o = _Linear.apply(y.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight)
-        x, gu = _NormProject.apply(x, o, n2.weight, n2.eps, impl, mlp.gate_proj.weight, mlp.up_proj.weight)
-        return x + _SwiGLUDown.apply(gu, mlp.down_proj.weight, impl)
+        x = _Linear.apply(y.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight, x)
+        x, gu = _NormProject.apply(x, n2.weight, n2.eps, impl, mlp.gate_proj.weight, mlp.up_proj.weight)
+        return _SwiGLUDown.apply(gu, mlp.down_proj.weight, x, impl)

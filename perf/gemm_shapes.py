@@ -1,0 +1,57 @@
+"""Time every GEMM of one TinyLlama-1.1B training step (8 × 2048 tokens) in the layouts the fused block uses,
+and alternatives, on the GPU: which products sit under the measured bf16 ceiling.
+
+PYTHONUNBUFFERED=1 python perf/gemm_shapes.py
+"""
+
+import torch
+import triton.testing as tt
+
+N = 16384
+SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632), "head/4": (32000, 2048)}
+bf = torch.bfloat16
+
+
+def ms(fn):
+    return tt.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def main():
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
+    big = torch.randn(8192, 8192, device="cuda", dtype=bf)
+    t = ms(lambda: big @ big)
+    print(f"ceiling 8192^3: {t:.3f} ms {2 * 8192**3 / t / 1e9:.0f} TFLOP/s")
+    total = {}
+    per_step = 0.0
+    print(f"{'gemm':<28} {'ms':>7} {'TFLOP/s':>8}")
+    for name, (M, K) in SHAPES.items():
+        rows = N // 4 if name == "head/4" else N
+        x = torch.randn(rows, K, device="cuda", dtype=bf)
+        w = torch.randn(M, K, device="cuda", dtype=bf) * 0.02
+        dy = torch.randn(rows, M, device="cuda", dtype=bf)
+        flop = 2 * rows * M * K
+        cases = {
+            "fwd x@w.t": lambda: torch.mm(x, w.t()),
+            "fwd (w@x.t).t": lambda: torch.mm(w, x.t()),
+            "dgrad dy@w": lambda: torch.mm(dy, w),
+            "dgrad (w.t@dy.t).t": lambda: torch.mm(w.t(), dy.t()),
+            "wgrad dy.t@x f32": lambda: torch.mm(dy.t(), x, out_dtype=torch.float32),
+            "wgrad dy.t@x bf16": lambda: torch.mm(dy.t(), x),
+            "wgrad (x.t@dy).t f32": lambda: torch.mm(x.t(), dy, out_dtype=torch.float32),
+        }
+        for c, fn in cases.items():
+            t = ms(fn)
+            print(f"{name + ' ' + c:<28} {t:7.3f} {flop / t / 1e9:8.0f}", flush=True)
+            total[(name, c)] = t
+        del x, w, dy
+    print("per step (22 layers + 4 head chunks), the layouts the fused block uses:")
+    for name in SHAPES:
+        k = 4 if name == "head/4" else 22
+        s = k * sum(total[(name, c)] for c in ("fwd x@w.t", "dgrad dy@w", "wgrad dy.t@x f32"))
+        per_step += s
+        print(f"  {name:<8} {s:7.2f} ms")
+    print(f"  total    {per_step:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
