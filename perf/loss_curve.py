@@ -20,15 +20,15 @@ from tinyllama.bench import train as bt
 from tinyllama.kernels import KernelConfig
 
 
-def run(name, cfg, dev, batches, steps, lr, warmup, perturb=0.0, fast=False):
+def run(name, cfg, dev, batches, steps, lr, warmup, perturb=0.0, fast=False, seed=123):
     model = bt.build_ours(cfg, dev, KernelConfig() if fast else None, fast=fast, seed=0)
     if perturb:
-        g = torch.Generator(device=dev).manual_seed(123)
+        g = torch.Generator(device=dev).manual_seed(seed)
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1 + perturb * torch.randn(p.shape, device=dev, generator=g))
     opt, schedule = bt.build_optimizer(model, lr=lr, warmup_steps=warmup, max_steps=steps)
-    step = bt.make_train_step(model, opt, bt._ours_loss, dev)
+    step = bt.make_train_step(model, opt, bt._ours_loss, dev, trainer_step=True)
     batches.reset()
     losses = []
     t0 = time.perf_counter()
@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--data", default=None)
+    ap.add_argument("--perturbed-seeds", type=int, default=1, help="perturbed reference runs (noise estimate)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "loss_curve.json"))
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,14 +69,22 @@ def main():
     batches = bt.TokenBatches(cfg.vocab_size, a.seq_len, a.micro_batch, data=a.data)
     ref = run("reference", cfg, dev, batches, a.steps, a.lr, a.warmup)
     fast = run("fast", cfg, dev, batches, a.steps, a.lr, a.warmup, fast=True)
-    noise = run("reference-perturbed", cfg, dev, batches, a.steps, a.lr, a.warmup, perturb=2.0**-9)
+    noises = [run(f"reference-perturbed-{k}", cfg, dev, batches, a.steps, a.lr, a.warmup, perturb=2.0**-9, seed=123 + k)
+              for k in range(a.perturbed_seeds)]
+    noise = noises[0]
     summary = {"fast_vs_reference": compare(fast, ref), "perturbed_vs_reference": compare(noise, ref)}
+    for k, other in enumerate(noises[1:], 1):
+        summary[f"perturbed{k}_vs_reference"] = compare(other, ref)
+        summary[f"fast_vs_perturbed{k}"] = compare(fast, other)
+        summary[f"perturbed{k}_vs_perturbed0"] = compare(other, noise)
+    summary["fast_vs_perturbed0"] = compare(fast, noise)
     print(json.dumps(summary, indent=1))
     print(f"{'step':>5} {'reference':>10} {'fast':>10} {'perturbed':>10}")
     for i in list(range(0, a.steps, max(1, a.steps // 20))) + [a.steps - 1]:
         print(f"{i + 1:>5} {ref[i]:>10.4f} {fast[i]:>10.4f} {noise[i]:>10.4f}")
     with open(a.out, "w") as f:
-        json.dump({"args": vars(a), "reference": ref, "fast": fast, "perturbed": noise, "summary": summary}, f)
+        json.dump({"args": vars(a), "reference": ref, "fast": fast, "perturbed": noise, "perturbed_all": noises,
+                   "summary": summary}, f)
 
 
 if __name__ == "__main__":
