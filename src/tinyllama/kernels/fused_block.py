@@ -26,11 +26,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from tinyllama.kernels.triton_ops import _rows
 from tinyllama.model import Block, rotate_half
 
 try:  # optional: Triton ships with CUDA builds of PyTorch
     import triton
     import triton.language as tl
+
+    from tinyllama.kernels.triton_ops import _rms_norm_bwd, _rms_norm_fwd, _swiglu_bwd, _swiglu_fwd
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
@@ -56,46 +59,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 # ---- kernels -------------------------------------------------------------------------------------
 
 if triton is not None:
-
-    @triton.jit
-    def _norm_fwd_kernel(X, H, W, RSTD, stride_x, stride_h, n_cols, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-        # Round the normalised value to the residual's dtype before scaling, as the reference (and HF) do.
-        xn = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(H + row * stride_h + cols, (xn * w).to(H.dtype.element_ty), mask=mask)
-        tl.store(RSTD + row, rstd)
-
-    @triton.jit
-    def _norm_bwd_kernel(DH, S, W, RSTD, DRES, DS, H, DW_PART, stride_dh, stride_s, stride_dres, stride_ds,
-                         stride_h, n_rows, n_cols, rows_per_prog, HAS_DRES: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK], dtype=tl.float32)
-        start = pid * rows_per_prog
-        for i in range(0, rows_per_prog):
-            row = (start + i).to(tl.int64)
-            if row < n_rows:
-                s = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
-                dh = tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-                rstd = tl.load(RSTD + row)
-                xhat = s * rstd
-                xn = xhat.to(S.dtype.element_ty).to(tl.float32)
-                # The forward's normalised output, bit for bit: the weight gradient's other operand.
-                tl.store(H + row * stride_h + cols, (xn * w).to(H.dtype.element_ty), mask=mask)
-                dw += dh * xn
-                g = dh * w
-                ds = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
-                if HAS_DRES:
-                    ds += tl.load(DRES + row * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DS + row * stride_ds + cols, ds.to(DS.dtype.element_ty), mask=mask)
-        tl.store(DW_PART + pid * n_cols + cols, dw, mask=mask)
 
     @triton.jit
     def _qkv_rope_fwd_kernel(QKV, COS, SIN, Q, K, V, seq_len, stride_row, N_Q: tl.constexpr, N_KV: tl.constexpr,
@@ -160,36 +123,6 @@ if triton is not None:
         tl.store(dst, y1.to(DQKV.dtype.element_ty), mask=valid)
         tl.store(dst + half, y2.to(DQKV.dtype.element_ty), mask=valid)
 
-    @triton.jit
-    def _swiglu_fwd_kernel(GU, A, stride_gu, stride_a, n_cols, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        g = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(GU + row * stride_gu + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(A + row * stride_a + cols, (g * tl.sigmoid(g) * u).to(A.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _swiglu_bwd_kernel(DA, GU, DGU, A, stride_da, stride_gu, stride_dgu, stride_a, n_cols, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        da = tl.load(DA + row * stride_da + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(GU + row * stride_gu + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(g)
-        silu = g * sig
-        # silu(g)·u again, as the forward stored it: the down projection's weight gradient needs it.
-        tl.store(A + row * stride_a + cols, (silu * u).to(A.dtype.element_ty), mask=mask)
-        tl.store(DGU + row * stride_dgu + cols, (da * u * (sig + silu * (1.0 - sig))).to(DGU.dtype.element_ty), mask=mask)
-        tl.store(DGU + row * stride_dgu + n_cols + cols, (da * silu).to(DGU.dtype.element_ty), mask=mask)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _norm_warps(block: int) -> int:
     return min(16, max(1, block // 256))
 
@@ -207,8 +140,8 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: 
     h = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(n_cols)
-    _norm_fwd_kernel[(n_rows,)](x, h, weight, rstd, x.stride(0), h.stride(0), n_cols, eps, BLOCK=block,
-                                num_warps=_norm_warps(block))
+    _rms_norm_fwd[(n_rows,)](x, weight, h, rstd, x.stride(0), h.stride(0), n_cols, eps, BLOCK=block,
+                             num_warps=_norm_warps(block))
     return h, rstd
 
 
@@ -237,9 +170,9 @@ def rms_norm_backward(dh: torch.Tensor, s: torch.Tensor, rstd: torch.Tensor, wei
     dw_part = torch.empty((n_progs, n_cols), dtype=torch.float32, device=s.device)
     block = triton.next_power_of_2(n_cols)
     d = s if dres is None else dres
-    _norm_bwd_kernel[(n_progs,)](dh, s, weight, rstd, d, ds, h, dw_part, dh.stride(0), s.stride(0), d.stride(0),
-                                 ds.stride(0), h.stride(0), n_rows, n_cols, rows_per_prog, HAS_DRES=dres is not None,
-                                 BLOCK=block, num_warps=_norm_warps(block))
+    _rms_norm_bwd[(n_progs,)](dh, s, weight, rstd, ds, dw_part, d, h, dh.stride(0), s.stride(0), ds.stride(0),
+                              d.stride(0), h.stride(0), n_rows, n_cols, rows_per_prog, HAS_DRES=dres is not None,
+                              STORE_H=True, BLOCK=block, num_warps=_norm_warps(block))
     return ds, h, dw_part.sum(0)
 
 
@@ -293,7 +226,9 @@ def swiglu_rows(gu: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         g, u = gu[:, :n], gu[:, n:]
         return F.silu(g) * u
     a = torch.empty((gu.shape[0], n), dtype=gu.dtype, device=gu.device)
-    _swiglu_fwd_kernel[(gu.shape[0], triton.cdiv(n, 1024))](gu, a, gu.stride(0), a.stride(0), n, BLOCK=1024, num_warps=4)
+    g, u = gu[:, :n], gu[:, n:]  # strided views: the kernels take row strides
+    _swiglu_fwd[(gu.shape[0], triton.cdiv(n, 1024))](g, u, a, gu.stride(0), gu.stride(0), a.stride(0), n, BLOCK=1024,
+                                                     num_warps=4)
     return a
 
 
@@ -309,8 +244,9 @@ def swiglu_rows_backward(da: torch.Tensor, gu: torch.Tensor, impl: str = "auto")
         return dgu, F.silu(gu[:, :n]) * gu[:, n:]
     dgu = torch.empty_like(gu)
     a = torch.empty((gu.shape[0], n), dtype=gu.dtype, device=gu.device)
-    _swiglu_bwd_kernel[(gu.shape[0], triton.cdiv(n, 1024))](da, gu, dgu, a, da.stride(0), gu.stride(0), dgu.stride(0),
-                                                            a.stride(0), n, BLOCK=1024, num_warps=4)
+    _swiglu_bwd[(gu.shape[0], triton.cdiv(n, 1024))](da, gu[:, :n], gu[:, n:], dgu[:, :n], dgu[:, n:], a, da.stride(0),
+                                                     gu.stride(0), gu.stride(0), dgu.stride(0), a.stride(0), n,
+                                                     STORE_H=True, BLOCK=1024, num_warps=4)
     return dgu, a
 
 

@@ -31,13 +31,19 @@ def _out_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(x.dtype, weight_dtype)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as rows (N, last dim) with unit column stride (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 if triton is not None:
 
     # ---- RMSNorm -----------------------------------------------------------------------------------
 
     @triton.jit
     def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -49,8 +55,11 @@ if triton is not None:
         tl.store(RSTD + row, rstd)
 
     @triton.jit
-    def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols,
-                      rows_per_prog, BLOCK: tl.constexpr):
+    def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, DRES, H, stride_dy, stride_x, stride_dx, stride_dres, stride_h,
+                      n_rows, n_cols, rows_per_prog, HAS_DRES: tl.constexpr, STORE_H: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        # HAS_DRES: add the residual stream's gradient DRES to DX. STORE_H: also store the forward's output
+        # again, bit for bit (the fused block recomputes it here for the next GEMM's weight gradient).
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -58,15 +67,20 @@ if triton is not None:
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         start = pid * rows_per_prog
         for i in range(0, rows_per_prog):
-            row = start + i
+            row = (start + i).to(tl.int64)
             if row < n_rows:
                 x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
                 rstd = tl.load(RSTD + row)
                 xhat = x * rstd
-                dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
+                xn = xhat.to(X.dtype.element_ty).to(tl.float32)
+                if STORE_H:
+                    tl.store(H + row * stride_h + cols, (xn * w).to(H.dtype.element_ty), mask=mask)
+                dw += dy * xn
                 g = dy * w
                 dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+                if HAS_DRES:
+                    dx += tl.load(DRES + row * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         tl.store(DW_PART + pid * n_cols + cols, dw, mask=mask)
 
@@ -101,15 +115,16 @@ if triton is not None:
             n_progs = triton.cdiv(n_rows, rows_per_prog)
             dw_part = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2.device)
             block = triton.next_power_of_2(n_cols)
-            _rms_norm_bwd[(n_progs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0),
-                                      n_rows, n_cols, rows_per_prog, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+            _rms_norm_bwd[(n_progs,)](dy2, x2, weight, rstd, dx, dw_part, x2, x2, dy2.stride(0), x2.stride(0),
+                                      dx.stride(0), 0, 0, n_rows, n_cols, rows_per_prog, HAS_DRES=False, STORE_H=False,
+                                      BLOCK=block, num_warps=min(16, max(1, block // 256)))
             return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None, None
 
     # ---- SwiGLU ------------------------------------------------------------------------------------
 
     @triton.jit
     def _swiglu_fwd(G, U, H, stride_g, stride_u, stride_h, n_cols, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
@@ -118,8 +133,10 @@ if triton is not None:
         tl.store(H + row * stride_h + cols, h.to(H.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd(DH, G, U, DG, DU, stride_dh, stride_g, stride_u, stride_d, n_cols, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+    def _swiglu_bwd(DH, G, U, DG, DU, H, stride_dh, stride_g, stride_u, stride_d, stride_h, n_cols,
+                    STORE_H: tl.constexpr, BLOCK: tl.constexpr):
+        # STORE_H: also store silu(g)·u again (the fused block's down projection needs it for its weight gradient).
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         dh = tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
@@ -127,13 +144,11 @@ if triton is not None:
         u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(g)
         silu = g * sig
+        if STORE_H:
+            tl.store(H + row * stride_h + cols, (silu * u).to(H.dtype.element_ty), mask=mask)
         dg = dh * u * (sig + silu * (1.0 - sig))
         tl.store(DG + row * stride_d + cols, dg.to(DG.dtype.element_ty), mask=mask)
         tl.store(DU + row * stride_d + cols, (dh * silu).to(DU.dtype.element_ty), mask=mask)
-
-    def _rows(t: torch.Tensor) -> torch.Tensor:
-        t2 = t.reshape(-1, t.shape[-1])
-        return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
     class _SwiGLU(torch.autograd.Function):
         @staticmethod
@@ -156,9 +171,9 @@ if triton is not None:
             dg = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
             du = torch.empty((n_rows, n_cols), dtype=u2.dtype, device=u2.device)
             block = 1024
-            _swiglu_bwd[(n_rows, triton.cdiv(n_cols, block))](dh2, g2, u2, dg, du, dh2.stride(0), g2.stride(0),
-                                                              u2.stride(0), dg.stride(0), n_cols, BLOCK=block,
-                                                              num_warps=4)
+            _swiglu_bwd[(n_rows, triton.cdiv(n_cols, block))](dh2, g2, u2, dg, du, dg, dh2.stride(0), g2.stride(0),
+                                                              u2.stride(0), dg.stride(0), 0, n_cols, STORE_H=False,
+                                                              BLOCK=block, num_warps=4)
             return dg.view(ctx.shapes[0]), du.view(ctx.shapes[1])
 
     # ---- rotary ------------------------------------------------------------------------------------
