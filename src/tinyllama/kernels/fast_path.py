@@ -3,9 +3,9 @@
 `apply_fast_path(model, cfg)` changes a `tinyllama.model.Llama` in place, keeping every parameter
 and its name (checkpoints and FSDP2 see the same model):
   * the output head + loss become the chunked `linear_cross_entropy` (no full logits);
-  * each block is compiled on its own with `torch.compile` (fuses RMSNorm, rotary, SwiGLU and the
-    residual adds, and recomputes the cheap pointwise ops in backward instead of storing them), or,
-    with `triton_kernels`, runs eagerly with the hand-written Triton RMSNorm / rotary / SwiGLU;
+  * each block becomes the fused training block (`kernels.fused_block`: Triton kernels, fewest saved
+    activations; the default on CUDA), or is compiled on its own with `torch.compile` (`compile_blocks`),
+    or, with `triton_kernels`, runs eagerly with the Triton RMSNorm / rotary / SwiGLU as separate modules;
   * attention can be pinned to one SDPA backend (flash, cuDNN, efficient).
 Apply it before `fully_shard` / FSDP2 and before moving the optimizer's parameters anywhere else.
 """
@@ -35,8 +35,8 @@ class KernelConfig:
     # torch.compile each decoder block on its own; None: only when the model is on a GPU and the fused blocks
     # are off (on the CPU the compile takes minutes and gains little).
     compile_blocks: Optional[bool] = None
-    # Eager Triton RMSNorm/rotary/SwiGLU (used when compile_blocks is off): as fast as the compiled
-    # blocks on H100 (69.98 k vs 70.12 k tokens/s) without their ~30 s compile, but no memory budget.
+    # Eager Triton RMSNorm/rotary/SwiGLU modules (used when compile_blocks is off and fused_blocks is not
+    # on): as fast as the compiled blocks on H100 (69.98 k vs 70.12 k tokens/s), as much memory.
     triton_kernels: bool = False
     attention_backend: str = "auto"  # SDPA backend: auto | flash | cudnn | efficient | math
     # Each block as the fused training block (tinyllama.kernels.fused_block): Triton kernels, q/k/v and

@@ -11,10 +11,12 @@ runs twice.
 
 Also: q/k/v and gate/up are one GEMM each (the bf16 weight copies are written concatenated), weight
 gradients come out of the GEMM in the weight's dtype (fp32 master weights: no bf16 copy and cast pass), the
-second residual add is fused into its RMSNorm and the residual gradient into the norm's backward.
+residual adds happen in the o and down GEMMs' epilogues (addmm) and the residual's gradient is added inside
+the norms' backward kernels: no separate add kernel in either direction.
 
-Kernels: Triton on CUDA (and under TRITON_INTERPRET=1); the same maths in plain PyTorch elsewhere, which
-is the reference tests/test_kernels.py compares the kernels with. The block as a whole is compared with
+Kernels: Triton on CUDA (and under TRITON_INTERPRET=1): rotary here, RMSNorm and SwiGLU shared with
+`triton_ops`; the same maths in plain PyTorch elsewhere, which is the reference tests/test_kernels.py
+compares the kernels with. The block as a whole is compared with
 `tinyllama.model.Block`, forward and backward.
 """
 
@@ -123,6 +125,7 @@ if triton is not None:
         tl.store(dst, y1.to(DQKV.dtype.element_ty), mask=valid)
         tl.store(dst + half, y2.to(DQKV.dtype.element_ty), mask=valid)
 
+
 def _norm_warps(block: int) -> int:
     return min(16, max(1, block // 256))
 
@@ -147,8 +150,9 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: 
 
 def rms_norm_backward(dh: torch.Tensor, s: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
                       dres: Optional[torch.Tensor], h_dtype: torch.dtype, impl: str = "auto"):
-    """(ds, h, dweight): the gradient of s (plus the residual's gradient dres), the forward's h recomputed,
-    and the norm weight's gradient (fp32)."""
+    """(ds, h, dweight) for rows s (N, C), the norm's input, and dh, its output's gradient: the gradient of s
+    (plus the residual stream's gradient dres), the forward's h recomputed bit for bit, and the norm
+    weight's gradient (fp32)."""
     if not use_triton(s, impl):
         s32 = s.float()
         xhat = s32 * rstd[:, None]
