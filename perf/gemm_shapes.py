@@ -43,7 +43,6 @@ def main():
             t = ms(fn)
             print(f"{name + ' ' + c:<28} {t:7.3f} {flop / t / 1e9:8.0f}", flush=True)
             total[(name, c)] = t
-        del x, w, dy
     print("per step (22 layers + 4 head chunks), the layouts the fused block uses:")
     for name in SHAPES:
         k = 4 if name == "head/4" else 22
