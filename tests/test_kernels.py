@@ -271,7 +271,8 @@ def _reference_and_fast_loss_and_grads_cuda(kernels: KernelConfig) -> list:
 
 
 @cuda
-@pytest.mark.parametrize("kw", [dict(), dict(fuse_projections=True, activation_memory_budget=0.7)])
+@pytest.mark.parametrize("kw", [dict(compile_blocks=True),
+                                dict(compile_blocks=True, fuse_projections=True, activation_memory_budget=0.7)])
 def test_fast_path_compiled_blocks_cuda(kw):
     out = _reference_and_fast_loss_and_grads_cuda(KernelConfig(**kw))
     torch._dynamo.reset()
@@ -388,6 +389,38 @@ def test_fused_block_keeps_two_thirds_of_the_activations():
     assert got <= ref - n * (2 * C + F_), (got, ref)
 
 
+def test_fused_block_saves_bf16_weights_themselves_not_copies():
+    # FSDP2 hands the block bf16 weights: the q/k/v and gate/up stacks are rebuilt in backward instead of
+    # being kept (a second copy of memory FSDP2 holds anyway).
+    from tinyllama.kernels.fused_block import FusedBlock
+    from tinyllama.model import Block, rope_cache
+
+    cfg = ModelConfig.from_name("tinyllama-tiny")
+    block = Block(cfg).to(torch.bfloat16)
+    block.__class__ = FusedBlock
+    params = {p.data_ptr() for p in block.parameters()}
+    weight_like = []
+
+    def pack(t):
+        if t.dim() == 2 and t.shape[1] in (cfg.hidden_size, cfg.intermediate_size) and t.shape[0] != 3 * 9:
+            weight_like.append(t.data_ptr() in params)
+        return t
+
+    x = torch.randn(3, 9, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = (t.to(torch.bfloat16) for t in rope_cache(9, cfg.head_dim, cfg.rope_theta))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = block(x, cos, sin)
+    assert weight_like and all(weight_like)
+    y.sum().backward()
+    assert all(p.grad is not None for p in block.parameters())
+
+
+def test_fused_blocks_setting_clashes_are_refused():
+    for other in (dict(compile_blocks=True), dict(triton_kernels=True), dict(activation_memory_budget=0.7)):
+        with pytest.raises(TinyLlamaError, match="fused_blocks is on together with"):
+            apply_fast_path(_tiny(), KernelConfig(fused_blocks=True, **other))
+
+
 def test_fused_block_bf16_error_within_the_reference_error():
     """Under bf16 autocast, the fused block's loss and gradients are as close to the fp64 truth as the plain
     model's are (the same rounding level; different rounding order)."""
@@ -435,13 +468,15 @@ def _fused_block_cases(device):
                 grads[impl] = FB.rms_norm_backward(dh, x, rstd, w, dr, dtype, impl)
                 assert torch.equal(grads[impl][1], h)  # h recomputed in backward = the forward's h
             assert all(close(a, b) for a, b in zip(*grads.values()))
-    cos, sin = (t.to(dtype) for t in rope_cache(16, 8, 10000.0, device=device))
-    qkv = rnd(2, 16, (4 + 2 * 2) * 8)
-    outs = [FB.qkv_rope(qkv, cos, sin, 4, 2, 8, impl) for impl in ("triton", "torch")]
-    assert all(close(a, b) for a, b in zip(*outs))
-    dq, dk, dv = rnd(2, 4, 16, 8).transpose(1, 2), rnd(2, 16, 2, 8), rnd(2, 2, 16, 8).transpose(1, 2)  # any strides
-    grads = [FB.qkv_rope_backward(dq, dk, dv, cos, sin, impl) for impl in ("triton", "torch")]
-    assert close(*grads)
+    for D, n_q, n_kv in ((8, 4, 2), (24, 3, 1)):  # head dims whose half is and is not a power of two
+        cos, sin = (t.to(dtype) for t in rope_cache(16, D, 10000.0, device=device))
+        qkv = rnd(2, 16, (n_q + 2 * n_kv) * D)
+        outs = [FB.qkv_rope(qkv, cos, sin, n_q, n_kv, D, impl) for impl in ("triton", "torch")]
+        assert all(close(a, b) for a, b in zip(*outs))
+        dq, dk, dv = (rnd(2, n_q, 16, D).transpose(1, 2), rnd(2, 16, n_kv, D),
+                      rnd(2, n_kv, 16, D).transpose(1, 2))  # any strides
+        grads = [FB.qkv_rope_backward(dq, dk, dv, cos, sin, impl) for impl in ("triton", "torch")]
+        assert close(*grads)
     gu, da = rnd(33, 200, scale=2.0), rnd(33, 100)
     assert close(FB.swiglu_rows(gu, "triton"), FB.swiglu_rows(gu, "torch"))
     grads = [FB.swiglu_rows_backward(da, gu, impl) for impl in ("triton", "torch")]

@@ -42,7 +42,8 @@ class KernelConfig:
     # Each block as the fused training block (tinyllama.kernels.fused_block): Triton kernels, q/k/v and
     # gate/up as one GEMM each, residual adds in the GEMM epilogues, and only the activations backward
     # cannot cheaply recompute are kept (~0.66 instead of ~0.97 GB per layer at 8 x 2048 on 1.1B).
-    # None: on for a model on CUDA with Triton installed, unless compile_blocks or triton_kernels is set.
+    # None: on for a model on CUDA with Triton installed, unless compile_blocks, triton_kernels or an
+    # activation_memory_budget below 1 asks for another block path.
     fused_blocks: Optional[bool] = None
     # One GEMM for q/k/v and one for gate/up (weights concatenated each step). Measured on H100: +0.6 %
     # tokens/s (within run-to-run noise) for +1.7 GB peak, hence off.
@@ -202,19 +203,24 @@ def apply_fast_path(model: Llama, config: Any = None) -> Llama:
         raise TinyLlamaError(f"apply_fast_path expects a tinyllama Llama model, got {type(model).__name__}")
     ensure_unfused(model, "the training fast path")
     on_gpu = any(p.is_cuda for p in model.parameters())
-    fused_blocks = cfg.fused_blocks
-    if fused_blocks is None:
-        from tinyllama.kernels.triton_ops import triton_available
+    from tinyllama.kernels.triton_ops import triton_available
 
-        fused_blocks = on_gpu and triton_available() and not cfg.compile_blocks and not cfg.triton_kernels
+    fused_blocks = cfg.fused_blocks
+    if fused_blocks is None:  # on unless a setting asks for another block path
+        fused_blocks = (on_gpu and triton_available() and cfg.compile_blocks is None and not cfg.triton_kernels
+                        and cfg.activation_memory_budget == 1.0)
+    elif fused_blocks:
+        clash = [name for name, on in (("compile_blocks", cfg.compile_blocks), ("triton_kernels", cfg.triton_kernels),
+                                       ("activation_memory_budget < 1", cfg.activation_memory_budget < 1.0)) if on]
+        if clash:
+            raise TinyLlamaError(f"kernels config: fused_blocks is on together with {', '.join(clash)}, which apply to "
+                                 "the other block paths; turn one of them off")
     cfg = replace(cfg, fused_blocks=fused_blocks)
     compile_blocks = (on_gpu if cfg.compile_blocks is None else cfg.compile_blocks) and not cfg.fused_blocks
     use_triton = (cfg.triton_kernels and not compile_blocks) or (cfg.fused_blocks and on_gpu)
-    if use_triton:
-        from tinyllama.kernels.triton_ops import triton_available
-
-        if not triton_available():
-            raise TinyLlamaError("kernels.triton_kernels is on but Triton is not installed; pip install triton or turn it off")
+    if use_triton and not triton_available():
+        which = "fused_blocks" if cfg.fused_blocks else "triton_kernels"
+        raise TinyLlamaError(f"kernels.{which} is on but Triton is not installed; pip install triton or turn it off")
     if cfg.fused_blocks:
         from tinyllama.kernels.fused_block import FusedBlock
 

@@ -64,24 +64,26 @@ if triton is not None:
 
     @triton.jit
     def _qkv_rope_fwd_kernel(QKV, COS, SIN, Q, K, V, seq_len, stride_row, N_Q: tl.constexpr, N_KV: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+                             HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         # One program per token: its q/k/v row -> rotated q and k, and v, each (B, T, heads, D) contiguous.
+        # cos/sin rows hold their first half twice (rope_cache's layout): the first half is read.
         pid = tl.program_id(0).to(tl.int64)
         t = pid % seq_len
         half: tl.constexpr = HEAD_DIM // 2
         h = tl.arange(0, BLOCK_H)[:, None]
-        d = tl.arange(0, half)[None, :]
-        valid = h < N_Q + 2 * N_KV
+        d = tl.arange(0, BLOCK_D)[None, :]  # BLOCK_D: half the head dim, rounded up to a power of two
+        in_d = d < half
+        valid = (h < N_Q + 2 * N_KV) & in_d
         src = QKV + pid * stride_row + h * HEAD_DIM + d
         x1 = tl.load(src, mask=valid, other=0.0).to(tl.float32)
         x2 = tl.load(src + half, mask=valid, other=0.0).to(tl.float32)
-        c = tl.load(COS + t * HEAD_DIM + d).to(tl.float32)
-        s = tl.load(SIN + t * HEAD_DIM + d).to(tl.float32)
+        c = tl.load(COS + t * HEAD_DIM + d, mask=in_d, other=0.0).to(tl.float32)
+        s = tl.load(SIN + t * HEAD_DIM + d, mask=in_d, other=0.0).to(tl.float32)
         rot = h < N_Q + N_KV
         y1 = tl.where(rot, x1 * c - x2 * s, x1).to(Q.dtype.element_ty)
         y2 = tl.where(rot, x2 * c + x1 * s, x2).to(Q.dtype.element_ty)
-        is_q = h < N_Q
-        is_k = (h >= N_Q) & rot
+        is_q = (h < N_Q) & in_d
+        is_k = (h >= N_Q) & rot & in_d
         is_v = (h >= N_Q + N_KV) & valid
         q = Q + pid * (N_Q * HEAD_DIM) + h * HEAD_DIM + d
         k = K + pid * (N_KV * HEAD_DIM) + (h - N_Q) * HEAD_DIM + d
@@ -96,18 +98,19 @@ if triton is not None:
     @triton.jit
     def _qkv_rope_bwd_kernel(DQ, DK, DV, COS, SIN, DQKV, seq_len, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t,
                              sv_h, stride_row, N_Q: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_H: tl.constexpr):
+                             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         # The rotation's transpose is the rotation by the opposite angle; v's gradient is copied.
         pid = tl.program_id(0).to(tl.int64)
         b = pid // seq_len
         t = pid % seq_len
         half: tl.constexpr = HEAD_DIM // 2
         h = tl.arange(0, BLOCK_H)[:, None]
-        d = tl.arange(0, half)[None, :]
-        valid = h < N_Q + 2 * N_KV
-        is_q = h < N_Q
+        d = tl.arange(0, BLOCK_D)[None, :]  # BLOCK_D: half the head dim, rounded up to a power of two
+        in_d = d < half
+        valid = (h < N_Q + 2 * N_KV) & in_d
+        is_q = (h < N_Q) & in_d
         rot = h < N_Q + N_KV
-        is_k = (h >= N_Q) & rot
+        is_k = (h >= N_Q) & rot & in_d
         is_v = (h >= N_Q + N_KV) & valid
         q = DQ + b * sq_b + t * sq_t + h * sq_h + d
         k = DK + b * sk_b + t * sk_t + (h - N_Q) * sk_h + d
@@ -117,8 +120,8 @@ if triton is not None:
         g2 = (tl.load(q + half, mask=is_q, other=0.0).to(tl.float32)
               + tl.load(k + half, mask=is_k, other=0.0).to(tl.float32)
               + tl.load(v + half, mask=is_v, other=0.0).to(tl.float32))
-        c = tl.load(COS + t * HEAD_DIM + d).to(tl.float32)
-        s = tl.load(SIN + t * HEAD_DIM + d).to(tl.float32)
+        c = tl.load(COS + t * HEAD_DIM + d, mask=in_d, other=0.0).to(tl.float32)
+        s = tl.load(SIN + t * HEAD_DIM + d, mask=in_d, other=0.0).to(tl.float32)
         y1 = tl.where(rot, g1 * c + g2 * s, g1)
         y2 = tl.where(rot, g2 * c - g1 * s, g2)
         dst = DQKV + pid * stride_row + h * HEAD_DIM + d
@@ -198,7 +201,8 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, 
     k = torch.empty((B, T, n_kv, head_dim), dtype=qkv.dtype, device=qkv.device)
     v = torch.empty_like(k)
     _qkv_rope_fwd_kernel[(B * T,)](qkv2, cos, sin, q, k, v, T, qkv2.stride(0), N_Q=n_q, N_KV=n_kv, HEAD_DIM=head_dim,
-                                   BLOCK_H=triton.next_power_of_2(n_q + 2 * n_kv), num_warps=4)
+                                   BLOCK_H=triton.next_power_of_2(n_q + 2 * n_kv),
+                                   BLOCK_D=triton.next_power_of_2(head_dim // 2), num_warps=4)
     return q, k, v
 
 
@@ -219,7 +223,8 @@ def qkv_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos:
     _qkv_rope_bwd_kernel[(B * T,)](dq, dk, dv, cos, sin, dqkv, T, dq.stride(0), dq.stride(1), dq.stride(2),
                                    dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
                                    dqkv.stride(1), N_Q=n_q, N_KV=n_kv, HEAD_DIM=D,
-                                   BLOCK_H=triton.next_power_of_2(n_q + 2 * n_kv), num_warps=4)
+                                   BLOCK_H=triton.next_power_of_2(n_q + 2 * n_kv),
+                                   BLOCK_D=triton.next_power_of_2(D // 2), num_warps=4)
     return dqkv
 
 
@@ -254,24 +259,29 @@ def swiglu_rows_backward(da: torch.Tensor, gu: torch.Tensor, impl: str = "auto")
     return dgu, a
 
 
-_MM_OUT_DTYPE: Optional[bool] = None  # whether this torch has torch.mm(..., out_dtype=) on CUDA
+_MM_OUT_DTYPE: dict = {}  # device -> whether torch.mm(bf16, bf16, out_dtype=torch.float32) works there
+
+
+def _mm_writes_fp32(device: torch.device) -> bool:
+    """Probed once per device on tiny matrices (so that no out-of-memory error is taken for 'unsupported')."""
+    if device not in _MM_OUT_DTYPE:
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+        try:
+            _MM_OUT_DTYPE[device] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[device] = False
+    return _MM_OUT_DTYPE[device]
 
 
 def weight_grad(dy: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """dy^T @ x for rows dy (N, M), x (N, K): a weight's gradient (M, K) in `dtype`, accumulated in fp32.
 
     bf16 operands with an fp32 weight: cuBLAS writes fp32 directly (no bf16 rounding, no cast pass)."""
-    global _MM_OUT_DTYPE
     if dtype == dy.dtype:
         return torch.mm(dy.t(), x)
-    if dtype == torch.float32 and dy.is_cuda and _MM_OUT_DTYPE is not False:
-        try:
-            out = torch.mm(dy.t(), x, out_dtype=torch.float32)
-            _MM_OUT_DTYPE = True
-            return out
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE = False
     if dy.is_cuda:
+        if dtype == torch.float32 and dy.dtype == torch.bfloat16 and _mm_writes_fp32(dy.device):
+            return torch.mm(dy.t(), x, out_dtype=torch.float32)
         return torch.mm(dy.t(), x).to(dtype)
     return torch.mm(dy.t().to(dtype), x.to(dtype))  # CPU: the fp32 accumulation the GPU path has
 
@@ -320,15 +330,21 @@ class _NormProject(torch.autograd.Function):
         h, rstd = rms_norm_rows(x2, norm_weight, eps, cdt, impl)
         w = _stack_weights(weights, cdt)
         out = _add_mm(None, h, w, x.shape[:-1])
-        ctx.save_for_backward(x2, rstd, norm_weight, w)
+        # Weights already in the compute dtype (FSDP2's bf16 ones) are saved as they are and stacked again in
+        # backward: saving the stack would keep a second copy of memory FSDP2 holds anyway. fp32 master
+        # weights: the stacked bf16 copy is what autocast would keep for backward too.
+        ctx.restack = all(t.dtype == cdt for t in weights) and len(weights) > 1
+        ctx.save_for_backward(x2, rstd, norm_weight, *(weights if ctx.restack else (w,)))
         ctx.impl, ctx.cdt, ctx.shape = impl, cdt, x.shape
         ctx.rows = [t.shape[0] for t in weights]
         ctx.w_dtypes = [t.dtype for t in weights]
         return x, out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dx_residual, dout):
-        x2, rstd, norm_weight, w = ctx.saved_tensors
+        x2, rstd, norm_weight, *ws = ctx.saved_tensors
+        w = _stack_weights(ws, ctx.cdt) if ctx.restack else ws[0]
         dout = _rows(dout)
         dh = torch.mm(dout.to(w.dtype), w)
         dres = None if dx_residual is None else _rows(dx_residual)
@@ -348,6 +364,7 @@ class _QKVRope(torch.autograd.Function):
         return qkv_rope(qkv, cos, sin, n_q, n_kv, head_dim, impl)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
         return qkv_rope_backward(dq, dk, dv, cos, sin, ctx.impl), None, None, None, None, None, None
@@ -367,6 +384,7 @@ class _Linear(torch.autograd.Function):
         return _add_mm(residual, x2, w, x.shape[:-1])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x2, w = ctx.saved_tensors
         dy2 = _rows(dy).to(w.dtype)
@@ -390,6 +408,7 @@ class _SwiGLUDown(torch.autograd.Function):
         return _add_mm(residual, a, w, gu.shape[:-1])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         gu2, w = ctx.saved_tensors
         dy2 = _rows(dy).to(w.dtype)

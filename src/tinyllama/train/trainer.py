@@ -284,7 +284,10 @@ class Trainer:
             except ImportError as e:
                 self.progress.print(f"note: train.fast_kernels requested but tinyllama.kernels is unavailable ({e})")
             else:
-                model = apply_fast_path(model, dict(t.kernels or {})) or model
+                kernels = dict(t.kernels or {})
+                if t.compile:  # train.compile with the fast path: compiled blocks, unless the kernels config says
+                    kernels.setdefault("compile_blocks", True)
+                model = apply_fast_path(model, kernels) or model
                 fast = True
         if t.activation_checkpointing:
             apply_activation_checkpointing(model)
