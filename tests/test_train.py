@@ -342,3 +342,20 @@ def test_async_checkpoint_is_published_only_when_complete(tmp_path):
     fresh = Llama(ModelConfig.from_name("tinyllama-tiny", vocab_size=512))
     load_model_weights(tmp_path, fresh)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_profile_window_writes_trace_and_table(tmp_path):
+    run = tiny_run(tmp_path / "prof", max_steps=5, profile_from_step=2, profile_steps=2, save_final=False)
+    pretrain(run_config_from_dict(run))
+    prof = tmp_path / "prof" / "profile"
+    assert sorted(p.name for p in prof.iterdir()) == ["rank0_steps3-4.json", "rank0_steps3-4.txt"]
+    trace = json.loads((prof / "rank0_steps3-4.json").read_text())
+    assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+    assert "Self CPU" in (prof / "rank0_steps3-4.txt").read_text()
+
+
+def test_profile_settings_validated():
+    with pytest.raises(TinyLlamaError, match="profile_from_step"):
+        run_config_from_dict(tiny_run("x", profile_from_step=-1)).validate()
+    with pytest.raises(TinyLlamaError, match="profile_steps"):
+        run_config_from_dict(tiny_run("x", profile_steps=0)).validate()

@@ -73,9 +73,13 @@ class TrainConfig:
     sample_prompt: Optional[str] = None  # print a generation from this prompt at the end
     sample_tokens: int = 40
     report_unigram_entropy: bool = False  # print the train tokens' unigram entropy beside the val loss
+    # torch.profiler over steps profile_from_step+1 .. +profile_steps (None: off): OUT/profile/, per rank.
+    profile_from_step: Optional[int] = None
+    profile_steps: int = 2
 
     def validate(self) -> None:
-        for name in ("micro_batch", "global_batch", "log_every", "eval_blocks", "sample_tokens", "lr_step_scale"):
+        for name in ("micro_batch", "global_batch", "log_every", "eval_blocks", "sample_tokens", "lr_step_scale",
+                     "profile_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise TinyLlamaError(f"train config: field '{name}' must be a positive integer, got {v!r}")
@@ -84,6 +88,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise TinyLlamaError(f"train config: field '{name}' must be an integer >= 0, got {v!r}")
+        v = self.profile_from_step
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise TinyLlamaError(f"train config: field 'profile_from_step' must be an integer >= 0 or null, got {v!r}")
         if self.max_steps is None and self.max_tokens is None:
             raise TinyLlamaError("train config: set 'max_steps' or 'max_tokens' (e.g. --train.max_steps 1000)")
         for name in ("max_steps", "max_tokens"):

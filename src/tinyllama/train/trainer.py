@@ -35,6 +35,7 @@ from tinyllama.train.distributed import (
     init_distributed,
 )
 from tinyllama.train.optim import build_optimizer, clip_or_step_on_device, lr_at, set_lr
+from tinyllama.train.profiling import StepProfiler
 
 OOM_ADVICE = (
     "out of GPU memory: lower --train.micro_batch (global_batch stays, gradient accumulation grows), "
@@ -362,10 +363,12 @@ class Trainer:
         t_session = time.perf_counter()
         window_t, window_tokens = time.perf_counter(), 0
         step_times: list[float] = []
+        profiler = StepProfiler(self.out_dir, info.rank, t.profile_from_step, t.profile_steps, info.device)
         try:
             with StopRequest() as stop:
                 model.train()
                 while state.step < self.max_steps:
+                    profiler.before_step(state.step)
                     t0 = time.perf_counter()
                     lr = lr_at(t.lr_step_offset + state.step * t.lr_step_scale, cfg.optim)
                     set_lr(optimizer, lr)
@@ -429,6 +432,10 @@ class Trainer:
                             line += f" | NON-FINITE: step skipped ({state.skipped_steps} so far)"
                         self.progress.update(line, force_line=not finite)
                     metrics.write(record)
+                    written = profiler.after_step(state.step)
+                    if written:
+                        self.progress.print(f"profile of steps {written[0].stem.split('steps')[1]} written to "
+                                            f"{written[0].parent} (rank {info.rank}: .json trace, .txt table)")
 
                     if not finite:
                         too_many = state.consecutive_nonfinite > t.max_consecutive_nonfinite
@@ -455,6 +462,7 @@ class Trainer:
                     self._save(ckpt, model, optimizer, train_loader, state, block=True)
                 ckpt.wait()
         finally:
+            profiler.finish(state.step)
             self.progress.end()
             metrics.close()
             if hasattr(train_loader, "close"):
