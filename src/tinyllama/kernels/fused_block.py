@@ -1,5 +1,5 @@
-"""The fused training block: a decoder block as four autograd functions that save only what backward
-cannot cheaply recompute.
+"""The fused training block: a decoder block through three autograd functions (RMSNorm + projection, twice;
+rotary; output projection, twice) that save only what backward cannot cheaply recompute.
 
 A plain (or per-block compiled) block keeps ~0.97 GB of activations per layer for 8 × 2048 tokens of
 TinyLlama-1.1B: the block input and its normalised copy, q/k/v, the attention output, the second residual and
@@ -370,52 +370,31 @@ class _QKVRope(torch.autograd.Function):
         return qkv_rope_backward(dq, dk, dv, cos, sin, ctx.impl), None, None, None, None, None, None
 
 
-class _Linear(torch.autograd.Function):
-    """residual + x @ w^T in the compute dtype; the weight's gradient in its own dtype straight from the GEMM."""
+class _OutProject(torch.autograd.Function):
+    """residual + f(x) @ w^T for the block's two output projections: f is the identity (o) or, with `swiglu`,
+    silu(gate)·up of x = [gate | up] (down; saves x and recomputes silu(gate)·up in backward). In the
+    compute dtype; the weight's gradient in its own dtype straight from the GEMM."""
 
     @staticmethod
-    def forward(ctx, x, weight, residual):
+    def forward(ctx, x, weight, residual, swiglu, impl):
         cdt = _compute_dtype(x)
-        w = weight.to(cdt)
         x2 = _rows(x).to(cdt)
+        a = swiglu_rows(x2, impl) if swiglu else x2
+        w = weight.to(cdt)
         ctx.save_for_backward(x2, w)
-        ctx.w_dtype = weight.dtype
+        ctx.w_dtype, ctx.swiglu, ctx.impl = weight.dtype, swiglu, impl
         ctx.res_dtype = None if residual is None else residual.dtype
-        return _add_mm(residual, x2, w, x.shape[:-1])
+        return _add_mm(residual, a, w, x.shape[:-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x2, w = ctx.saved_tensors
         dy2 = _rows(dy).to(w.dtype)
-        dx = torch.mm(dy2, w).view(*dy.shape[:-1], w.shape[1])
-        dres = None if ctx.res_dtype is None else dy.to(ctx.res_dtype)
-        return dx, weight_grad(dy2, x2, ctx.w_dtype), dres
-
-
-class _SwiGLUDown(torch.autograd.Function):
-    """residual + silu(gate)·up @ w_down^T from gu = [gate | up]. Saves gu; silu(gate)·up is recomputed in
-    backward."""
-
-    @staticmethod
-    def forward(ctx, gu, weight, residual, impl):
-        gu2 = _rows(gu)
-        a = swiglu_rows(gu2, impl)
-        w = weight.to(gu.dtype)
-        ctx.save_for_backward(gu2, w)
-        ctx.w_dtype, ctx.impl = weight.dtype, impl
-        ctx.res_dtype = None if residual is None else residual.dtype
-        return _add_mm(residual, a, w, gu.shape[:-1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        gu2, w = ctx.saved_tensors
-        dy2 = _rows(dy).to(w.dtype)
         da = torch.mm(dy2, w)
-        dgu, a = swiglu_rows_backward(da, gu2, ctx.impl)
+        dx, a = swiglu_rows_backward(da, x2, ctx.impl) if ctx.swiglu else (da, x2)
         dres = None if ctx.res_dtype is None else dy.to(ctx.res_dtype)
-        return dgu.view(*dy.shape[:-1], gu2.shape[1]), weight_grad(dy2, a, ctx.w_dtype), dres, None
+        return dx.view(*dy.shape[:-1], x2.shape[1]), weight_grad(dy2, a, ctx.w_dtype), dres, None, None
 
 
 # ---- the block -----------------------------------------------------------------------------------
@@ -447,6 +426,6 @@ class FusedBlock(Block):
         q, k, v = _QKVRope.apply(qkv, cos.contiguous(), sin.contiguous(), attn.n_heads, attn.n_kv_heads,
                                  attn.head_dim, impl)
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.attention_backend)
-        x = _Linear.apply(y.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight, x)
+        x = _OutProject.apply(y.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight, x, False, impl)
         x, gu = _NormProject.apply(x, n2.weight, n2.eps, impl, mlp.gate_proj.weight, mlp.up_proj.weight)
-        return _SwiGLUDown.apply(gu, mlp.down_proj.weight, x, impl)
+        return _OutProject.apply(gu, mlp.down_proj.weight, x, True, impl)
