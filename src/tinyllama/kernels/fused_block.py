@@ -63,43 +63,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 if triton is not None:
 
     @triton.jit
-    def _qkv_rope_fwd_kernel(QKV, COS, SIN, Q, K, V, seq_len, stride_row, N_Q: tl.constexpr, N_KV: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program per token: its q/k/v row -> rotated q and k, and v, each (B, T, heads, D) contiguous.
-        # cos/sin rows hold their first half twice (rope_cache's layout): the first half is read.
-        pid = tl.program_id(0).to(tl.int64)
-        t = pid % seq_len
-        half: tl.constexpr = HEAD_DIM // 2
-        h = tl.arange(0, BLOCK_H)[:, None]
-        d = tl.arange(0, BLOCK_D)[None, :]  # BLOCK_D: half the head dim, rounded up to a power of two
-        in_d = d < half
-        valid = (h < N_Q + 2 * N_KV) & in_d
-        src = QKV + pid * stride_row + h * HEAD_DIM + d
-        x1 = tl.load(src, mask=valid, other=0.0).to(tl.float32)
-        x2 = tl.load(src + half, mask=valid, other=0.0).to(tl.float32)
-        c = tl.load(COS + t * HEAD_DIM + d, mask=in_d, other=0.0).to(tl.float32)
-        s = tl.load(SIN + t * HEAD_DIM + d, mask=in_d, other=0.0).to(tl.float32)
-        rot = h < N_Q + N_KV
-        y1 = tl.where(rot, x1 * c - x2 * s, x1).to(Q.dtype.element_ty)
-        y2 = tl.where(rot, x2 * c + x1 * s, x2).to(Q.dtype.element_ty)
-        is_q = (h < N_Q) & in_d
-        is_k = (h >= N_Q) & rot & in_d
-        is_v = (h >= N_Q + N_KV) & valid
-        q = Q + pid * (N_Q * HEAD_DIM) + h * HEAD_DIM + d
-        k = K + pid * (N_KV * HEAD_DIM) + (h - N_Q) * HEAD_DIM + d
-        v = V + pid * (N_KV * HEAD_DIM) + (h - N_Q - N_KV) * HEAD_DIM + d
-        tl.store(q, y1, mask=is_q)
-        tl.store(q + half, y2, mask=is_q)
-        tl.store(k, y1, mask=is_k)
-        tl.store(k + half, y2, mask=is_k)
-        tl.store(v, y1, mask=is_v)
-        tl.store(v + half, y2, mask=is_v)
-
-    @triton.jit
-    def _qkv_rope_bwd_kernel(DQ, DK, DV, COS, SIN, DQKV, seq_len, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t,
-                             sv_h, stride_row, N_Q: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        # The rotation's transpose is the rotation by the opposite angle; v's gradient is copied.
+    def _qkv_rope_kernel(PACKED, Q, K, V, COS, SIN, seq_len, stride_row, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b,
+                         sv_t, sv_h, N_Q: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+        # One program per token. Forward: its packed q/k/v row -> q and k rotated, and v, (B, T, heads, D).
+        # Backward: the gradients of q, k, v (any strides) -> the packed row's gradient; the rotation's
+        # transpose is the rotation by the opposite angle, v's gradient is copied. cos/sin rows hold their
+        # first half twice (rope_cache's layout): the first half is read.
         pid = tl.program_id(0).to(tl.int64)
         b = pid // seq_len
         t = pid % seq_len
@@ -108,25 +78,40 @@ if triton is not None:
         d = tl.arange(0, BLOCK_D)[None, :]  # BLOCK_D: half the head dim, rounded up to a power of two
         in_d = d < half
         valid = (h < N_Q + 2 * N_KV) & in_d
-        is_q = (h < N_Q) & in_d
         rot = h < N_Q + N_KV
+        is_q = (h < N_Q) & in_d
         is_k = (h >= N_Q) & rot & in_d
         is_v = (h >= N_Q + N_KV) & valid
-        q = DQ + b * sq_b + t * sq_t + h * sq_h + d
-        k = DK + b * sk_b + t * sk_t + (h - N_Q) * sk_h + d
-        v = DV + b * sv_b + t * sv_t + (h - N_Q - N_KV) * sv_h + d
-        g1 = (tl.load(q, mask=is_q, other=0.0).to(tl.float32) + tl.load(k, mask=is_k, other=0.0).to(tl.float32)
-              + tl.load(v, mask=is_v, other=0.0).to(tl.float32))
-        g2 = (tl.load(q + half, mask=is_q, other=0.0).to(tl.float32)
-              + tl.load(k + half, mask=is_k, other=0.0).to(tl.float32)
-              + tl.load(v + half, mask=is_v, other=0.0).to(tl.float32))
+        packed = PACKED + pid * stride_row + h * HEAD_DIM + d
+        q = Q + b * sq_b + t * sq_t + h * sq_h + d
+        k = K + b * sk_b + t * sk_t + (h - N_Q) * sk_h + d
+        v = V + b * sv_b + t * sv_t + (h - N_Q - N_KV) * sv_h + d
         c = tl.load(COS + t * HEAD_DIM + d, mask=in_d, other=0.0).to(tl.float32)
         s = tl.load(SIN + t * HEAD_DIM + d, mask=in_d, other=0.0).to(tl.float32)
-        y1 = tl.where(rot, g1 * c + g2 * s, g1)
-        y2 = tl.where(rot, g2 * c - g1 * s, g2)
-        dst = DQKV + pid * stride_row + h * HEAD_DIM + d
-        tl.store(dst, y1.to(DQKV.dtype.element_ty), mask=valid)
-        tl.store(dst + half, y2.to(DQKV.dtype.element_ty), mask=valid)
+        if BACKWARD:
+            s = -s
+            x1 = (tl.load(q, mask=is_q, other=0.0).to(tl.float32) + tl.load(k, mask=is_k, other=0.0).to(tl.float32)
+                  + tl.load(v, mask=is_v, other=0.0).to(tl.float32))
+            x2 = (tl.load(q + half, mask=is_q, other=0.0).to(tl.float32)
+                  + tl.load(k + half, mask=is_k, other=0.0).to(tl.float32)
+                  + tl.load(v + half, mask=is_v, other=0.0).to(tl.float32))
+        else:
+            x1 = tl.load(packed, mask=valid, other=0.0).to(tl.float32)
+            x2 = tl.load(packed + half, mask=valid, other=0.0).to(tl.float32)
+        y1 = tl.where(rot, x1 * c - x2 * s, x1)
+        y2 = tl.where(rot, x2 * c + x1 * s, x2)
+        if BACKWARD:
+            tl.store(packed, y1.to(PACKED.dtype.element_ty), mask=valid)
+            tl.store(packed + half, y2.to(PACKED.dtype.element_ty), mask=valid)
+        else:
+            y1 = y1.to(Q.dtype.element_ty)
+            y2 = y2.to(Q.dtype.element_ty)
+            tl.store(q, y1, mask=is_q)
+            tl.store(q + half, y2, mask=is_q)
+            tl.store(k, y1, mask=is_k)
+            tl.store(k + half, y2, mask=is_k)
+            tl.store(v, y1, mask=is_v)
+            tl.store(v + half, y2, mask=is_v)
 
 
 def _norm_warps(block: int) -> int:
@@ -183,6 +168,15 @@ def rms_norm_backward(dh: torch.Tensor, s: torch.Tensor, rstd: torch.Tensor, wei
     return ds, h, dw_part.sum(0)
 
 
+def _launch_qkv_rope(packed, q, k, v, cos, sin, backward: bool) -> None:
+    B, T, n_q, D = q.shape
+    n_kv = k.shape[2]
+    _qkv_rope_kernel[(B * T,)](packed, q, k, v, cos, sin, T, packed.stride(0), *q.stride()[:3], *k.stride()[:3],
+                               *v.stride()[:3], N_Q=n_q, N_KV=n_kv, HEAD_DIM=D,
+                               BLOCK_H=triton.next_power_of_2(n_q + 2 * n_kv), BLOCK_D=triton.next_power_of_2(D // 2),
+                               BACKWARD=backward, num_warps=4)
+
+
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int, head_dim: int,
              impl: str = "auto"):
     """qkv (B, T, (n_q + 2 n_kv)·D) -> q (B, T, n_q, D) and k (B, T, n_kv, D) rotated, v (B, T, n_kv, D)."""
@@ -200,9 +194,7 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, 
     q = torch.empty((B, T, n_q, head_dim), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((B, T, n_kv, head_dim), dtype=qkv.dtype, device=qkv.device)
     v = torch.empty_like(k)
-    _qkv_rope_fwd_kernel[(B * T,)](qkv2, cos, sin, q, k, v, T, qkv2.stride(0), N_Q=n_q, N_KV=n_kv, HEAD_DIM=head_dim,
-                                   BLOCK_H=triton.next_power_of_2(n_q + 2 * n_kv),
-                                   BLOCK_D=triton.next_power_of_2(head_dim // 2), num_warps=4)
+    _launch_qkv_rope(qkv2, q, k, v, cos, sin, backward=False)
     return q, k, v
 
 
@@ -220,11 +212,7 @@ def qkv_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos:
         return torch.cat([unrot(dq).reshape(B, T, -1), unrot(dk).reshape(B, T, -1), dv.reshape(B, T, -1)], dim=-1)
     dq, dk, dv = (t if t.stride(-1) == 1 else t.contiguous() for t in (dq, dk, dv))
     dqkv = torch.empty((B, T, (n_q + 2 * n_kv) * D), dtype=dq.dtype, device=dq.device)
-    _qkv_rope_bwd_kernel[(B * T,)](dq, dk, dv, cos, sin, dqkv, T, dq.stride(0), dq.stride(1), dq.stride(2),
-                                   dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-                                   dqkv.stride(1), N_Q=n_q, N_KV=n_kv, HEAD_DIM=D,
-                                   BLOCK_H=triton.next_power_of_2(n_q + 2 * n_kv),
-                                   BLOCK_D=triton.next_power_of_2(D // 2), num_warps=4)
+    _launch_qkv_rope(dqkv.view(B * T, -1), dq, dk, dv, cos, sin, backward=True)
     return dqkv
 
 
