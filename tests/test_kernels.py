@@ -517,3 +517,50 @@ def test_fast_path_fused_blocks_cuda():
     out = _reference_and_fast_loss_and_grads_cuda(KernelConfig(fused_blocks=True))
     assert _rel(out[1][0], out[0][0]) < 1e-3
     assert _rel(out[1][1], out[0][1]) < 5e-2
+
+
+def _compile_for_hopper(fn, pointers: dict, constexprs: dict, floats=("eps",)):
+    """Compile a @triton.jit kernel for sm_90 ahead of time (PTX and ptxas, no GPU needed)."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        sig[name] = ("constexpr" if name in constexprs else pointers.get(name)
+                     or ("fp32" if name in floats else "i64"))
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETED, reason="needs Triton (not interpreted)")
+def test_training_kernels_compile_for_hopper():
+    # The interpreter (CPU tests) runs a kernel's Python, not Triton's compiler: this catches what only the
+    # compiler rejects (e.g. a non-power-of-two arange), for the H100's sm_90, without a GPU.
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    from tinyllama.kernels import fused_block as FB
+    from tinyllama.kernels import triton_ops as T
+
+    bf = "*bf16"
+    for head_dim, n_q, n_kv in ((64, 32, 4), (24, 3, 1)):
+        for backward in (False, True):
+            _compile_for_hopper(FB._qkv_rope_kernel, dict.fromkeys(["PACKED", "Q", "K", "V", "COS", "SIN"], bf),
+                                dict(N_Q=n_q, N_KV=n_kv, HEAD_DIM=head_dim, BLOCK_H=triton_next_pow2(n_q + 2 * n_kv),
+                                     BLOCK_D=triton_next_pow2(head_dim // 2), BACKWARD=backward))
+    norm_ptrs = dict(DY=bf, X=bf, DX=bf, DRES=bf, H=bf, W="*fp32", RSTD="*fp32", DW_PART="*fp32")
+    for flags in ((True, True), (False, False)):
+        _compile_for_hopper(T._rms_norm_bwd, norm_ptrs, dict(HAS_DRES=flags[0], STORE_H=flags[1], BLOCK=2048))
+    _compile_for_hopper(T._rms_norm_fwd, dict(X=bf, Y=bf, W="*fp32", RSTD="*fp32"), dict(BLOCK=2048))
+    swiglu_ptrs = dict.fromkeys(["DH", "G", "U", "DG", "DU", "H"], bf)
+    for store in (True, False):
+        _compile_for_hopper(T._swiglu_bwd, swiglu_ptrs, dict(STORE_H=store, BLOCK=1024))
+    _compile_for_hopper(T._swiglu_fwd, swiglu_ptrs, dict(BLOCK=1024))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
