@@ -35,7 +35,7 @@ try:  # optional: Triton ships with CUDA builds of PyTorch
     import triton
     import triton.language as tl
 
-    from tinyllama.kernels.triton_ops import _rms_norm_bwd, _rms_norm_fwd, _swiglu_bwd, _swiglu_fwd
+    from tinyllama.kernels.triton_ops import rms_norm_bwd_rows, rms_norm_fwd_rows, swiglu_bwd_rows, swiglu_fwd_rows
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
@@ -114,10 +114,6 @@ if triton is not None:
             tl.store(v + half, y2, mask=is_v)
 
 
-def _norm_warps(block: int) -> int:
-    return min(16, max(1, block // 256))
-
-
 # ---- the ops, each a Triton kernel or its plain-PyTorch reference -------------------------------
 
 
@@ -127,13 +123,7 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: 
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(-1) + eps)
         return (weight * (x32 * rstd[:, None]).to(x.dtype)).to(out_dtype), rstd
-    n_rows, n_cols = x.shape
-    h = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(n_cols)
-    _rms_norm_fwd[(n_rows,)](x, weight, h, rstd, x.stride(0), h.stride(0), n_cols, eps, BLOCK=block,
-                             num_warps=_norm_warps(block))
-    return h, rstd
+    return rms_norm_fwd_rows(x, weight, eps, out_dtype)
 
 
 def rms_norm_backward(dh: torch.Tensor, s: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
@@ -153,19 +143,7 @@ def rms_norm_backward(dh: torch.Tensor, s: torch.Tensor, rstd: torch.Tensor, wei
         if dres is not None:
             ds = ds + dres.float()
         return ds.to(s.dtype), h, dw
-    n_rows, n_cols = s.shape
-    ds = torch.empty_like(s)
-    h = torch.empty((n_rows, n_cols), dtype=h_dtype, device=s.device)
-    n_sm = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else 8
-    rows_per_prog = triton.cdiv(n_rows, min(n_rows, 4 * n_sm))
-    n_progs = triton.cdiv(n_rows, rows_per_prog)
-    dw_part = torch.empty((n_progs, n_cols), dtype=torch.float32, device=s.device)
-    block = triton.next_power_of_2(n_cols)
-    d = s if dres is None else dres
-    _rms_norm_bwd[(n_progs,)](dh, s, weight, rstd, ds, dw_part, d, h, dh.stride(0), s.stride(0), ds.stride(0),
-                              d.stride(0), h.stride(0), n_rows, n_cols, rows_per_prog, HAS_DRES=dres is not None,
-                              STORE_H=True, BLOCK=block, num_warps=_norm_warps(block))
-    return ds, h, dw_part.sum(0)
+    return rms_norm_bwd_rows(dh, s, rstd, weight, dres, h_dtype)
 
 
 def _launch_qkv_rope(packed, q, k, v, cos, sin, backward: bool) -> None:
@@ -222,11 +200,7 @@ def swiglu_rows(gu: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     if not use_triton(gu, impl):
         g, u = gu[:, :n], gu[:, n:]
         return F.silu(g) * u
-    a = torch.empty((gu.shape[0], n), dtype=gu.dtype, device=gu.device)
-    g, u = gu[:, :n], gu[:, n:]  # strided views: the kernels take row strides
-    _swiglu_fwd[(gu.shape[0], triton.cdiv(n, 1024))](g, u, a, gu.stride(0), gu.stride(0), a.stride(0), n, BLOCK=1024,
-                                                     num_warps=4)
-    return a
+    return swiglu_fwd_rows(gu[:, :n], gu[:, n:])  # strided halves: the kernel takes row strides
 
 
 def swiglu_rows_backward(da: torch.Tensor, gu: torch.Tensor, impl: str = "auto"):
@@ -240,10 +214,7 @@ def swiglu_rows_backward(da: torch.Tensor, gu: torch.Tensor, impl: str = "auto")
         dgu = torch.cat([d * u * (sig + silu * (1 - sig)), d * silu], dim=1).to(gu.dtype)
         return dgu, F.silu(gu[:, :n]) * gu[:, n:]
     dgu = torch.empty_like(gu)
-    a = torch.empty((gu.shape[0], n), dtype=gu.dtype, device=gu.device)
-    _swiglu_bwd[(gu.shape[0], triton.cdiv(n, 1024))](da, gu[:, :n], gu[:, n:], dgu[:, :n], dgu[:, n:], a, da.stride(0),
-                                                     gu.stride(0), gu.stride(0), dgu.stride(0), a.stride(0), n,
-                                                     STORE_H=True, BLOCK=1024, num_warps=4)
+    a = swiglu_bwd_rows(da, gu[:, :n], gu[:, n:], dgu[:, :n], dgu[:, n:], h_dtype=gu.dtype)
     return dgu, a
 
 

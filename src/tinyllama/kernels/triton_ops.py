@@ -9,6 +9,7 @@ The per-block `torch.compile` path fuses the same ops and is the default; these 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -84,41 +85,52 @@ if triton is not None:
                 tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         tl.store(DW_PART + pid * n_cols + cols, dw, mask=mask)
 
+    def _norm_warps(block: int) -> int:
+        return min(16, max(1, block // 256))
+
+    def rms_norm_fwd_rows(x2: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
+        """(y, rstd) for rows x2 (N, C) with unit column stride: y = RMSNorm(x2)·weight in out_dtype."""
+        n_rows, n_cols = x2.shape
+        y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+        block = triton.next_power_of_2(n_cols)
+        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, BLOCK=block,
+                                 num_warps=_norm_warps(block))
+        return y, rstd
+
+    def rms_norm_bwd_rows(dy2: torch.Tensor, x2: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                          dres: Optional[torch.Tensor] = None, h_dtype: Optional[torch.dtype] = None):
+        """(dx, h, dweight fp32) for rows: dx (+ dres when given); with h_dtype, the forward's output again (else None)."""
+        n_rows, n_cols = x2.shape
+        dx = torch.empty_like(x2)
+        h = None if h_dtype is None else torch.empty((n_rows, n_cols), dtype=h_dtype, device=x2.device)
+        n_sm = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 8
+        rows_per_prog = triton.cdiv(n_rows, min(n_rows, 4 * n_sm))
+        n_progs = triton.cdiv(n_rows, rows_per_prog)
+        dw_part = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2.device)
+        block = triton.next_power_of_2(n_cols)
+        d = x2 if dres is None else dres
+        hh = x2 if h is None else h
+        _rms_norm_bwd[(n_progs,)](dy2, x2, weight, rstd, dx, dw_part, d, hh, dy2.stride(0), x2.stride(0),
+                                  dx.stride(0), d.stride(0), hh.stride(0), n_rows, n_cols, rows_per_prog,
+                                  HAS_DRES=dres is not None, STORE_H=h is not None, BLOCK=block,
+                                  num_warps=_norm_warps(block))
+        return dx, h, dw_part.sum(0)
+
     class _RMSNorm(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, weight, eps, out_dtype):
-            shape = x.shape
-            x2 = x.reshape(-1, shape[-1])
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-            n_rows, n_cols = x2.shape
-            y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
-            rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-            block = triton.next_power_of_2(n_cols)
-            _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
-                                     BLOCK=block, num_warps=min(16, max(1, block // 256)))
+            x2 = _rows(x)
+            y, rstd = rms_norm_fwd_rows(x2, weight, eps, out_dtype)
             ctx.save_for_backward(x2, weight, rstd)
-            ctx.shape = shape
-            return y.view(shape)
+            ctx.shape = x.shape
+            return y.view(x.shape)
 
         @staticmethod
         def backward(ctx, dy):
             x2, weight, rstd = ctx.saved_tensors
-            n_rows, n_cols = x2.shape
-            dy2 = dy.reshape(-1, n_cols)
-            if dy2.stride(-1) != 1:
-                dy2 = dy2.contiguous()
-            dx = torch.empty_like(x2)
-            n_progs = min(n_rows, 4 * (torch.cuda.get_device_properties(x2.device).multi_processor_count
-                                       if x2.is_cuda else 8))
-            rows_per_prog = triton.cdiv(n_rows, n_progs)
-            n_progs = triton.cdiv(n_rows, rows_per_prog)
-            dw_part = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2.device)
-            block = triton.next_power_of_2(n_cols)
-            _rms_norm_bwd[(n_progs,)](dy2, x2, weight, rstd, dx, dw_part, x2, x2, dy2.stride(0), x2.stride(0),
-                                      dx.stride(0), 0, 0, n_rows, n_cols, rows_per_prog, HAS_DRES=False, STORE_H=False,
-                                      BLOCK=block, num_warps=min(16, max(1, block // 256)))
-            return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None, None
+            dx, _, dw = rms_norm_bwd_rows(_rows(dy), x2, rstd, weight)
+            return dx.view(ctx.shape), dw.to(weight.dtype), None, None
 
     # ---- SwiGLU ------------------------------------------------------------------------------------
 
@@ -150,30 +162,39 @@ if triton is not None:
         tl.store(DG + row * stride_d + cols, dg.to(DG.dtype.element_ty), mask=mask)
         tl.store(DU + row * stride_d + cols, (dh * silu).to(DU.dtype.element_ty), mask=mask)
 
+    def swiglu_fwd_rows(g2: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+        """silu(g2)·u2 for rows (N, F) with unit column stride (any row strides, e.g. two halves of one tensor)."""
+        n_rows, n_cols = g2.shape
+        h = torch.empty((n_rows, n_cols), dtype=torch.promote_types(g2.dtype, u2.dtype), device=g2.device)
+        _swiglu_fwd[(n_rows, triton.cdiv(n_cols, 1024))](g2, u2, h, g2.stride(0), u2.stride(0), h.stride(0), n_cols,
+                                                         BLOCK=1024, num_warps=4)
+        return h
+
+    def swiglu_bwd_rows(dh2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, dg: torch.Tensor, du: torch.Tensor,
+                        h_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+        """Writes the gradients of g2 and u2 into dg and du (rows with one row stride); with h_dtype, also
+        returns silu(g2)·u2 again (else None)."""
+        n_rows, n_cols = g2.shape
+        h = None if h_dtype is None else torch.empty((n_rows, n_cols), dtype=h_dtype, device=g2.device)
+        hh = dg if h is None else h
+        _swiglu_bwd[(n_rows, triton.cdiv(n_cols, 1024))](dh2, g2, u2, dg, du, hh, dh2.stride(0), g2.stride(0),
+                                                         u2.stride(0), dg.stride(0), hh.stride(0), n_cols,
+                                                         STORE_H=h is not None, BLOCK=1024, num_warps=4)
+        return h
+
     class _SwiGLU(torch.autograd.Function):
         @staticmethod
         def forward(ctx, gate, up):
             g2, u2 = _rows(gate), _rows(up)
-            n_rows, n_cols = g2.shape
-            h = torch.empty((n_rows, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
-            block = 1024
-            _swiglu_fwd[(n_rows, triton.cdiv(n_cols, block))](g2, u2, h, g2.stride(0), u2.stride(0), h.stride(0),
-                                                              n_cols, BLOCK=block, num_warps=4)
             ctx.save_for_backward(g2, u2)
             ctx.shapes = (gate.shape, up.shape)
-            return h.view(gate.shape)
+            return swiglu_fwd_rows(g2, u2).view(gate.shape)
 
         @staticmethod
         def backward(ctx, dh):
             g2, u2 = ctx.saved_tensors
-            n_rows, n_cols = g2.shape
-            dh2 = _rows(dh)
-            dg = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
-            du = torch.empty((n_rows, n_cols), dtype=u2.dtype, device=u2.device)
-            block = 1024
-            _swiglu_bwd[(n_rows, triton.cdiv(n_cols, block))](dh2, g2, u2, dg, du, dg, dh2.stride(0), g2.stride(0),
-                                                              u2.stride(0), dg.stride(0), 0, n_cols, STORE_H=False,
-                                                              BLOCK=block, num_warps=4)
+            dg, du = torch.empty_like(g2), torch.empty_like(u2)
+            swiglu_bwd_rows(_rows(dh), g2, u2, dg, du)
             return dg.view(ctx.shapes[0]), du.view(ctx.shapes[1])
 
     # ---- rotary ------------------------------------------------------------------------------------
