@@ -12,7 +12,7 @@ Apply it before `fully_shard` / FSDP2 and before moving the optimizer's paramete
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -215,39 +215,37 @@ def apply_fast_path(model: Llama, config: Any = None) -> Llama:
         if clash:
             raise TinyLlamaError(f"kernels config: fused_blocks is on together with {', '.join(clash)}, which apply to "
                                  "the other block paths; turn one of them off")
-    cfg = replace(cfg, fused_blocks=fused_blocks)
-    compile_blocks = (on_gpu if cfg.compile_blocks is None else cfg.compile_blocks) and not cfg.fused_blocks
-    use_triton = (cfg.triton_kernels and not compile_blocks) or (cfg.fused_blocks and on_gpu)
+    compile_blocks = (on_gpu if cfg.compile_blocks is None else cfg.compile_blocks) and not fused_blocks
+    use_triton = (cfg.triton_kernels and not compile_blocks) or (fused_blocks and on_gpu)
     if use_triton and not triton_available():
-        which = "fused_blocks" if cfg.fused_blocks else "triton_kernels"
+        which = "fused_blocks" if fused_blocks else "triton_kernels"
         raise TinyLlamaError(f"kernels.{which} is on but Triton is not installed; pip install triton or turn it off")
-    if cfg.fused_blocks:
+    if fused_blocks:  # its own q/k/v and gate/up GEMMs, norms, rotary and SwiGLU
         from tinyllama.kernels.fused_block import FusedBlock
 
         for block in model.layers:
             block.__class__ = FusedBlock
             block.attention_backend = cfg.attention_backend
-    elif cfg.attention_backend != "auto" or use_triton or cfg.fuse_projections:
-        for block in model.layers:
-            attn = block.self_attn
-            attn.__class__ = FastAttention
-            attn.attention_backend = cfg.attention_backend
-            attn.triton_rope = use_triton
-            attn.fuse_projections = cfg.fuse_projections
-    if cfg.fused_blocks:
-        pass  # the fused block has its own q/k/v and gate/up GEMMs, norms and SwiGLU
-    elif cfg.fuse_projections:
-        for block in model.layers:
-            block.mlp.__class__ = FusedMLP
-            block.mlp.triton_swiglu = use_triton
-    elif use_triton:
-        for block in model.layers:
-            block.mlp.__class__ = TritonSwiGLUMLP
-    if use_triton:
-        if not cfg.fused_blocks:
+    else:
+        if cfg.attention_backend != "auto" or use_triton or cfg.fuse_projections:
+            for block in model.layers:
+                attn = block.self_attn
+                attn.__class__ = FastAttention
+                attn.attention_backend = cfg.attention_backend
+                attn.triton_rope = use_triton
+                attn.fuse_projections = cfg.fuse_projections
+        if cfg.fuse_projections:
+            for block in model.layers:
+                block.mlp.__class__ = FusedMLP
+                block.mlp.triton_swiglu = use_triton
+        elif use_triton:
+            for block in model.layers:
+                block.mlp.__class__ = TritonSwiGLUMLP
+        if use_triton:
             for block in model.layers:
                 block.input_layernorm.__class__ = TritonRMSNorm
                 block.post_attention_layernorm.__class__ = TritonRMSNorm
+    if use_triton:
         model.norm.__class__ = TritonRMSNorm
     if cfg.bf16_residual and type(model.embed_tokens) is torch.nn.Embedding:
         model.embed_tokens.__class__ = AutocastEmbedding
