@@ -434,8 +434,7 @@ class Trainer:
                     metrics.write(record)
                     written = profiler.after_step(state.step)
                     if written:
-                        self.progress.print(f"profile of steps {written[0].stem.split('steps')[1]} written to "
-                                            f"{written[0].parent} (rank {info.rank}: .json trace, .txt table)")
+                        self.progress.print(f"profile written: {written[0]} (trace) and {written[1].name} (table)")
 
                     if not finite:
                         too_many = state.consecutive_nonfinite > t.max_consecutive_nonfinite
