@@ -277,7 +277,8 @@ def _add_mm(res: Optional[torch.Tensor], a: torch.Tensor, w: torch.Tensor, lead_
 
 
 class _NormProject(torch.autograd.Function):
-    """(x, RMSNorm(x)·w_norm @ cat(weights)^T). Saves x, rstd and the stacked weight copy.
+    """(x, RMSNorm(x)·w_norm @ cat(weights)^T). Saves x, rstd and the stacked bf16 weight copy (or the weights
+    themselves when already in the compute dtype).
 
     x is passed through so that its gradient from the residual path arrives here and is added inside the
     norm's backward kernel (no separate add of the two gradients)."""
@@ -341,8 +342,7 @@ class _OutProject(torch.autograd.Function):
         a = swiglu_rows(x2, impl) if swiglu else x2
         w = weight.to(cdt)
         ctx.save_for_backward(x2, w)
-        ctx.w_dtype, ctx.swiglu, ctx.impl = weight.dtype, swiglu, impl
-        ctx.res_dtype = None if residual is None else residual.dtype
+        ctx.w_dtype, ctx.res_dtype, ctx.swiglu, ctx.impl = weight.dtype, residual.dtype, swiglu, impl
         return _add_mm(residual, a, w, x.shape[:-1])
 
     @staticmethod
@@ -352,8 +352,7 @@ class _OutProject(torch.autograd.Function):
         dy2 = _rows(dy).to(w.dtype)
         da = torch.mm(dy2, w)
         dx, a = swiglu_rows_backward(da, x2, ctx.impl) if ctx.swiglu else (da, x2)
-        dres = None if ctx.res_dtype is None else dy.to(ctx.res_dtype)
-        return dx.view(*dy.shape[:-1], x2.shape[1]), weight_grad(dy2, a, ctx.w_dtype), dres, None, None
+        return dx.view(*dy.shape[:-1], x2.shape[1]), weight_grad(dy2, a, ctx.w_dtype), dy.to(ctx.res_dtype), None, None
 
 
 # ---- the block -----------------------------------------------------------------------------------
