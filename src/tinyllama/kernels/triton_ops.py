@@ -100,7 +100,8 @@ if triton is not None:
 
     def rms_norm_bwd_rows(dy2: torch.Tensor, x2: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
                           dres: Optional[torch.Tensor] = None, h_dtype: Optional[torch.dtype] = None):
-        """(dx, h, dweight fp32) for rows: dx (+ dres when given); with h_dtype, the forward's output again (else None)."""
+        """(dx, h, dweight fp32) for rows: dx (+ dres when given); with h_dtype, the forward's output again
+        (else None)."""
         n_rows, n_cols = x2.shape
         dx = torch.empty_like(x2)
         h = None if h_dtype is None else torch.empty((n_rows, n_cols), dtype=h_dtype, device=x2.device)
