@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tinyllama import Llama, ModelConfig
-from tinyllama.commands.chat import ChatSession, chat_loop
+from tinyllama.chat import ChatSession, chat_loop
 from tinyllama.errors import TinyLlamaError
 from tinyllama.generate import SamplingConfig, generate
 from tinyllama.tokenizer import CHAT_TEMPLATE, Tokenizer

@@ -312,7 +312,7 @@ def test_lm_eval_adapter_equals_hf_backend_for_all_request_types(model_dir, lm_s
 
 def test_perplexity_of_a_prepared_dataset_scores_its_documents(model_dir, ours, tmp_path):
     from tinyllama.data.prepare import prepare
-    from tinyllama.eval.cli import EvalConfig, evaluate
+    from tinyllama.eval.run import EvalConfig, evaluate
     from tinyllama.eval.perplexity import perplexity_of_tokens
 
     texts = [f"Document {i}: " + _phrase(i, 20) + "." for i in range(4)]

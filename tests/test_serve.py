@@ -166,7 +166,7 @@ def server(model, tok, tmp_path_factory):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     pytest.importorskip("openai")
-    from tinyllama.serve.cli import ServeConfig, build
+    from tinyllama.serve.server import ServeConfig, build
 
     d = tmp_path_factory.mktemp("served") / "tiny-chat"
     model.save_pretrained(d, tokenizer=tok)

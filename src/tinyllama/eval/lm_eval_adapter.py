@@ -26,7 +26,7 @@ class TinyLlamaLM(LM):
     def __init__(self, pretrained: str, device: Optional[str] = None, dtype: Optional[str] = None,
                  batch_size=16, max_length: Optional[int] = None, max_batch_size=None, **_ignored) -> None:
         super().__init__()
-        from tinyllama.commands.generate import load_model_and_tokenizer
+        from tinyllama.loading import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(str(pretrained), None, device, dtype)
         bs = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)

@@ -8,7 +8,8 @@ from tinyllama.kernels.cross_entropy import (
     linear_cross_entropy,
     reference_linear_cross_entropy,
 )
-from tinyllama.kernels.fast_path import KernelConfig, apply_fast_path, causal_attention
+from tinyllama.kernels.attention import causal_attention
+from tinyllama.kernels.fast_path import KernelConfig, apply_fast_path
 
 __all__ = [
     "KernelConfig",

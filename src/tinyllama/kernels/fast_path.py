@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from tinyllama.config import dataclass_from_dict
 from tinyllama.errors import TinyLlamaError
+from tinyllama.kernels.attention import causal_attention
 from tinyllama.kernels.cross_entropy import LinearCrossEntropyLoss
 from tinyllama.model import MLP, Attention, Llama, RMSNorm, apply_rope, ensure_unfused
 
@@ -70,35 +71,6 @@ class KernelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KernelConfig":
         return dataclass_from_dict(cls, d, "kernels config")
-
-
-def _sdpa_backends(name: str):
-    from torch.nn.attention import SDPBackend
-
-    return {
-        "flash": [SDPBackend.FLASH_ATTENTION],
-        "cudnn": [SDPBackend.CUDNN_ATTENTION],
-        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-        "math": [SDPBackend.MATH],
-    }[name]
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Causal GQA attention, q (B, H, T, D), k/v (B, KV, T, D), through the chosen SDPA backend.
-
-    cuDNN and the efficient kernel take no grouped heads, so k/v are repeated for them (costs memory).
-    """
-    gqa = k.size(1) != q.size(1)
-    if backend == "auto":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    from torch.nn.attention import sdpa_kernel
-
-    if gqa and backend in ("cudnn", "efficient"):
-        rep = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        gqa = False
-    with sdpa_kernel(_sdpa_backends(backend)):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
 
 class FastAttention(Attention):

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from tinyllama.kernels.attention import causal_attention
 from tinyllama.kernels.triton_ops import _rows
 from tinyllama.model import Block, rotate_half
 
@@ -372,8 +373,6 @@ class FusedBlock(Block):
         attn, mlp = self.self_attn, self.mlp
         if input_pos is not None or mask is not None or attn.kv_cache is not None or cos.dim() != 2:
             return super().forward(x, cos, sin, input_pos, mask)
-        from tinyllama.kernels.fast_path import causal_attention
-
         B, T, _ = x.shape
         impl = self.kernel_impl
         n1, n2 = self.input_layernorm, self.post_attention_layernorm

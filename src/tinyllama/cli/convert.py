@@ -23,34 +23,10 @@ def add_arguments(p) -> None:
                                                  "(default: float32 for training checkpoints)")
 
 
-def load_any(path: str):
-    """(model, tokenizer, description) from a training checkpoint, run directory or HF directory."""
-    from tinyllama.config import ModelConfig
-    from tinyllama.model import Llama
-    from tinyllama.tokenizer import Tokenizer
-
-    p = Path(path)
-    if not p.exists():
-        raise TinyLlamaError(f"{p}: checkpoint not found")
-    if (p / "config.json").is_file():
-        model = Llama.from_pretrained(p)
-        has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-        return model, (Tokenizer(p) if has_tok else Tokenizer()), f"Hugging Face directory {p}"
-    from tinyllama.train.checkpoint import load_model_weights, read_meta, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(p)
-    meta = read_meta(ckpt)
-    try:
-        config = ModelConfig.from_dict(meta["model"])
-    except (KeyError, TypeError) as e:
-        raise TinyLlamaError(f"{ckpt / 'meta.json'}: no usable 'model' entry ({e})") from None
-    model = Llama(config)
-    load_model_weights(ckpt, model)
-    return model.eval(), Tokenizer(), f"training checkpoint {ckpt} (step {meta.get('step')})"
-
-
 def run(args) -> int:
-    model, tok, what = load_any(args.checkpoint)
+    from tinyllama.loading import load_checkpoint_or_hf
+
+    model, tok, what = load_checkpoint_or_hf(args.checkpoint)
     out = Path(args.out)
     if args.to == "hf":
         model.save_pretrained(out, tokenizer=tok, dtype=args.dtype)

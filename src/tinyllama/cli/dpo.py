@@ -10,7 +10,7 @@ ACCEPTS_OVERRIDES = True
 
 
 def add_arguments(p) -> None:
-    from tinyllama.finetune.cli_common import add_common_arguments
+    from tinyllama.cli._finetune import add_common_arguments
 
     add_common_arguments(p, "dpo")
     p.add_argument("--beta", type=float, help="dpo.beta: strength of the pull towards the reference (default 0.1)")
@@ -18,6 +18,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from tinyllama.finetune.cli_common import run_common
+    from tinyllama.cli._finetune import run_common
 
     return run_common(args, "dpo", {"dpo.beta": args.beta, "model.reference": args.reference})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
 
 from tinyllama.errors import TinyLlamaError
 
@@ -29,36 +28,8 @@ def add_arguments(p) -> None:
                         "decode kernels) and capture the prefill; the first call compiles")
 
 
-def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=None):
-    from tinyllama.config import ModelConfig
-    from tinyllama.convert import parse_dtype
-    from tinyllama.model import Llama
-    from tinyllama.tokenizer import Tokenizer
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if model_dir and random_preset:
-        raise TinyLlamaError("give either --model or --random-preset, not both")
-    if random_preset:
-        torch.manual_seed(0)
-        model = Llama(ModelConfig.from_name(random_preset)).to(device=device, dtype=dtype)
-        tokenizer = Tokenizer()
-    elif model_dir:
-        model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
-        from pathlib import Path
-
-        has_tok = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-        tokenizer = Tokenizer(model_dir) if has_tok else Tokenizer()
-    else:
-        raise TinyLlamaError("missing --model DIR (a Hugging Face model directory) or --random-preset NAME")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise TinyLlamaError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}"
-        )
-    return model.eval(), tokenizer
-
-
 def run(args) -> int:
+    from tinyllama.loading import load_model_and_tokenizer
     from tinyllama.generate import DecodeEngine, SamplingConfig, stream_text
 
     model, tok = load_model_and_tokenizer(args.model, args.random_preset, args.device, args.dtype)

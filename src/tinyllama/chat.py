@@ -1,4 +1,4 @@
-"""`tinyllama chat --model DIR`: an interactive terminal chat in the TinyLlama-Chat format.
+"""An interactive terminal chat (`tinyllama chat`) in the TinyLlama-Chat format.
 
 The conversation is rendered with the tokenizer's chat template (TinyLlama-Chat-v1.0:
 `<|system|>\\n{system}</s>\\n<|user|>\\n{message}</s>\\n<|assistant|>\\n`), replies stream as they are
@@ -8,28 +8,11 @@ are dropped; the system prompt is always kept. Commands: /reset, /system TEXT, /
 
 from __future__ import annotations
 
-import sys
 from typing import Iterator, Optional, TextIO
 
 from tinyllama.errors import TinyLlamaError
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt, resets), /exit"
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors + tokenizer)")
-    p.add_argument("--random-preset", metavar="NAME", help="instead of --model, a randomly initialised preset (smoke test)")
-    p.add_argument("--system", default="You are a friendly chatbot.", help="system prompt ('' for none)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="CUDA only: fuse projections, compile the decode step into a CUDA graph")
 
 
 class ChatSession:
@@ -139,16 +122,3 @@ def chat_loop(session: ChatSession, inp: TextIO, out: TextIO, interactive: bool)
         if session.dropped > before:
             out.write(f"[context full: dropped the {session.dropped - before} oldest message(s)]\n")
         out.flush()
-
-
-def run(args) -> int:
-    from tinyllama.commands.generate import load_model_and_tokenizer
-    from tinyllama.generate import DecodeEngine, SamplingConfig
-
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                         seed=args.seed)
-    cfg.validate()
-    model, tok = load_model_and_tokenizer(args.model, args.random_preset, args.device, args.dtype)
-    session = ChatSession(model, tok, cfg, system=args.system, engine=DecodeEngine(model, compile=args.compile, fuse=args.compile))
-    return chat_loop(session, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())

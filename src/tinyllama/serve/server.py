@@ -1,9 +1,8 @@
-"""`tinyllama serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batching engine."""
+"""Building the server: its configuration (`ServeConfig`) and the app + engine for one (`build`)."""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -44,34 +43,9 @@ class ServeConfig:
         return dataclass_from_dict(cls, read_yaml_mapping(path, "a mapping of serve options"), f"{path}")
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--config", help="YAML file with serve options (flags given here override it)")
-    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors + tokenizer)")
-    p.add_argument("--random-preset", metavar="NAME", help="serve a randomly initialised preset instead (smoke test)")
-    p.add_argument("--model-name", help="model id clients use (default: the model directory's name)")
-    p.add_argument("--host", help="default 127.0.0.1")
-    p.add_argument("--port", type=int, help="default 8000")
-    p.add_argument("--max-batch-size", type=int, help="sequences decoded together (KV-cache slots), default 16")
-    p.add_argument("--max-seq-len", type=int, help="context per sequence (default: the model's)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
-    p.add_argument("--log-level", help="uvicorn log level (default info)")
-
-
-def config_from_args(args) -> ServeConfig:
-    cfg = ServeConfig.from_yaml(args.config) if getattr(args, "config", None) else ServeConfig()
-    for f in fields(ServeConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            setattr(cfg, f.name, v)
-    cfg.validate()
-    return cfg
-
-
 def build(cfg: ServeConfig):
     """(app, engine) for a config: loads the model, builds the engine (not yet started) and the app."""
-    from tinyllama.commands.generate import load_model_and_tokenizer
+    from tinyllama.loading import load_model_and_tokenizer
     from tinyllama.serve.app import create_app
     from tinyllama.serve.engine import Engine
 
@@ -83,20 +57,3 @@ def build(cfg: ServeConfig):
     name = cfg.model_name or (Path(cfg.model).resolve().name if cfg.model else cfg.random_preset)
     engine = Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len, eos_id=tokenizer.eos_id)
     return create_app(engine, tokenizer, name), engine
-
-
-def run(args) -> int:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise TinyLlamaError("tinyllama serve needs FastAPI and uvicorn: pip install 'tinyllama[serve]'") from None
-    cfg = config_from_args(args)
-    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO))
-    app, engine = build(cfg)
-    engine.start()
-    try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
-    finally:
-        engine.stop()
-    return 0

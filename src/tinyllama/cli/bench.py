@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 
 BENCHES = {
     "train": ("tinyllama.bench.train", "training step throughput vs the transformers baseline"),
@@ -20,20 +19,8 @@ def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, (module, help_text) in BENCHES.items():
         sp = sub.add_parser(name, help=help_text)
-        try:
-            importlib.import_module(module).add_arguments(sp)
-        except ModuleNotFoundError as e:
-            if not (e.name and module.startswith(e.name)):
-                raise
+        importlib.import_module(module).add_arguments(sp)
 
 
 def run(args) -> int:
-    module = BENCHES[args.bench][0]
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            print(f"tinyllama bench {args.bench}: not yet available in this version", file=sys.stderr)
-            return 2
-        raise
-    return int(mod.run(args) or 0)
+    return int(importlib.import_module(BENCHES[args.bench][0]).run(args) or 0)

@@ -1,18 +1,13 @@
-"""`tinyllama eval`: perplexity and multiple-choice benchmarks; a table on screen and a JSON file.
-
-    tinyllama eval --model out/hf --tasks hellaswag=hellaswag_val.jsonl arc_easy=ARC-Easy-Test.jsonl \
-        mmlu:5=mmlu/data --perplexity wiki.test.txt --output results.json
-"""
+"""Evaluation runs: multiple-choice tasks and perplexity for a model, as a results dict (`tinyllama eval`)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,39 +33,6 @@ class EvalConfig:
     @classmethod
     def from_yaml(cls, path: str) -> "EvalConfig":
         return dataclass_from_dict(cls, read_yaml_mapping(path, "a mapping of eval settings"), f"{path}")
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--config", help="YAML file of EvalConfig fields (command-line flags override it)")
-    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors)")
-    p.add_argument("--random-preset", metavar="NAME", help="a randomly initialised preset instead of --model (smoke test)")
-    p.add_argument("--tasks", nargs="*", metavar="NAME[:SHOTS]=PATH",
-                   help="multiple-choice tasks: hellaswag, arc_easy, arc_challenge, winogrande, piqa, boolq, "
-                        "openbookqa, mmlu (e.g. mmlu:5=data/ for 5-shot)")
-    p.add_argument("--perplexity", nargs="*", metavar="PATH",
-                   help="perplexity of .txt/.jsonl(.zst)/.parquet files or prepared dataset directories")
-    p.add_argument("--split", help="prepared-dataset split for --perplexity (default val)")
-    p.add_argument("--text-field", "--field", dest="text_field",
-                   help="JSONL field / parquet column holding the text (default text; parquet falls back to content)")
-    p.add_argument("--window", type=int, help="perplexity window in tokens (default: the model's context)")
-    p.add_argument("--limit", type=int, help="only the first N items/documents of each task (not a real result)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device")
-    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--output", help="write results as JSON here (default: print only)")
-
-
-def config_from_args(args) -> EvalConfig:
-    cfg = EvalConfig.from_yaml(args.config) if getattr(args, "config", None) else EvalConfig()
-    for f in fields(EvalConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            setattr(cfg, f.name, v)
-    if not cfg.tasks and not cfg.perplexity:
-        raise TinyLlamaError("nothing to evaluate: give --tasks NAME=PATH ... and/or --perplexity PATH ...")
-    if cfg.batch_size < 1:
-        raise TinyLlamaError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    return cfg
 
 
 def parse_task_spec(spec: str) -> tuple[str, int, str]:
@@ -116,22 +78,6 @@ def _documents_for_perplexity(tokenizer, path: str, cfg: EvalConfig) -> tuple[li
     return tokenizer.encode_batch(texts, bos=False), sum(len(t.encode("utf-8")) for t in texts)
 
 
-def print_table(results: dict, out=sys.stdout) -> None:
-    rows = [("task", "n", "acc", "± stderr", "acc_norm", "± stderr")]
-    for name, r in results.get("tasks", {}).items():
-        rows.append((name, str(r["n"]), f"{r['acc']:.4f}", f"{r['acc_stderr']:.4f}", f"{r['acc_norm']:.4f}",
-                     f"{r['acc_norm_stderr']:.4f}"))
-    if len(rows) > 1:
-        w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for i, r in enumerate(rows):
-            print("  ".join(c.ljust(w[j]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(r)), file=out)
-            if i == 0:
-                print("  ".join("-" * x for x in w), file=out)
-    for name, r in results.get("perplexity", {}).items():
-        bpb = f", {r['bits_per_byte']:.4f} bits/byte" if r.get("bits_per_byte") is not None else ""
-        print(f"perplexity {name}: {r['ppl']:.4f} over {r['tokens']} tokens in {r['windows']} windows{bpb}", file=out)
-
-
 def _finite(obj):
     """NaN (a standard error of one item) is not JSON: write null."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -164,7 +110,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
 
     specs = [parse_task_spec(s) for s in cfg.tasks]  # check every spec before loading the model
     if model is None:
-        from tinyllama.commands.generate import load_model_and_tokenizer
+        from tinyllama.loading import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.random_preset, cfg.device, cfg.dtype)
     scorer = Scorer(model, tokenizer, batch_size=cfg.batch_size)
@@ -190,13 +136,3 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         r["seconds"] = round(time.perf_counter() - t0, 2)
         results["perplexity"][str(path)] = r
     return results
-
-
-def run(args) -> int:
-    cfg = config_from_args(args)
-    results = evaluate(cfg)
-    print_table(results)
-    if cfg.output:
-        write_json_atomic(cfg.output, results)
-        print(f"results written to {cfg.output}")
-    return 0

@@ -1,4 +1,5 @@
-"""`tinyllama` command line. Each subcommand lives with its concern; this file only dispatches.
+"""`tinyllama` command line: this package holds one module per subcommand (`tinyllama.cli.<command>`), each
+only parsing arguments and calling the library; this file only dispatches.
 
 A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`; if it also sets
 `ACCEPTS_OVERRIDES = True`, unknown `--key.sub value` pairs are passed on as `args.overrides`.
@@ -16,27 +17,17 @@ from tinyllama import __version__
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("tinyllama.commands.generate", "generate text from a model directory"),
-    "prepare": ("tinyllama.data.prepare_cli", "tokenize raw corpora into packed token shards"),
-    "pretrain": ("tinyllama.train.cli", "pretrain a model (default: the embedded demo on this machine)"),
-    "convert": ("tinyllama.commands.convert", "convert a training checkpoint to Hugging Face or GGUF"),
-    "chat": ("tinyllama.commands.chat", "interactive chat in the terminal"),
-    "eval": ("tinyllama.eval.cli", "perplexity and multiple-choice benchmarks"),
-    "sft": ("tinyllama.finetune.sft_cli", "supervised fine-tuning on chat data"),
-    "dpo": ("tinyllama.finetune.dpo_cli", "direct preference optimisation"),
-    "serve": ("tinyllama.serve.cli", "OpenAI-compatible HTTP server"),
-    "bench": ("tinyllama.bench.cli", "benchmarks: train step, generation, data"),
+    "generate": ("tinyllama.cli.generate", "generate text from a model directory"),
+    "prepare": ("tinyllama.cli.prepare", "tokenize raw corpora into packed token shards"),
+    "pretrain": ("tinyllama.cli.pretrain", "pretrain a model (default: the embedded demo on this machine)"),
+    "convert": ("tinyllama.cli.convert", "convert a training checkpoint to Hugging Face or GGUF"),
+    "chat": ("tinyllama.cli.chat", "interactive chat in the terminal"),
+    "eval": ("tinyllama.cli.eval", "perplexity and multiple-choice benchmarks"),
+    "sft": ("tinyllama.cli.sft", "supervised fine-tuning on chat data"),
+    "dpo": ("tinyllama.cli.dpo", "direct preference optimisation"),
+    "serve": ("tinyllama.cli.serve", "OpenAI-compatible HTTP server"),
+    "bench": ("tinyllama.cli.bench", "benchmarks: train step, generation, data"),
 }
-
-
-def _load(name: str):
-    module, _ = COMMANDS[name]
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):
-            return None  # the command's module does not exist yet
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     name = argv[0]
-    module = _load(name)
-    if module is None:
-        print(f"tinyllama {name}: not yet available in this version", file=sys.stderr)
-        return 2
+    module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"tinyllama {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
     if getattr(module, "ACCEPTS_OVERRIDES", False):

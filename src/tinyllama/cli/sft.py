@@ -10,12 +10,12 @@ ACCEPTS_OVERRIDES = True
 
 
 def add_arguments(p) -> None:
-    from tinyllama.finetune.cli_common import add_common_arguments
+    from tinyllama.cli._finetune import add_common_arguments
 
     add_common_arguments(p, "sft")
 
 
 def run(args) -> int:
-    from tinyllama.finetune.cli_common import run_common
+    from tinyllama.cli._finetune import run_common
 
     return run_common(args, "sft")

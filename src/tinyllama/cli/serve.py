@@ -1,0 +1,51 @@
+"""`tinyllama serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batching engine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+
+from tinyllama.errors import TinyLlamaError
+from tinyllama.serve.server import ServeConfig, build
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="YAML file with serve options (flags given here override it)")
+    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors + tokenizer)")
+    p.add_argument("--random-preset", metavar="NAME", help="serve a randomly initialised preset instead (smoke test)")
+    p.add_argument("--model-name", help="model id clients use (default: the model directory's name)")
+    p.add_argument("--host", help="default 127.0.0.1")
+    p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--max-batch-size", type=int, help="sequences decoded together (KV-cache slots), default 16")
+    p.add_argument("--max-seq-len", type=int, help="context per sequence (default: the model's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
+    p.add_argument("--log-level", help="uvicorn log level (default info)")
+
+
+def config_from_args(args) -> ServeConfig:
+    cfg = ServeConfig.from_yaml(args.config) if getattr(args, "config", None) else ServeConfig()
+    for f in fields(ServeConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            setattr(cfg, f.name, v)
+    cfg.validate()
+    return cfg
+
+
+def run(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise TinyLlamaError("tinyllama serve needs FastAPI and uvicorn: pip install 'tinyllama[serve]'") from None
+    cfg = config_from_args(args)
+    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO))
+    app, engine = build(cfg)
+    engine.start()
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    finally:
+        engine.stop()
+    return 0
