@@ -1,33 +1,118 @@
-"""Model configuration: one dataclass with named presets, and the Hugging Face `config.json` form."""
+"""Configuration: the one loader every command uses (YAML + `--section.field value` overrides, typed and
+checked), and the model's configuration (one dataclass with named presets, and the Hugging Face
+`config.json` form)."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+import types
+import typing
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Optional, TypeVar
 
 from tinyllama.errors import TinyLlamaError
 
 T = TypeVar("T")
 
 
-def dataclass_from_dict(cls: type[T], d: dict[str, Any] | None, where: str) -> T:
-    """Build any config dataclass from a mapping (a YAML section), naming unknown or bad fields.
+# ---- the one config loader ---------------------------------------------------------------------------
+# Every command's configuration is a dataclass (sections of a run are dataclass-typed fields); it is read
+# from YAML, overridden from the command line (`--section.field value`) and built here, with values coerced
+# to the fields' types and unknown or mistyped fields named in one line.
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
-    Every concern's config (model, optim, data, train, kernels, eval, serve) is built through this.
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` (from YAML or the command line) as the field type `hint`, or a one-line error."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except TinyLlamaError as e:
+                errors.append(e)
+        raise errors[0]
+    if hint is Any or hint is object:
+        return value
+    if is_dataclass(hint) and isinstance(hint, type):
+        return value if isinstance(value, hint) else build_config(hint, value, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise TinyLlamaError(f"{where}: expected true or false, got {value!r}")
+    if hint is int or hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value) if hint is float or not value.strip().lstrip("+-").isdigit() else int(value)
+            except ValueError:
+                raise TinyLlamaError(f"{where}: expected {'an integer' if hint is int else 'a number'}, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TinyLlamaError(f"{where}: expected {'an integer' if hint is int else 'a number'}, got {value!r}")
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise TinyLlamaError(f"{where}: expected an integer, got {value!r}")
+            return int(value)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TinyLlamaError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise TinyLlamaError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        if args and args[-1] is not Ellipsis and len(args) > 1 and len(args) != len(value):
+            raise TinyLlamaError(f"{where}: expected {len(args)} values, got {value!r}")
+        items = [_coerce(v, args[min(i, len(args) - 1)] if args and args[-1] is not Ellipsis else
+                        (args[0] if args else Any), f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin or hint) is tuple else items
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise TinyLlamaError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def build_config(cls: type[T], raw: dict[str, Any] | None, where: str) -> T:
+    """A config dataclass from a mapping (a YAML file or section): nested sections built recursively,
+    values coerced to the field types, unknown fields named. A section given as null keeps its defaults.
+
+    A class may name its sections (`config_sections`, for "unknown section" messages) and choose a
+    field's class from its raw value (`config_field_class(name, raw) -> class or None`).
     """
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise TinyLlamaError(f"{where}: expected a mapping of fields, got {type(d).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
+    if raw is None:
+        raw = {}
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise TinyLlamaError(f"{where}: expected a mapping of fields, got {type(raw).__name__} {raw!r}")
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(raw) - known)
+    sections = getattr(cls, "config_sections", None)
+    if unknown and sections:
+        raise TinyLlamaError(f"{where}: unknown section(s) {unknown}; sections are {', '.join(sections)}")
     if unknown:
         raise TinyLlamaError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    choose = getattr(cls, "config_field_class", None)
+    kwargs = {}
+    for name, value in raw.items():
+        hint = (choose(name, value) if choose else None) or hints.get(name, Any)
+        label = f"{where}: section '{name}'" if sections and name in sections else f"{where}: field '{name}'"
+        if value is None and typing.get_origin(hint) not in (typing.Union, types.UnionType) and hint is not Any:
+            continue  # `section:` left empty: its defaults
+        kwargs[name] = _coerce(value, hint, label)
     try:
-        return cls(**d)
+        return cls(**kwargs)
     except TinyLlamaError:
         raise
     except (TypeError, ValueError) as e:
@@ -51,6 +136,73 @@ def read_yaml_mapping(path: str | os.PathLike, expected: str = "a mapping of fie
         raise TinyLlamaError(f"{path}: expected {expected}")
     return d
 
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['--optim.lr', '3e-4', '--train.compile=true'] -> {'optim.lr': 3e-4, 'train.compile': True}."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(items):
+        tok = items[i]
+        if not tok.startswith("--") or "." not in tok.split("=", 1)[0]:
+            raise TinyLlamaError(f"unrecognised argument '{tok}': overrides look like --section.field value (e.g. --optim.lr 3e-4)")
+        if "=" in tok:
+            key, raw = tok[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(items):
+                raise TinyLlamaError(f"override '{tok}' has no value")
+            key, raw = tok[2:], items[i + 1]
+            i += 2
+        try:
+            val = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            val = raw
+        out[key] = val
+    return out
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any], sections: Optional[typing.Sequence[str]] = None) -> dict:
+    """Set each dotted key ('optim.lr', 'model.n_layers') in a copy of `raw`, creating sections as needed."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for key, val in overrides.items():
+        parts = key.split(".")
+        if sections is not None and parts[0] not in sections:
+            raise TinyLlamaError(f"override '--{key}': unknown section '{parts[0]}'; sections are {', '.join(sections)}")
+        node = raw
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            elif not isinstance(node[p], dict):
+                raise TinyLlamaError(f"override '--{key}': '{p}' is not a section")
+            else:
+                node[p] = dict(node[p])
+            node = node[p]
+        node[parts[-1]] = val
+    return raw
+
+
+def load_config(cls: type[T], path: Optional[str | os.PathLike] = None, overrides: list[str] | dict | None = None,
+                *, base: Optional[dict] = None, source: Optional[str] = None) -> T:
+    """The one loader every command uses: `base` (defaults of the command) < the YAML file at `path` <
+    `overrides` (`['--train.max_steps', '5']` from the command line, or {'train.max_steps': 5}); then
+    built and type-checked by `build_config`."""
+    raw = apply_overrides(base or {}, {})
+    if path is not None:
+        for k, v in read_yaml_mapping(path, "a mapping of " + ("sections " + "/".join(cls.config_sections)
+                                                               if getattr(cls, "config_sections", None) else "fields")).items():
+            raw[k] = {**raw[k], **v} if isinstance(raw.get(k), dict) and isinstance(v, dict) else v
+    flat = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    raw = apply_overrides(raw, flat, getattr(cls, "config_sections", None))
+    return build_config(cls, raw, source or (str(path) if path is not None else "config"))
+
+
+
+def config_from_args(cls: type[T], args: Any) -> T:
+    """`cls` from a command's `--config FILE` plus the flags named like its fields (those given win)."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    return load_config(cls, getattr(args, "config", None), given)
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -113,7 +265,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        return dataclass_from_dict(cls, d, "model config")
+        return build_config(cls, d, "model config")
 
     # ---- parameter counting (exact, matches the module) ---------------------------------------
     def num_params(self, include_embeddings: bool = True) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 
-
 def add_arguments(p) -> None:
     p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors + tokenizer)")
     p.add_argument("--random-preset", metavar="NAME", help="instead of --model, a randomly initialised preset (smoke test)")
@@ -24,8 +23,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from tinyllama.chat import ChatSession, chat_loop
-    from tinyllama.loading import load_model_and_tokenizer
     from tinyllama.generate import DecodeEngine, SamplingConfig
+    from tinyllama.loading import load_model_and_tokenizer
 
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,

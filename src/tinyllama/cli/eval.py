@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
 
+from tinyllama.config import config_from_args as load_from_args
 from tinyllama.errors import TinyLlamaError
 from tinyllama.eval.run import EvalConfig, evaluate, write_json_atomic
 
@@ -34,11 +34,7 @@ def add_arguments(p) -> None:
 
 
 def config_from_args(args) -> EvalConfig:
-    cfg = EvalConfig.from_yaml(args.config) if getattr(args, "config", None) else EvalConfig()
-    for f in fields(EvalConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            setattr(cfg, f.name, v)
+    cfg = load_from_args(EvalConfig, args)
     if not cfg.tasks and not cfg.perplexity:
         raise TinyLlamaError("nothing to evaluate: give --tasks NAME=PATH ... and/or --perplexity PATH ...")
     if cfg.batch_size < 1:

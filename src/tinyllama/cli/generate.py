@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-
 from tinyllama.errors import TinyLlamaError
 
 
@@ -29,8 +28,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from tinyllama.loading import load_model_and_tokenizer
     from tinyllama.generate import DecodeEngine, SamplingConfig, stream_text
+    from tinyllama.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.model, args.random_preset, args.device, args.dtype)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

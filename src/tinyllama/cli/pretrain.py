@@ -8,7 +8,6 @@ every process with FSDP2.
 
 from __future__ import annotations
 
-
 ACCEPTS_OVERRIDES = True
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 
+from tinyllama.config import config_from_args as load_from_args
 from tinyllama.errors import TinyLlamaError
 from tinyllama.serve.server import ServeConfig, build
 
@@ -25,11 +25,7 @@ def add_arguments(p) -> None:
 
 
 def config_from_args(args) -> ServeConfig:
-    cfg = ServeConfig.from_yaml(args.config) if getattr(args, "config", None) else ServeConfig()
-    for f in fields(ServeConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            setattr(cfg, f.name, v)
+    cfg = load_from_args(ServeConfig, args)
     cfg.validate()
     return cfg
 

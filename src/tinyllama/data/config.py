@@ -10,7 +10,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from tinyllama.config import dataclass_from_dict
+from tinyllama.config import build_config
 from tinyllama.data.mixture import MixtureLoader
 from tinyllama.data.shards import TokenSource
 from tinyllama.errors import TinyLlamaError
@@ -54,7 +54,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
-        return dataclass_from_dict(cls, d, "data config")
+        return build_config(cls, d, "data config")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from tinyllama.config import dataclass_from_dict, read_yaml_mapping
 from tinyllama.errors import TinyLlamaError
 
 
@@ -30,9 +29,6 @@ class EvalConfig:
     dtype: Optional[str] = None
     output: Optional[str] = None
 
-    @classmethod
-    def from_yaml(cls, path: str) -> "EvalConfig":
-        return dataclass_from_dict(cls, read_yaml_mapping(path, "a mapping of eval settings"), f"{path}")
 
 
 def parse_task_spec(spec: str) -> tuple[str, int, str]:

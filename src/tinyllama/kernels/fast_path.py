@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from tinyllama.config import dataclass_from_dict
+from tinyllama.config import build_config
 from tinyllama.errors import TinyLlamaError
 from tinyllama.kernels.attention import causal_attention
 from tinyllama.kernels.cross_entropy import LinearCrossEntropyLoss
@@ -70,7 +70,7 @@ class KernelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KernelConfig":
-        return dataclass_from_dict(cls, d, "kernels config")
+        return build_config(cls, d, "kernels config")
 
 
 class FastAttention(Attention):

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from tinyllama.config import dataclass_from_dict, read_yaml_mapping
 from tinyllama.errors import TinyLlamaError
 
 
@@ -38,9 +37,6 @@ class ServeConfig:
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise TinyLlamaError(f"serve: --max-seq-len must be >= 2, got {self.max_seq_len}")
 
-    @classmethod
-    def from_yaml(cls, path) -> "ServeConfig":
-        return dataclass_from_dict(cls, read_yaml_mapping(path, "a mapping of serve options"), f"{path}")
 
 
 def build(cfg: ServeConfig):

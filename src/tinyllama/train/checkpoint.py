@@ -197,6 +197,14 @@ class CheckpointManager:
             future.result()
             self._finalize(step, tmp)
 
+    def abandon(self) -> None:
+        """Give up a save that was interrupted (a second Ctrl-C): its `.tmp` directory goes, published
+        checkpoints and `latest` stay as they were."""
+        self._pending = None
+        if self.info.is_main:
+            for p in self.root.glob("step-*.tmp"):
+                shutil.rmtree(p, ignore_errors=True)
+
     def _finalize(self, step: int, tmp: Path) -> None:
         # The coordinator's save returns only after every rank wrote its files (DCP gathers their results
         # before writing .metadata), so rank 0 can publish without another barrier.

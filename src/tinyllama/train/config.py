@@ -15,15 +15,12 @@ no such file exists.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from tinyllama.config import PRESETS, ModelConfig, dataclass_from_dict, read_yaml_mapping
+from tinyllama.config import PRESETS, ModelConfig, build_config, load_config, parse_overrides, read_yaml_mapping  # noqa: F401
 from tinyllama.errors import TinyLlamaError
 from tinyllama.train.optim import OptimConfig
 
@@ -31,85 +28,59 @@ NONFINITE_POLICIES = ("skip", "stop")
 
 
 @dataclass
-class TrainConfig:
+class LoopConfig:
+    """What the one training loop (`tinyllama.train.loop`) needs, shared by pretraining and fine-tuning."""
+
     out_dir: str = "out/pretrain"
-    data_root: str = "out/data"  # where prepared datasets live (the demo corpus is prepared here)
     device: Optional[str] = None  # None = cuda when available (LOCAL_RANK picks the card), else cpu
-    micro_batch: int = 8  # sequences per device per forward/backward
-    global_batch: int = 8  # sequences per optimizer step, all devices and accumulation together
+    micro_batch: int = 8  # sequences (or pairs) per device per forward/backward
+    global_batch: int = 8  # per optimizer step, all devices and accumulation together
     max_steps: Optional[int] = None
-    max_tokens: Optional[int] = None  # alternative to max_steps: stop after this many training tokens
+    seed: int = 1337
+    dtype: str = "auto"  # auto = bf16 autocast on GPU with fp32 master weights, fp32 on CPU
+    log_every: int = 1
     eval_every: int = 100  # steps; 0 = only at the end
-    eval_blocks: int = 64  # held-out sequences per evaluation (all ranks together)
     save_every: int = 500  # steps; 0 = only at the end
     keep_last: int = 2  # checkpoints kept besides the every-M-th ones
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0 = none)
     save_final: bool = True
     async_checkpoint: bool = True  # overlap checkpoint writes with training where torch supports it (GPU)
-    log_every: int = 1
-    dtype: str = "auto"  # auto = bf16 autocast on GPU with fp32 master weights, fp32 on CPU
-    compile: bool = False
-    activation_checkpointing: bool = False
-    fast_kernels: bool = False  # plug in tinyllama.kernels' fused ops when importable
-    kernels: Optional[dict] = None  # tinyllama.kernels.KernelConfig fields (None: its defaults)
     nonfinite_policy: str = "skip"  # skip = skip the step and count it; stop = checkpoint and stop
     max_consecutive_nonfinite: int = 5  # with "skip": checkpoint and stop after this many in a row
-    seed: int = 1337
-    hsdp_replicas: Optional[int] = None  # None = one replica per node (shard inside a node, replicate across)
-    # FSDP2: free each block's gathered bf16 weights after its forward (True; all-gathered again in backward)
-    # or keep them until its backward (False: one all-gather less per step for the weights' size in memory).
-    fsdp_reshard_after_forward: bool = True
-    fsdp_reduce_dtype: str = "float32"  # gradient reduce-scatter dtype: float32 (exact sums) or bfloat16
-    init_from: Optional[str] = None  # start from another run's checkpoint (weights + optimizer), step 0
-    init_optimizer: bool = True
-    # Position on the LR curve = lr_step_offset + step × lr_step_scale (in optim.max_steps units): lets a later
-    # stage continue the previous stage's curve, and a cooldown with 4× the batch move 4× faster along it.
-    lr_step_offset: int = 0
-    lr_step_scale: int = 1
-    peak_tflops: Optional[float] = None  # for MFU; None = known GPUs (H100/H200 989, A100 312), else no MFU
+    progress: bool = True  # the live progress line on rank 0 (validation, summary and errors print regardless)
     tensorboard: bool = True  # when the tensorboard package is installed
-    progress: bool = True  # live progress line on rank 0
     export_hf: Optional[str] = None  # write a Hugging Face directory here at the end (relative to out_dir)
-    sample_prompt: Optional[str] = None  # print a generation from this prompt at the end
-    sample_tokens: int = 40
-    report_unigram_entropy: bool = False  # print the train tokens' unigram entropy beside the val loss
     # torch.profiler over steps profile_from_step+1 .. +profile_steps (None: off): OUT/profile/, per rank.
     profile_from_step: Optional[int] = None
     profile_steps: int = 2
 
+    _positive = ("micro_batch", "global_batch", "log_every", "profile_steps")
+    _non_negative = ("eval_every", "save_every", "keep_last", "keep_every", "max_consecutive_nonfinite")
+
     def validate(self) -> None:
-        for name in ("micro_batch", "global_batch", "log_every", "eval_blocks", "sample_tokens", "lr_step_scale",
-                     "profile_steps"):
+        where = f"{type(self).__name__.replace('Config', '').lower()} config"
+        for name in self._positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise TinyLlamaError(f"train config: field '{name}' must be a positive integer, got {v!r}")
-        for name in ("eval_every", "save_every", "keep_last", "keep_every", "max_consecutive_nonfinite",
-                     "lr_step_offset"):
+                raise TinyLlamaError(f"{where}: field '{name}' must be a positive integer, got {v!r}")
+        for name in self._non_negative:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise TinyLlamaError(f"train config: field '{name}' must be an integer >= 0, got {v!r}")
+                raise TinyLlamaError(f"{where}: field '{name}' must be an integer >= 0, got {v!r}")
         v = self.profile_from_step
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-            raise TinyLlamaError(f"train config: field 'profile_from_step' must be an integer >= 0 or null, got {v!r}")
-        if self.max_steps is None and self.max_tokens is None:
-            raise TinyLlamaError("train config: set 'max_steps' or 'max_tokens' (e.g. --train.max_steps 1000)")
-        for name in ("max_steps", "max_tokens"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v <= 0):
-                raise TinyLlamaError(f"train config: field '{name}' must be a positive integer, got {v!r}")
-        if self.fsdp_reduce_dtype not in ("float32", "bfloat16"):
-            raise TinyLlamaError(
-                f"train config: field 'fsdp_reduce_dtype' is '{self.fsdp_reduce_dtype}'; choose float32 or bfloat16"
-            )
+            raise TinyLlamaError(f"{where}: field 'profile_from_step' must be an integer >= 0 or null, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
+            raise TinyLlamaError(f"{where}: field 'max_steps' must be a positive integer, got {self.max_steps!r}")
         if self.nonfinite_policy not in NONFINITE_POLICIES:
             raise TinyLlamaError(
-                f"train config: field 'nonfinite_policy' is '{self.nonfinite_policy}'; choose one of {NONFINITE_POLICIES}"
+                f"{where}: field 'nonfinite_policy' is '{self.nonfinite_policy}'; choose one of {NONFINITE_POLICIES}"
             )
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
-            raise TinyLlamaError(f"train config: field 'dtype' is '{self.dtype}'; choose auto, float32 or bfloat16")
+            raise TinyLlamaError(f"{where}: field 'dtype' is '{self.dtype}'; choose auto, float32 or bfloat16")
         if self.global_batch % self.micro_batch:
             raise TinyLlamaError(
-                f"train config: global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
+                f"{where}: global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
             )
 
     def grad_accum(self, world_size: int) -> int:
@@ -124,12 +95,60 @@ class TrainConfig:
 
 
 @dataclass
+class TrainConfig(LoopConfig):
+    """Pretraining: the loop's settings plus data location, parallelism, kernels, stages and the demo's finish."""
+
+    data_root: str = "out/data"  # where prepared datasets live (the demo corpus is prepared here)
+    max_tokens: Optional[int] = None  # alternative to max_steps: stop after this many training tokens
+    eval_blocks: int = 64  # held-out sequences per evaluation (all ranks together)
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fast_kernels: bool = False  # plug in tinyllama.kernels' fused ops when importable
+    kernels: Optional[dict] = None  # tinyllama.kernels.KernelConfig fields (None: its defaults)
+    hsdp_replicas: Optional[int] = None  # None = one replica per node (shard inside a node, replicate across)
+    # FSDP2: free each block's gathered bf16 weights after its forward (True; all-gathered again in backward)
+    # or keep them until its backward (False: one all-gather less per step for the weights' size in memory).
+    fsdp_reshard_after_forward: bool = True
+    fsdp_reduce_dtype: str = "float32"  # gradient reduce-scatter dtype: float32 (exact sums) or bfloat16
+    init_from: Optional[str] = None  # start from another run's checkpoint (weights + optimizer), step 0
+    init_optimizer: bool = True
+    # Position on the LR curve = lr_step_offset + step × lr_step_scale (in optim.max_steps units): lets a later
+    # stage continue the previous stage's curve, and a cooldown with 4× the batch move 4× faster along it.
+    lr_step_offset: int = 0
+    lr_step_scale: int = 1
+    peak_tflops: Optional[float] = None  # for MFU; None = known GPUs (H100/H200 989, A100 312), else no MFU
+    sample_prompt: Optional[str] = None  # print a generation from this prompt at the end
+    sample_tokens: int = 40
+    report_unigram_entropy: bool = False  # print the train tokens' unigram entropy beside the val loss
+
+    _positive = LoopConfig._positive + ("eval_blocks", "sample_tokens", "lr_step_scale")
+    _non_negative = LoopConfig._non_negative + ("lr_step_offset",)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_steps is None and self.max_tokens is None:
+            raise TinyLlamaError("train config: set 'max_steps' or 'max_tokens' (e.g. --train.max_steps 1000)")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
+            raise TinyLlamaError(f"train config: field 'max_tokens' must be a positive integer, got {self.max_tokens!r}")
+        if self.fsdp_reduce_dtype not in ("float32", "bfloat16"):
+            raise TinyLlamaError(
+                f"train config: field 'fsdp_reduce_dtype' is '{self.fsdp_reduce_dtype}'; choose float32 or bfloat16"
+            )
+
+
+@dataclass
 class RunConfig:
     model: dict = field(default_factory=lambda: {"preset": "tinyllama-tiny"})
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: Any = None  # tinyllama.data.DataConfig
     train: TrainConfig = field(default_factory=TrainConfig)
-    source: str = "<defaults>"  # where this config was read from (for messages)
+    source: str = field(default="<defaults>", init=False, compare=False)  # where this config was read from (for messages)
+
+    config_sections = ("model", "optim", "data", "train")
+
+    @staticmethod
+    def config_field_class(name: str, raw: Any):
+        return data_config_class(raw) if name == "data" else None
 
     def model_config(self) -> ModelConfig:
         d = dict(self.model or {})
@@ -191,41 +210,6 @@ def data_config_class(raw: Optional[dict] = None):
     return DataConfig
 
 
-def _check_types(obj, where: str) -> None:
-    """Reject values of the wrong kind early (e.g. a string for an int), with the field's name."""
-    try:
-        hints = typing.get_type_hints(type(obj))
-    except Exception:
-        return
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        t = hints.get(f.name)
-        if t is None or v is None:
-            continue
-        base = [a for a in typing.get_args(t) if a is not type(None)] if typing.get_origin(t) is typing.Union else [t]
-        ok = False
-        for b in base:
-            b0 = typing.get_origin(b) or b
-            if b0 is float and isinstance(v, str):
-                try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-                    v = float(v)
-                    setattr(obj, f.name, v)
-                except ValueError:
-                    pass
-            if b0 is float and isinstance(v, (int, float)) and not isinstance(v, bool):
-                ok = True
-            elif b0 is int and isinstance(v, int) and not isinstance(v, bool):
-                ok = True
-            elif b0 in (str, bool, tuple, list, dict) and isinstance(v, b0):
-                ok = True
-            elif b0 is tuple and isinstance(v, list):
-                ok = True
-            elif b0 not in (float, int, str, bool, tuple, list, dict):
-                ok = True  # Any or something richer: trust the dataclass
-        if not ok:
-            raise TinyLlamaError(f"{where}: field '{f.name}' has value {v!r}, expected {t}")
-
-
 def recipes_dir() -> Path:
     return Path(str(resources.files("tinyllama") / "recipes"))
 
@@ -250,71 +234,21 @@ def read_yaml(path: Path) -> dict:
     return read_yaml_mapping(path, "a mapping with sections model/optim/data/train")
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """['--optim.lr', '3e-4', '--train.compile=true'] -> {'optim.lr': 3e-4, 'train.compile': True}."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(items):
-        tok = items[i]
-        if not tok.startswith("--") or "." not in tok.split("=", 1)[0]:
-            raise TinyLlamaError(f"unrecognised argument '{tok}': overrides look like --section.field value (e.g. --optim.lr 3e-4)")
-        if "=" in tok:
-            key, raw = tok[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(items):
-                raise TinyLlamaError(f"override '{tok}' has no value")
-            key, raw = tok[2:], items[i + 1]
-            i += 2
-        try:
-            val = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            val = raw
-        out[key] = val
-    return out
-
-
-def merge_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    for key, val in overrides.items():
-        parts = key.split(".")
-        if parts[0] not in ("model", "optim", "data", "train"):
-            raise TinyLlamaError(f"override '--{key}': unknown section '{parts[0]}'; sections are model, optim, data, train")
-        node = raw
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                node[p] = {} if node.get(p) is None else node[p]
-                if not isinstance(node[p], dict):
-                    raise TinyLlamaError(f"override '--{key}': '{p}' is not a section")
-            node = node[p]
-        node[parts[-1]] = val
-    return raw
-
-
 def load_run_config(path: Optional[str] = None, overrides: Optional[list[str] | dict] = None,
                     default_recipe: str = "demo") -> RunConfig:
+    """A recipe or YAML file (default: the demo recipe) with `--section.field value` overrides."""
     src = resolve_config_path(path or default_recipe)
-    raw = read_yaml(src)
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    raw = merge_overrides(raw, overrides or {})
-    return run_config_from_dict(raw, source=str(src))
+    return _checked(load_config(RunConfig, src, overrides, source=str(src)), str(src))
 
 
 def run_config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
-    unknown = sorted(set(raw) - {"model", "optim", "data", "train"})
-    if unknown:
-        raise TinyLlamaError(f"{source}: unknown section(s) {unknown}; sections are model, optim, data, train")
-    model = raw.get("model") or {"preset": "tinyllama-tiny"}
-    if not isinstance(model, dict):
-        raise TinyLlamaError(f"{source}: section 'model' must be a mapping (e.g. {{preset: tinyllama-1.1b}})")
+    return _checked(build_config(RunConfig, raw, source), source)
+
+
+def _checked(cfg: RunConfig, source: str) -> RunConfig:
+    cfg.source = source
+    model = cfg.model
     if "preset" in model and model["preset"] not in PRESETS:
         raise TinyLlamaError(f"{source}: model.preset '{model['preset']}' unknown; choose one of {sorted(PRESETS)}")
-    optim = dataclass_from_dict(OptimConfig, raw.get("optim"), f"{source}: section 'optim'")
-    train = dataclass_from_dict(TrainConfig, raw.get("train"), f"{source}: section 'train'")
-    _check_types(optim, f"{source}: section 'optim'")
-    _check_types(train, f"{source}: section 'train'")
-    data = dataclass_from_dict(data_config_class(raw.get("data")), raw.get("data"), f"{source}: section 'data'")
-    cfg = RunConfig(model=model, optim=optim, data=data, train=train, source=source)
     cfg.model_config()  # fail now on bad model fields
     return cfg

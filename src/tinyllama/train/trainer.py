@@ -1,25 +1,18 @@
-"""The pretraining loop: one process or many (torchrun + FSDP2), exact resume, fault handling.
+"""Pretraining: one process or many (torchrun + FSDP2), on the one loop (`tinyllama.train.loop`).
 
-`pretrain(cfg)` runs a whole job from a RunConfig and returns a summary dict. Everything that is
-not the loop itself lives beside it: config.py (what to run), distributed.py (where), checkpoint.py
-(what survives), optim.py (how to step).
+`pretrain(cfg)` runs a whole job from a RunConfig and returns a summary dict. This file builds what the
+loop runs (the model with its fast path and FSDP2, AdamW, the mixture loader, the objective) and finishes
+the demo (Hugging Face export, unigram entropy, a sample). Beside it: loop.py (the steps), config.py (what
+to run), distributed.py (where), checkpoint.py (what survives), optim.py (how to step).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import signal
-import sys
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from tinyllama.errors import TinyLlamaError
 from tinyllama.model import Llama
@@ -34,13 +27,9 @@ from tinyllama.train.distributed import (
     barrier,
     init_distributed,
 )
-from tinyllama.train.optim import build_optimizer, clip_or_step_on_device, lr_at, set_lr
-from tinyllama.train.profiling import StepProfiler
-
-OOM_ADVICE = (
-    "out of GPU memory: lower --train.micro_batch (global_batch stays, gradient accumulation grows), "
-    "turn on --train.activation_checkpointing true, or use more GPUs (FSDP2 shards weights and optimizer)"
-)
+from tinyllama.train.loop import OOM_ADVICE, Objective, TrainLoop, autocast, resolve_compute_dtype  # noqa: F401
+from tinyllama.train.metrics import MetricsLog, Progress
+from tinyllama.train.optim import build_optimizer, lr_at
 
 
 def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Optional[float]:
@@ -55,130 +44,6 @@ def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Option
         if key in name:
             return tflops * 1e12
     return None
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits 0. A second signal aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-@dataclass
-class TrainerState:
-    step: int = 0  # optimizer steps taken
-    tokens: int = 0  # training tokens consumed (inputs, all ranks)
-    skipped_steps: int = 0  # non-finite steps skipped in total
-    consecutive_nonfinite: int = 0
-    elapsed_s: float = 0.0  # training wall time over all sessions of this run
-    best_val_loss: Optional[float] = None
-
-
-class Progress:
-    """Rank 0's live progress line (carriage return on a terminal, one line per log_every otherwise)."""
-
-    def __init__(self, enabled: bool, stream=None) -> None:
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self._open = False
-
-    def update(self, text: str, force_line: bool = False) -> None:
-        if not self.enabled:
-            return
-        if self.tty and not force_line:
-            self.stream.write("\r\033[K" + text)
-            self._open = True
-        else:
-            self.end()
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def end(self) -> None:
-        if self._open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._open = False
-
-    def print(self, text: str) -> None:
-        if self.enabled:
-            self.end()
-            print(text, file=self.stream, flush=True)
-
-
-def _fmt_time(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-class MetricsLog:
-    """metrics.jsonl (rank 0) plus TensorBoard when installed; on resume, drops records past the checkpoint."""
-
-    def __init__(self, out_dir: Path, enabled: bool, resume_step: Optional[int], tensorboard: bool) -> None:
-        self.enabled = enabled
-        self.path = out_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            keep = []
-            if resume_step is not None:
-                for line in self.path.read_text().splitlines():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a torn last line from a kill -9
-                    if rec.get("step", 0) <= resume_step:
-                        keep.append(line)
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(k + "\n" for k in keep))
-            os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                self.tb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            step = record.get("step", 0)
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -250,8 +115,61 @@ def unigram_entropy_nats(paths: dict, weights: Optional[dict] = None) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-# ---- the loop ----------------------------------------------------------------------------------------
+# ---- the pretraining job -------------------------------------------------------------------------------
+class PretrainObjective(Objective):
+    """Next-token cross-entropy on packed blocks; validation on the held-out split."""
+
+    def __init__(self, train_loader, make_val, info: DistInfo, autocast_ctx, tokens_per_step: int) -> None:
+        self.train_loader, self.make_val, self.info, self.autocast = train_loader, make_val, info, autocast_ctx
+        self.tokens_per_step = tokens_per_step
+
+    def next_batch(self):
+        return next(self.train_loader).to(self.info.device, non_blocking=True)
+
+    def loss(self, model, batch):
+        with self.autocast():
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate(self, model, step: int):
+        model.eval()
+        loss_sum = torch.zeros(2, device=self.info.device, dtype=torch.float64)
+        loader = self.make_val()
+        try:
+            for batch in loader:
+                batch = batch.to(self.info.device)
+                with self.autocast():
+                    _, loss = model(batch[:, :-1], batch[:, 1:])
+                n = batch[:, 1:].numel()
+                loss_sum[0] += loss.double() * n
+                loss_sum[1] += n
+        finally:
+            if hasattr(loader, "close"):
+                loader.close()
+        all_reduce_(loss_sum, self.info)
+        if loss_sum[1] == 0:
+            raise TinyLlamaError("validation split is empty: no held-out blocks; add data or lower --data.seq_len")
+        val, n = float(loss_sum[0] / loss_sum[1]), int(loss_sum[1])
+        ppl = math.exp(min(val, 80))
+        return ({"val_loss": val, "val_ppl": ppl, "val_tokens": n},
+                f"validation at step {step}: loss {val:.4f} | perplexity {ppl:,.2f} ({n:,} held-out tokens)")
+
+    def data_state(self) -> dict:
+        return self.train_loader.state_dict()
+
+    def load_data_state(self, state: dict) -> None:
+        self.train_loader.load_state_dict(state)
+
+    def close(self) -> None:
+        if hasattr(self.train_loader, "close"):
+            self.train_loader.close()
+
+
 class Trainer:
+    """A pretraining run: builds the model (fast path, FSDP2), optimizer and loaders from a RunConfig, runs
+    the one loop (`tinyllama.train.loop`) and finishes the demo (export, entropy, sample)."""
+
     def __init__(self, cfg: RunConfig, resume: bool = False, info: Optional[DistInfo] = None,
                  progress_stream=None) -> None:
         cfg.validate()
@@ -265,13 +183,11 @@ class Trainer:
         if cfg.optim.max_steps is None:
             cfg.optim.max_steps = self.max_steps
         self.out_dir = Path(t.out_dir)
-        self.progress = Progress(t.progress and self.info.is_main, progress_stream)
-        dev = self.info.device
-        dtype = t.dtype if t.dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
-        self.compute_dtype = torch.bfloat16 if dtype in ("bfloat16", "bf16") else torch.float32
+        self.progress = Progress(self.info.is_main, live=t.progress, stream=progress_stream)
+        self.compute_dtype = resolve_compute_dtype(t.dtype, self.info.device)
         self.resume = resume
+        self.fsdp = self.info.is_distributed
 
-    # -- building --------------------------------------------------------------------------------
     def _build_model(self) -> Llama:
         t = self.cfg.train
         # The same seed on every rank: initial weights do not depend on the world size.
@@ -294,7 +210,6 @@ class Trainer:
             apply_activation_checkpointing(model)
         if t.compile and not fast:  # the fast path compiles blocks itself (its compile_blocks setting)
             apply_compile(model)
-        self.fsdp = self.info.is_distributed
         if self.fsdp:
             param_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else None
             reduce_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[t.fsdp_reduce_dtype]
@@ -302,186 +217,77 @@ class Trainer:
         return model
 
     def _autocast(self):
-        # Under FSDP2 the mixed-precision policy casts parameters; single-device bf16 uses autocast.
-        if self.compute_dtype == torch.float32 or self.fsdp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.info.device.type, dtype=self.compute_dtype)
+        return autocast(self.info.device, self.compute_dtype, self.fsdp)
 
-    # -- main ------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, t, info = self.cfg, self.cfg.train, self.info
         demo_paths = prepare_data(cfg, info, self.progress)
         model = self._build_model()
         optimizer = build_optimizer(model, cfg.optim)
         train_loader, make_val = build_loaders(cfg, info, self.model_cfg.vocab_size)
+        tokens_per_step = t.global_batch * self.seq_len
+        objective = PretrainObjective(train_loader, make_val, info, self._autocast, tokens_per_step)
         ckpt = CheckpointManager(self.out_dir, info, t.keep_last, t.keep_every,
                                  use_async=t.async_checkpoint and info.device.type == "cuda")
-        state = TrainerState()
-
-        resumed_from = None
-        if self.resume:
-            latest = ckpt.latest()
-            if latest is None:
-                self.progress.print(f"no checkpoint in {ckpt.root}; starting from scratch")
-            else:
-                self._check_same_model(latest)
-                saved = ckpt.load(latest, model, optimizer)
-                state = TrainerState(**saved["trainer"])
-                train_loader.load_state_dict(saved["loader"])
-                resumed_from = latest
-                self.progress.print(f"resumed from {latest} (step {state.step}, {state.tokens:,} tokens)")
-        elif t.init_from:
-            src = resolve_checkpoint(t.init_from)
-            self._check_same_model(src)
-            ckpt.load(src, model, optimizer, load_optimizer=t.init_optimizer, load_rng=False)
-            self.progress.print(f"initialised weights{' and optimizer' if t.init_optimizer else ''} from {src}")
-        elif ckpt.latest() is not None:
-            raise TinyLlamaError(
-                f"{ckpt.root} already holds checkpoints; pass --resume to continue that run, or choose another --out"
-            )
-
-        metrics = MetricsLog(self.out_dir, info.is_main, state.step if resumed_from else None, t.tensorboard)
+        loop = TrainLoop(model=model, optimizer=optimizer, objective=objective, info=info, cfg=t,
+                         max_steps=self.max_steps, accum=self.accum,
+                         lr_at=lambda step: lr_at(t.lr_step_offset + step * t.lr_step_scale, cfg.optim),
+                         grad_clip=cfg.optim.grad_clip, ckpt=ckpt, metrics=None, progress=self.progress,
+                         checkpoint_meta=self._checkpoint_meta, flops_per_token=self.model_cfg.flops_per_token(self.seq_len),
+                         peak_flops=peak_flops(info.device, t.peak_tflops))
+        resumed_from = self._start(loop, ckpt)
+        loop.metrics = MetricsLog(self.out_dir, info.is_main, loop.state.step if resumed_from else None, t.tensorboard)
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(_yaml_dump(cfg.to_dict()))
-
         n_params = model_num_params(model)
-        flops_tok = self.model_cfg.flops_per_token(self.seq_len)
-        peak = peak_flops(info.device, t.peak_tflops)
-        tokens_per_step = t.global_batch * self.seq_len
         self.progress.print(
             f"model {self.model_cfg.name}: {n_params / 1e6:.1f} M parameters | device {info.device}"
             f"{f' × {info.world_size} (FSDP2)' if self.fsdp else ''} | {str(self.compute_dtype).replace('torch.', '')}"
             f" | batch {t.global_batch} × {self.seq_len} tokens = {t.micro_batch} × {info.world_size} ranks × "
             f"{self.accum} accumulation | {self.max_steps} steps"
         )
-
-        result: dict[str, Any] = {"stopped_by": None, "resumed_from": str(resumed_from) if resumed_from else None,
-                                  "losses": [], "out_dir": str(self.out_dir)}
-        last_val = None
-        stop_reason = None
-        t_session = time.perf_counter()
-        window_t, window_tokens = time.perf_counter(), 0
-        step_times: list[float] = []
-        profiler = StepProfiler(self.out_dir, info.rank, t.profile_from_step, t.profile_steps, info.device)
         try:
-            with StopRequest() as stop:
-                model.train()
-                while state.step < self.max_steps:
-                    profiler.before_step(state.step)
-                    t0 = time.perf_counter()
-                    lr = lr_at(t.lr_step_offset + state.step * t.lr_step_scale, cfg.optim)
-                    set_lr(optimizer, lr)
-                    try:
-                        loss_sum = torch.zeros((), device=info.device, dtype=torch.float32)
-                        for _ in range(self.accum):
-                            batch = next(train_loader).to(info.device, non_blocking=True)
-                            inputs, targets = batch[:, :-1], batch[:, 1:]
-                            with self._autocast():
-                                _, loss = model(inputs, targets)
-                            (loss / self.accum).backward()
-                            loss_sum += loss.detach().float()
-                        # One all-reduce (queued, no wait): the ranks' summed loss and whether any caught a signal
-                        # (a signal that arrives after this point is acted on at the end of the next step). The
-                        # flag is written by a fill kernel: torch.tensor(..., device=cuda) would copy from the
-                        # host and wait for the GPU, the very sync this step avoids.
-                        synced = torch.stack([loss_sum / self.accum, loss_sum.new_full((), float(stop.requested))])
-                        synced = all_reduce_(synced, info)
-                        # Fused AdamW (the default on CUDA): clip and skip on the device, then one host sync per
-                        # step (below) instead of a sync before the optimizer step that would leave the GPU idle.
-                        grad_norm, stepped_on_device = clip_or_step_on_device(optimizer, model, cfg.optim.grad_clip,
-                                                                              synced[0])
-                    except torch.OutOfMemoryError:
-                        optimizer.zero_grad(set_to_none=True)
-                        raise TinyLlamaError(OOM_ADVICE) from None
-                    stats = torch.cat([synced, grad_norm.to(synced).view(1)]).cpu()
-                    loss_f = float(stats[0]) / (info.world_size if info.is_distributed else 1)
-                    stop_seen, gnorm_f = float(stats[1]) > 0, float(stats[2])
-                    finite = math.isfinite(loss_f) and math.isfinite(gnorm_f)
-                    if finite:
-                        if not stepped_on_device:
-                            optimizer.step()
-                        state.consecutive_nonfinite = 0
-                    else:  # a fused step saw found_inf and left weights, moments and its step count unchanged
-                        state.skipped_steps += 1
-                        state.consecutive_nonfinite += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    state.step += 1
-                    state.tokens += tokens_per_step
-                    dt = time.perf_counter() - t0
-                    state.elapsed_s += dt
-                    step_times.append(dt)
-                    window_tokens += tokens_per_step
-                    result["losses"].append(loss_f)
-
-                    record = {"kind": "train", "step": state.step, "loss": loss_f, "lr": lr, "grad_norm": gnorm_f,
-                              "tokens": state.tokens, "skipped": not finite}
-                    if state.step % t.log_every == 0 or state.step == self.max_steps or not finite:
-                        now = time.perf_counter()
-                        tps = window_tokens / max(now - window_t, 1e-9)
-                        window_t, window_tokens = now, 0
-                        recent = step_times[-20:]
-                        eta = (self.max_steps - state.step) * (sum(recent) / len(recent))
-                        tps_dev = tps / info.world_size
-                        mfu = tps_dev * flops_tok / peak if peak else None
-                        record.update(tokens_per_s=tps, tokens_per_s_per_device=tps_dev, mfu=mfu)
-                        line = (f"step {state.step}/{self.max_steps} | loss {loss_f:.4f} | lr {lr:.2e} | "
-                                f"grad norm {gnorm_f:.3f} | {tps:,.0f} tok/s"
-                                f"{f' | MFU {mfu:.1%}' if mfu is not None else ''} | ETA {_fmt_time(eta)}")
-                        if not finite:
-                            line += f" | NON-FINITE: step skipped ({state.skipped_steps} so far)"
-                        self.progress.update(line, force_line=not finite)
-                    metrics.write(record)
-                    written = profiler.after_step(state.step)
-                    if written:
-                        self.progress.print(f"profile written: {written[0]} (trace) and {written[1].name} (table)")
-
-                    if not finite:
-                        too_many = state.consecutive_nonfinite > t.max_consecutive_nonfinite
-                        if t.nonfinite_policy == "stop" or too_many:
-                            stop_reason = (f"non-finite loss/gradient at step {state.step}"
-                                           + (f" ({state.consecutive_nonfinite} in a row)" if too_many else "")
-                                           + f"; policy '{t.nonfinite_policy}': checkpoint written, stopping")
-                    if t.eval_every and state.step % t.eval_every == 0 and state.step < self.max_steps:
-                        last_val = self._evaluate(model, make_val, state, metrics)
-                    if stop_seen and stop_reason is None:
-                        stop_reason = f"{stop.signal_name or 'signal'} received: checkpoint written, exiting"
-                        result["stopped_by"] = stop.signal_name or "signal"
-                    if stop_reason:
-                        break
-                    if t.save_every and state.step % t.save_every == 0 and state.step < self.max_steps:
-                        self._save(ckpt, model, optimizer, train_loader, state)
-                    ckpt.poll()
-
-                self.progress.end()
-                finished = state.step >= self.max_steps and stop_reason is None
-                if finished:
-                    last_val = self._evaluate(model, make_val, state, metrics)
-                if t.save_final or stop_reason:
-                    self._save(ckpt, model, optimizer, train_loader, state, block=True)
-                ckpt.wait()
+            result = loop.run()
         finally:
-            profiler.finish(state.step)
-            self.progress.end()
-            metrics.close()
-            if hasattr(train_loader, "close"):
-                train_loader.close()
-
-        result.update(step=state.step, tokens=state.tokens, skipped_steps=state.skipped_steps,
-                      session_s=time.perf_counter() - t_session, params=n_params, checkpoint=str(ckpt.latest()))
-        self._throughput_summary(result, step_times, tokens_per_step, flops_tok, peak)
-        if last_val is not None:
-            result.update(val_loss=last_val, val_ppl=math.exp(min(last_val, 80)))
-        if stop_reason:
-            self.progress.print(stop_reason)
-            result["stop_reason"] = stop_reason
-            if result["stopped_by"] is None:
-                result["stopped_by"] = "nonfinite"
-            return result
-        self._finish(model, result, demo_paths)
+            loop.metrics.close()
+            objective.close()
+        result.update(resumed_from=str(resumed_from) if resumed_from else None, out_dir=str(self.out_dir),
+                      params=n_params)
+        if result.get("val_loss") is not None:
+            result["val_ppl"] = math.exp(min(result["val_loss"], 80))
+        if not result["stop_reason"]:
+            del result["stop_reason"]
+            self._finish(model, result, demo_paths)
         return result
 
-    # -- pieces ----------------------------------------------------------------------------------
+    def _start(self, loop: TrainLoop, ckpt: CheckpointManager) -> Optional[Path]:
+        """Resume (--resume), start from another run's weights (train.init_from), or start fresh."""
+        t = self.cfg.train
+        if self.resume:
+            latest = ckpt.latest()
+            if latest is None:
+                self.progress.print(f"no checkpoint in {ckpt.root}; starting from scratch")
+                return None
+            self._check_same_model(latest)
+            loop.restore(latest)
+            self.progress.print(f"resumed from {latest} (step {loop.state.step}, {loop.state.tokens:,} tokens)")
+            return latest
+        if t.init_from:
+            src = resolve_checkpoint(t.init_from)
+            self._check_same_model(src)
+            ckpt.load(src, loop.model, loop.optimizer, load_optimizer=t.init_optimizer, load_rng=False)
+            self.progress.print(f"initialised weights{' and optimizer' if t.init_optimizer else ''} from {src}")
+        elif ckpt.latest() is not None:
+            raise TinyLlamaError(
+                f"{ckpt.root} already holds checkpoints; pass --resume to continue that run, or choose another --out"
+            )
+        return None
+
+    def _checkpoint_meta(self, state) -> dict:
+        return {"step": state.step, "tokens": state.tokens, "model": self.model_cfg.to_dict(),
+                "run": self.cfg.to_dict(), "world_size": self.info.world_size, "torch": torch.__version__}
+
     def _check_same_model(self, path: Path) -> None:
         """DCP would load a subset of tensors silently (e.g. fewer layers): compare architectures first."""
         from tinyllama.train.checkpoint import read_meta
@@ -492,62 +298,6 @@ class Trainer:
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
             raise TinyLlamaError(f"{path}: checkpoint holds a different model ({detail}); fix --model.* to match")
-
-    def _throughput_summary(self, result, step_times, tokens_per_step, flops_tok, peak) -> None:
-        """Steady-state speed (first steps excluded: allocator warm-up, compilation) and peak memory."""
-        info = self.info
-        steady = step_times[min(len(step_times) - 1, max(2, len(step_times) // 5)):] if step_times else []
-        if steady:
-            tps_dev = tokens_per_step * len(steady) / sum(steady) / info.world_size
-            result.update(tokens_per_s_per_device=tps_dev, mfu=tps_dev * flops_tok / peak if peak else None)
-        if info.device.type == "cuda":
-            mem = torch.tensor([float(torch.cuda.max_memory_allocated(info.device))], device=info.device)
-            all_reduce_(mem, info, op=dist.ReduceOp.MAX if info.is_distributed else None)
-            result["peak_memory_gib"] = float(mem) / 2**30
-        if steady:
-            mfu = result.get("mfu")
-            mem = result.get("peak_memory_gib")
-            self.progress.print(
-                f"throughput: {result['tokens_per_s_per_device']:,.0f} tokens/s per device over the last "
-                f"{len(steady)} steps" + (f" | MFU {mfu:.1%}" if mfu is not None else "")
-                + (f" | peak memory {mem:.1f} GiB" if mem is not None else "")
-            )
-
-    @torch.no_grad()
-    def _evaluate(self, model, make_val, state: TrainerState, metrics: MetricsLog) -> float:
-        model.eval()
-        loss_sum = torch.zeros(2, device=self.info.device, dtype=torch.float64)
-        loader = make_val()
-        try:
-            for batch in loader:
-                batch = batch.to(self.info.device)
-                with self._autocast():
-                    _, loss = model(batch[:, :-1], batch[:, 1:])
-                n = batch[:, 1:].numel()
-                loss_sum += torch.stack([loss.double() * n, torch.tensor(float(n), device=loss.device,
-                                                                          dtype=torch.float64)])
-        finally:
-            if hasattr(loader, "close"):
-                loader.close()
-        all_reduce_(loss_sum, self.info)
-        model.train()
-        if loss_sum[1] == 0:
-            raise TinyLlamaError("validation split is empty: no held-out blocks; add data or lower --data.seq_len")
-        val = float(loss_sum[0] / loss_sum[1])
-        ppl = math.exp(min(val, 80))
-        metrics.write({"kind": "val", "step": state.step, "val_loss": val, "val_ppl": ppl,
-                       "val_tokens": int(loss_sum[1])})
-        self.progress.print(f"validation at step {state.step}: loss {val:.4f} | perplexity {ppl:,.2f} "
-                            f"({int(loss_sum[1]):,} held-out tokens)")
-        if state.best_val_loss is None or val < state.best_val_loss:
-            state.best_val_loss = val
-        return val
-
-    def _save(self, ckpt: CheckpointManager, model, optimizer, loader, state: TrainerState, block=False) -> None:
-        trainer_state = {"trainer": asdict(state), "loader": loader.state_dict(), "world_size": self.info.world_size}
-        meta = {"step": state.step, "tokens": state.tokens, "model": self.model_cfg.to_dict(),
-                "run": self.cfg.to_dict(), "world_size": self.info.world_size, "torch": torch.__version__}
-        ckpt.save(state.step, model, optimizer, trainer_state, meta, block=block)
 
     def _finish(self, model, result: dict, demo_paths: Optional[dict]) -> None:
         """Export to Hugging Face, report entropy and print a sample (rank 0, after a complete run)."""
