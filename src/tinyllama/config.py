@@ -184,19 +184,20 @@ def apply_overrides(raw: dict, overrides: dict[str, Any], sections: Optional[typ
 
 
 def load_config(cls: type[T], path: Optional[str | os.PathLike] = None, overrides: list[str] | dict | None = None,
-                *, base: Optional[dict] = None, source: Optional[str] = None) -> T:
-    """The one loader every command uses: `base` (defaults of the command) < the YAML file at `path` <
-    `overrides` (`['--train.max_steps', '5']` from the command line, or {'train.max_steps': 5}); then
-    built and type-checked by `build_config`."""
-    raw = apply_overrides(base or {}, {})
-    if path is not None:
-        for k, v in read_yaml_mapping(path, "a mapping of " + ("sections " + "/".join(cls.config_sections)
-                                                               if getattr(cls, "config_sections", None) else "fields")).items():
-            raw[k] = {**raw[k], **v} if isinstance(raw.get(k), dict) and isinstance(v, dict) else v
+                *, base: dict | typing.Callable[[dict], dict] | None = None, source: Optional[str] = None) -> T:
+    """The one loader every command uses: the YAML file at `path` with `overrides` on top
+    (`['--train.max_steps', '5']` from the command line, or {'train.max_steps': 5}), over `base`, the
+    command's own defaults (a mapping, or a function of what the user gave); then built and type-checked
+    by `build_config`."""
+    sections = getattr(cls, "config_sections", None)
+    user = read_yaml_mapping(path, "a mapping of " + ("sections " + "/".join(sections) if sections else "fields")) \
+        if path is not None else {}
     flat = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    raw = apply_overrides(raw, flat, getattr(cls, "config_sections", None))
+    user = apply_overrides(user, flat, sections)
+    raw = apply_overrides(base(user) if callable(base) else (base or {}), {})
+    for k, v in user.items():
+        raw[k] = {**raw[k], **v} if isinstance(raw.get(k), dict) and isinstance(v, dict) else v
     return build_config(cls, raw, source or (str(path) if path is not None else "config"))
-
 
 
 def config_from_args(cls: type[T], args: Any) -> T:

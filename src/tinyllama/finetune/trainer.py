@@ -1,9 +1,8 @@
-"""Fine-tuning loop for SFT and DPO on the pretraining engine's pieces.
+"""Fine-tuning (SFT and DPO) on the one training loop (`tinyllama.train.loop`) that pretraining runs.
 
-The same device/process setup (torchrun, FSDP2 for full fine-tuning), optimizer and learning-rate curve
-(`tinyllama.train.optim`), DCP checkpoints with an atomic `latest` pointer and per-rank RNG state
-(`tinyllama.train.checkpoint`), SIGTERM handling and metrics log as `tinyllama pretrain`. What differs is
-the data (chat blocks or preference pairs, see chat_data.py) and the loss:
+The loop brings the step, gradient accumulation, clip-in-AdamW, the non-finite policy, out-of-memory advice,
+signals, checkpoints and exact resume, metrics and profiling; this file brings the config, the model (FSDP2
+for full fine-tuning, LoRA), the data (chat blocks or preference pairs, see chat_data.py) and the objective:
 
   sft: cross-entropy on assistant tokens only (targets elsewhere are -100).
   dpo: -log σ(β·[(log π(c) - log π(r)) - (log π_ref(c) - log π_ref(r))]) over the judged replies, with a frozen
@@ -15,11 +14,9 @@ model and the adapters' gradients are averaged (they are small), since there is 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +26,11 @@ import torch.nn.functional as F
 
 from tinyllama.errors import TinyLlamaError
 from tinyllama.finetune.lora import LoRAConfig
+from tinyllama.config import parse_overrides
+from tinyllama.train.config import LoopConfig
+from tinyllama.train.distributed import all_reduce_
+from tinyllama.train.loop import Objective, TrainLoop, autocast, resolve_compute_dtype
+from tinyllama.train.metrics import MetricsLog, Progress
 from tinyllama.train.optim import OptimConfig
 
 
@@ -50,22 +52,19 @@ class ChatDataConfig:
 
 
 @dataclass
-class FTTrainConfig:
+class FTTrainConfig(LoopConfig):
+    """The loop's settings (train.loop) with fine-tuning's defaults, plus epochs and the export dtype."""
+
     out_dir: str = "out/finetune"  # the commands default to out/sft and out/dpo
     micro_batch: int = 4  # blocks (sft) or pairs (dpo) per forward, per process
     global_batch: int = 32  # per optimizer step, all processes
-    epochs: float = 1.0
-    max_steps: Optional[int] = None  # default: epochs over the training set
     seed: int = 0
-    device: Optional[str] = None
-    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
-    keep_last: int = 2
     export_hf: Optional[str] = "hf"  # merged model directory (relative to out_dir); null = none
+    epochs: float = 1.0  # when max_steps is not given
     export_dtype: Optional[str] = None  # e.g. bfloat16; default: float32
-    progress: bool = True
 
 
 @dataclass
@@ -93,6 +92,8 @@ class FinetuneConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
+    config_sections = ("model", "data", "train", "optim", "lora", "dpo")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["optim"]["betas"] = list(d["optim"]["betas"])
@@ -105,10 +106,7 @@ class FinetuneConfig:
             raise TinyLlamaError("finetune config: model.path is required (a Hugging Face model directory; --model DIR)")
         if not self.data.train:
             raise TinyLlamaError("finetune config: data.train is required (a JSONL file; --data FILE)")
-        t = self.train
-        for name in ("micro_batch", "global_batch", "log_every", "keep_last"):
-            if not isinstance(getattr(t, name), int) or getattr(t, name) < 1:
-                raise TinyLlamaError(f"finetune config: train.{name} must be a positive integer, got {getattr(t, name)!r}")
+        self.train.validate()
         if self.data.seq_len < 8:
             raise TinyLlamaError(f"finetune config: data.seq_len must be >= 8, got {self.data.seq_len}")
         if not 0 <= self.data.val_fraction < 1:
@@ -119,81 +117,24 @@ class FinetuneConfig:
             self.lora.validate()
 
 
-SECTIONS = {"model": FTModelConfig, "data": ChatDataConfig, "train": FTTrainConfig, "optim": OptimConfig,
-            "lora": LoRAConfig, "dpo": DPOConfig}
-
-
 def load_finetune_config(kind: str, path: Optional[str] = None, overrides: Optional[list[str]] = None,
                          **direct: Any) -> FinetuneConfig:
-    """YAML sections (model, data, train, optim, lora, dpo) + `--section.field value` overrides + direct values
-    given as 'section.field' keys."""
-    import dataclasses
+    """The one config loader (`tinyllama.config.load_config`) with fine-tuning's defaults: YAML sections
+    (model, data, train, optim, lora, dpo) + `--section.field value` overrides + direct 'section.field' values."""
+    from tinyllama.config import load_config
 
-    from tinyllama.train.config import parse_overrides, read_yaml
+    def defaults(user: dict) -> dict:
+        optim = dpo_default_optim() if kind == "dpo" else sft_default_optim()
+        if (user.get("lora") or {}).get("enabled") and "lr" not in (user.get("optim") or {}):
+            # Adapters start from zero and are few: they need a far larger step than full fine-tuning.
+            optim.lr = 2e-4 if kind == "sft" else 5e-6
+        return {"kind": kind, "optim": asdict(optim), "train": {"out_dir": f"out/{kind}"}}
 
-    raw: dict = read_yaml(Path(path)) if path else {}
-    if path and not Path(path).is_file():
-        raise TinyLlamaError(f"{path}: config file not found")
     flat = parse_overrides(list(overrides or []))
     flat.update({k: v for k, v in direct.items() if v is not None})
-    for key, val in flat.items():
-        sec, _, name = key.partition(".")
-        if sec not in SECTIONS or not name:
-            raise TinyLlamaError(f"override '--{key}': unknown section; sections are {', '.join(SECTIONS)}")
-        raw.setdefault(sec, {})
-        if not isinstance(raw[sec], dict):
-            raise TinyLlamaError(f"{path}: section '{sec}' must be a mapping")
-        raw[sec][name] = val
-    unknown = sorted(set(raw) - set(SECTIONS) - {"kind"})
-    if unknown:
-        raise TinyLlamaError(f"{path or 'config'}: unknown section(s) {unknown}; sections are {', '.join(SECTIONS)}")
-    cfg = FinetuneConfig(kind=kind)
-    if kind == "dpo":
-        cfg.optim = dpo_default_optim()
-    for sec, cls in SECTIONS.items():
-        vals = raw.get(sec) or {}
-        if not isinstance(vals, dict):
-            raise TinyLlamaError(f"{path}: section '{sec}' must be a mapping")
-        cur = getattr(cfg, sec)
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(vals) - known)
-        if bad:
-            raise TinyLlamaError(f"{path or 'config'}: section '{sec}': unknown field(s) {bad}; known: {sorted(known)}")
-        vals = {k: _coerce(cls, k, v, f"{path or 'config'}: {sec}.{k}") for k, v in vals.items()}
-        try:
-            setattr(cfg, sec, dataclasses.replace(cur, **vals))
-        except (TypeError, ValueError) as e:
-            raise TinyLlamaError(f"{path or 'config'}: section '{sec}': {e}") from None
-    if cfg.lora.enabled and "lr" not in (raw.get("optim") or {}):
-        # Adapters start from zero and are few: they need a far larger step than full fine-tuning.
-        cfg.optim = dataclasses.replace(cfg.optim, lr=2e-4 if kind == "sft" else 5e-6)
-    if "out_dir" not in (raw.get("train") or {}):
-        cfg.train = dataclasses.replace(cfg.train, out_dir=f"out/{kind}")
+    cfg = load_config(FinetuneConfig, path, flat, base=defaults, source=str(path) if path else "finetune config")
     cfg.validate()
     return cfg
-
-
-def _coerce(cls, name: str, value, where: str):
-    """Numbers written like 3e-4 (a string to YAML 1.1) become floats; other mismatches are a clear error."""
-    import typing
-
-    t = typing.get_type_hints(cls).get(name)
-    args = [a for a in typing.get_args(t) if a is not type(None)] if typing.get_origin(t) is typing.Union else [t]
-    if value is None or not args:
-        return value
-    want = args[0]
-    if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if want in (float, int) and isinstance(value, str):
-        try:
-            return want(float(value)) if want is int and float(value).is_integer() else want(value)
-        except ValueError:
-            raise TinyLlamaError(f"{where}: expected a number, got {value!r}") from None
-    if want in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise TinyLlamaError(f"{where}: expected a number, got {value!r}")
-    if want is bool and not isinstance(value, bool):
-        raise TinyLlamaError(f"{where}: expected true or false, got {value!r}")
-    return value
 
 
 # ---- losses -------------------------------------------------------------------------------------------
@@ -212,24 +153,138 @@ def dpo_loss(policy_c, policy_r, ref_c, ref_r, beta: float, label_smoothing: flo
     return loss, beta * (policy_c - ref_c).detach(), beta * (policy_r - ref_r).detach()
 
 
-# ---- the loop -------------------------------------------------------------------------------------------
+# ---- objectives ------------------------------------------------------------------------------------
+class _ChatObjective(Objective):
+    """Batches of chat blocks (sft) or preference pairs (dpo) from a `BlockLoader` over item indices."""
+
+    def __init__(self, job: "FinetuneTrainer", loader, tokenizer) -> None:
+        self.job, self.loader, self.tokenizer = job, loader, tokenizer
+        self.device = job.info.device
+
+    def data_state(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_data_state(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def _held_out_rows(self):
+        """This rank's share of the held-out items, micro_batch at a time (index tensors)."""
+        items, info = self.job.val_items, self.job.info
+        mine = list(range(info.rank, len(items), info.world_size))
+        mb = self.job.cfg.train.micro_batch
+        return [torch.tensor(mine[s:s + mb]) for s in range(0, len(mine), mb)]
+
+
+class SFTObjective(_ChatObjective):
+    """Cross-entropy on assistant tokens only, a token-level mean over the whole global batch."""
+
+    def next_batch(self):
+        b = self.job.train_items[next(self.loader)].long().to(self.device, non_blocking=True)
+        return b[:, 0], b[:, 1]
+
+    def weight(self, batch):
+        return (batch[1] != -100).sum()
+
+    def loss(self, model, batch):
+        with self.job.autocast():
+            _, loss = model(batch[0], batch[1])
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate(self, model, step: int):
+        if self.job.val_items is None or len(self.job.val_items) == 0:
+            return None
+        model.eval()
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for rows in self._held_out_rows():
+            b = self.job.val_items[rows].long()
+            inp, tgt = b[:, 0].to(self.device), b[:, 1].to(self.device)
+            with self.job.autocast():
+                logits = model(inp)
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-100,
+                                 reduction="sum")
+            acc += torch.stack([ce.double(), (tgt != -100).sum().double()])
+        all_reduce_(acc, self.job.info)
+        out = {"val_loss": float(acc[0] / acc[1]), "val_tokens": int(acc[1])}
+        return out, f"held-out at step {step}: assistant-token loss {out['val_loss']:.4f} ({out['val_tokens']:,} tokens)"
+
+
+class DPOObjective(_ChatObjective):
+    """The DPO loss against a frozen reference (a model, or the adapters switched off), per pair."""
+
+    metric_names = ("loss", "reward_margin", "reward_accuracy", "logp_margin")
+
+    def __init__(self, job, loader, tokenizer, reference) -> None:
+        super().__init__(job, loader, tokenizer)
+        self.reference = reference
+
+    def _pairs(self, idx, items):
+        from tinyllama.finetune.chat_data import preference_batch
+
+        inp, tgt = preference_batch(self.tokenizer, [items[int(i)] for i in idx], self.job.seq_len,
+                                    self.tokenizer.eos_id)
+        return inp.to(self.device), tgt.to(self.device)
+
+    def next_batch(self):
+        return self._pairs(next(self.loader), self.job.train_items)
+
+    def loss(self, model, batch):
+        from tinyllama.finetune.lora import adapters_disabled
+
+        inputs, targets = batch
+        n = inputs.size(0) // 2
+        with self.job.autocast():
+            pol = masked_logps(model, inputs, targets)
+            with torch.no_grad():
+                if self.reference == "adapters-off":
+                    with adapters_disabled(model):
+                        refl = masked_logps(model, inputs, targets)
+                else:
+                    refl = masked_logps(self.reference, inputs, targets)
+        losses, rc, rr = dpo_loss(pol[:n], pol[n:], refl[:n], refl[n:], self.job.cfg.dpo.beta,
+                                  self.job.cfg.dpo.label_smoothing)
+        return losses.mean(), {"reward_margin": (rc - rr).mean(), "reward_accuracy": (rc > rr).float().mean(),
+                               "logp_margin": (pol[:n] - pol[n:]).detach().mean()}
+
+    @torch.no_grad()
+    def evaluate(self, model, step: int):
+        items = self.job.val_items
+        if items is None or len(items) == 0:
+            return None
+        model.eval()
+        acc = torch.zeros(5, dtype=torch.float64, device=self.device)
+        for rows in self._held_out_rows():
+            batch = self._pairs(rows, items)
+            loss, m = self.loss(model, batch)
+            k = batch[0].size(0) // 2
+            acc += torch.stack([loss.double(), m["reward_margin"].double(), m["reward_accuracy"].double(),
+                                m["logp_margin"].double(), torch.ones((), dtype=torch.float64, device=self.device)]) * k
+        all_reduce_(acc, self.job.info)
+        c = float(acc[4])
+        out = {"val_loss": float(acc[0]) / c, "val_reward_margin": float(acc[1]) / c,
+               "val_reward_accuracy": float(acc[2]) / c, "val_logp_margin": float(acc[3]) / c, "val_pairs": int(c)}
+        return out, (f"held-out at step {step}: DPO loss {out['val_loss']:.4f} | reward margin "
+                     f"{out['val_reward_margin']:.4f} | reward accuracy {out['val_reward_accuracy']:.3f} ({int(c)} pairs)")
+
+
+# ---- the fine-tuning job ------------------------------------------------------------------------------
 class FinetuneTrainer:
+    """A fine-tuning run: loads the base model (LoRA, int8/int4, FSDP2), the chat data and the objective,
+    runs the one loop (`tinyllama.train.loop`) and exports the result."""
+
     def __init__(self, cfg: FinetuneConfig, resume: bool = False, progress_stream=None) -> None:
         from tinyllama.train.distributed import init_distributed
-        from tinyllama.train.trainer import Progress
 
         cfg.validate()
         self.cfg, self.resume = cfg, resume
         self.info = init_distributed(cfg.train.device)
         self.out_dir = Path(cfg.train.out_dir)
-        self.progress = Progress(cfg.train.progress and self.info.is_main, progress_stream)
-        dev = self.info.device
-        dt = cfg.train.dtype if cfg.train.dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
-        self.compute_dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-                              "fp32": torch.float32}.get(dt)
-        if self.compute_dtype is None:
-            raise TinyLlamaError(f"train.dtype must be auto, bfloat16 or float32, got {dt!r}")
+        self.progress = Progress(self.info.is_main, live=cfg.train.progress, stream=progress_stream)
+        self.compute_dtype = resolve_compute_dtype(cfg.train.dtype, self.info.device)
         self.lora = cfg.lora.enabled
+
+    def autocast(self):
+        return autocast(self.info.device, self.compute_dtype, self.fsdp)
 
     # -- model ---------------------------------------------------------------------------------------
     def _load(self, path: str):
@@ -275,11 +330,6 @@ class FinetuneTrainer:
             apply_fsdp(ref, self.info, self.compute_dtype if self.compute_dtype != torch.float32 else None, None)
         return ref.eval()
 
-    def _autocast(self):
-        if self.compute_dtype == torch.float32 or self.fsdp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.info.device.type, dtype=self.compute_dtype)
-
     # -- data ----------------------------------------------------------------------------------------
     def build_data(self, tokenizer):
         from tinyllama.finetune.chat_data import (BlockLoader, pack_examples, read_chat_jsonl, read_preference_jsonl,
@@ -320,91 +370,21 @@ class FinetuneTrainer:
                              world_size=self.info.world_size)
         return loader
 
-    def _batch(self, idx: torch.Tensor, items, tokenizer):
-        from tinyllama.finetune.chat_data import preference_batch
-
-        if self.cfg.kind == "sft":
-            b = items[idx].long()
-            return b[:, 0], b[:, 1]
-        pairs = [items[int(i)] for i in idx]
-        return preference_batch(tokenizer, pairs, self.seq_len, tokenizer.eos_id)
-
-    # -- losses --------------------------------------------------------------------------------------
-    def _loss(self, model, ref, inputs, targets):
-        """Returns (loss to backprop, dict of float-able metric tensors)."""
-        dev = self.info.device
-        inputs, targets = inputs.to(dev), targets.to(dev)
-        if self.cfg.kind == "sft":
-            with self._autocast():
-                _, loss = model(inputs, targets)
-            return loss, {"loss": loss.detach().float()}
-        from tinyllama.finetune.lora import adapters_disabled
-
-        n = inputs.size(0) // 2
-        with self._autocast():
-            pol = masked_logps(model, inputs, targets)
-            with torch.no_grad():
-                if ref == "adapters-off":
-                    with adapters_disabled(model):
-                        refl = masked_logps(model, inputs, targets)
-                else:
-                    refl = masked_logps(ref, inputs, targets)
-        losses, rc, rr = dpo_loss(pol[:n], pol[n:], refl[:n], refl[n:], self.cfg.dpo.beta, self.cfg.dpo.label_smoothing)
-        loss = losses.mean()
-        return loss, {"loss": loss.detach().float(), "reward_margin": (rc - rr).mean().float(),
-                      "reward_accuracy": (rc > rr).float().mean(),
-                      "logp_margin": (pol[:n] - pol[n:]).detach().mean().float()}
-
-    @torch.no_grad()
-    def evaluate(self, model, ref, tokenizer) -> Optional[dict]:
-        """Held-out metrics: assistant-token loss (sft) or DPO loss / margins (dpo), averaged over items."""
-        from tinyllama.train.distributed import all_reduce_
-
-        items = self.val_items
-        if items is None or len(items) == 0:
-            return None
-        was_training = model.training
-        model.eval()
-        dev = self.info.device
-        mb = self.cfg.train.micro_batch
-        n = len(items)
-        mine = list(range(self.info.rank, n, self.info.world_size))
-        if self.cfg.kind == "sft":
-            acc = torch.zeros(2, dtype=torch.float64, device=dev)
-            for s in range(0, len(mine), mb):
-                b = items[torch.tensor(mine[s:s + mb])].long()
-                inp, tgt = b[:, 0].to(dev), b[:, 1].to(dev)
-                with self._autocast():
-                    logits = model(inp)
-                ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-100,
-                                     reduction="sum")
-                acc += torch.stack([ce.double(), (tgt != -100).sum().double()])
-            all_reduce_(acc, self.info)
-            out = {"val_loss": float(acc[0] / acc[1]), "val_tokens": int(acc[1])}
-        else:
-            acc = torch.zeros(5, dtype=torch.float64, device=dev)
-            for s in range(0, len(mine), mb):
-                inp, tgt = self._batch(torch.tensor(mine[s:s + mb]), items, tokenizer)
-                loss, m = self._loss(model, ref, inp, tgt)
-                k = inp.size(0) // 2
-                acc += torch.stack([loss.double() * k, m["reward_margin"].double() * k,
-                                    m["reward_accuracy"].double() * k, m["logp_margin"].double() * k,
-                                    torch.tensor(float(k), device=dev, dtype=torch.float64)])
-            all_reduce_(acc, self.info)
-            c = float(acc[4])
-            out = {"val_loss": float(acc[0]) / c, "val_reward_margin": float(acc[1]) / c,
-                   "val_reward_accuracy": float(acc[2]) / c, "val_logp_margin": float(acc[3]) / c, "val_pairs": int(c)}
-        if was_training:
-            model.train()
-        return out
+    def _grad_sync(self, params):
+        """Replicated LoRA adapters on several processes: average their gradients (they are small)."""
+        def sync() -> None:
+            for p in params:
+                if p.grad is not None:
+                    all_reduce_(p.grad, self.info)
+                    p.grad /= self.info.world_size
+        return sync
 
     # -- main ----------------------------------------------------------------------------------------
     def run(self) -> dict:
         from tinyllama.tokenizer import Tokenizer
         from tinyllama.train.checkpoint import CheckpointManager
-        from tinyllama.train.distributed import all_reduce_
-        from tinyllama.train.optim import build_optimizer, clip_or_step_on_device, lr_at, set_lr
-        from tinyllama.train.trainer import MetricsLog, StopRequest, _fmt_time, model_num_params
+        from tinyllama.train.optim import build_optimizer, lr_at
+        from tinyllama.train.trainer import model_num_params
 
         cfg, t, info = self.cfg, self.cfg.train, self.info
         mp = Path(cfg.model.path)
@@ -412,11 +392,7 @@ class FinetuneTrainer:
         model = self.build_model()
         ref = self.build_reference(model)
         loader = self.build_data(tokenizer)
-        per_step = t.micro_batch * info.world_size
-        if t.global_batch % per_step:
-            raise TinyLlamaError(f"train.global_batch ({t.global_batch}) must be a multiple of micro_batch × processes "
-                                 f"({t.micro_batch} × {info.world_size})")
-        accum = t.global_batch // per_step
+        accum = t.grad_accum(info.world_size)
         n_items = len(self.train_items)
         max_steps = t.max_steps or max(1, math.ceil(t.epochs * n_items / t.global_batch))
         if cfg.optim.max_steps is None:
@@ -424,121 +400,56 @@ class FinetuneTrainer:
         if cfg.optim.warmup_steps < 0:
             cfg.optim.warmup_steps = int(0.1 * max_steps)
         optimizer = build_optimizer(model, cfg.optim)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        ckpt = CheckpointManager(self.out_dir, info, t.keep_last, 0)
-        step = 0
-        result: dict[str, Any] = {"losses": [], "out_dir": str(self.out_dir), "stopped_by": None}
+        objective = (SFTObjective(self, loader, tokenizer) if cfg.kind == "sft"
+                     else DPOObjective(self, loader, tokenizer, ref))
+        if cfg.kind == "sft":
+            objective.tokens_per_step = t.global_batch * self.seq_len
+        lora_params = [p for p in model.parameters() if p.requires_grad] if self.lora else []
+        ckpt = CheckpointManager(self.out_dir, info, t.keep_last, t.keep_every,
+                                 use_async=t.async_checkpoint and info.device.type == "cuda")
+        loop = TrainLoop(model=model, optimizer=optimizer, objective=objective, info=info, cfg=t, max_steps=max_steps,
+                         accum=accum, lr_at=lambda step: lr_at(step, cfg.optim), grad_clip=cfg.optim.grad_clip,
+                         ckpt=ckpt, metrics=None, progress=self.progress, checkpoint_meta=self._checkpoint_meta,
+                         grad_sync=self._grad_sync(lora_params) if lora_params and info.is_distributed else None)
+        resumed_from = None
         if self.resume:
-            latest = ckpt.latest()
-            if latest is None:
+            resumed_from = ckpt.latest()
+            if resumed_from is None:
                 self.progress.print(f"no checkpoint in {ckpt.root}; starting from the base model")
             else:
-                saved = ckpt.load(latest, model, optimizer)
-                step = int(saved["trainer"]["step"])
-                loader.load_state_dict(saved["loader"])
-                result["resumed_from"] = str(latest)
-                self.progress.print(f"resumed from {latest} (step {step})")
+                loop.restore(resumed_from)
+                self.progress.print(f"resumed from {resumed_from} (step {loop.state.step})")
         elif ckpt.latest() is not None:
             raise TinyLlamaError(f"{ckpt.root} already holds checkpoints; pass --resume to continue, or choose another --out")
-        metrics = MetricsLog(self.out_dir, info.is_main, step if self.resume else None, False)
+        loop.metrics = MetricsLog(self.out_dir, info.is_main, loop.state.step if resumed_from else None, t.tensorboard)
         if info.is_main:
             import yaml
 
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lora_note = (f" (LoRA r={cfg.lora.r}{', ' + cfg.lora.quantize + ' base' if cfg.lora.quantize else ''})"
+                     if self.lora else "")
         self.progress.print(
             f"{cfg.kind}: {self.model_cfg.name} from {cfg.model.path} | {n_train / 1e6:.2f} M trainable of "
-            f"{model_num_params(model) / 1e6:.1f} M{' (LoRA r=%d%s)' % (cfg.lora.r, ', ' + cfg.lora.quantize + ' base' if cfg.lora.quantize else '') if self.lora else ''}"
-            f" | {n_items} {'blocks of %d tokens' % self.seq_len if cfg.kind == 'sft' else 'pairs'} | "
-            f"{max_steps} steps of {t.global_batch} | device {info.device}{' × %d' % info.world_size if info.is_distributed else ''}")
-        lora_params = [p for p in model.parameters() if p.requires_grad] if self.lora else None
-
-        def save(block=False):
-            meta = {"step": step, "kind": cfg.kind, "model": self.model_cfg.to_dict(), "run": cfg.to_dict(),
-                    "world_size": info.world_size, "torch": torch.__version__}
-            ckpt.save(step, model, optimizer, {"trainer": {"step": step}, "loader": loader.state_dict()}, meta, block=block)
-
-        stop_reason = None
-        t0_all = time.perf_counter()
+            f"{model_num_params(model) / 1e6:.1f} M{lora_note} | {n_items} "
+            f"{'blocks of %d tokens' % self.seq_len if cfg.kind == 'sft' else 'pairs'} | {max_steps} steps of "
+            f"{t.global_batch} | device {info.device}{' × %d' % info.world_size if info.is_distributed else ''}")
         try:
-            with StopRequest() as stop:
-                model.train()
-                while step < max_steps:
-                    t0 = time.perf_counter()
-                    lr = lr_at(step, cfg.optim)
-                    set_lr(optimizer, lr)
-                    sums: dict[str, torch.Tensor] = {}
-                    batches = [self._batch(next(loader), self.train_items, tokenizer) for _ in range(accum)]
-                    if cfg.kind == "sft":
-                        # Token-level mean over the whole global batch, whatever the split into micro-batches
-                        # and processes: each micro-batch's summed loss is divided by the global token count
-                        # (times world size, as gradients are averaged over processes).
-                        n_tok = torch.tensor([float(sum(int((tg != -100).sum()) for _, tg in batches))],
-                                             device=info.device)
-                        global_tok = float(all_reduce_(n_tok, info))
-                    for inp, tgt in batches:
-                        loss, m = self._loss(model, ref, inp, tgt)
-                        if cfg.kind == "sft":
-                            summed = loss * int((tgt != -100).sum())
-                            (summed * (info.world_size / global_tok)).backward()
-                            sums["loss"] = sums.get("loss", 0) + summed.detach().float() * (info.world_size / global_tok)
-                        else:
-                            (loss / accum).backward()
-                            for k, v in m.items():
-                                sums[k] = sums.get(k, 0) + v / accum
-                    if lora_params is not None and info.is_distributed:
-                        for p in lora_params:  # replicated adapters: average their gradients
-                            if p.grad is not None:
-                                all_reduce_(p.grad, info)
-                                p.grad /= info.world_size
-                    reduced = {k: all_reduce_(v.detach().clone(), info) / info.world_size for k, v in sums.items()}
-                    gnorm, stepped = clip_or_step_on_device(optimizer, model, cfg.optim.grad_clip, reduced["loss"])
-                    stats = {k: float(v) for k, v in reduced.items()}
-                    finite = math.isfinite(stats["loss"]) and math.isfinite(float(gnorm))
-                    if finite and not stepped:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    result["losses"].append(stats["loss"])
-                    rec = {"kind": "train", "step": step, "lr": lr, "grad_norm": float(gnorm), "skipped": not finite,
-                           **stats}
-                    metrics.write(rec)
-                    if step % t.log_every == 0 or step == max_steps or not finite:
-                        extra = "".join(f" | {k} {v:.4f}" for k, v in stats.items() if k != "loss")
-                        eta = (max_steps - step) * (time.perf_counter() - t0)
-                        self.progress.update(f"step {step}/{max_steps} | loss {stats['loss']:.4f}{extra} | lr {lr:.2e} | "
-                                             f"grad norm {float(gnorm):.3f} | ETA {_fmt_time(eta)}",
-                                             force_line=not finite)
-                    if t.eval_every and step % t.eval_every == 0 and step < max_steps:
-                        ev = self.evaluate(model, ref, tokenizer)
-                        if ev:
-                            metrics.write({"kind": "val", "step": step, **ev})
-                            self.progress.print(f"held-out at step {step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
-                    flag = all_reduce_(torch.tensor([1.0 if stop.requested else 0.0], device=info.device), info)
-                    if flag.item() > 0:
-                        stop_reason = f"{stop.signal_name or 'signal'} received: checkpoint written, exiting"
-                        result["stopped_by"] = stop.signal_name or "signal"
-                        break
-                    if t.save_every and step % t.save_every == 0 and step < max_steps:
-                        save()
-                self.progress.end()
-                save(block=True)
-                ckpt.wait()
+            result = loop.run()
         finally:
-            self.progress.end()
-            metrics.close()
-        result.update(step=step, checkpoint=str(ckpt.latest()), seconds=time.perf_counter() - t0_all,
-                      trainable_params=n_train)
-        if stop_reason:
-            self.progress.print(stop_reason)
-            return result
-        ev = self.evaluate(model, ref, tokenizer)
-        if ev:
-            result.update(ev)
-            metrics_line = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items())
-            self.progress.print(f"held-out: {metrics_line}")
-        self._export(model, tokenizer, result)
+            loop.metrics.close()
+        result.update(out_dir=str(self.out_dir), trainable_params=n_train, seconds=result["session_s"])
+        if resumed_from is not None:
+            result["resumed_from"] = str(resumed_from)
+        if not result["stop_reason"]:
+            del result["stop_reason"]
+            self._export(model, tokenizer, result)
         return result
+
+    def _checkpoint_meta(self, state) -> dict:
+        return {"step": state.step, "kind": self.cfg.kind, "model": self.model_cfg.to_dict(),
+                "run": self.cfg.to_dict(), "world_size": self.info.world_size, "torch": torch.__version__}
 
     def _export(self, model, tokenizer, result: dict) -> None:
         from tinyllama.convert import parse_dtype
