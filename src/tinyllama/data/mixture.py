@@ -212,6 +212,17 @@ class _TorchStream(tud.IterableDataset):
         return iter(self.body)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: SIGTERM/SIGINT sent to the whole process group (`timeout`, SLURM, Ctrl-C) are
+    for the main process, which finishes its step and checkpoints; a worker killed by one would take the
+    run down with it ("DataLoader worker is killed by signal"). Workers still exit with their parent (torch's
+    watchdog) or when the loader is closed."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _as_is(item):
     # Ship numpy arrays through the worker pipe as bytes: cheaper than torch's per-tensor shared memory.
     return item
@@ -308,7 +319,8 @@ class MixtureLoader:
         ctx = self.mp_context or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         body = _WorkerStream(self.plan, self._state.copy(), self.rank, self.world_size, self.batch_size, self.seq_len + 1)
         dl = tud.DataLoader(_TorchStream(body), batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            multiprocessing_context=ctx, prefetch_factor=4)
+                            multiprocessing_context=ctx, prefetch_factor=4,
+                            worker_init_fn=_ignore_stop_signals)
         self._dl = dl
         self._iter = iter(dl)
         self._steps_since_start = 0
