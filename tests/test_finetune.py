@@ -278,3 +278,94 @@ def test_block_loader_resumes_on_another_process_count():
     resumed = BlockLoader(items, 4, seed=3)
     resumed.load_state_dict(state)
     assert [sorted(next(resumed).tolist()) for _ in range(3)] == [sorted(s) for s in seq[2:5]]
+
+
+# ---- the one loop's guarantees, in fine-tuning ---------------------------------------------------------
+class _NaNCalls:
+    """Makes the loss (hence every gradient) NaN on chosen training forward calls of any Llama."""
+
+    def __init__(self, monkeypatch, nan_calls) -> None:
+        self.calls, self.nan_calls = 0, set(nan_calls)
+        original = Llama.forward
+
+        def forward(model, ids, targets=None, **kw):
+            out = original(model, ids, targets, **kw)
+            if model.training and torch.is_grad_enabled():  # the policy's forward, not DPO's reference
+                self.calls += 1
+                if self.calls in self.nan_calls:
+                    return (out[0], out[1] * float("nan")) if targets is not None else out * float("nan")
+            return out
+
+        monkeypatch.setattr(Llama, "forward", forward)
+
+
+def test_sft_nan_loss_is_skipped_and_counted(files, tmp_path, monkeypatch):
+    _NaNCalls(monkeypatch, {3 * 2 - 1})  # a micro-batch of step 3 (2 micro-batches per step)
+    r = finetune(_cfg("sft", files, tmp_path / "sft", **{"train.max_steps": 5, "train.export_hf": "hf"}))
+    assert r["skipped_steps"] == 1 and r["step"] == 5 and r["stopped_by"] is None
+    recs = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs if x.get("skipped")] == [3]
+    exported = Llama.from_pretrained(r["hf_dir"])
+    assert all(torch.isfinite(v).all() for v in exported.state_dict().values())
+
+
+def test_sft_nonfinite_stop_policy_and_consecutive_limit(files, tmp_path, monkeypatch):
+    _NaNCalls(monkeypatch, {2 * 2})
+    r = finetune(_cfg("sft", files, tmp_path / "stop", **{"train.max_steps": 6, "train.nonfinite_policy": "stop"}))
+    assert r["stopped_by"] == "nonfinite" and r["step"] == 2
+    assert (tmp_path / "stop" / "checkpoints" / "step-0000002").is_dir()
+    _NaNCalls(monkeypatch, set(range(1, 100)))
+    r = finetune(_cfg("dpo", files, tmp_path / "many", **{"train.max_steps": 6, "train.max_consecutive_nonfinite": 1}))
+    assert r["stopped_by"] == "nonfinite" and r["step"] == 2 and r["skipped_steps"] == 2
+
+
+def test_sft_out_of_memory_gives_the_advice(files, tmp_path, monkeypatch, capsys):
+    from tinyllama.cli import main
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Llama, "forward", oom)
+    rc = main(["sft", "--model", str(files["base"]), "--data", str(files["train"]), "--out", str(tmp_path / "o"),
+               "--max-steps", "2", "--data.seq_len", str(SEQ), "--train.micro_batch", "2", "--train.global_batch", "4"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
+    assert rc == 2 and len(err) == 1 and "micro_batch" in err[0] and "activation_checkpointing" in err[0], err
+
+
+def test_sft_sigterm_to_the_process_group_checkpoints_and_resumes_bitwise(files, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+
+    def cmd(out, steps, *extra):
+        return [sys.executable, "-m", "tinyllama", "sft", "--model", str(files["base"]), "--data", str(files["train"]),
+                "--out", str(out), "--max-steps", str(steps), "--optim.max_steps", "40", "--data.seq_len", str(SEQ),
+                "--train.micro_batch", "2", "--train.global_batch", "4", "--optim.lr", "3e-3",
+                "--optim.warmup_steps", "0", "--train.export_hf", "null", "--train.log_every", "1", *extra]
+
+    def losses(out):
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in recs if r["kind"] == "train"]
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(cmd(out, 10_000), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len(losses(out)) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "SIGTERM received: checkpoint written, exiting" in output, output[-3000:]
+    stopped = len(losses(out))
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{stopped:07d}"
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    for args in ((out, stopped + 2, "--resume"), (tmp_path / "straight", stopped + 2)):
+        done = subprocess.run(cmd(*args), env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(out) == losses(tmp_path / "straight")
