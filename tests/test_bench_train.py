@@ -67,3 +67,19 @@ def test_bench_train_prepared_dataset(tmp_path):
     first = b.next()
     assert first.shape == (2, 17) and first.flatten().tolist() == src.read(0, 34).tolist()
     assert Tokenizer().decode(first[0].tolist()).startswith("Call me Ishmael")
+
+
+def test_bench_train_missing_liger_is_reported_in_its_row(tmp_path, capsys, monkeypatch):
+    """hf-liger without liger_kernel: its row names the package, the other variants still run."""
+    import sys
+
+    pytest.importorskip("transformers")
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "train", "--config", "tinyllama-tiny", "--micro-batch", "1", "--seq-len", "16", "--steps", "1",
+               "--warmup", "1", "--variants", "hf-liger,ours", "--json", str(out)])
+    assert rc == 1
+    res = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert [r["variant"] for r in json.loads(out.read_text())["results"]] == ["ours", "hf-liger"]  # liger last
+    assert "liger_kernel not installed" in res["hf-liger"]["error"] and res["ours"]["error"] is None

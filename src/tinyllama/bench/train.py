@@ -27,7 +27,8 @@ from tinyllama.errors import TinyLlamaError
 # Dense bf16 tensor-core peak of one H100 SXM (the issue's MFU denominator).
 H100_BF16_TFLOPS = 989.0
 
-VARIANTS = ("ours", "ours-compiled", "reference", "hf-eager", "hf-compile")
+# hf-liger patches transformers' Llama functions module-wide (rotary), so it always runs after the other hf ones.
+VARIANTS = ("ours", "ours-compiled", "reference", "hf-eager", "hf-compile", "hf-liger")
 
 
 @dataclass
@@ -196,11 +197,23 @@ def build_ours(cfg: ModelConfig, device: torch.device, kernels=None, fast: bool 
     return model
 
 
-def build_hf(cfg: ModelConfig, device: torch.device, compile: bool = False, seed: int = 0):
+class MissingBaseline(RuntimeError):
+    """A baseline whose package is not installed: reported in its row, the other variants still run."""
+
+
+def build_hf(cfg: ModelConfig, device: torch.device, compile: bool = False, seed: int = 0, liger: bool = False):
+    """transformers' LlamaForCausalLM (SDPA attention), optionally torch.compile'd or with Liger kernels
+    (`apply_liger_kernel_to_llama`: RMSNorm, rotary, SwiGLU and fused linear cross-entropy, as HF/TRL users
+    switch them on)."""
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
-        return None
+        raise MissingBaseline("transformers not installed (pip install 'tinyllama[hf]')") from None
+    if liger:
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+        except ImportError:
+            raise MissingBaseline("liger_kernel not installed (pip install liger-kernel)") from None
     d = cfg.to_hf_dict()
     for k in ("architectures", "torch_dtype"):
         d.pop(k, None)
@@ -211,6 +224,9 @@ def build_hf(cfg: ModelConfig, device: torch.device, compile: bool = False, seed
     with torch.device(device):
         model = LlamaForCausalLM(hf_cfg)
     model.train()
+    if liger:
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True, model=model)
     if compile:
         model = torch.compile(model)
     return model
@@ -256,9 +272,10 @@ def measure(
     model = opt = step = None
     try:
         t0 = time.perf_counter()
-        model = build()
-        if model is None:
-            res.error = "transformers not installed"
+        try:
+            model = build()
+        except MissingBaseline as e:
+            res.error = str(e)
             return res
         opt, _ = build_optimizer(model)
         step = make_train_step(model, opt, loss_of, device, trainer_step=trainer_step)
@@ -348,7 +365,9 @@ def run_bench(
         "reference": (lambda: build_ours(cfg, device, fast=False), _ours_loss),
         "hf-eager": (lambda: build_hf(cfg, device, compile=False), hf_loss),
         "hf-compile": (lambda: build_hf(cfg, device, compile=True), hf_loss),
+        "hf-liger": (lambda: build_hf(cfg, device, liger=True), hf_loss),
     }
+    variants = sorted(variants, key=lambda v: v == "hf-liger")
     log(HEADER)
     results = []
     for v in variants:
