@@ -224,27 +224,37 @@ def run(args) -> int:
               flush=True)
         save()
 
-    def hf_baseline():
+    hf_models: dict = {}
+
+    def hf_baseline(cache=None, compile_forward=False):
+        """transformers `generate`, batch 1: dynamic cache (eager), static cache, static cache + compiled forward
+        (the recipe of transformers' docs: reduce-overhead mode, i.e. CUDA graphs)."""
         import transformers
 
-        hf = build_hf(model, device, dtype)
+        hf = hf_models.get("hf") or hf_models.setdefault("hf", build_hf(model, device, dtype))
+        if compile_forward:
+            hf = copy.copy(hf)  # a shallow copy: the compiled forward must not leak into the other baselines
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
         ids = torch.tensor(one, device=device)
 
-        def hf_run():
+        def hf_run(n=N):
             with torch.inference_mode():
-                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
-                                   do_sample=False, pad_token_id=0, eos_token_id=None)
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation=cache)
 
-        with torch.inference_mode():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                        pad_token_id=0)  # warm-up
-        t, out = timed(hf_run, repeats=1)
+        t0 = time.perf_counter()
+        hf_run(4)  # warm-up
+        if compile_forward:
+            hf_run(16)
+        warm = time.perf_counter() - t0
+        t, out = timed(hf_run, repeats=1 if cache is None else args.repeats)
         theirs = out[0, P:].tolist()
         match = next((i for i, (a, b) in enumerate(zip(theirs, ours_eager[0])) if a != b), len(theirs))
-        result["checks"]["transformers_vs_ours_greedy_prefix"] = match
-        record(f"transformers {transformers.__version__} generate (eager)", 1, t,
-               {"greedy_prefix_equal_to_ours": match})
-        print(f"  check: transformers greedy equals ours for the first {match} of {N} tokens", flush=True)
+        label = {None: "eager", "static": "static cache"}[cache] + (" + torch.compile" if compile_forward else "")
+        result["checks"][f"transformers_{label.replace(' ', '_')}_vs_ours_greedy_prefix"] = match
+        record(f"transformers {transformers.__version__} generate ({label})", 1, t,
+               {"greedy_prefix_equal_to_ours": match, "warmup_s": round(warm, 1)})
+        print(f"  check: transformers ({label}) greedy equals ours for the first {match} of {N} tokens", flush=True)
 
     def attempt(name, fn, *a):
         if over_budget(name):
@@ -265,6 +275,10 @@ def run(args) -> int:
         attempt("ours compiled b1", compiled_batch, 1)
     if not args.no_hf:
         attempt("transformers generate", hf_baseline)
+        attempt("transformers generate (static cache)", hf_baseline, "static")
+        if device.type == "cuda":
+            attempt("transformers generate (static cache + compile)", hf_baseline, "static", True)
+        hf_models.clear()
     if compiled is not None:
         for B in batches:
             attempt(f"ours compiled b{B}", compiled_batch, B)
