@@ -243,6 +243,20 @@ def test_compiled_bucketed_engine_equals_eager_cuda(model, fuse):
         assert 1 in {b for b, _ in batches}  # request 6 runs alone at the end: the Triton step
 
 
+def test_serve_compile_flag_reaches_the_engine():
+    pytest.importorskip("fastapi")
+    import argparse
+
+    from tinyllama.serve.cli import add_arguments, build, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--random-preset", "tinyllama-tiny"])).compile is False
+    cfg = config_from_args(parser.parse_args(["--random-preset", "tinyllama-tiny", "--device", "cpu", "--compile"]))
+    _, engine = build(cfg)
+    assert cfg.compile and engine.model.projections_fused and not engine.compile  # CPU: fused, eager
+
+
 # ---- live server --------------------------------------------------------------------------------
 class LiveServer:
     def __init__(self, app, engine):

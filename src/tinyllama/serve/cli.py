@@ -23,6 +23,7 @@ class ServeConfig:
     device: Optional[str] = None
     dtype: Optional[str] = None
     threads: Optional[int] = None  # CPU threads for torch (default: torch's); fewer beats oversubscribed cores
+    compile: bool = False  # fused projections; on CUDA, decode steps as CUDA graphs per batch bucket
     log_level: str = "info"
 
     def validate(self) -> None:
@@ -57,6 +58,10 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--log-level", help="uvicorn log level (default info)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="fuse the q/k/v and gate/up projections and, on CUDA, run decode steps compiled: one CUDA "
+                        "graph per batch bucket (1, 2, 4, ... max-batch-size), batch 1 on the Triton decode step; "
+                        "each bucket's first steps compile")
 
 
 def config_from_args(args) -> ServeConfig:
@@ -81,7 +86,8 @@ def build(cfg: ServeConfig):
         torch.set_num_threads(cfg.threads)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.random_preset, cfg.device, cfg.dtype)
     name = cfg.model_name or (Path(cfg.model).resolve().name if cfg.model else cfg.random_preset)
-    engine = Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len, eos_id=tokenizer.eos_id)
+    engine = Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len, eos_id=tokenizer.eos_id,
+                    compile=cfg.compile, fuse=cfg.compile)
     return create_app(engine, tokenizer, name), engine
 
 
