@@ -232,15 +232,16 @@ def test_compiled_bucketed_engine_equals_eager_cuda(model, fuse):
         eager_model.lm_head.weight.mul_(6.0)
     compiled_model = copy.deepcopy(eager_model)
     requests, cancels = _staggered()
-    want = _run_staggered(Engine(eager_model, max_batch_size=8, max_seq_len=128), requests, cancels)
+    alone = [requests[0][1]], SamplingConfig(max_new_tokens=8)  # slot 0 alone: the batch-1 bucket
+    eager = Engine(eager_model, max_batch_size=8, max_seq_len=128)
+    want = _run_staggered(eager, requests, cancels), run_to_completion(eager, *alone)
     engine = Engine(compiled_model, max_batch_size=8, max_seq_len=128, compile=True, fuse=fuse)
     assert engine.compile and engine.decode_buckets == [1, 2, 4, 8]
     batches = _record_decode_batches(engine)
-    assert _run_staggered(engine, requests, cancels) == want
-    assert {b for b, _ in batches} <= {1, 2, 4, 8} and any(b > rows for b, rows in batches)
-    if fuse:
-        assert engine.decoder._batch1_step is not None
-        assert 1 in {b for b, _ in batches}  # request 6 runs alone at the end: the Triton step
+    assert (_run_staggered(engine, requests, cancels), run_to_completion(engine, *alone)) == want
+    sizes = {b for b, _ in batches}
+    assert sizes <= {1, 2, 4, 8} and 1 in sizes and len(sizes) > 2 and any(b > rows for b, rows in batches)
+    assert (engine.decoder._batch1_step is not None) == fuse  # fused: batch 1 ran the Triton step
 
 
 def test_serve_compile_flag_reaches_the_engine():
