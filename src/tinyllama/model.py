@@ -77,8 +77,9 @@ class KVCache(nn.Module):
       - input_pos (T,): the same positions in every row; the batch is the whole cache (batched generation,
         the compiled decode step of `tinyllama.generate`);
       - input_pos (B, T): each row its own positions (rows of a continuous batch at different lengths).
-        Batch row b goes to cache row slots[b] if `slots` (B,) is given, else to cache row b: the batch is
-        then the cache's first B rows, and what is returned is a view of them (nothing copied).
+        Batch row b goes to cache row slots[b] if `slots` (B,) is given (the rows it attends over are then
+        gathered, a copy: fine for a prefill), else to cache row b: the batch is the cache's first B rows,
+        and what it attends over is a view of them (nothing copied: the form for decode steps).
     """
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device=None) -> None:
