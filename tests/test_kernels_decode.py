@@ -180,6 +180,35 @@ def test_engine_uses_triton_step_and_matches_eager():
     assert len(calls) == 2 * 9
 
 
+@needs_triton
+def test_serve_engine_runs_batch1_steps_on_the_triton_step():
+    """The serve engine's batch-1 decode bucket (slot 0 alone, row 0 of a 3-row cache) runs the Triton step,
+    also when row 0 continues after batched torch steps; tokens equal one-by-one generate."""
+    from tinyllama.generate import SamplingConfig, generate_batch
+    from tinyllama.serve.engine import Engine, Sequence
+
+    ref, fused = _models(torch.float32)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 96, (n,)).tolist() for n in (5, 11, 8)]
+    cfgs = [SamplingConfig(max_new_tokens=n, stop_at_eos=False) for n in (10, 4, 6)]
+    want = [generate_batch(ref, [p], c)[0] for p, c in zip(prompts, cfgs)]
+    engine = Engine(fused, max_batch_size=3, decode_kernels="triton")
+    calls = []
+    original = engine.decoder._batch1_step.step
+    engine.decoder._batch1_step.step = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    outs = [[] for _ in prompts]
+    done = []
+    for i in (0, 1):  # together: batch-2 steps until request 1 finishes, then request 0 alone
+        engine.submit(Sequence(prompts[i], cfgs[i], outs[i].append, lambda r, e: done.append(r)))
+    while len(done) < 2:
+        engine.step()
+    assert len(calls) == 10 - 4  # request 0's steps after request 1 left
+    engine.submit(Sequence(prompts[2], cfgs[2], outs[2].append, lambda r, e: done.append(r)))
+    while len(done) < 3:
+        engine.step()
+    assert outs == want and len(calls) == 6 + 5
+
+
 def test_engine_refuses_what_the_triton_step_cannot_run():
     from tinyllama.generate import DecodeEngine, GenerationError
 

@@ -106,6 +106,52 @@ def test_kv_cache_incremental_equals_full_forward():
     assert (inc - full).abs().max().item() < 1e-5
 
 
+def test_per_row_cache_positions_equal_separate_single_row_forwards():
+    """Rows of one batch at their own positions in their own cache rows (input_pos (B, T), with and without
+    slots) give the logits each sequence gets alone with the (T,) cache form: a right-padded prefill into
+    scattered slots, a chunk of 3 tokens per row (masked SDPA), then one token per row (one-token attention)
+    with an idle padding row."""
+    torch.manual_seed(13)
+    model = Llama(SMALL_GQA).eval()
+    lengths = [9, 3, 14]
+    seqs = [torch.randint(0, SMALL_GQA.vocab_size, (n + 4,)) for n in lengths]
+    with torch.no_grad():
+        refs = []
+        for s, n in zip(seqs, lengths):
+            model.setup_cache(1, 64)
+            pre = model(s[None, :n], input_pos=torch.arange(n))[0, -1]
+            chunk = model(s[None, n:n + 3], input_pos=torch.arange(n, n + 3))[0]
+            one = model(s[None, n + 3:], input_pos=torch.tensor([n + 3]))[0, -1]
+            refs.append((pre, chunk, one))
+
+        model.setup_cache(5, 64)
+        slots = torch.tensor([2, 0, 1])  # batch row r lives in cache row slots[r]; rows 3 and 4 stay unused
+        T = max(lengths)
+        ids = torch.zeros(3, T, dtype=torch.long)
+        for r, (s, n) in enumerate(zip(seqs, lengths)):
+            ids[r, :n] = s[:n]
+        pre = model(ids, input_pos=torch.arange(T).expand(3, T), slots=slots,
+                    logits_at=torch.tensor(lengths) - 1)
+        assert pre.shape == (3, SMALL_GQA.vocab_size)
+        starts = torch.tensor(lengths)[:, None]
+        chunk = model(torch.stack([s[n:n + 3] for s, n in zip(seqs, lengths)]),
+                      input_pos=starts + torch.arange(3), slots=slots)
+        for layer in model.layers:  # nothing was written outside the addressed cache rows
+            assert not layer.self_attn.kv_cache.k[3:].any() and not layer.self_attn.kv_cache.v[3:].any()
+        # without slots batch row b is cache row b: reorder the rows, and add an idle row 3 at position 0
+        order = [1, 2, 0]  # the sequences in cache rows 0, 1, 2
+        ids = torch.tensor([[seqs[i][lengths[i] + 3]] for i in order] + [[0]])
+        pos = torch.tensor([[lengths[i] + 3] for i in order] + [[0]])
+        one = model(ids, input_pos=pos)[:, -1]
+        model.clear_cache()
+    for r in range(3):
+        assert (pre[r] - refs[r][0]).abs().max() < 1e-5
+        assert (chunk[r] - refs[r][1]).abs().max() < 1e-5
+    for b, i in enumerate(order):
+        assert (one[b] - refs[i][2]).abs().max() < 1e-5
+    assert torch.isfinite(one[3]).all()
+
+
 def test_left_padded_batch_matches_unpadded():
     torch.manual_seed(5)
     model = Llama(SMALL_GQA).eval()

@@ -123,6 +123,142 @@ def test_engine_cancel_frees_slot_and_seeded_sampling_repeats(model):
     assert a[0] == b[0]
 
 
+def _staggered(n_prompts=7, seed=11):
+    """Requests that join at different steps, with different prompt lengths, max_tokens and sampling (greedy,
+    seeded, repetition penalty), so rows finish at different times and leave holes that later rows fill;
+    request 3 is cancelled mid-generation. (submit step, prompt, sampling) and {step: request to cancel}."""
+    p = _prompts(n_prompts, seed=seed)
+    greedy = SamplingConfig
+    requests = [
+        (0, p[0], greedy(max_new_tokens=12)),
+        (0, p[1], SamplingConfig(max_new_tokens=4, temperature=0.9, top_p=0.9, seed=5)),  # leaves first
+        (0, p[2], greedy(max_new_tokens=15, repetition_penalty=1.3)),
+        (2, p[3], greedy(max_new_tokens=20)),  # cancelled at step 6
+        (3, p[4], SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=40, seed=9)),
+        (3, p[5], greedy(max_new_tokens=8)),  # waits for a free slot
+        (9, p[6], greedy(max_new_tokens=6)),
+    ]
+    return requests, {6: 3}
+
+
+def _run_staggered(engine, requests, cancels):
+    """Step the engine in this thread, submitting and cancelling at the scripted steps; (outputs, reasons)."""
+    outs = [[] for _ in requests]
+    reasons = [None] * len(requests)
+    seqs = {}
+    for step in range(1000):
+        for i, (at, prompt, cfg) in enumerate(requests):
+            if at == step:
+                seqs[i] = engine.submit(Sequence(list(prompt), cfg, outs[i].append,
+                                                 lambda r, e, i=i: reasons.__setitem__(i, r)))
+        if step in cancels:
+            seqs[cancels[step]].cancel()
+        if all(r is not None for r in reasons):
+            break
+        engine.step()
+    return outs, reasons
+
+
+def _record_decode_batches(engine) -> list:
+    """(batch size of the step, running sequences) for every decode step the engine runs."""
+    seen, step = [], engine.decoder.step
+    engine.decoder.step = lambda ids, *a, **kw: seen.append((ids.size(0), engine.running)) or step(ids, *a, **kw)
+    return seen
+
+
+@pytest.mark.parametrize("buckets", [None, (2,)])
+def test_engine_rows_joining_and_leaving_equal_generate(model, buckets):
+    """Token for token equal to one-by-one `generate` (greedy, seeded sampling, repetition penalty) while
+    rows join, finish and are cancelled mid-batch; the padded variant pads every decode step to 2 or 4 rows."""
+    requests, cancels = _staggered()
+    refs = [generate(model, p, cfg) for _, p, cfg in requests]
+    engine = Engine(model, max_batch_size=4, max_seq_len=128, decode_buckets=buckets)
+    batches = _record_decode_batches(engine)
+    outs, reasons = _run_staggered(engine, requests, cancels)
+    assert reasons[3] == "cancelled" and 0 < len(outs[3]) < len(refs[3]) and outs[3] == refs[3][: len(outs[3])]
+    for i in set(range(len(requests))) - {3}:
+        assert outs[i] == refs[i], i
+        assert reasons[i] == ("length" if len(refs[i]) == requests[i][2].max_new_tokens else "stop"), i
+    assert engine.stats.max_rows_in_step == 4 and engine.running == 0
+    assert any(b > rows for b, rows in batches)  # some steps ran idle padding rows (holes or buckets)
+    if buckets:
+        assert {b for b, _ in batches} <= {2, 4}
+
+
+def test_engine_runs_the_model_only_through_llama_forward(model):
+    """No per-layer code in the engine: every submodule of the model runs inside a `Llama.forward` call."""
+    import inspect
+
+    import tinyllama.serve.engine as engine_module
+
+    depth, outside, calls = [], [], []
+
+    def enter(module, args):
+        depth.append(1)
+        calls.append(1)
+
+    def leave(module, args, out):
+        depth.pop()
+
+    def check(module, args, name):
+        if not depth:
+            outside.append(name)
+
+    handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
+    for name, sub in model.named_modules():
+        if sub is not model:
+            handles.append(sub.register_forward_pre_hook(lambda m, a, name=name: check(m, a, name)))
+    try:
+        engine = Engine(model, max_batch_size=3, max_seq_len=64)
+        run_to_completion(engine, _prompts(4, seed=9), SamplingConfig(max_new_tokens=5, stop_at_eos=False))
+    finally:
+        for h in handles:
+            h.remove()
+    assert not outside, sorted(set(outside))
+    assert len(calls) == engine.stats.prefills + engine.stats.decode_steps
+    source = inspect.getsource(engine_module)
+    assert ".layers" not in source and "self_attn" not in source and "kv_cache" not in source
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fuse", [False, True])
+def test_compiled_bucketed_engine_equals_eager_cuda(model, fuse):
+    """compile=True: decode steps padded to power-of-two buckets, each one CUDA graph (fuse: the batch-1
+    bucket runs the Triton step), give the eager engine's tokens (fp32, sharpened logits: no near-ties)."""
+    import copy
+
+    eager_model = copy.deepcopy(model).cuda()
+    with torch.no_grad():
+        eager_model.lm_head.weight.mul_(6.0)
+    compiled_model = copy.deepcopy(eager_model)
+    requests, cancels = _staggered()
+    alone = [requests[0][1]], SamplingConfig(max_new_tokens=8)  # slot 0 alone: the batch-1 bucket
+    eager = Engine(eager_model, max_batch_size=8, max_seq_len=128)
+    want = _run_staggered(eager, requests, cancels), run_to_completion(eager, *alone)
+    engine = Engine(compiled_model, max_batch_size=8, max_seq_len=128, compile=True, fuse=fuse)
+    assert engine.compile and engine.decode_buckets == [1, 2, 4, 8]
+    batches = _record_decode_batches(engine)
+    assert (_run_staggered(engine, requests, cancels), run_to_completion(engine, *alone)) == want
+    sizes = {b for b, _ in batches}
+    assert sizes <= {1, 2, 4, 8} and 1 in sizes and len(sizes) > 2 and any(b > rows for b, rows in batches)
+    assert (engine.decoder._batch1_step is not None) == fuse  # fused: batch 1 ran the Triton step
+
+
+def test_serve_compile_flag_reaches_the_engine():
+    pytest.importorskip("fastapi")
+    import argparse
+
+    from tinyllama.cli.serve import add_arguments, config_from_args
+    from tinyllama.serve.server import build
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--random-preset", "tinyllama-tiny"])).compile is False
+    cfg = config_from_args(parser.parse_args(["--random-preset", "tinyllama-tiny", "--device", "cpu", "--compile"]))
+    _, engine = build(cfg)
+    assert cfg.compile and engine.model.projections_fused and not engine.compile  # CPU: fused, eager
+
+
 # ---- live server --------------------------------------------------------------------------------
 class LiveServer:
     def __init__(self, app, engine):
@@ -172,7 +308,7 @@ def server(model, tok, tmp_path_factory):
     model.save_pretrained(d, tokenizer=tok)
     app, engine = build(ServeConfig(model=str(d), model_name="tiny", max_batch_size=16, device="cpu"))
     with LiveServer(app, engine) as live:
-        live.model = engine.model
+        live.model = model  # references come from the saved model's source: the served one is the engine's
         yield live
 
 

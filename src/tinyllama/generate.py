@@ -260,9 +260,11 @@ class DecodeEngine:
 
     def step(self, ids: torch.Tensor, input_pos: torch.Tensor, rope_pos=None, key_mask=None,
              pos: Optional[int] = None) -> torch.Tensor:
-        """ids (B, 1) at slot input_pos (1,) -> logits (B, V). With CUDA graphs the result is overwritten by
-        the next step: consume (sample from) it before calling again. `pos`: input_pos as an int, when the
-        caller knows it (lets the Triton step skip copying it in)."""
+        """ids (B, 1) at cache position input_pos -> logits (B, V). input_pos (1,): the same position in every
+        row of the cache's batch; (B, 1): each row its own, in the cache's first B rows (`KVCache`; the serve
+        engine's continuous batch). With CUDA graphs the result is overwritten by the next step: consume
+        (sample from) it before calling again. `pos`: input_pos as an int, when the caller knows it (lets
+        the Triton step skip copying it in)."""
         self._last_step_batch1 = (self._batch1_step is not None and ids.size(0) == 1 and rope_pos is None
                                   and key_mask is None)
         if self._last_step_batch1:

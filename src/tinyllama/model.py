@@ -72,6 +72,14 @@ class KVCache(nn.Module):
 
     GQA-aware: it stores only the key/value heads, never the repeated ones. Shapes never change, so a
     compiled decode step can be captured in a CUDA graph.
+
+    `update` takes the positions of the new keys/values in one of two forms:
+      - input_pos (T,): the same positions in every row; the batch is the whole cache (batched generation,
+        the compiled decode step of `tinyllama.generate`);
+      - input_pos (B, T): each row its own positions (rows of a continuous batch at different lengths).
+        Batch row b goes to cache row slots[b] if `slots` (B,) is given (the rows it attends over are then
+        gathered, a copy: fine for a prefill), else to cache row b: the batch is the cache's first B rows,
+        and what it attends over is a view of them (nothing copied: the form for decode steps).
     """
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device=None) -> None:
@@ -80,10 +88,22 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               slots: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, KV, T, D) at input_pos; return the keys and values the batch attends over."""
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+            self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+            return self.k, self.v
+        B = k.size(0)
+        rows = slots if slots is not None else torch.arange(B, device=input_pos.device)
+        rows = rows[:, None].expand_as(input_pos)
+        # cache[rows[b, t], :, input_pos[b, t]] = k[b, :, t]
+        self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        if slots is None:
+            return self.k[:B], self.v[:B]
+        return self.k.index_select(0, slots), self.v.index_select(0, slots)
 
 
 def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -132,12 +152,13 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         input_pos: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        slots: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, slots)
         gqa = self.n_kv_heads != self.n_heads
         if T == 1 and mask is not None:
             y = one_token_attention(q, k, v, mask)
@@ -171,8 +192,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+    def forward(self, x, cos, sin, input_pos=None, mask=None, slots=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -276,18 +297,27 @@ class Llama(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         rope_pos: Optional[torch.Tensor] = None,
         key_mask: Optional[torch.Tensor] = None,
+        slots: Optional[torch.Tensor] = None,
+        logits_at: Optional[torch.Tensor] = None,
     ):
         """ids (B, T) -> logits (B, T, vocab); with targets, returns (logits, mean cross-entropy).
 
-        input_pos (T,): the cache slots of these tokens (needs `setup_cache`); without it, a plain causal pass.
-        rope_pos (T,) or (B, T): rotary positions if they differ from the slots (left-padded batches).
-        key_mask (B, S) bool: which cache slots hold real tokens (False for padding).
+        input_pos: the cache positions of these tokens (needs `setup_cache`); without it, a plain causal pass.
+          (T,): the same positions in every row, the batch being the whole cache;
+          (B, T): each row at its own positions, in cache row slots[b] with `slots` (B,), else in row b
+          (see `KVCache`). Each row attends to its own cache row's positions up to its own.
+        rope_pos (T,) or (B, T): rotary positions if they differ from the cache positions (left-padded batches).
+        key_mask (B, S) bool: which cache positions hold real tokens (False for padding).
+        logits_at (B,): only the logits of column logits_at[b] of each row, as (B, vocab): a prefill needs
+          one column, and the head over all T columns would cost T times as much.
         """
         B, T = ids.shape
         if rope_pos is None:
             rope_pos = input_pos if input_pos is not None else torch.arange(T, device=ids.device)
         if T > self.rope_cos.shape[0] or (input_pos is None and T > self.config.max_seq_len):
             raise ValueError(f"sequence length {T} exceeds the model's context of {self.config.max_seq_len}")
+        if slots is not None and (input_pos is None or input_pos.dim() != 2):
+            raise ValueError("slots needs per-row cache positions: input_pos of shape (B, T)")
         x = self.embed_tokens(ids)
         cos = self.rope_cos[rope_pos].to(x.dtype)
         sin = self.rope_sin[rope_pos].to(x.dtype)
@@ -298,18 +328,20 @@ class Llama(nn.Module):
         if input_pos is not None:
             if self.causal_mask is None:
                 raise RuntimeError("input_pos given but no KV cache: call setup_cache() first")
-            mask = self.causal_mask[input_pos].view(1, 1, T, -1)
+            # (T,) -> (1, 1, T, S), one mask for the batch; (B, T) -> (B, 1, T, S), one per row
+            mask = self.causal_mask[input_pos].view(-1, 1, T, self.causal_mask.size(-1))
         elif key_mask is not None:
-            input_pos = None
             mask = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril().view(1, 1, T, T)
         if key_mask is not None:
             # Padding keys are hidden; every query still sees itself so padded rows stay finite (no NaN).
-            slots = input_pos if input_pos is not None else torch.arange(T, device=ids.device)
-            self_slot = F.one_hot(slots, mask.size(-1)).bool().view(1, 1, T, -1)
-            mask = (mask & key_mask[:, None, None, :]) | self_slot
+            positions = input_pos if input_pos is not None else torch.arange(T, device=ids.device)
+            self_pos = F.one_hot(positions, mask.size(-1)).bool().view(-1, 1, T, mask.size(-1))
+            mask = (mask & key_mask[:, None, None, :]) | self_pos
 
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+            x = layer(x, cos, sin, input_pos, mask, slots)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at]  # (B, hidden)
         x = self.norm(x)
 
         if targets is None:

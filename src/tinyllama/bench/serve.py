@@ -4,6 +4,11 @@ Starts the server in a subprocess on 127.0.0.1 (a free port), fires --requests c
 --clients concurrent clients (AsyncOpenAI), and reports requests/s, completion tokens/s, latency and the
 engine's mean batch per decode step. Each --batch-sizes entry is one server run: 1 is one-at-a-time
 serving, the baseline continuous batching is measured against.
+
+--transformers also runs the same requests (prompts, max tokens) in this process, without HTTP, through
+our `Engine` and through transformers' own continuous batching (`generate_batch`, transformers >= 5) on
+the same weights, and reports both tokens/s and their ratio (greedy, no EOS stop: every request generates
+--max-tokens on both sides; each side runs once untimed first, to compile and allocate).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from tinyllama.errors import TinyLlamaError
+
 
 def add_arguments(p) -> None:
     p.add_argument("--model", help="Hugging Face model directory (default: --preset with random weights)")
@@ -27,6 +34,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--threads", type=int, default=None, help="server's CPU threads (serve --threads)")
+    p.add_argument("--compile", action="store_true", help="serve --compile (and the same for our --transformers run)")
+    p.add_argument("--transformers", action="store_true",
+                   help="also compare our engine with transformers' continuous batching in-process (see above)")
     p.add_argument("--json", help="write results here")
 
 
@@ -46,7 +56,13 @@ def _start_server(args, batch: int, port: int) -> subprocess.Popen:
         cmd += ["--dtype", args.dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.compile:
+        cmd += ["--compile"]
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _prompt(i: int) -> str:
+    return f"Request {i}: once upon a time"
 
 
 async def _load(url: str, n_requests: int, n_clients: int, max_tokens: int) -> dict:
@@ -62,7 +78,7 @@ async def _load(url: str, n_requests: int, n_clients: int, max_tokens: int) -> d
             i = todo.pop()
             t0 = time.perf_counter()
             try:
-                r = await client.completions.create(model="bench", prompt=f"Request {i}: once upon a time",
+                r = await client.completions.create(model="bench", prompt=_prompt(i),
                                                     max_tokens=max_tokens, temperature=0.8, seed=i)
                 tokens += r.usage.completion_tokens
                 latencies.append(time.perf_counter() - t0)
@@ -80,9 +96,75 @@ async def _load(url: str, n_requests: int, n_clients: int, max_tokens: int) -> d
             "completion_tokens": tokens, "failures": failures, "p50_s": round(pct(0.5), 3), "p95_s": round(pct(0.95), 3)}
 
 
-def run(args) -> int:
-    import httpx
+def compare_with_transformers(args, max_batch_size: int) -> dict:
+    """Our Engine (all requests submitted at once, stepped to the end) vs transformers' `generate_batch` on
+    the same prompts and weights; greedy without EOS, one untimed run each first."""
+    import torch
+    import transformers
 
+    from tinyllama.bench.generate import build_hf
+    from tinyllama.loading import load_model_and_tokenizer
+    from tinyllama.generate import SamplingConfig
+    from tinyllama.serve.engine import Engine, run_to_completion
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model_and_tokenizer(args.model, None if args.model else args.preset, args.device,
+                                                args.dtype)
+    hf = build_hf(model, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype)  # before fusing ours
+    if not hasattr(hf, "generate_batch"):
+        raise TinyLlamaError(f"bench serve --transformers needs transformers' continuous batching (generate_batch, "
+                             f"transformers >= 5); transformers {transformers.__version__} is installed")
+    prompts = [tokenizer.encode(_prompt(i), bos=True) for i in range(args.requests)]
+    engine = Engine(model, max_batch_size=max_batch_size, compile=args.compile, fuse=args.compile)
+    sampling = SamplingConfig(max_new_tokens=args.max_tokens, stop_at_eos=False)
+    gen_config = transformers.GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=-1,
+                                               pad_token_id=0)
+    # Sized like ours: as many requests per batch as our slots, KV pages for max_batch_size whole requests,
+    # one step's tokens at most a full prefill of our slots (transformers' defaults take ~60 % of free memory)
+    page = 256
+    longest = max(map(len, prompts)) + args.max_tokens
+    cb_config = transformers.ContinuousBatchingConfig(
+        max_requests_per_batch=max_batch_size, page_size=page, num_blocks=max_batch_size * -(-longest // page),
+        max_batch_tokens=max(page, max_batch_size * max(map(len, prompts))))
+
+    def ours() -> list:
+        return run_to_completion(engine, prompts, sampling)
+
+    def theirs() -> list:
+        # persistent: the timed call reuses the manager the untimed one built and warmed up
+        out = hf.generate_batch(prompts, generation_config=gen_config, continuous_batching_config=cb_config,
+                                persistent_manager=True)
+        return [list(r.generated_tokens) for r in out.values()]  # in the order of the inputs
+
+    timings = {}
+    for name, fn in (("ours", ours), ("transformers", theirs)):
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        tokens = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        timings[name] = {"seconds": round(dt, 3), "completion_tokens": sum(map(len, tokens)),
+                         "tokens_per_s": round(sum(map(len, tokens)) / dt, 1), "tokens": tokens}
+    hf.destroy_cached_continuous_batching_manager()
+    ours_t, theirs_t = (timings[k].pop("tokens") for k in ("ours", "transformers"))
+    same = sum(a == b for a, b in zip(ours_t, theirs_t))
+    return {"transformers_version": transformers.__version__, "max_batch_size": max_batch_size,
+            "compile": bool(args.compile), "ours": timings["ours"], "transformers": timings["transformers"],
+            "ratio_tokens_per_s": round(timings["ours"]["tokens_per_s"] / timings["transformers"]["tokens_per_s"], 2),
+            "requests_with_identical_tokens": f"{same}/{len(prompts)}"}
+
+
+def run(args) -> int:
+    try:
+        import httpx
+        import openai  # noqa: F401  (imported here so a missing client fails before any server starts)
+    except ImportError as e:
+        raise TinyLlamaError(f"tinyllama bench serve needs the openai client ({e.name or e} is missing): "
+                             "pip install 'tinyllama[bench]'") from None
     results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         port = _free_port()
@@ -121,8 +203,18 @@ def run(args) -> int:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    report = {"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
+              "model": args.model or args.preset, "results": results}
+    if args.transformers:
+        c = compare_with_transformers(args, max(int(b) for b in args.batch_sizes.split(",")))
+        report["vs_transformers_continuous_batching"] = c
+        print(f"in-process, {args.requests} requests x {args.max_tokens} tokens: ours {c['ours']['tokens_per_s']:.1f} "
+              f"tok/s, transformers {c['transformers_version']} generate_batch {c['transformers']['tokens_per_s']:.1f} "
+              f"tok/s, ratio {c['ratio_tokens_per_s']:.2f}; identical outputs {c['requests_with_identical_tokens']}",
+              flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
-                       "model": args.model or args.preset, "results": results}, f, indent=2)
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, args.json)
     return 0 if all(r["failures"] == 0 for r in results) else 1

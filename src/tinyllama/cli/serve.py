@@ -22,6 +22,10 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--log-level", help="uvicorn log level (default info)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="fuse the q/k/v and gate/up projections and, on CUDA, run decode steps compiled: one CUDA "
+                        "graph per batch bucket (1, 2, 4, ... max-batch-size), batch 1 on the Triton decode step; "
+                        "each bucket's first steps compile")
 
 
 def config_from_args(args) -> ServeConfig:

@@ -358,10 +358,11 @@ def unsupported_reason(model) -> Optional[str]:
 
 
 class TritonDecodeStep:
-    """Batch-1 decode step of a fused Llama on its static KV cache (`Llama.setup_cache(1, ...)`).
+    """Batch-1 decode step of a fused Llama on row 0 of its static KV cache (`Llama.setup_cache`).
 
-    `step(ids (1, 1), input_pos (1,))` -> logits (1, vocab) in the model's dtype, the same contract as
-    `Llama.forward(ids, input_pos=input_pos)[:, -1]` for an unpadded batch of one. On CUDA the first call
+    `step(ids (1, 1), input_pos (1,) or (1, 1))` -> logits (1, vocab) in the model's dtype, the same contract
+    as `Llama.forward(ids, input_pos=input_pos.view(1, 1))[:, -1]` (cache row 0; for a cache of one row, the
+    same as an unpadded batch of one with input_pos (1,)). On CUDA the first call
     also picks each product's block shape (`tune`) and captures the step in a CUDA graph; later calls copy
     the token and position in (unless they are already there: see `greedy_token` and step's `pos`) and
     replay it. The returned logits are a fixed buffer, overwritten by the next call.
@@ -451,7 +452,7 @@ class TritonDecodeStep:
         for layer in m.layers:
             a = layer.self_attn
             product()  # RMSNorm -> q/k/v
-            decode_attention(self.qkv, a.kv_cache.k, a.kv_cache.v, self.pos, m.rope_cos, m.rope_sin, self.attn,
+            decode_attention(self.qkv, a.kv_cache.k[:1], a.kv_cache.v[:1], self.pos, m.rope_cos, m.rope_sin, self.attn,
                              c.n_heads, c.n_kv_heads, pdl=self.pdl)
             product()  # o + residual
             product()  # RMSNorm -> gate/up -> SiLU(gate) * up
@@ -484,8 +485,8 @@ class TritonDecodeStep:
         """`pos`, if given, is input_pos as an int: the step then skips copying it in when it is the slot
         after the previous step's (the step advances its position buffer itself)."""
         cache = self.model.layers[0].self_attn.kv_cache
-        if cache is None or cache.k.size(0) != 1:
-            raise RuntimeError("TritonDecodeStep needs the model's KV cache for batch 1: setup_cache(1, ...)")
+        if cache is None:
+            raise RuntimeError("TritonDecodeStep needs the model's KV cache: setup_cache(...)")
         if ids.data_ptr() != self.ids.data_ptr():
             self.ids.copy_(ids.reshape(1), non_blocking=True)
         if pos is None or pos != self._next_pos:

@@ -81,9 +81,9 @@ class FastAttention(Attention):
     triton_rope: bool = False
     fuse_projections: bool = False
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None):
+    def forward(self, x, cos, sin, input_pos=None, mask=None, slots=None):
         if input_pos is not None or mask is not None or self.kv_cache is not None or cos.dim() != 2:
-            return super().forward(x, cos, sin, input_pos, mask)
+            return super().forward(x, cos, sin, input_pos, mask, slots)
         B, T, _ = x.shape
         nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if self.fuse_projections:

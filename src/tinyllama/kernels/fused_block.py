@@ -369,10 +369,10 @@ class FusedBlock(Block):
     attention_backend: str = "auto"
     kernel_impl: str = "auto"  # 'auto' (Triton on CUDA), 'triton' or 'torch' (the reference maths)
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None):
+    def forward(self, x, cos, sin, input_pos=None, mask=None, slots=None):
         attn, mlp = self.self_attn, self.mlp
         if input_pos is not None or mask is not None or attn.kv_cache is not None or cos.dim() != 2:
-            return super().forward(x, cos, sin, input_pos, mask)
+            return super().forward(x, cos, sin, input_pos, mask, slots)
         B, T, _ = x.shape
         impl = self.kernel_impl
         n1, n2 = self.input_layernorm, self.post_attention_layernorm

@@ -8,9 +8,14 @@ admission to finish. The scheduler loop, in its own thread:
 New requests therefore join the running batch between two decode steps instead of waiting for it
 to drain (continuous batching, as in Orca / vLLM), and a finished one leaves without stopping others.
 
-The model's own `KVCache` writes every row at the same positions (one `input_pos` for the batch), which
-does not fit rows at different positions, so the engine keeps its own per-slot cache and runs the
-decoder layers' attention itself; everything else (projections, norms, MLP, head) is the model's modules.
+The slots are the rows of the model's own KV cache (`Llama.setup_cache(max_batch_size, ...)`), and every
+pass is `Llama.forward` with per-row cache positions: the prefill writes its rows into their slots
+(`slots=`), a decode step runs the cache's first B rows, each at its own position. B is the smallest
+decode bucket holding the highest running slot (slots are handed out lowest first, so running rows stay
+near the front); rows in it with no sequence are idle padding that writes position 0 of its own unused
+cache row, which the next sequence there overwrites in its prefill before it can attend to it. With
+`compile=True` (CUDA) the decode step is `DecodeEngine`'s: one CUDA graph per bucket (powers of two up to
+max_batch_size), and the batch-1 bucket may run the Triton decode step.
 """
 
 from __future__ import annotations
@@ -23,10 +28,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence as Seq
 
 import torch
-import torch.nn.functional as F
 
-from tinyllama.generate import SamplingConfig, sample_next
-from tinyllama.model import Llama, apply_rope
+from tinyllama.generate import DecodeEngine, SamplingConfig, sample_next
+from tinyllama.model import Llama
 
 log = logging.getLogger("tinyllama.serve")
 
@@ -76,10 +80,20 @@ class EngineStats:
 
 
 class Engine:
-    """Owns the model and the slot cache; `submit()` from any thread, `start()` runs the scheduler thread."""
+    """Owns the model and its KV cache (one row per slot); `submit()` from any thread, `start()` runs the
+    scheduler thread. The model is the engine's from now on: generating with it elsewhere (`generate`,
+    `setup_cache`) would replace the cache under the running sequences.
+
+    compile=True (CUDA only; eager elsewhere): decode steps run compiled and captured in CUDA graphs, one
+    per decode bucket (`DecodeEngine(compile=True)`); fuse=True fuses the q/k/v and gate/up projections
+    in place first (inference only; with compile, lets the batch-1 bucket run the Triton step, see
+    `DecodeEngine`'s decode_kernels). decode_buckets: the batch sizes a decode step is padded to (default:
+    powers of two and max_batch_size when compiling, else no padding).
+    """
 
     def __init__(self, model: Llama, max_batch_size: int = 16, max_seq_len: Optional[int] = None,
-                 eos_id: Optional[int] = None) -> None:
+                 eos_id: Optional[int] = None, *, compile: bool = False, fuse: bool = False,
+                 decode_kernels: str = "auto", decode_buckets: Optional[Seq[int]] = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model.eval()
@@ -87,11 +101,17 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(max_seq_len or c.max_seq_len, c.max_seq_len)
         self.eos_id = c.eos_id if eos_id is None else eos_id
-        p = model.lm_head.weight
-        self.device, self.dtype = p.device, p.dtype
-        shape = (max_batch_size, c.n_kv_heads, self.max_seq_len, c.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layers)]
+        self.decoder = DecodeEngine(model, compile=compile, fuse=fuse, decode_kernels=decode_kernels)
+        self.device = self.decoder.device
+        self.compile = self.decoder.compile
+        self.decoder.ensure_cache(max_batch_size, self.max_seq_len)
+        self._cache_mask = model.causal_mask  # replaced by any other setup_cache / clear_cache on the model
+        if decode_buckets is None:
+            decode_buckets = [1 << i for i in range(max_batch_size.bit_length())] if self.compile else \
+                range(1, max_batch_size + 1)
+        if any(not 1 <= b <= max_batch_size for b in decode_buckets):
+            raise ValueError(f"decode_buckets must lie in 1..{max_batch_size}, got {list(decode_buckets)}")
+        self.decode_buckets = sorted({*decode_buckets, max_batch_size})
         self.slots: list[Optional[Sequence]] = [None] * max_batch_size
         self.waiting: "queue.Queue[Sequence]" = queue.Queue()
         self.stats = EngineStats()
@@ -193,14 +213,13 @@ class Engine:
             self._assign_slot(seq)
         lengths = [len(s.prompt_ids) for s in seqs]
         T = max(lengths)
-        ids = torch.zeros(len(seqs), T, dtype=torch.long, device=self.device)
-        for r, s in enumerate(seqs):
-            ids[r, : lengths[r]] = torch.tensor(s.prompt_ids, dtype=torch.long)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        start = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
         # Right padding: pad tokens sit after each prompt, are never attended to, and are overwritten by decoding.
+        ids = torch.tensor([s.prompt_ids + [0] * (T - n) for s, n in zip(seqs, lengths)], device=self.device)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        positions = torch.arange(T, device=self.device).expand(len(seqs), T)
         last = torch.tensor([n - 1 for n in lengths], device=self.device)
-        logits = self._forward(ids, slots, start, last)
+        self._check_cache()
+        logits = self.model(ids, input_pos=positions, slots=slots, logits_at=last).float()
         self.stats.prefills += 1
         self.stats.prefill_rows += len(seqs)
         self.stats.prompt_tokens += sum(lengths)
@@ -209,17 +228,28 @@ class Engine:
         self._sample_and_emit(seqs, logits)
 
     def _decode(self, running: list[int]) -> None:
+        """One step for the cache's first B rows (B: the bucket holding the highest running slot)."""
         seqs = [self.slots[i] for i in running]
-        ids = torch.tensor([[s.next_token] for s in seqs], dtype=torch.long, device=self.device)
-        slots = torch.tensor(running, device=self.device)
-        start = torch.tensor([s.pos for s in seqs], device=self.device)
-        logits = self._forward(ids, slots, start, torch.zeros(len(seqs), dtype=torch.long, device=self.device))
+        B = next(b for b in self.decode_buckets if b > running[-1])
+        ids, pos = [0] * B, [0] * B  # idle rows: token 0 at position 0 of their own unused cache row
+        for i, s in zip(running, seqs):
+            ids[i], pos[i] = s.next_token, s.pos
+        self._check_cache()
+        logits = self.decoder.step(torch.tensor(ids, device=self.device).view(B, 1),
+                                   torch.tensor(pos, device=self.device).view(B, 1),
+                                   pos=pos[0] if B == 1 else None)
+        logits = logits[torch.tensor(running, device=self.device)].float()  # consumed before the next step
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(seqs)
         self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(seqs))
         for s in seqs:
             s.pos += 1
         self._sample_and_emit(seqs, logits)
+
+    def _check_cache(self) -> None:
+        if self.model.causal_mask is not self._cache_mask:
+            raise RuntimeError("the model's KV cache was replaced or freed while the serve engine owns it "
+                               "(generate or setup_cache on the same model): use another copy of the model")
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         greedy = [r for r, s in enumerate(seqs) if s.sampling.temperature == 0 and s.seen is None]
@@ -277,37 +307,6 @@ class Engine:
             seq.on_finish(reason, error)
         except Exception:
             log.exception("on_finish failed")
-
-    # ---- the model, one row per slot --------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """ids (R, T) written at positions start[r] .. start[r]+T-1 of slot slots[r]; returns the logits
-        (R, V) at column last[r] of each row. Row r attends to its own slot's positions <= its own."""
-        m = self.model
-        R, T = ids.shape
-        pos = start[:, None] + torch.arange(T, device=self.device)  # (R, T)
-        pos_c = pos.clamp(max=self.max_seq_len - 1)  # right padding may run past the end: never attended
-        S = int(pos_c.max()) + 1  # attend over the used prefix of the cache only
-        keys = torch.arange(S, device=self.device)
-        mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # (R, 1, T, S)
-        x = m.embed_tokens(ids)
-        cos = m.rope_cos[pos_c].to(x.dtype).unsqueeze(1)  # (R, 1, T, D)
-        sin = m.rope_sin[pos_c].to(x.dtype).unsqueeze(1)
-        row_idx = slots[:, None].expand(R, T)
-        for layer, k_cache, v_cache in zip(m.layers, self.k_cache, self.v_cache):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = attn.project_qkv(h)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            # cache[slot, :, pos] = k[r, :, t]  for every (r, t)
-            k_cache[row_idx, :, pos_c] = k.transpose(1, 2).to(k_cache.dtype)
-            v_cache[row_idx, :, pos_c] = v.transpose(1, 2).to(v_cache.dtype)
-            ks = k_cache[slots, :, :S]
-            vs = v_cache[slots, :, :S]
-            y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=attn.n_kv_heads != attn.n_heads)
-            x = x + attn.o_proj(y.transpose(1, 2).reshape(R, T, attn.n_heads * attn.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = x[torch.arange(R, device=self.device), last]  # (R, hidden): only the rows' last real tokens
-        return m.lm_head(m.norm(x)).float()
 
 
 def run_to_completion(engine: Engine, prompts: Seq[Seq[int]], sampling: SamplingConfig) -> list[list[int]]:

@@ -21,6 +21,7 @@ class ServeConfig:
     device: Optional[str] = None
     dtype: Optional[str] = None
     threads: Optional[int] = None  # CPU threads for torch (default: torch's); fewer beats oversubscribed cores
+    compile: bool = False  # fused projections; on CUDA, decode steps as CUDA graphs per batch bucket
     log_level: str = "info"
 
     def validate(self) -> None:
@@ -51,5 +52,6 @@ def build(cfg: ServeConfig):
         torch.set_num_threads(cfg.threads)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.random_preset, cfg.device, cfg.dtype)
     name = cfg.model_name or (Path(cfg.model).resolve().name if cfg.model else cfg.random_preset)
-    engine = Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len, eos_id=tokenizer.eos_id)
+    engine = Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len, eos_id=tokenizer.eos_id,
+                    compile=cfg.compile, fuse=cfg.compile)
     return create_app(engine, tokenizer, name), engine
