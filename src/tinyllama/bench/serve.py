@@ -117,6 +117,7 @@ def compare_with_transformers(args, max_batch_size: int) -> dict:
                              f"transformers >= 5); transformers {transformers.__version__} is installed")
     prompts = [tokenizer.encode(_prompt(i), bos=True) for i in range(args.requests)]
     engine = Engine(model, max_batch_size=max_batch_size, compile=args.compile, fuse=args.compile)
+    engine.warmup()
     sampling = SamplingConfig(max_new_tokens=args.max_tokens, stop_at_eos=False)
     gen_config = transformers.GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=-1,
                                                pad_token_id=0)

@@ -131,6 +131,20 @@ class Engine:
         self._wake.set()
         return seq
 
+    @torch.inference_mode()
+    def warmup(self) -> float:
+        """Compile and capture every decode bucket now (compile=True), so no request waits for it; returns
+        the seconds spent. The steps write position 0 of cache rows that a prefill overwrites before use."""
+        if not self.compile:
+            return 0.0
+        t0 = time.perf_counter()
+        for B in self.decode_buckets:
+            ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+            for _ in range(3):  # reduce-overhead mode records its CUDA graph on a later call than the first
+                self.decoder.step(ids, torch.zeros(B, 1, dtype=torch.long, device=self.device), pos=0 if B == 1 else None)
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
     def start(self) -> "Engine":
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="tinyllama-engine", daemon=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -54,4 +55,7 @@ def build(cfg: ServeConfig):
     name = cfg.model_name or (Path(cfg.model).resolve().name if cfg.model else cfg.random_preset)
     engine = Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len, eos_id=tokenizer.eos_id,
                     compile=cfg.compile, fuse=cfg.compile)
+    if engine.compile:
+        logging.getLogger("tinyllama.serve").warning("compiled decode steps for batch buckets %s in %.0f s",
+                                                     engine.decode_buckets, engine.warmup())
     return create_app(engine, tokenizer, name), engine
