@@ -167,6 +167,16 @@ def run(args) -> int:
         raise TinyLlamaError(f"tinyllama bench serve needs the openai client ({e.name or e} is missing): "
                              "pip install 'tinyllama[bench]'") from None
     results = []
+    report = {"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
+              "model": args.model or args.preset, "compile": bool(args.compile), "results": results}
+
+    def save() -> None:  # after every measurement: a run stopped early keeps what it measured
+        if args.json:
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=2)
+            os.replace(tmp, args.json)
+
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         port = _free_port()
         proc = _start_server(args, batch, port)
@@ -195,6 +205,7 @@ def run(args) -> int:
             r["mean_seqs_per_decode_step"] = round((after["decode_rows"] - before["decode_rows"]) / max(steps, 1), 2)
             r["max_batch_size"] = batch
             results.append(r)
+            save()
             print(f"max_batch_size {batch:3d}: {r['requests_per_s']:7.2f} req/s  {r['tokens_per_s']:8.1f} tok/s  "
                   f"p50 {r['p50_s']:.3f} s  p95 {r['p95_s']:.3f} s  mean batch {r['mean_seqs_per_decode_step']:5.2f}  "
                   f"failures {r['failures']}", flush=True)
@@ -204,8 +215,6 @@ def run(args) -> int:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    report = {"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
-              "model": args.model or args.preset, "results": results}
     if args.transformers:
         c = compare_with_transformers(args, max(int(b) for b in args.batch_sizes.split(",")))
         report["vs_transformers_continuous_batching"] = c
@@ -213,9 +222,5 @@ def run(args) -> int:
               f"tok/s, transformers {c['transformers_version']} generate_batch {c['transformers']['tokens_per_s']:.1f} "
               f"tok/s, ratio {c['ratio_tokens_per_s']:.2f}; identical outputs {c['requests_with_identical_tokens']}",
               flush=True)
-    if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
+    save()
     return 0 if all(r["failures"] == 0 for r in results) else 1
