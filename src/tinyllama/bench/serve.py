@@ -125,9 +125,14 @@ def compare_with_transformers(args, max_batch_size: int) -> dict:
     # one step's tokens at most a full prefill of our slots (transformers' defaults take ~60 % of free memory)
     page = 256
     longest = max(map(len, prompts)) + args.max_tokens
-    cb_config = transformers.ContinuousBatchingConfig(
-        max_requests_per_batch=max_batch_size, page_size=page, num_blocks=max_batch_size * -(-longest // page),
-        max_batch_tokens=max(page, max_batch_size * max(map(len, prompts))))
+    import inspect
+
+    accepted = inspect.signature(transformers.ContinuousBatchingConfig).parameters
+    sizing = {"max_requests_per_batch": max_batch_size, "num_blocks": max_batch_size * -(-longest // page),
+              "max_batch_tokens": max(page, max_batch_size * max(map(len, prompts))),
+              # the KV page size is `page_size` in newer releases, `block_size` before
+              ("page_size" if "page_size" in accepted else "block_size"): page}
+    cb_config = transformers.ContinuousBatchingConfig(**{k: v for k, v in sizing.items() if k in accepted})
 
     def ours() -> list:
         return run_to_completion(engine, prompts, sampling)
