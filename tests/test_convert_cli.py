@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import stat
+
 import pytest
 import torch
 
@@ -81,3 +85,24 @@ def test_checkpoint_to_gguf(trained_run, tmp_path):
     reader = gguf.GGUFReader(str(out))
     names = {t.name for t in reader.tensors}
     assert "token_embd.weight" in names and "output.weight" in names and "blk.1.ffn_down.weight" in names
+
+
+# ---- the output path: umask modes -------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_exports_get_the_modes_the_umask_implies(trained_run, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        assert main(["convert", "--checkpoint", str(trained_run), "--out", str(tmp_path / "hf")]) == 0
+        (tmp_path / "merge").mkdir()
+        assert main(["convert", "--checkpoint", str(trained_run), "--out", str(tmp_path / "merge")]) == 0
+        if importlib.util.find_spec("gguf"):
+            assert main(["convert", "--checkpoint", str(trained_run), "--out", str(tmp_path / "m.gguf"),
+                         "--to", "gguf"]) == 0
+            assert stat.S_IMODE((tmp_path / "m.gguf").stat().st_mode) == 0o666 & ~umask
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o777 & ~umask
+    for d in ("hf", "merge"):
+        files = list((tmp_path / d).iterdir())
+        assert "model.safetensors" in {f.name for f in files}
+        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o666 & ~umask for f in files}

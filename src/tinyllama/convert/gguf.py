@@ -16,9 +16,7 @@ Files are written to a temporary name and renamed into place, so a crash never l
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +25,7 @@ import torch
 
 from tinyllama.config import ModelConfig
 from tinyllama.errors import TinyLlamaError
+from tinyllama.fileio import atomic_file
 
 QUANTS = ("f16", "q8_0", "q4_0")
 
@@ -174,10 +173,7 @@ def export_gguf(model, tokenizer, out_path, quant: str = "f16", name: Optional[s
     tokens, scores, types = llama_vocab(tokenizer, c.vocab_size)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out_path) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch="llama")
         w.add_name(name or (c.name if c.name not in ("custom", "hf") else "tinyllama"))
         w.add_context_length(c.max_seq_len)
@@ -228,13 +224,6 @@ def export_gguf(model, tokenizer, out_path, quant: str = "f16", name: Optional[s
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; a model file is an ordinary file
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out_path
 
 

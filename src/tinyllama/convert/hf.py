@@ -169,6 +169,7 @@ def save_hf_model(model, path, tokenizer=None, dtype=None, max_shard_size: int =
     """Write config.json, (sharded) safetensors, generation_config.json and tokenizer files, atomically."""
     from safetensors.torch import save_file
 
+    from tinyllama.fileio import publish_modes
     from tinyllama.tokenizer import Tokenizer
 
     config: ModelConfig = model.config
@@ -207,6 +208,7 @@ def save_hf_model(model, path, tokenizer=None, dtype=None, max_shard_size: int =
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tokenizer or Tokenizer()).save_pretrained(tmp)
+        publish_modes(tmp)  # mkdtemp made the folder 0700
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

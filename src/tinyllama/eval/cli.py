@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -116,7 +114,8 @@ def _documents_for_perplexity(tokenizer, path: str, cfg: EvalConfig) -> tuple[li
     return tokenizer.encode_batch(texts, bos=False), sum(len(t.encode("utf-8")) for t in texts)
 
 
-def print_table(results: dict, out=sys.stdout) -> None:
+def print_table(results: dict, out=None) -> None:
+    out = out or sys.stdout  # looked up per call: a default bound at import outlives a replaced sys.stdout
     rows = [("task", "n", "acc", "± stderr", "acc_norm", "± stderr")]
     for name, r in results.get("tasks", {}).items():
         rows.append((name, str(r["n"]), f"{r['acc']:.4f}", f"{r['acc_stderr']:.4f}", f"{r['acc_norm']:.4f}",
@@ -144,17 +143,13 @@ def _finite(obj):
 
 
 def write_json_atomic(path: str, obj: dict) -> None:
+    from tinyllama.fileio import atomic_file
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(obj), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(target) as tmp, open(tmp, "w") as f:
+        json.dump(_finite(obj), f, indent=2)
+        f.write("\n")
 
 
 def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
