@@ -69,7 +69,9 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # for MFU; None = known GPUs (H100/H200 989, A100 312), else no MFU
     tensorboard: bool = True  # when the tensorboard package is installed
     progress: bool = True  # live progress line on rank 0
-    export_hf: Optional[str] = None  # write a Hugging Face directory here at the end (relative to out_dir)
+    # write a Hugging Face directory here at the end (relative to out_dir); into an existing directory only
+    # the model files are replaced (a re-run updates its export), other files there are kept
+    export_hf: Optional[str] = None
     sample_prompt: Optional[str] = None  # print a generation from this prompt at the end
     sample_tokens: int = 40
     report_unigram_entropy: bool = False  # print the train tokens' unigram entropy beside the val loss
