@@ -429,7 +429,7 @@ class FinetuneTrainer:
         step = 0
         result: dict[str, Any] = {"losses": [], "out_dir": str(self.out_dir), "stopped_by": None}
         if self.resume:
-            latest = ckpt.latest()
+            latest = ckpt.resume_point(self.progress.print)  # skips a damaged newest checkpoint, with a warning
             if latest is None:
                 self.progress.print(f"no checkpoint in {ckpt.root}; starting from the base model")
             else:

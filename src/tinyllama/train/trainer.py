@@ -320,7 +320,7 @@ class Trainer:
 
         resumed_from = None
         if self.resume:
-            latest = ckpt.latest()
+            latest = ckpt.resume_point(self.progress.print)  # skips a damaged newest checkpoint, with a warning
             if latest is None:
                 self.progress.print(f"no checkpoint in {ckpt.root}; starting from scratch")
             else:
