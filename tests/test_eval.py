@@ -283,6 +283,21 @@ def test_cli_writes_table_and_json(model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--tasks", "nosuch=x"]) == 2
 
 
+def test_cli_json_output_gets_the_umask_mode(model_dir, tmp_path):
+    import stat
+
+    from tinyllama.cli import main
+
+    txt = tmp_path / "doc.txt"
+    txt.write_text(" ".join(_phrase(i, 5) for i in range(10)))
+    old = os.umask(0o022)
+    try:
+        assert main(["eval", "--model", str(model_dir), "--perplexity", str(txt), "--output", str(tmp_path / "r.json")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644  # not mkstemp's 0600
+
+
 @pytest.mark.slow
 def test_lm_eval_adapter_equals_hf_backend_for_all_request_types(model_dir, lm_setup, tmp_path):
     """`lm_eval --model tinyllama` (through the wrapper CLI) gives the hf backend's numbers and generations."""

@@ -99,6 +99,21 @@ def test_merged_logits_equal_base_plus_adapter(quant, tmp_path):
         torch.testing.assert_close(fresh(ids), lora_logits, atol=1e-5, rtol=1e-5)
 
 
+def test_adapter_files_get_the_umask_mode(tmp_path):
+    import os
+    import stat
+
+    model = _model()
+    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    old = os.umask(0o027)
+    try:
+        save_adapter(model, tmp_path / "adapter", LoRAConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "adapter").iterdir()}
+    assert modes == {"adapter_model.safetensors": 0o640, "adapter_config.json": 0o640}  # not mkstemp's 0600
+
+
 def test_adapter_loads_in_peft_when_installed(tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")

@@ -359,3 +359,17 @@ def test_profile_settings_validated():
         run_config_from_dict(tiny_run("x", profile_from_step=-1)).validate()
     with pytest.raises(TinyLlamaError, match="profile_steps"):
         run_config_from_dict(tiny_run("x", profile_steps=0)).validate()
+
+
+def test_export_hf_replaces_its_own_export_and_keeps_other_files(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "notes.txt").write_text("precious\n")  # the user's file in the export directory
+    pretrain(run_config_from_dict(tiny_run(tmp_path, max_steps=2, export_hf="hf")))
+    first = (hf / "model.safetensors").read_bytes()
+    # a re-run (resumed to more steps) exports again into the same directory
+    pretrain(run_config_from_dict(tiny_run(tmp_path, max_steps=4, export_hf="hf")), resume=True)
+    assert (hf / "model.safetensors").read_bytes() != first
+    assert (hf / "notes.txt").read_text() == "precious\n"
+    got = Llama.from_pretrained(hf)
+    assert all(torch.equal(v, got.state_dict()[k]) for k, v in final_weights(tmp_path).items())

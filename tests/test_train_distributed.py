@@ -106,3 +106,24 @@ def test_fsdp2_bf16_weights_fused_blocks_match_plain(tmp_path):
     assert sorted(losses["fused"]) == list(range(1, 7))
     for step, loss in losses["fused"].items():
         assert loss == pytest.approx(losses["plain"][step], rel=2e-3), step
+
+
+def test_two_ranks_record_every_ranks_files_and_resume_past_a_damaged_one(tmp_path):
+    # Rank 0 writes the record after every rank wrote its shard; a damaged shard of rank 1 is found on resume
+    # (rank 0 decides, every rank loads the same earlier checkpoint) and reported once.
+    import json
+
+    run = tiny_run(tmp_path / "run", micro_batch=2, global_batch=4, max_steps=4, save_every=2, progress=True)
+    _torchrun(tmp_path, run, 2)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000004"
+    recorded = set(json.loads((ckpt / "integrity.json").read_text())["files"])
+    assert {"__0_0.distcp", "__1_0.distcp", "rng/rank-00000.pt", "rng/rank-00001.pt", ".metadata"} <= recorded
+    shard = ckpt / "__1_0.distcp"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    run["train"]["max_steps"] = 6
+    out = _torchrun(tmp_path, run, 2, "--resume")
+    log = out.stdout + out.stderr
+    assert log.count("warning: checkpoint step-0000004 is damaged: __1_0.distcp is truncated") == 1, log[-3000:]
+    assert "resumed from" in log and "step-0000002 (step 2" in log
+    assert sorted(losses_of(tmp_path / "run")) == list(range(1, 7))

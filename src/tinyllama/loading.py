@@ -6,6 +6,7 @@ through these functions, so devices, dtypes, tokenizers and error messages are t
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -53,14 +54,17 @@ def load_checkpoint_or_hf(path: str):
         model = Llama.from_pretrained(p)
         has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
         return model, (Tokenizer(p) if has_tok else Tokenizer()), f"Hugging Face directory {p}"
-    from tinyllama.train.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+    from tinyllama.train.checkpoint import load_model_weights, read_meta, resolve_checkpoint, verify_checkpoint
 
     ckpt = resolve_checkpoint(p)
+    note = verify_checkpoint(ckpt)  # a damaged checkpoint is refused, before meta.json is trusted
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     meta = read_meta(ckpt)
     try:
         config = ModelConfig.from_dict(meta["model"])
     except (KeyError, TypeError) as e:
         raise TinyLlamaError(f"{ckpt / 'meta.json'}: no usable 'model' entry ({e})") from None
     model = Llama(config)
-    load_model_weights(ckpt, model)
+    load_model_weights(ckpt, model, verify=False)
     return model.eval(), Tokenizer(), f"training checkpoint {ckpt} (step {meta.get('step')})"

@@ -360,10 +360,11 @@ class Llama(nn.Module):
 
         return load_hf_model(path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path, tokenizer=None, dtype=None, max_shard_size: int = 2 * 1024**3) -> None:
+    def save_pretrained(self, path, tokenizer=None, dtype=None, max_shard_size: int = 2 * 1024**3,
+                        overwrite: bool = True) -> None:
         from tinyllama.convert import save_hf_model
 
-        save_hf_model(self, path, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size)
+        save_hf_model(self, path, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

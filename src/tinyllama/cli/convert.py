@@ -7,7 +7,6 @@ Hugging Face directory (config.json + safetensors + tokenizer) or a GGUF file fo
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from tinyllama.errors import TinyLlamaError
@@ -21,26 +20,31 @@ def add_arguments(p) -> None:
     p.add_argument("--quant", choices=("f16", "q8_0", "q4_0"), default="f16", help="GGUF tensor type")
     p.add_argument("--dtype", default=None, help="weights dtype of the HF output: float32, bfloat16, float16 "
                                                  "(default: float32 for training checkpoints)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out directory (its model files are replaced, other files kept) "
+                        "or replace an existing .gguf file")
 
 
 def run(args) -> int:
     from tinyllama.loading import load_checkpoint_or_hf
 
-    model, tok, what = load_checkpoint_or_hf(args.checkpoint)
     out = Path(args.out)
     if args.to == "hf":
-        model.save_pretrained(out, tokenizer=tok, dtype=args.dtype)
+        from tinyllama.convert.hf import check_hf_target
+
+        check_hf_target(out, args.overwrite)  # before the (possibly long) load
+        model, tok, what = load_checkpoint_or_hf(args.checkpoint)
+        model.save_pretrained(out, tokenizer=tok, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote Hugging Face model to {out} from {what}")
         return 0
     if args.dtype:
         raise TinyLlamaError("--dtype applies to --to hf; for GGUF choose --quant")
     try:
-        from tinyllama.convert.gguf import export_gguf
+        from tinyllama.convert.gguf import check_gguf_target, export_gguf
     except ImportError as e:
-        if "tinyllama.convert.gguf" in str(e):
-            print("tinyllama convert --to gguf: not yet available in this version", file=sys.stderr)
-            return 2
         raise TinyLlamaError(f"GGUF export needs the gguf package: pip install 'tinyllama[gguf]' ({e})") from None
-    path = export_gguf(model, tok, out, args.quant)
+    check_gguf_target(out, args.overwrite)
+    model, tok, what = load_checkpoint_or_hf(args.checkpoint)
+    path = export_gguf(model, tok, out, args.quant, overwrite=args.overwrite)
     print(f"wrote GGUF ({args.quant}) to {path} from {what}")
     return 0

@@ -16,9 +16,7 @@ Files are written to a temporary name and renamed into place, so a crash never l
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +25,7 @@ import torch
 
 from tinyllama.config import ModelConfig
 from tinyllama.errors import TinyLlamaError
+from tinyllama.fileio import atomic_file
 
 QUANTS = ("f16", "q8_0", "q4_0")
 
@@ -157,8 +156,20 @@ def _tensor_type(gguf, quant: str, name: str, shape: tuple[int, ...]):
     return want
 
 
-def export_gguf(model, tokenizer, out_path, quant: str = "f16", name: Optional[str] = None) -> Path:
-    """Write `model` (a tinyllama Llama) and `tokenizer` as a llama.cpp GGUF file; returns the path."""
+def check_gguf_target(out_path, overwrite: bool) -> None:
+    """Refuse a directory, and an existing file unless `overwrite`, before any work is done."""
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise TinyLlamaError(f"{out_path}: is a directory; give the .gguf file to write")
+    if out_path.exists() and not overwrite:
+        raise TinyLlamaError(f"{out_path}: already exists; pass --overwrite to replace it, or choose another --out")
+
+
+def export_gguf(model, tokenizer, out_path, quant: str = "f16", name: Optional[str] = None,
+                overwrite: bool = True) -> Path:
+    """Write `model` (a tinyllama Llama) and `tokenizer` as a llama.cpp GGUF file; returns the path.
+
+    An existing file is replaced (atomically) only with `overwrite`."""
     from tinyllama.model import ensure_unfused
 
     ensure_unfused(model, "GGUF export")
@@ -167,17 +178,13 @@ def export_gguf(model, tokenizer, out_path, quant: str = "f16", name: Optional[s
         raise TinyLlamaError(f"GGUF export: unknown --quant '{quant}'; choose one of: {', '.join(QUANTS)}")
     c: ModelConfig = model.config
     out_path = Path(out_path)
-    if out_path.is_dir():
-        raise TinyLlamaError(f"{out_path}: is a directory; give the .gguf file to write")
+    check_gguf_target(out_path, overwrite)
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
     tokens, scores, types = llama_vocab(tokenizer, c.vocab_size)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out_path) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch="llama")
         w.add_name(name or (c.name if c.name not in ("custom", "hf") else "tinyllama"))
         w.add_context_length(c.max_seq_len)
@@ -228,17 +235,10 @@ def export_gguf(model, tokenizer, out_path, quant: str = "f16", name: Optional[s
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; a model file is an ordinary file
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out_path
 
 
-def convert_hf_dir_to_gguf(hf_dir, out_path, quant: str = "f16") -> Path:
+def convert_hf_dir_to_gguf(hf_dir, out_path, quant: str = "f16", overwrite: bool = True) -> Path:
     """A Hugging Face Llama directory (config.json + safetensors + tokenizer) -> GGUF file."""
     from tinyllama.convert.hf import load_hf_model
     from tinyllama.tokenizer import Tokenizer
@@ -246,7 +246,7 @@ def convert_hf_dir_to_gguf(hf_dir, out_path, quant: str = "f16") -> Path:
     hf_dir = Path(hf_dir)
     model = load_hf_model(hf_dir, dtype=torch.float32)
     has_tok = any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-    return export_gguf(model, Tokenizer(hf_dir) if has_tok else Tokenizer(), out_path, quant=quant)
+    return export_gguf(model, Tokenizer(hf_dir) if has_tok else Tokenizer(), out_path, quant=quant, overwrite=overwrite)
 
 
 # ---- reading back (checks, and loading a GGUF into tinyllama) ------------------------------------

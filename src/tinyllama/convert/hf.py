@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -165,10 +166,64 @@ def _shard(state: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str
     return shards
 
 
-def save_hf_model(model, path, tokenizer=None, dtype=None, max_shard_size: int = 2 * 1024**3) -> Path:
-    """Write config.json, (sharded) safetensors, generation_config.json and tokenizer files, atomically."""
+# What an export writes (and a re-export into the same directory replaces). Weights are matched by
+# pattern so a sharded export replacing a single-file one (or the reverse) leaves no stale weights behind.
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_STAGING_PREFIX = ".tinyllama-export-"
+
+
+def _is_model_file(name: str) -> bool:
+    return name in _MODEL_FILES or bool(_SHARD_RE.match(name))
+
+
+def check_hf_target(target, overwrite: bool) -> None:
+    """Refuse, before any work: a path that is not a directory; a non-empty directory unless `overwrite`."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise TinyLlamaError(f"{target}: exists and is not a directory; a Hugging Face model is a directory: "
+                             f"choose another --out")
+    if target.is_dir() and not overwrite:
+        present = sorted(p.name for p in target.iterdir())
+        if present:
+            raise TinyLlamaError(
+                f"{target}: directory is not empty ({len(present)} entries, e.g. {present[0]}); pass --overwrite to "
+                f"replace the model files in it (other files are kept), or choose another --out"
+            )
+
+
+def _merge_into(staging: Path, target: Path) -> None:
+    """Move the files of `staging` into the existing directory `target`, replacing its model files only.
+
+    config.json is removed first and put back last: while it is absent the directory is no loadable model,
+    so a crash part-way leaves either the old model, no model, or the new one, never a mix of the two.
+    """
+    new = {p.name for p in staging.iterdir()}
+    try:
+        (target / "config.json").unlink(missing_ok=True)
+        for old in target.iterdir():
+            if _is_model_file(old.name) and old.name not in new and old.is_file():
+                old.unlink()
+        for name in sorted(new - {"config.json"}) + ["config.json"]:
+            os.replace(staging / name, target / name)
+    except OSError as e:
+        raise TinyLlamaError(f"{target}: cannot replace the model files in it ({e})") from None
+    staging.rmdir()
+
+
+def save_hf_model(model, path, tokenizer=None, dtype=None, max_shard_size: int = 2 * 1024**3,
+                  overwrite: bool = True) -> Path:
+    """Write config.json, (sharded) safetensors, generation_config.json and tokenizer files.
+
+    A new directory appears whole (written under a temporary name, then renamed). Into an existing
+    directory (non-empty ones only with `overwrite`, as `tinyllama convert --overwrite`; the training
+    exports re-run into their own directory, so they pass True) the model files are replaced and every
+    other file is kept (see `_merge_into`). Files and folders get the umask's modes.
+    """
     from safetensors.torch import save_file
 
+    from tinyllama.fileio import publish_modes
     from tinyllama.tokenizer import Tokenizer
 
     config: ModelConfig = model.config
@@ -176,6 +231,7 @@ def save_hf_model(model, path, tokenizer=None, dtype=None, max_shard_size: int =
 
     ensure_unfused(model, "saving a Hugging Face checkpoint")
     target = Path(path)
+    check_hf_target(target, overwrite)
     dtype = parse_dtype(dtype)
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     if dtype is not None:
@@ -183,8 +239,15 @@ def save_hf_model(model, path, tokenizer=None, dtype=None, max_shard_size: int =
     hf_state = {k: v.contiguous() for k, v in to_hf_state_dict(state, config).items()}
     saved_dtype = next(iter(hf_state.values())).dtype
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    merge = target.is_dir()
+    if merge:
+        for stale in target.glob(_STAGING_PREFIX + "*"):  # left by a crashed export
+            shutil.rmtree(stale, ignore_errors=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    # Staged inside an existing target (known writable, same file system), else next to it.
+    tmp = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX if merge else f".{target.name}.tmp-",
+                                dir=target if merge else target.parent))
     try:
         hf_cfg = config.to_hf_dict()
         hf_cfg["torch_dtype"] = str(saved_dtype).replace("torch.", "")
@@ -207,11 +270,9 @@ def save_hf_model(model, path, tokenizer=None, dtype=None, max_shard_size: int =
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tokenizer or Tokenizer()).save_pretrained(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+        publish_modes(tmp)
+        if merge:
+            _merge_into(tmp, target)
         else:
             os.replace(tmp, target)
     except BaseException:

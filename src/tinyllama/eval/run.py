@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,17 +84,13 @@ def _finite(obj):
 
 
 def write_json_atomic(path: str, obj: dict) -> None:
+    from tinyllama.fileio import atomic_file
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(obj), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(target) as tmp, open(tmp, "w") as f:
+        json.dump(_finite(obj), f, indent=2)
+        f.write("\n")
 
 
 def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -23,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from tinyllama.errors import TinyLlamaError
+from tinyllama.fileio import atomic_file
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -240,14 +239,8 @@ def save_adapter(model: nn.Module, directory, cfg: LoRAConfig, base_model_path: 
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model_path}
     for name, write in (("adapter_model.safetensors", lambda p: save_file(adapter_state_dict(model), p)),
                         ("adapter_config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, directory / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(directory / name) as tmp:
+            write(str(tmp))
     return directory
 
 

@@ -413,7 +413,7 @@ class FinetuneTrainer:
                          grad_sync=self._grad_sync(lora_params) if lora_params and info.is_distributed else None)
         resumed_from = None
         if self.resume:
-            resumed_from = ckpt.latest()
+            resumed_from = ckpt.resume_point(self.progress.print)  # skips a damaged newest checkpoint, with a warning
             if resumed_from is None:
                 self.progress.print(f"no checkpoint in {ckpt.root}; starting from the base model")
             else:

@@ -49,7 +49,9 @@ class LoopConfig:
     max_consecutive_nonfinite: int = 5  # with "skip": checkpoint and stop after this many in a row
     progress: bool = True  # the live progress line on rank 0 (validation, summary and errors print regardless)
     tensorboard: bool = True  # when the tensorboard package is installed
-    export_hf: Optional[str] = None  # write a Hugging Face directory here at the end (relative to out_dir)
+    # write a Hugging Face directory here at the end (relative to out_dir); into an existing directory only
+    # the model files are replaced (a re-run updates its export), other files there are kept
+    export_hf: Optional[str] = None
     # torch.profiler over steps profile_from_step+1 .. +profile_steps (None: off): OUT/profile/, per rank.
     profile_from_step: Optional[int] = None
     profile_steps: int = 2

@@ -265,7 +265,7 @@ class Trainer:
         """Resume (--resume), start from another run's weights (train.init_from), or start fresh."""
         t = self.cfg.train
         if self.resume:
-            latest = ckpt.latest()
+            latest = ckpt.resume_point(self.progress.print)  # skips a damaged newest checkpoint, with a warning
             if latest is None:
                 self.progress.print(f"no checkpoint in {ckpt.root}; starting from scratch")
                 return None
