@@ -19,13 +19,13 @@ from tinyllama.config import ModelConfig  # noqa: E402
 from tinyllama.convert.gguf import (  # noqa: E402
     convert_hf_dir_to_gguf,
     export_gguf,
-    load_gguf_model,
+    open_gguf,
     permute_to_interleaved,
     permute_to_rotate_half,
-    open_gguf,
     read_gguf,
 )
 from tinyllama.errors import TinyLlamaError  # noqa: E402
+from tinyllama.loading import load_gguf_model  # noqa: E402
 from tinyllama.model import Llama, apply_rope, rope_cache  # noqa: E402
 from tinyllama.tokenizer import Tokenizer  # noqa: E402
 

@@ -54,7 +54,12 @@ def load_checkpoint_or_hf(path: str):
         model = Llama.from_pretrained(p)
         has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
         return model, (Tokenizer(p) if has_tok else Tokenizer()), f"Hugging Face directory {p}"
-    from tinyllama.train.checkpoint import load_model_weights, read_meta, resolve_checkpoint, verify_checkpoint
+    from tinyllama.train.checkpoint import (
+        load_model_weights,
+        read_meta,
+        resolve_checkpoint,
+        verify_checkpoint,
+    )
 
     ckpt = resolve_checkpoint(p)
     note = verify_checkpoint(ckpt)  # a damaged checkpoint is refused, before meta.json is trusted
@@ -68,3 +73,16 @@ def load_checkpoint_or_hf(path: str):
     model = Llama(config)
     load_model_weights(ckpt, model, verify=False)
     return model.eval(), Tokenizer(), f"training checkpoint {ckpt} (step {meta.get('step')})"
+
+
+def load_gguf_model(path):
+    """A tinyllama `Llama` with the (dequantized) weights of a GGUF file, in fp32."""
+    from tinyllama.convert.gguf import read_gguf
+    from tinyllama.model import Llama
+
+    config, state, _ = read_gguf(path)
+    model = Llama(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise TinyLlamaError(f"{path}: GGUF tensors do not match its metadata (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()

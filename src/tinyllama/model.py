@@ -18,17 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyllama.config import ModelConfig
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import fused_projections_error
 
 
 def ensure_unfused(model: nn.Module, purpose: str) -> None:
     """Refuse, with a clear message, to use a model fused by `Llama.fuse_projections` where the separate
     q/k/v and gate/up weights are needed (saving, GGUF export, LoRA, training kernels)."""
     if getattr(model, "projections_fused", False):
-        raise TinyLlamaError(
-            f"{purpose} needs separate q/k/v and gate/up weights, but this model's were fused for inference "
-            "(fuse_projections); use the model before fusing it, or reload it from its checkpoint"
-        )
+        raise fused_projections_error(purpose)
 
 
 class RMSNorm(nn.Module):
@@ -356,13 +353,30 @@ class Llama(nn.Module):
     # ---- checkpoints (I/O lives in tinyllama.convert) ------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Llama":
-        from tinyllama.convert import load_hf_model
+        """A Hugging Face Llama directory (config.json + safetensors) -> model, in its saved dtype by default."""
+        from tinyllama.convert.hf import (
+            check_state_dict,
+            parse_dtype,
+            read_hf_checkpoint,
+        )
 
-        return load_hf_model(path, dtype=dtype, device=device)
+        config, sd = read_hf_checkpoint(path)
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict(model.state_dict(), sd, path)
+        dtype = parse_dtype(dtype) or next(iter(sd.values())).dtype
+        model = model.to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
+        model.init_weights()  # the rotary tables; the weights are overwritten below
+        model = model.to(dtype)
+        model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.rope_cos.data, model.rope_sin.data = model.rope_cos.float(), model.rope_sin.float()  # fp32 always
+        return model
 
     def save_pretrained(self, path, tokenizer=None, dtype=None, max_shard_size: int = 2 * 1024**3,
                         overwrite: bool = True) -> None:
-        from tinyllama.convert import save_hf_model
+        from tinyllama.convert.hf import save_hf_model
 
         save_hf_model(self, path, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
 

@@ -103,7 +103,8 @@ def roundtrip(model, tokenizer, quants=("f16", "q8_0", "q4_0"), n_tokens: int = 
               prompts: Sequence[str] = PROMPTS, strings: Sequence[str] = TOKENIZER_STRINGS,
               workdir: Optional[Path] = None, log=print) -> dict:
     """Export, load in llama.cpp, compare. Returns a JSON-able report (see `run` for the checks)."""
-    from tinyllama.convert.gguf import export_gguf, load_gguf_model
+    from tinyllama.convert.gguf import export_gguf
+    from tinyllama.loading import load_gguf_model
 
     model = model.float().eval()
     workdir = Path(workdir or tempfile.mkdtemp(prefix="tinyllama-gguf-"))
@@ -169,9 +170,9 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     if args.model:
-        from tinyllama.convert.hf import load_hf_model
+        from tinyllama.model import Llama
 
-        model, tok = load_hf_model(args.model, dtype=torch.float32), Tokenizer(args.model)
+        model, tok = Llama.from_pretrained(args.model, dtype=torch.float32), Tokenizer(args.model)
     else:
         model, tok = Llama(ModelConfig.from_name(args.preset)), Tokenizer()
     import llama_cpp

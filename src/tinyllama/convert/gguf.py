@@ -170,13 +170,18 @@ def export_gguf(model, tokenizer, out_path, quant: str = "f16", name: Optional[s
     """Write `model` (a tinyllama Llama) and `tokenizer` as a llama.cpp GGUF file; returns the path.
 
     An existing file is replaced (atomically) only with `overwrite`."""
-    from tinyllama.model import ensure_unfused
+    return write_gguf(model.config, model.state_dict(), tokenizer, out_path, quant, name, overwrite)
 
-    ensure_unfused(model, "GGUF export")
+
+def write_gguf(c: ModelConfig, state: dict, tokenizer, out_path, quant: str = "f16", name: Optional[str] = None,
+               overwrite: bool = True) -> Path:
+    """A config and our state dict (rotate-half q/k rows) as a llama.cpp GGUF file."""
+    from tinyllama.convert.hf import refuse_fused
+
+    refuse_fused(state, "GGUF export")
     gguf = _import_gguf()
     if quant not in QUANTS:
         raise TinyLlamaError(f"GGUF export: unknown --quant '{quant}'; choose one of: {', '.join(QUANTS)}")
-    c: ModelConfig = model.config
     out_path = Path(out_path)
     check_gguf_target(out_path, overwrite)
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
@@ -213,7 +218,6 @@ def export_gguf(model, tokenizer, out_path, quant: str = "f16", name: Optional[s
         w.add_add_space_prefix(True)  # Llama 2's normalizer prepends "▁"
         w.add_chat_template(tokenizer.chat_template)
 
-        state = model.state_dict()
         for key, tensor in state.items():
             if key == "lm_head.weight" and c.tie_embeddings:
                 continue  # llama.cpp reuses token_embd when output.weight is absent
@@ -240,13 +244,14 @@ def export_gguf(model, tokenizer, out_path, quant: str = "f16", name: Optional[s
 
 def convert_hf_dir_to_gguf(hf_dir, out_path, quant: str = "f16", overwrite: bool = True) -> Path:
     """A Hugging Face Llama directory (config.json + safetensors + tokenizer) -> GGUF file."""
-    from tinyllama.convert.hf import load_hf_model
+    from tinyllama.convert.hf import read_hf_checkpoint
     from tinyllama.tokenizer import Tokenizer
 
     hf_dir = Path(hf_dir)
-    model = load_hf_model(hf_dir, dtype=torch.float32)
+    config, state = read_hf_checkpoint(hf_dir)
     has_tok = any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-    return export_gguf(model, Tokenizer(hf_dir) if has_tok else Tokenizer(), out_path, quant=quant, overwrite=overwrite)
+    return write_gguf(config, state, Tokenizer(hf_dir) if has_tok else Tokenizer(), out_path, quant=quant,
+                      overwrite=overwrite)
 
 
 # ---- reading back (checks, and loading a GGUF into tinyllama) ------------------------------------
@@ -320,15 +325,3 @@ def read_gguf(path, reader=None) -> tuple[ModelConfig, dict[str, torch.Tensor], 
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return config, state, meta
-
-
-def load_gguf_model(path):
-    """A tinyllama `Llama` with the (dequantized) weights of a GGUF file, in fp32."""
-    from tinyllama.model import Llama
-
-    config, state, _ = read_gguf(path)
-    model = Llama(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise TinyLlamaError(f"{path}: GGUF tensors do not match its metadata (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval()

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from tinyllama.config import ModelConfig
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import TinyLlamaError, fused_projections_error
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -103,10 +103,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise TinyLlamaError(f"{path}: cannot read safetensors ({e})") from None
 
 
-def load_hf_model(path, dtype=None, device=None):
-    """Load a Hugging Face Llama directory (config.json + safetensors, single or sharded)."""
-    from tinyllama.model import Llama
-
+def read_hf_checkpoint(path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A Hugging Face Llama directory (config.json + safetensors, single or sharded) -> (config, our state
+    dict). `Llama.from_pretrained` builds the model from it; this module never imports the model."""
     directory = Path(path)
     if not directory.exists():
         raise TinyLlamaError(f"{directory}: model directory not found")
@@ -119,11 +118,11 @@ def load_hf_model(path, dtype=None, device=None):
     hf_sd: dict[str, torch.Tensor] = {}
     for f in _safetensor_files(directory):
         hf_sd.update(read_safetensors(f))
-    sd = from_hf_state_dict(hf_sd, config, source=str(directory))
+    return config, from_hf_state_dict(hf_sd, config, source=str(directory))
 
-    with torch.device("meta"):
-        model = Llama(config)
-    expected = model.state_dict()
+
+def check_state_dict(expected: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], source) -> None:
+    """The checkpoint's tensors are exactly the model's, with the model's shapes; else one line naming one."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
@@ -132,24 +131,18 @@ def load_hf_model(path, dtype=None, device=None):
             parts.append(f"missing {len(missing)} tensor(s) e.g. {to_hf_key(missing[0])}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. {to_hf_key(unexpected[0])}")
-        raise TinyLlamaError(f"{directory}: weights do not match config.json ({'; '.join(parts)}): not a Llama checkpoint of this architecture")
+        raise TinyLlamaError(f"{source}: weights do not match config.json ({'; '.join(parts)}): not a Llama checkpoint of this architecture")
     for k, v in expected.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise TinyLlamaError(
-                f"{directory}: tensor {to_hf_key(k)} has shape {tuple(sd[k].shape)} but config.json implies {tuple(v.shape)}"
+                f"{source}: tensor {to_hf_key(k)} has shape {tuple(sd[k].shape)} but config.json implies {tuple(v.shape)}"
             )
-    dtype = parse_dtype(dtype) or next(iter(sd.values())).dtype
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    model = model.to_empty(device=device)
-    model.init_weights()  # rotary tables; weights are overwritten below
-    model = model.to(dtype)
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=False)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    # rotary tables stay fp32 whatever the weights' dtype
-    model.rope_cos.data = model.rope_cos.float()
-    model.rope_sin.data = model.rope_sin.float()
-    return model
+
+
+def refuse_fused(state: dict, purpose: str) -> None:
+    """Exports need separate q/k/v and gate/up weights (`Llama.fuse_projections` is inference only)."""
+    if any(k.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for k in state):
+        raise fused_projections_error(purpose)
 
 
 # ---- saving -------------------------------------------------------------------------------------
@@ -227,13 +220,12 @@ def save_hf_model(model, path, tokenizer=None, dtype=None, max_shard_size: int =
     from tinyllama.tokenizer import Tokenizer
 
     config: ModelConfig = model.config
-    from tinyllama.model import ensure_unfused
-
-    ensure_unfused(model, "saving a Hugging Face checkpoint")
+    state = model.state_dict()
+    refuse_fused(state, "saving a Hugging Face checkpoint")
     target = Path(path)
     check_hf_target(target, overwrite)
     dtype = parse_dtype(dtype)
-    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu") for k, v in state.items()}
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     hf_state = {k: v.contiguous() for k, v in to_hf_state_dict(state, config).items()}
