@@ -2,7 +2,9 @@
 assistant-only loss mask, and packing into fixed-length training blocks.
 
 SFT lines are `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}` (the
-UltraChat / OpenAI shape). DPO lines are `{"prompt", "chosen", "rejected"}` where `prompt` is a string or a
+UltraChat / OpenAI shape), Alpaca's `{"instruction", "input", "output"}` (optional "system"), or ShareGPT's
+`{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}` (also "user"/"assistant"); the
+first record decides a file's shape and every other record must have it. DPO lines are `{"prompt", "chosen", "rejected"}` where `prompt` is a string or a
 message list and `chosen`/`rejected` are strings (the reply) or full message lists ending in the reply
 (UltraFeedback-binarized).
 
@@ -47,13 +49,79 @@ def check_messages(messages, where: str, field: str = "messages") -> list[dict]:
     return out
 
 
+# Which record shape a key marks, in order of precedence (a record with "messages" is OpenAI-shaped even if
+# it also has, say, an "instruction" field).
+SHAPES = {"messages": "messages", "conversations": "ShareGPT", "instruction": "Alpaca"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def record_shape(rec: dict) -> Optional[str]:
+    return next((shape for key, shape in SHAPES.items() if key in rec), None)
+
+
+def _string_field(rec: dict, key: str, where: str, required: bool = True) -> str:
+    v = rec.get(key, "")
+    if key not in rec and required:
+        raise TinyLlamaError(f"{where}: missing field '{key}'")
+    if not isinstance(v, str):
+        raise TinyLlamaError(f"{where}: field '{key}' must be a string, got {type(v).__name__}")
+    return v
+
+
+def alpaca_messages(rec: dict, where: str) -> list[dict]:
+    """Alpaca's instruction (+ input, as a second paragraph) is the user turn, output the reply."""
+    instruction = _string_field(rec, "instruction", where)
+    if not instruction.strip():
+        raise TinyLlamaError(f"{where}: field 'instruction' is empty")
+    extra, output = _string_field(rec, "input", where, required=False), _string_field(rec, "output", where)
+    system = _string_field(rec, "system", where, required=False)
+    user = instruction + ("\n\n" + extra if extra.strip() else "")
+    return ([{"role": "system", "content": system}] if system.strip() else []) + [
+        {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def sharegpt_messages(turns, where: str) -> list[dict]:
+    if not isinstance(turns, list):
+        raise TinyLlamaError(f"{where}: field 'conversations' must be a list of {{from, value}} objects")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise TinyLlamaError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
+        for key in ("from", "value"):
+            if key not in t:
+                raise TinyLlamaError(f"{where}: conversations[{i}] is missing field '{key}'")
+        if t["from"] not in SHAREGPT_ROLES:
+            raise TinyLlamaError(f"{where}: conversations[{i}] has unknown role {t['from']!r}; roles are "
+                                 f"{', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(t["value"], str):
+            raise TinyLlamaError(f"{where}: conversations[{i}] field 'value' must be a string")
+        out.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    return check_messages(out, where, "conversations")
+
+
 def read_chat_jsonl(path, limit: Optional[int] = None) -> list[list[dict]]:
+    """Conversations (message lists) from an OpenAI-messages, Alpaca or ShareGPT JSONL file."""
     convs = []
+    shape, shape_line = None, 0
     for lineno, rec in read_jsonl_objects(path):
         where = f"{path}:{lineno}"
-        if "messages" not in rec:
-            raise TinyLlamaError(f"{where}: missing field 'messages'")
-        msgs = check_messages(rec["messages"], where)
+        this = record_shape(rec)
+        if this is None:
+            key = {v: k for k, v in SHAPES.items()}.get(shape)
+            raise TinyLlamaError(f"{where}: missing field '{key}'" if shape else
+                                 f"{where}: missing field 'messages' (or Alpaca's 'instruction'/'output', or "
+                                 f"ShareGPT's 'conversations')")
+        if shape is None:
+            shape, shape_line = this, lineno
+        elif this != shape:
+            raise TinyLlamaError(f"{where}: a {this} record in a file of {shape} records (line {shape_line} is "
+                                 f"one); use one shape per file")
+        if shape == "messages":
+            msgs = check_messages(rec["messages"], where)
+        elif shape == "ShareGPT":
+            msgs = sharegpt_messages(rec["conversations"], where)
+        else:
+            msgs = alpaca_messages(rec, where)
         if not any(m["role"] == "assistant" for m in msgs):
             raise TinyLlamaError(f"{where}: conversation has no assistant message: nothing to learn from")
         convs.append(msgs)
