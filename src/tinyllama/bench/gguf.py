@@ -170,8 +170,9 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     if args.model:
         from tinyllama.convert.hf import load_hf_model
+        from tinyllama.loading import resolve_model_path
 
-        model, tok = load_hf_model(args.model, dtype=torch.float32), Tokenizer(args.model)
+        model, tok = load_hf_model(args.model, dtype=torch.float32), Tokenizer(resolve_model_path(args.model))
     else:
         model, tok = Llama(ModelConfig.from_name(args.preset)), Tokenizer()
     import llama_cpp

@@ -105,9 +105,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_hf_model(path, dtype=None, device=None):
     """Load a Hugging Face Llama directory (config.json + safetensors, single or sharded)."""
+    from tinyllama.loading import resolve_model_path
     from tinyllama.model import Llama
 
-    directory = Path(path)
+    directory = resolve_model_path(path)  # a Hub id `org/name` too
     if not directory.exists():
         raise TinyLlamaError(f"{directory}: model directory not found")
     if not directory.is_dir():
