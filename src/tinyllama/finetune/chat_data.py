@@ -4,9 +4,9 @@ assistant-only loss mask, and packing into fixed-length training blocks.
 SFT lines are `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}` (the
 UltraChat / OpenAI shape), Alpaca's `{"instruction", "input", "output"}` (optional "system"), or ShareGPT's
 `{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}` (also "user"/"assistant"); the
-first record decides a file's shape and every other record must have it. DPO lines are `{"prompt", "chosen", "rejected"}` where `prompt` is a string or a
-message list and `chosen`/`rejected` are strings (the reply) or full message lists ending in the reply
-(UltraFeedback-binarized).
+first record decides a file's shape and every other record must have it. DPO lines are
+`{"prompt", "chosen", "rejected"}` where `prompt` is a string or a message list and `chosen`/`rejected` are
+strings (the reply) or full message lists ending in the reply (UltraFeedback-binarized).
 
 Rendering uses the tokenizer's chat template (TinyLlama-Chat's Zephyr template by default), tokenises the
 whole conversation once and marks a token trainable when it lies inside an assistant message's content
@@ -29,23 +29,29 @@ IGNORE = -100
 
 
 # ---- reading ---------------------------------------------------------------------------------------
-def check_messages(messages, where: str, field: str = "messages") -> list[dict]:
+def check_messages(messages, where: str, field: str = "messages", keys: tuple[str, str] = ("role", "content"),
+                   roles: Optional[dict] = None) -> list[dict]:
+    """Validated {role, content} messages. keys: the names of a turn's role and text fields in the data;
+    roles: the data's role names -> ours (default: ours, as they are)."""
+    role_key, text_key = keys
+    roles = roles or {r: r for r in ROLES}
     if not isinstance(messages, list):
-        raise TinyLlamaError(f"{where}: field '{field}' must be a list of {{role, content}} objects")
+        raise TinyLlamaError(f"{where}: field '{field}' must be a list of {{{role_key}, {text_key}}} objects")
     if not messages:
         raise TinyLlamaError(f"{where}: field '{field}' is an empty conversation")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise TinyLlamaError(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
-        for key in ("role", "content"):
+            raise TinyLlamaError(f"{where}: {field}[{i}] must be an object with '{role_key}' and '{text_key}'")
+        for key in keys:
             if key not in m:
                 raise TinyLlamaError(f"{where}: {field}[{i}] is missing field '{key}'")
-        if m["role"] not in ROLES:
-            raise TinyLlamaError(f"{where}: {field}[{i}] has unknown role {m['role']!r}; roles are {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise TinyLlamaError(f"{where}: {field}[{i}] field 'content' must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
+        if not isinstance(m[role_key], str) or m[role_key] not in roles:
+            raise TinyLlamaError(f"{where}: {field}[{i}] has unknown role {m[role_key]!r}; roles are "
+                                 f"{', '.join(roles)}")
+        if not isinstance(m[text_key], str):
+            raise TinyLlamaError(f"{where}: {field}[{i}] field '{text_key}' must be a string")
+        out.append({"role": roles[m[role_key]], "content": m[text_key]})
     return out
 
 
@@ -80,25 +86,6 @@ def alpaca_messages(rec: dict, where: str) -> list[dict]:
         {"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def sharegpt_messages(turns, where: str) -> list[dict]:
-    if not isinstance(turns, list):
-        raise TinyLlamaError(f"{where}: field 'conversations' must be a list of {{from, value}} objects")
-    out = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict):
-            raise TinyLlamaError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
-        for key in ("from", "value"):
-            if key not in t:
-                raise TinyLlamaError(f"{where}: conversations[{i}] is missing field '{key}'")
-        if t["from"] not in SHAREGPT_ROLES:
-            raise TinyLlamaError(f"{where}: conversations[{i}] has unknown role {t['from']!r}; roles are "
-                                 f"{', '.join(SHAREGPT_ROLES)}")
-        if not isinstance(t["value"], str):
-            raise TinyLlamaError(f"{where}: conversations[{i}] field 'value' must be a string")
-        out.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
-    return check_messages(out, where, "conversations")
-
-
 def read_chat_jsonl(path, limit: Optional[int] = None) -> list[list[dict]]:
     """Conversations (message lists) from an OpenAI-messages, Alpaca or ShareGPT JSONL file."""
     convs = []
@@ -119,7 +106,7 @@ def read_chat_jsonl(path, limit: Optional[int] = None) -> list[list[dict]]:
         if shape == "messages":
             msgs = check_messages(rec["messages"], where)
         elif shape == "ShareGPT":
-            msgs = sharegpt_messages(rec["conversations"], where)
+            msgs = check_messages(rec["conversations"], where, "conversations", ("from", "value"), SHAREGPT_ROLES)
         else:
             msgs = alpaca_messages(rec, where)
         if not any(m["role"] == "assistant" for m in msgs):
