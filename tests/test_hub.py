@@ -125,7 +125,7 @@ def _tinyllama(args, cache, cwd=None):
 
 def test_generate_takes_a_hub_id_and_a_missing_one_is_one_line(cached):
     cache, export = cached
-    gen = ["generate", "--prompt", "The cat", "--max-new-tokens", "8", "--device", "cpu"]
+    gen = ["generate", "--prompt", "The cat", "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu"]
     by_id = _tinyllama([*gen, "--model", REPO], cache)
     by_dir = _tinyllama([*gen, "--model", str(export)], cache)
     assert by_id.returncode == 0 and by_dir.returncode == 0, by_id.stderr[-2000:]
