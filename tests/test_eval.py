@@ -325,6 +325,78 @@ def test_lm_eval_adapter_equals_hf_backend_for_all_request_types(model_dir, lm_s
     assert mine == ref and any(v.strip() for v in ref.values())
 
 
+def test_lm_eval_entry_point_names_the_adapter_class():
+    """pyproject declares `tinyllama` in the `lm_eval.models` entry-point group (metadata of `pip install -e .`)."""
+    from importlib.metadata import entry_points
+
+    pytest.importorskip("lm_eval")
+    from tinyllama.eval.lm_eval_adapter import TinyLlamaLM
+
+    eps = [ep for ep in entry_points(group="lm_eval.models") if ep.name == "tinyllama"]
+    assert len(eps) == 1, "no lm_eval.models entry point: re-run `pip install -e .` after editing pyproject.toml"
+    # lm-eval swaps the entry point for the class its @register_model registers only when both name the same
+    # "module:Class"; anything else (a module, an alias) is a registry collision there.
+    assert eps[0].value == f"{TinyLlamaLM.__module__}:{TinyLlamaLM.__name__}"
+    assert eps[0].load() is TinyLlamaLM
+
+
+def _plugin_loading_lm_eval():
+    """Skip unless the installed lm-eval resolves `--model NAME` through `lm_eval.models` entry points
+    (EleutherAI/lm-evaluation-harness PR #4013's `load_plugins`; releases up to 0.4.13 do not)."""
+    registry = pytest.importorskip("lm_eval.api.registry")
+    if not hasattr(registry, "load_plugins"):
+        from importlib.metadata import version
+
+        pytest.skip(f"lm-eval {version('lm_eval')} does not load model plugins from entry points; "
+                    "`tinyllama-lm-eval` is the way there")
+
+
+def test_lm_eval_registry_finds_tinyllama_without_importing_it():
+    _plugin_loading_lm_eval()
+    import subprocess
+    import sys
+
+    code = ("from lm_eval.api.registry import get_model; cls = get_model('tinyllama'); "
+            "print(cls.__module__ + ':' + cls.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "tinyllama.eval.lm_eval_adapter:TinyLlamaLM"
+
+
+@pytest.mark.slow
+def test_plain_lm_eval_cli_runs_the_tinyllama_model(model_dir, ours, tmp_path):
+    """`python -m lm_eval --model tinyllama` (no wrapper) scores a local task with tinyllama's scorer."""
+    _plugin_loading_lm_eval()
+    import subprocess
+    import sys
+
+    import yaml
+
+    rows = [{"q": _phrase(i, 6) + "?", "choices": [_phrase(i + j, 2 + j) for j in range(3)], "label": i % 3}
+            for i in range(4)]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    inc = tmp_path / "tasks"
+    inc.mkdir()
+    (inc / "tl_plugin.yaml").write_text(yaml.safe_dump({
+        "task": "tl_plugin", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{q}}",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "label",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "tinyllama", "--model_args",
+           f"pretrained={model_dir},dtype=float32,device=cpu", "--tasks", "tl_plugin", "--include_path", str(inc),
+           "--limit", "2", "--output_path", str(out), "--log_samples"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = [json.loads(line) for line in next(out.rglob("samples_tl_plugin_*.jsonl")).read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == [0, 1]
+    for s in samples:
+        q, choices = rows[s["doc_id"]]["q"], rows[s["doc_id"]]["choices"]
+        mine = [ll for ll, _ in ours.loglikelihood([(q, " " + c) for c in choices])]
+        assert [float(r[0][0]) for r in s["resps"]] == pytest.approx(mine, abs=1e-4)
+
+
 def test_perplexity_of_a_prepared_dataset_scores_its_documents(model_dir, ours, tmp_path):
     from tinyllama.data.prepare import prepare
     from tinyllama.eval.run import EvalConfig, evaluate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -106,6 +107,72 @@ def test_bad_chat_lines_are_named(tmp_path, line, msg):
         read_chat_jsonl(p)
 
 
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_alpaca_and_sharegpt_files_read_as_messages(tmp_path):
+    alpaca = _jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": "Add one.", "input": "41", "output": "42"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi!", "system": "Be brief."},
+        {"instruction": "Name a colour.", "output": "Red."},  # "input" is optional
+    ])
+    assert read_chat_jsonl(alpaca) == [
+        [{"role": "user", "content": "Add one.\n\n41"}, {"role": "assistant", "content": "42"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."},
+         {"role": "assistant", "content": "Hi!"}],
+        [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}],
+    ]
+    sharegpt = _jsonl(tmp_path / "sharegpt.jsonl", [
+        {"id": "a", "conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q1"},
+                                      {"from": "gpt", "value": "A1"}, {"from": "human", "value": "Q2"},
+                                      {"from": "gpt", "value": "A2"}]},
+        {"conversations": [{"from": "user", "value": "Q"}, {"from": "assistant", "value": "A"}]},
+    ])
+    assert read_chat_jsonl(sharegpt) == [
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+         {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}],
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+    ]
+
+
+ALPACA = {"instruction": "a", "output": "b"}
+SHAREGPT = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+MESSAGES = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+
+
+@pytest.mark.parametrize("first,line,msg", [
+    (ALPACA, MESSAGES, r"a messages record in a file of Alpaca records \(line 1 is one\)"),
+    (MESSAGES, SHAREGPT, r"a ShareGPT record in a file of messages records \(line 1 is one\)"),
+    (SHAREGPT, ALPACA, r"a Alpaca record in a file of ShareGPT records"),
+    (ALPACA, {"instruction": "a"}, "missing field 'output'"),
+    (ALPACA, {"instruction": " ", "output": "b"}, "field 'instruction' is empty"),
+    (ALPACA, {"instruction": "a", "input": 3, "output": "b"}, "field 'input' must be a string, got int"),
+    (ALPACA, {"output": "b"}, "missing field 'instruction'"),
+    (SHAREGPT, {"conversations": [{"from": "human", "value": "a"}, {"from": "bing", "value": "b"}]},
+     r"conversations\[1\] has unknown role 'bing'"),
+    (SHAREGPT, {"conversations": [{"from": "human"}, {"from": "gpt", "value": "b"}]},
+     r"conversations\[0\] is missing field 'value'"),
+    (SHAREGPT, {"conversations": [{"from": "human", "value": ["a"]}, {"from": "gpt", "value": "b"}]},
+     r"conversations\[0\] field 'value' must be a string"),
+    (SHAREGPT, {"conversations": [{"from": "human", "value": "a"}]}, "no assistant message"),
+    (SHAREGPT, {"conversations": []}, "empty conversation"),
+    (SHAREGPT, {"conversations": "hi"}, "field 'conversations' must be a list"),
+])
+def test_bad_alpaca_and_sharegpt_lines_are_named(tmp_path, first, line, msg):
+    p = tmp_path / "chat.jsonl"
+    p.write_text(json.dumps(first) + "\n\n" + json.dumps(line) + "\n")
+    with pytest.raises(TinyLlamaError, match=rf"chat\.jsonl:3: .*{msg}"):
+        read_chat_jsonl(p)
+
+
+def test_a_file_of_no_known_shape_names_all_shapes(tmp_path):
+    p = _jsonl(tmp_path / "chat.jsonl", [{"prompt": "a", "completion": "b"}])
+    with pytest.raises(TinyLlamaError, match=r"chat\.jsonl:1: missing field 'messages' \(or Alpaca's 'instruction'"):
+        read_chat_jsonl(p)
+
+
 def test_bad_preference_lines_are_named(tmp_path):
     p = tmp_path / "prefs.jsonl"
     p.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
@@ -142,6 +209,20 @@ def test_sft_lowers_heldout_assistant_loss(files, tmp_path):
     after = heldout_assistant_loss(Path(r["hf_dir"]), files["val"])
     assert after == pytest.approx(r["val_loss"], rel=1e-4)  # the exported model is the trained one
     assert after < before - 1.0, (before, after)
+
+
+def test_sft_runs_on_an_alpaca_file(files, tmp_path):
+    """The Alpaca rows train the same conversations as their messages rows: the same losses, step by step."""
+    rnd = random.Random(1)
+    convs = [_conv(rnd, i)[-2:] for i in range(8)]  # one user turn, one reply each
+    alpaca = _jsonl(tmp_path / "alpaca.jsonl", [{"instruction": c[0]["content"], "output": c[1]["content"]}
+                                                 for c in convs])
+    messages = _jsonl(tmp_path / "messages.jsonl", [{"messages": c} for c in convs])
+    steps = {"train.max_steps": 3}
+    a = finetune(_cfg("sft", files, tmp_path / "a", **{**steps, "data.train": str(alpaca)}))
+    m = finetune(_cfg("sft", files, tmp_path / "m", **{**steps, "data.train": str(messages)}))
+    assert len(a["losses"]) == 3 and all(math.isfinite(x) for x in a["losses"])
+    assert a["losses"] == m["losses"]
 
 
 def test_sft_resume_is_exact(files, tmp_path):

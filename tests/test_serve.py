@@ -310,6 +310,7 @@ def server(model, tok, tmp_path_factory):
     app, engine = build(ServeConfig(model=str(d), model_name="tiny", max_batch_size=16, device="cpu"))
     with LiveServer(app, engine) as live:
         live.model = model  # references come from the saved model's source: the served one is the engine's
+        live.model_dir = d
         yield live
 
 
@@ -430,13 +431,108 @@ def test_bad_requests_get_openai_errors_and_server_stays_up(server, client):
     err = _error(httpx.post(url + "/completions", json={"model": "tiny", "prompt": [99999999]}), 400)
     assert err["param"] == "prompt"
     _error(httpx.post(url + "/completions", json={"model": "tiny", "prompt": "x", "temperature": 5}), 400)
-    _error(httpx.post(url + "/completions", json={"model": "tiny", "prompt": "x", "logprobs": 2}), 400)
+    err = _error(httpx.post(url + "/completions", json={"model": "tiny", "prompt": "x", "logprobs": 6}), 400)
+    assert err["param"] == "logprobs"  # OpenAI's limit is 5
+    err = _error(httpx.post(url + "/completions", json={"model": "tiny", "prompt": "x", "logprobs": 1,
+                                                          "stream": True}), 400)
+    assert err["param"] == "logprobs" and err["code"] == "unsupported_parameter"
     _error(httpx.get(server.url + "/v1/nothing-here"), 404)
     _error(httpx.get(url + "/completions"), 405)
 
     # still up and still correct
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def _model_logprobs(model, ids):
+    """log p(ids[k] | ids[:k]) for k >= 1 and each position's log-softmax, from one plain forward."""
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].float(), -1)
+    return lp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist(), lp
+
+
+def _check_logprobs_shape(lp, text, n_top):
+    assert "".join(lp["tokens"]) == text
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:k]) for k in range(len(lp["tokens"]))]
+    for tok, top in zip(lp["tokens"], lp["top_logprobs"]):
+        if top is not None:
+            assert n_top <= len(top) <= n_top + 1
+
+
+def test_completion_echo_logprobs_score_the_prompt(server, tok):
+    """echo + max_tokens 0: the prompt's log-probabilities (the first null) and top alternatives, batched."""
+    import httpx
+
+    texts = ["The quick brown fox jumps", "A café in Zürich — naïve 🦙", "x"]  # 🦙: four byte tokens
+    prompts = [tok.encode(t, bos=True) for t in texts]
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": prompts, "echo": True,
+                                                         "max_tokens": 0, "logprobs": 3, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    for ids, c in zip(prompts, choices):
+        assert c["text"] == tok.decode(ids)
+        lp = c["logprobs"]
+        assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        _check_logprobs_shape(lp, c["text"], 3)
+        if len(ids) == 1:
+            continue
+        ref, full = _model_logprobs(server.model, ids)
+        assert lp["token_logprobs"][1:] == pytest.approx(ref, abs=1e-4)
+        for k, top in enumerate(lp["top_logprobs"][1:]):
+            best = full[k].topk(3).values.tolist()
+            assert sorted(top.values(), reverse=True)[:3] == pytest.approx(best, abs=1e-4)
+            assert max(top.values()) >= lp["token_logprobs"][k + 1]
+
+
+def test_completion_logprobs_of_generated_tokens(server, client, tok):
+    """Without echo: the completion's tokens, their log-probabilities under the model; greedy picks the top one."""
+    ids = tok.encode("Once upon a time", bos=True)
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, logprobs=2)
+    c = r.choices[0]
+    new = generate(server.model, ids, SamplingConfig(max_new_tokens=6))
+    assert c.text == _ref_text(server.model, tok, ids, 6)
+    lp = c.logprobs
+    assert len(lp.tokens) == len(new) == r.usage.completion_tokens
+    _check_logprobs_shape(lp.model_dump(), c.text, 2)
+    ref, _ = _model_logprobs(server.model, ids + new)
+    assert lp.token_logprobs == pytest.approx(ref[len(ids) - 1:], abs=1e-4)
+    assert all(chosen == max(top.values()) for chosen, top in zip(lp.token_logprobs, lp.top_logprobs))
+    r0 = client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0, logprobs=0, echo=True)
+    lp0 = r0.choices[0].logprobs
+    assert len(lp0.tokens) == len(ids) + 3 and all(t is None or len(t) == 1 for t in lp0.top_logprobs)
+
+
+def test_lm_eval_local_completions_equals_tinyllama_scorer(server):
+    """lm-eval's `local-completions` model (echo, logprobs 1, token-id prompts) against the live server gives
+    `tinyllama eval`'s log-likelihoods and greedy flags on the same multiple-choice requests."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from tinyllama.eval.scoring import Scorer
+
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model="tiny", tokenizer=str(server.model_dir),
+                             tokenizer_backend="huggingface", add_bos_token=True, max_length=256, batch_size=3,
+                             max_retries=1)
+    words = "the cat dog ran over under a tree house river quickly slowly red blue green".split()
+    pairs = []
+    for i in range(4):
+        question = " ".join(words[(i * 5 + k) % len(words)] for k in range(6)) + "?"
+        pairs += [(question, " " + " ".join(words[(i + j * 3 + k) % len(words)] for k in range(1 + j)))
+                  for j in range(3)]
+    pairs.append(("", "the cat"))  # an empty context: conditioned on BOS alone
+    scorer = Scorer(server.model, Tokenizer(server.model_dir), batch_size=4)
+    for question, _ in pairs[:12:3]:  # continuations that ARE the greedy ones, so the greedy flags are tested
+        ids = scorer.encode(question)
+        new = generate(server.model, ids, SamplingConfig(max_new_tokens=2, stop_at_eos=False))
+        text = scorer.tokenizer.decode(ids + new)
+        pairs.append((question, text[len(scorer.tokenizer.decode(ids)):]))
+    theirs = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    mine = scorer.loglikelihood(pairs)
+    assert [ll for ll, _ in theirs] == pytest.approx([ll for ll, _ in mine], abs=1e-4)
+    assert [g for _, g in theirs] == [g for _, g in mine]
+    assert any(g for _, g in mine[13:]) and not any(g for _, g in mine[:12])
 
 
 def test_concurrent_requests_are_batched_and_equal_one_by_one(server, client, tok):

@@ -13,6 +13,16 @@ import torch
 
 from tinyllama.errors import TinyLlamaError
 
+from tinyllama.hub import resolve_model_path  # noqa: F401  (re-exported: the loaders' resolver)
+
+
+def _tokenizer_of(model_dir: Path):
+    """The model directory's own tokenizer if it has one, else the packaged Llama 2 tokenizer."""
+    from tinyllama.tokenizer import Tokenizer
+
+    has_tok = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+    return Tokenizer(model_dir) if has_tok else Tokenizer()
+
 
 def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=None):
     from tinyllama.config import ModelConfig
@@ -29,9 +39,9 @@ def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=N
         model = Llama(ModelConfig.from_name(random_preset)).to(device=device, dtype=dtype)
         tokenizer = Tokenizer()
     elif model_dir:
+        model_dir = resolve_model_path(model_dir)
         model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
-        has_tok = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-        tokenizer = Tokenizer(model_dir) if has_tok else Tokenizer()
+        tokenizer = _tokenizer_of(model_dir)
     else:
         raise TinyLlamaError("missing --model DIR (a Hugging Face model directory) or --random-preset NAME")
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -47,19 +57,10 @@ def load_checkpoint_or_hf(path: str):
     from tinyllama.model import Llama
     from tinyllama.tokenizer import Tokenizer
 
-    p = Path(path)
-    if not p.exists():
-        raise TinyLlamaError(f"{p}: checkpoint not found")
+    p = resolve_model_path(path, what="checkpoint")
     if (p / "config.json").is_file():
-        model = Llama.from_pretrained(p)
-        has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-        return model, (Tokenizer(p) if has_tok else Tokenizer()), f"Hugging Face directory {p}"
-    from tinyllama.train.checkpoint import (
-        load_model_weights,
-        read_meta,
-        resolve_checkpoint,
-        verify_checkpoint,
-    )
+        return Llama.from_pretrained(p), _tokenizer_of(p), f"Hugging Face directory {p}"
+    from tinyllama.train.checkpoint import load_model_weights, read_meta, resolve_checkpoint, verify_checkpoint
 
     ckpt = resolve_checkpoint(p)
     note = verify_checkpoint(ckpt)  # a damaged checkpoint is refused, before meta.json is trusted

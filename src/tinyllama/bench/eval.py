@@ -43,6 +43,7 @@ def run(args) -> int:
     from tinyllama.config import ModelConfig
     from tinyllama.convert import parse_dtype
     from tinyllama.eval.scoring import Scorer
+    from tinyllama.hub import resolve_model_path
     from tinyllama.model import Llama
     from tinyllama.tokenizer import Tokenizer
 
@@ -50,7 +51,7 @@ def run(args) -> int:
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tmp = None
     if args.model:
-        model_dir = Path(args.model)
+        model_dir = resolve_model_path(args.model)
     else:
         tmp = tempfile.TemporaryDirectory()
         model_dir = Path(tmp.name) / "model"

@@ -170,9 +170,10 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     if args.model:
+        from tinyllama.hub import resolve_model_path
         from tinyllama.model import Llama
 
-        model, tok = Llama.from_pretrained(args.model, dtype=torch.float32), Tokenizer(args.model)
+        model, tok = Llama.from_pretrained(args.model, dtype=torch.float32), Tokenizer(resolve_model_path(args.model))
     else:
         model, tok = Llama(ModelConfig.from_name(args.preset)), Tokenizer()
     import llama_cpp

@@ -112,6 +112,7 @@ def train_quick(preset: str, train_ids: torch.Tensor, steps: int, seq_len: int, 
 
 def run(args) -> int:
     from tinyllama.generate import DecodeEngine, SamplingConfig, generate_batch
+    from tinyllama.hub import resolve_model_path
     from tinyllama.model import Llama
     from tinyllama.quantize import quantize_model, weight_bytes
     from tinyllama.tokenizer import Tokenizer
@@ -122,7 +123,8 @@ def run(args) -> int:
     corpus = Path(args.corpus) if args.corpus else Path.cwd().parent / "shared" / "data" / "corpus"
     if not corpus.is_dir():
         raise TinyLlamaError(f"{corpus}: corpus directory not found; pass --corpus DIR")
-    tok = Tokenizer(args.model) if args.model and (Path(args.model) / "tokenizer.json").is_file() else Tokenizer()
+    model_dir = resolve_model_path(args.model) if args.model else None  # a Hub id `org/name` too
+    tok = Tokenizer(model_dir) if model_dir and (model_dir / "tokenizer.json").is_file() else Tokenizer()
     train_ids, held = load_corpus(corpus, tok, args.eval_tokens)
     print(f"bench quantize: corpus {corpus} ({train_ids.numel()} train / {held.numel()} held-out tokens)", flush=True)
     if args.model:

@@ -7,7 +7,7 @@ from typing import Optional
 
 def add_common_arguments(p, kind: str) -> None:
     p.add_argument("--config", help="YAML with sections model, data, train, optim, lora, dpo")
-    p.add_argument("--model", help="Hugging Face model directory to start from (model.path)")
+    p.add_argument("--model", help="Hugging Face model directory or Hub id org/name to start from (model.path)")
     p.add_argument("--data", help="training JSONL (data.train): " + (
         "one {\"messages\": [...]} conversation per line" if kind == "sft" else
         "one {\"prompt\", \"chosen\", \"rejected\"} per line"))

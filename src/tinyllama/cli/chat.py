@@ -6,7 +6,7 @@ import sys
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors + tokenizer)")
+    p.add_argument("--model", help="Hugging Face model directory, or a Hub id org/name[@revision]")
     p.add_argument("--random-preset", metavar="NAME", help="instead of --model, a randomly initialised preset (smoke test)")
     p.add_argument("--system", default="You are a friendly chatbot.", help="system prompt ('' for none)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")

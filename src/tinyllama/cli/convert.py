@@ -14,7 +14,7 @@ from tinyllama.errors import TinyLlamaError
 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="training checkpoint dir (step-XXXXXXX), run dir (uses its latest) or Hugging Face dir")
+                   help="training checkpoint dir (step-XXXXXXX), run dir (uses its latest), Hugging Face dir or Hub id")
     p.add_argument("--out", required=True, help="output Hugging Face directory, or .gguf file with --to gguf")
     p.add_argument("--to", choices=("hf", "gguf"), default="hf")
     p.add_argument("--quant", choices=("f16", "q8_0", "q4_0"), default="f16", help="GGUF tensor type")

@@ -15,7 +15,7 @@ from tinyllama.eval.run import EvalConfig, evaluate, write_json_atomic
 
 def add_arguments(p) -> None:
     p.add_argument("--config", help="YAML file of EvalConfig fields (command-line flags override it)")
-    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--model", help="Hugging Face model directory, or a Hub id org/name[@revision]")
     p.add_argument("--random-preset", metavar="NAME", help="a randomly initialised preset instead of --model (smoke test)")
     p.add_argument("--tasks", nargs="*", metavar="NAME[:SHOTS]=PATH",
                    help="multiple-choice tasks: hellaswag, arc_easy, arc_challenge, winogrande, piqa, boolq, "

@@ -8,7 +8,7 @@ from tinyllama.errors import TinyLlamaError
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--model", help="Hugging Face model directory, or a Hub id org/name[@revision]")
     p.add_argument("--random-preset", metavar="NAME",
                    help="instead of --model, use a randomly initialised preset (e.g. tinyllama-tiny): a smoke test")
     p.add_argument("--prompt", required=True, help="text to continue")

@@ -11,7 +11,7 @@ from tinyllama.serve.server import ServeConfig, build
 
 def add_arguments(p) -> None:
     p.add_argument("--config", help="YAML file with serve options (flags given here override it)")
-    p.add_argument("--model", help="Hugging Face model directory (config.json + safetensors + tokenizer)")
+    p.add_argument("--model", help="Hugging Face model directory, or a Hub id org/name[@revision]")
     p.add_argument("--random-preset", metavar="NAME", help="serve a randomly initialised preset instead (smoke test)")
     p.add_argument("--model-name", help="model id clients use (default: the model directory's name)")
     p.add_argument("--host", help="default 127.0.0.1")

@@ -106,7 +106,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def read_hf_checkpoint(path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A Hugging Face Llama directory (config.json + safetensors, single or sharded) -> (config, our state
     dict). `Llama.from_pretrained` builds the model from it; this module never imports the model."""
-    directory = Path(path)
+    from tinyllama.hub import resolve_model_path
+
+    directory = resolve_model_path(path)  # a Hub id `org/name` too
     if not directory.exists():
         raise TinyLlamaError(f"{directory}: model directory not found")
     if not directory.is_dir():

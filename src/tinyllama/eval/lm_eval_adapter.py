@@ -1,8 +1,9 @@
 """lm-evaluation-harness model "tinyllama": every harness task runs on tinyllama's own model and scorer.
 
-lm-eval finds models only through its registry, so this module must be imported before the harness
-resolves `--model tinyllama`; `python -m tinyllama.eval.lm_eval_cli ...` (or the `tinyllama-lm-eval`
-script) does that and then runs the harness's own command line:
+lm-eval finds models through its registry. Releases that load plugins read this package's `lm_eval.models`
+entry point (pyproject.toml), which names `TinyLlamaLM`, so the plain `lm_eval --model tinyllama ...` works;
+older ones (0.4.13 and before) need this module imported first: `python -m tinyllama.eval.lm_eval_cli ...`
+(or the `tinyllama-lm-eval` script) does that and then runs the harness's own command line:
 
     tinyllama-lm-eval --model tinyllama --model_args pretrained=out/hf,dtype=bfloat16 --tasks hellaswag
 

@@ -113,17 +113,10 @@ class Scorer:
                 raise ValueError(f"continuation of {len(r.continuation)} tokens exceeds the context of {L}")
             inp = (r.context + r.continuation)[-(L + 1):][:-1]
             prepared.append((inp, r.continuation))
-        # Longest first: the first batch is the largest, so an out-of-memory shows up at once; less padding.
-        order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i][0]), prepared[i][0]))
         results: list[Optional[tuple[float, bool]]] = [None] * len(prepared)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start: start + self.batch_size]
-            width = len(prepared[idx[0]][0])
-            batch = torch.full((len(idx), width), self.tokenizer.eos_id, dtype=torch.long)
-            for row, i in enumerate(idx):
-                inp = prepared[i][0]
-                batch[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-            logits = self.model(batch.to(self.device))
+        done = 0
+        for idx, logits in batched_logits(self.model, [inp for inp, _ in prepared], self.tokenizer.eos_id,
+                                          self.batch_size, self.device):
             for row, i in enumerate(idx):
                 inp, cont = prepared[i]
                 n = len(cont)
@@ -131,6 +124,20 @@ class Scorer:
                 target = torch.tensor(cont, dtype=torch.long, device=lp.device)
                 greedy = bool((lp.argmax(-1) == target).all())
                 results[i] = (float(lp.gather(-1, target[:, None]).sum()), greedy)
+            done += len(idx)
             if self.progress is not None:
-                self.progress(min(start + self.batch_size, len(order)), len(order))
+                self.progress(done, len(prepared))
         return results  # type: ignore[return-value]
+
+
+def batched_logits(model, inputs: Sequence[Sequence[int]], pad_id: int, batch_size: int, device):
+    """One forward pass per batch of token lists: yields (indices into `inputs`, logits (B, T, vocab)); row b
+    holds inputs[indices[b]] right-padded with pad_id, whose logits equal an unpadded pass (causal mask).
+    Longest first: the first batch is the largest, so an out-of-memory shows up at once; less padding."""
+    order = sorted(range(len(inputs)), key=lambda i: (-len(inputs[i]), list(inputs[i])))
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        batch = torch.full((len(idx), len(inputs[idx[0]])), pad_id, dtype=torch.long)
+        for row, i in enumerate(idx):
+            batch[row, : len(inputs[i])] = torch.tensor(list(inputs[i]), dtype=torch.long)
+        yield idx, model(batch.to(device))

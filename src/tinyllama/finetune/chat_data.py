@@ -2,9 +2,11 @@
 assistant-only loss mask, and packing into fixed-length training blocks.
 
 SFT lines are `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}` (the
-UltraChat / OpenAI shape). DPO lines are `{"prompt", "chosen", "rejected"}` where `prompt` is a string or a
-message list and `chosen`/`rejected` are strings (the reply) or full message lists ending in the reply
-(UltraFeedback-binarized).
+UltraChat / OpenAI shape), Alpaca's `{"instruction", "input", "output"}` (optional "system"), or ShareGPT's
+`{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}` (also "user"/"assistant"); the
+first record decides a file's shape and every other record must have it. DPO lines are
+`{"prompt", "chosen", "rejected"}` where `prompt` is a string or a message list and `chosen`/`rejected` are
+strings (the reply) or full message lists ending in the reply (UltraFeedback-binarized).
 
 Rendering uses the tokenizer's chat template (TinyLlama-Chat's Zephyr template by default), tokenises the
 whole conversation once and marks a token trainable when it lies inside an assistant message's content
@@ -27,33 +29,86 @@ IGNORE = -100
 
 
 # ---- reading ---------------------------------------------------------------------------------------
-def check_messages(messages, where: str, field: str = "messages") -> list[dict]:
+def check_messages(messages, where: str, field: str = "messages", keys: tuple[str, str] = ("role", "content"),
+                   roles: Optional[dict] = None) -> list[dict]:
+    """Validated {role, content} messages. keys: the names of a turn's role and text fields in the data;
+    roles: the data's role names -> ours (default: ours, as they are)."""
+    role_key, text_key = keys
+    roles = roles or {r: r for r in ROLES}
     if not isinstance(messages, list):
-        raise TinyLlamaError(f"{where}: field '{field}' must be a list of {{role, content}} objects")
+        raise TinyLlamaError(f"{where}: field '{field}' must be a list of {{{role_key}, {text_key}}} objects")
     if not messages:
         raise TinyLlamaError(f"{where}: field '{field}' is an empty conversation")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise TinyLlamaError(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
-        for key in ("role", "content"):
+            raise TinyLlamaError(f"{where}: {field}[{i}] must be an object with '{role_key}' and '{text_key}'")
+        for key in keys:
             if key not in m:
                 raise TinyLlamaError(f"{where}: {field}[{i}] is missing field '{key}'")
-        if m["role"] not in ROLES:
-            raise TinyLlamaError(f"{where}: {field}[{i}] has unknown role {m['role']!r}; roles are {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise TinyLlamaError(f"{where}: {field}[{i}] field 'content' must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
+        if not isinstance(m[role_key], str) or m[role_key] not in roles:
+            raise TinyLlamaError(f"{where}: {field}[{i}] has unknown role {m[role_key]!r}; roles are "
+                                 f"{', '.join(roles)}")
+        if not isinstance(m[text_key], str):
+            raise TinyLlamaError(f"{where}: {field}[{i}] field '{text_key}' must be a string")
+        out.append({"role": roles[m[role_key]], "content": m[text_key]})
     return out
 
 
+# Which record shape a key marks, in order of precedence (a record with "messages" is OpenAI-shaped even if
+# it also has, say, an "instruction" field).
+SHAPES = {"messages": "messages", "conversations": "ShareGPT", "instruction": "Alpaca"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def record_shape(rec: dict) -> Optional[str]:
+    return next((shape for key, shape in SHAPES.items() if key in rec), None)
+
+
+def _string_field(rec: dict, key: str, where: str, required: bool = True) -> str:
+    v = rec.get(key, "")
+    if key not in rec and required:
+        raise TinyLlamaError(f"{where}: missing field '{key}'")
+    if not isinstance(v, str):
+        raise TinyLlamaError(f"{where}: field '{key}' must be a string, got {type(v).__name__}")
+    return v
+
+
+def alpaca_messages(rec: dict, where: str) -> list[dict]:
+    """Alpaca's instruction (+ input, as a second paragraph) is the user turn, output the reply."""
+    instruction = _string_field(rec, "instruction", where)
+    if not instruction.strip():
+        raise TinyLlamaError(f"{where}: field 'instruction' is empty")
+    extra, output = _string_field(rec, "input", where, required=False), _string_field(rec, "output", where)
+    system = _string_field(rec, "system", where, required=False)
+    user = instruction + ("\n\n" + extra if extra.strip() else "")
+    return ([{"role": "system", "content": system}] if system.strip() else []) + [
+        {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
 def read_chat_jsonl(path, limit: Optional[int] = None) -> list[list[dict]]:
+    """Conversations (message lists) from an OpenAI-messages, Alpaca or ShareGPT JSONL file."""
     convs = []
+    shape, shape_line = None, 0
     for lineno, rec in read_jsonl_objects(path):
         where = f"{path}:{lineno}"
-        if "messages" not in rec:
-            raise TinyLlamaError(f"{where}: missing field 'messages'")
-        msgs = check_messages(rec["messages"], where)
+        this = record_shape(rec)
+        if this is None:
+            key = {v: k for k, v in SHAPES.items()}.get(shape)
+            raise TinyLlamaError(f"{where}: missing field '{key}'" if shape else
+                                 f"{where}: missing field 'messages' (or Alpaca's 'instruction'/'output', or "
+                                 f"ShareGPT's 'conversations')")
+        if shape is None:
+            shape, shape_line = this, lineno
+        elif this != shape:
+            raise TinyLlamaError(f"{where}: a {this} record in a file of {shape} records (line {shape_line} is "
+                                 f"one); use one shape per file")
+        if shape == "messages":
+            msgs = check_messages(rec["messages"], where)
+        elif shape == "ShareGPT":
+            msgs = check_messages(rec["conversations"], where, "conversations", ("from", "value"), SHAREGPT_ROLES)
+        else:
+            msgs = alpaca_messages(rec, where)
         if not any(m["role"] == "assistant" for m in msgs):
             raise TinyLlamaError(f"{where}: conversation has no assistant message: nothing to learn from")
         convs.append(msgs)

@@ -381,13 +381,14 @@ class FinetuneTrainer:
 
     # -- main ----------------------------------------------------------------------------------------
     def run(self) -> dict:
+        from tinyllama.hub import resolve_model_path
         from tinyllama.tokenizer import Tokenizer
         from tinyllama.train.checkpoint import CheckpointManager
         from tinyllama.train.optim import build_optimizer, lr_at
         from tinyllama.train.trainer import model_num_params
 
         cfg, t, info = self.cfg, self.cfg.train, self.info
-        mp = Path(cfg.model.path)
+        mp = resolve_model_path(cfg.model.path)  # a Hub id `org/name` too (from_pretrained resolves it alike)
         tokenizer = Tokenizer(mp) if any((mp / f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else Tokenizer()
         model = self.build_model()
         ref = self.build_reference(model)

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyllama.generate import SamplingConfig, TextStreamer
 from tinyllama.serve.engine import Engine, Sequence
+from tinyllama.serve.logprobs import MAX_LOGPROBS, completion_logprobs_async
 
 log = logging.getLogger("tinyllama.serve")
 
@@ -95,14 +96,15 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)  # see tinyllama.serve.logprobs
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.logprobs is not None:
-            raise APIError(400, "'logprobs' is not supported by this server.", param="logprobs", code="unsupported_parameter")
+        if self.logprobs is not None and self.stream:
+            raise APIError(400, "'logprobs' with 'stream' is not supported by this server.", param="logprobs",
+                           code="unsupported_parameter")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "'best_of' other than 'n' is not supported.", param="best_of", code="unsupported_parameter")
         if self.suffix:
@@ -226,9 +228,9 @@ class Service:
         return self.engine.submit(Sequence(prompt_ids, cfg, on_token, on_finish, eos_id=self.tokenizer.eos_id))
 
     async def generate(self, jobs: list[tuple[list[int], SamplingConfig]], stops: list[str], echo: bool = False,
-                       counts: Optional[list[int]] = None):
+                       counts: Optional[list[int]] = None, token_ids: Optional[list[list[int]]] = None):
         """Run every job concurrently in the engine; yields (index, text piece, finish_reason or None).
-        counts[i] becomes the number of completion tokens of job i (up to a stop string)."""
+        counts[i] becomes the number of completion tokens of job i (up to a stop string), token_ids[i] those ids."""
         counts = counts if counts is not None else [0] * len(jobs)
         out: asyncio.Queue = asyncio.Queue()
         streamers = [TextStreamer(self.tokenizer, prefix=p, stop=stops) for p, _ in jobs]
@@ -246,6 +248,8 @@ class Service:
                     if st.stopped:
                         continue
                     counts[i] += 1
+                    if token_ids is not None:
+                        token_ids[i].append(value)
                     piece = st.put(value)
                     if piece:
                         yield i, piece, None
@@ -337,11 +341,12 @@ def create_app(engine: Engine, tokenizer, model_name: str):
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
 
-        def choice(i, text, reason):
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+        def choice(i, text, reason, logprobs=None):
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
         counts = [0] * len(jobs)
-        gen = svc.generate(jobs, req.stops(), echo=req.echo, counts=counts)
+        ids = [[] for _ in jobs] if req.logprobs is not None else None
+        gen = svc.generate(jobs, req.stops(), echo=req.echo, counts=counts, token_ids=ids)
         if req.stream:
             async def events():
                 async for i, text, reason in gen:
@@ -354,7 +359,11 @@ def create_app(engine: Engine, tokenizer, model_name: str):
             return StreamingResponse(_guarded(events(), gen), media_type="text/event-stream")
 
         texts, reasons = await _collect(gen, len(jobs))
-        return {**base, "choices": [choice(i, texts[i], reasons[i]) for i in range(len(jobs))],
+        lps = [None] * len(jobs)
+        if ids is not None:
+            lps = await completion_logprobs_async(engine.model, tokenizer, engine.device, [p for p, _ in jobs], ids,
+                                                  req.logprobs, req.echo)
+        return {**base, "choices": [choice(i, texts[i], reasons[i], lps[i]) for i in range(len(jobs))],
                 "usage": _usage(jobs, counts)}
 
     @app.post("/v1/chat/completions")

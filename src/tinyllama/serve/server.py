@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from tinyllama.errors import TinyLlamaError
+from tinyllama.hub import resolve_model_path
 
 
 @dataclass
@@ -28,7 +29,7 @@ class ServeConfig:
     def validate(self) -> None:
         if not self.model and not self.random_preset:
             raise TinyLlamaError("serve: missing --model DIR (a Hugging Face model directory) or --random-preset NAME")
-        if self.model and not Path(self.model).is_dir():
+        if self.model and not resolve_model_path(self.model).is_dir():  # a Hub id `org/name` too
             raise TinyLlamaError(f"serve: --model {self.model}: model directory not found")
         if not 0 < self.port < 65536:
             raise TinyLlamaError(f"serve: --port must be in 1..65535, got {self.port}")
