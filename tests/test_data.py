@@ -21,9 +21,6 @@ from tinyllama.data.prepare import write_token_dataset
 from tinyllama.errors import TinyLlamaError
 from tinyllama.tokenizer import Tokenizer
 
-SHARED = Path(__file__).parents[2] / "shared" / "data" / "corpus"
-
-
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer()
@@ -84,7 +81,7 @@ def test_round_trip_all_formats(tmp_path, tok):
     assert raw[:8] == b"TLTOKS\x00\x01"
 
 
-def test_fast_encoder_is_exact(tok):
+def test_fast_encoder_is_exact(tok, corpus_docs):
     from tinyllama.data.prepare import fast_encoder
 
     enc = fast_encoder(tok)
@@ -92,11 +89,8 @@ def test_fast_encoder_is_exact(tok):
     texts = ["", " ", "  two  spaces  ", "\n\n  indented\n\tdef f(x):\n        return x  ", "naïve café 🐳 日本語",
              "trailing   ", "a" * 3000, " leading", "x\u2581y ▁▁z", "<s> </s> [INST]"] + _docs(30, seed=3)
     assert enc(texts) == tok.encode_batch(texts)
-    if SHARED.is_dir():
-        import pyarrow.parquet as pq
-
-        code = pq.read_table(SHARED / "cpython_stdlib.parquet").column("content").to_pylist()[:40]
-        assert enc(code) == tok.encode_batch(code)
+    code = corpus_docs["code"][:40]
+    assert enc(code) == tok.encode_batch(code)
 
 
 def test_drop_filter_and_field(tmp_path, tok):
@@ -231,17 +225,12 @@ def test_prepare_cli_one_line_errors(tmp_path, capsys):
     assert sorted(Tokenizer().decode(d) for d in _decoded_docs(tmp_path / "ds", "train"))[-2:] == ["fine", "ok"]
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared corpus not available")
-def test_real_corpus_round_trip(tmp_path, tok):
-    import io
-
-    import zstandard
-
-    f = SHARED / "moby_dick.jsonl.zst"
-    m = prepare([f], tmp_path / "moby", val_fraction=0.05, tokenizer=tok)
-    with zstandard.ZstdDecompressor().stream_reader(open(f, "rb")) as r:
-        texts = [json.loads(line)["text"] for line in io.TextIOWrapper(r, encoding="utf-8") if line.strip()]
-    got = sorted(tok.decode(d) for sp in ("train", "val") for d in _decoded_docs(tmp_path / "moby", sp))
+def test_real_corpus_round_trip(tmp_path, tok, corpus_docs):
+    # A SlimPajama-style file of real prose: a sixth of the packaged corpus (prepare's speed is not under test)
+    texts = corpus_docs["moby-dick"][:40] + corpus_docs["sotu"][:10]
+    _zst(tmp_path / "prose.jsonl.zst", _jsonl(texts, meta={"redpajama_set_name": "RedPajamaBook"}))
+    m = prepare([tmp_path / "prose.jsonl.zst"], tmp_path / "prose", val_fraction=0.05, tokenizer=tok)
+    got = sorted(tok.decode(d) for sp in ("train", "val") for d in _decoded_docs(tmp_path / "prose", sp))
     assert got == sorted(texts) and m["splits"]["val"]["documents"] > 0
 
 
