@@ -293,6 +293,11 @@ def test_bad_requests_get_openai_errors_and_server_stays_up(server, client):
     err = _error(httpx.post(url + "/completions", json={"model": "tiny", "prompt": [99999999]}), 400)
     assert err["param"] == "prompt"
     _error(httpx.post(url + "/completions", json={"model": "tiny", "prompt": "x", "temperature": 5}), 400)
+    for field, raw in (("repetition_penalty", "Infinity"), ("temperature", "NaN"), ("seed", str(2**64))):
+        # Python's JSON reader takes NaN and Infinity; they are refused like any other bad value
+        body = f'{{"model": "tiny", "prompt": "x", "{field}": {raw}}}'.encode()
+        err = _error(httpx.post(url + "/completions", content=body, headers={"content-type": "application/json"}), 400)
+        assert err["param"] == field, err
     _error(httpx.post(url + "/completions", json={"model": "tiny", "prompt": "x", "logprobs": 2}), 400)
     _error(httpx.get(server.url + "/v1/nothing-here"), 404)
     _error(httpx.get(url + "/completions"), 405)

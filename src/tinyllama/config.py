@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tinyllama.checks import POSITIVE, check_fields
 from tinyllama.errors import TinyLlamaError
 
 T = TypeVar("T")
@@ -92,10 +93,7 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise TinyLlamaError(f"model config: head dim hidden_size/n_heads = {self.head_dim} must be even for rotary embeddings")
-        if not self.norm_eps > 0:
-            raise TinyLlamaError(f"model config: field 'norm_eps' must be > 0, got {self.norm_eps!r}")
-        if not self.rope_theta > 0:
-            raise TinyLlamaError(f"model config: field 'rope_theta' must be > 0, got {self.rope_theta!r}")
+        check_fields(self, "model config: field '{}'", norm_eps=POSITIVE, rope_theta=POSITIVE)
 
     # ---- presets -------------------------------------------------------------------------------
     @classmethod

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from tinyllama.checks import check_device
 from tinyllama.errors import TinyLlamaError
 
 
@@ -19,7 +20,7 @@ def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=N
     from tinyllama.model import Llama
     from tinyllama.tokenizer import Tokenizer
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if model_dir and random_preset:
         raise TinyLlamaError("give either --model or --random-preset, not both")

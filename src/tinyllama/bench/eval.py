@@ -11,15 +11,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from tinyllama.cli import _args as flag
+
 
 def add_arguments(p) -> None:
     p.add_argument("--model", help="Hugging Face model directory (default: a random --preset)")
     p.add_argument("--preset", default="tinyllama-demo", help="random-weight preset when no --model")
-    p.add_argument("--items", type=int, default=64, help="questions (4 choices each)")
-    p.add_argument("--ctx-words", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--items", type=flag.positive_int, default=64, help="questions (4 choices each)")
+    p.add_argument("--ctx-words", type=flag.positive_int, default=60)
+    p.add_argument("--batch-size", type=flag.positive_int, default=16)
+    p.add_argument("--device", type=flag.device, default=None)
+    p.add_argument("--dtype", type=flag.dtype, default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--skip-lm-eval", action="store_true")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tinyllama.cli import _args as flag
 from tinyllama.errors import TinyLlamaError
 
 
@@ -24,13 +25,13 @@ def add_arguments(p) -> None:
     p.add_argument("--corpus", default=None,
                    help="directory of *.jsonl.zst text files (SlimPajama format); default ../shared/data/corpus")
     p.add_argument("--preset", default="tinyllama-tiny", help="preset to train when --model is not given")
-    p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per corpus file")
+    p.add_argument("--train-steps", type=flag.positive_int, default=300)
+    p.add_argument("--seq-len", type=flag.positive_int, default=128)
+    p.add_argument("--batch", type=flag.positive_int, default=8)
+    p.add_argument("--eval-tokens", type=flag.positive_int, default=16384, help="held-out tokens per corpus file")
     p.add_argument("--schemes", default="int8,int4-32,int4-128")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--device", type=flag.device, default=None)
+    p.add_argument("--threads", type=flag.positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--save", default=None, help="save the quickly trained model here (Hugging Face format)")
     p.add_argument("--json", default=None, help="write results to this JSON file")
 

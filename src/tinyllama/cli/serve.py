@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import fields
 
+from tinyllama.cli._args import add_device_arguments
 from tinyllama.errors import TinyLlamaError
 from tinyllama.serve.server import ServeConfig, build
 
@@ -18,8 +19,7 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, help="default 8000")
     p.add_argument("--max-batch-size", type=int, help="sequences decoded together (KV-cache slots), default 16")
     p.add_argument("--max-seq-len", type=int, help="context per sequence (default: the model's)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    add_device_arguments(p)
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--log-level", help="uvicorn log level (default info)")
 

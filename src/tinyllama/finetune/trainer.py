@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from tinyllama.checks import FRACTION, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, check_fields
 from tinyllama.errors import TinyLlamaError
 from tinyllama.finetune.lora import LoRAConfig
 from tinyllama.train.optim import OptimConfig
@@ -105,16 +106,13 @@ class FinetuneConfig:
             raise TinyLlamaError("finetune config: model.path is required (a Hugging Face model directory; --model DIR)")
         if not self.data.train:
             raise TinyLlamaError("finetune config: data.train is required (a JSONL file; --data FILE)")
-        t = self.train
-        for name in ("micro_batch", "global_batch", "log_every", "keep_last"):
-            if not isinstance(getattr(t, name), int) or getattr(t, name) < 1:
-                raise TinyLlamaError(f"finetune config: train.{name} must be a positive integer, got {getattr(t, name)!r}")
-        if self.data.seq_len < 8:
-            raise TinyLlamaError(f"finetune config: data.seq_len must be >= 8, got {self.data.seq_len}")
-        if not 0 <= self.data.val_fraction < 1:
-            raise TinyLlamaError(f"finetune config: data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
-        if not self.dpo.beta > 0:
-            raise TinyLlamaError(f"finetune config: dpo.beta must be > 0, got {self.dpo.beta}")
+        check_fields(self.train, "finetune config: train.{}", micro_batch=POSITIVE_INT, global_batch=POSITIVE_INT,
+                     log_every=POSITIVE_INT, keep_last=POSITIVE_INT, epochs=POSITIVE,
+                     max_steps=dict(POSITIVE_INT, none_ok=True), eval_every=NONNEGATIVE_INT, save_every=NONNEGATIVE_INT)
+        check_fields(self.data, "finetune config: data.{}", seq_len=dict(integer=True, lo=8), val_fraction=FRACTION,
+                     limit=dict(POSITIVE_INT, none_ok=True))
+        check_fields(self.dpo, "finetune config: dpo.{}", beta=POSITIVE, label_smoothing=dict(lo=0, hi=0.5))
+        self.optim.validate(auto_warmup=True)  # -1: 10 % of the run, filled in when its length is known
         if self.lora.enabled or self.lora.quantize:
             self.lora.validate()
 

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tinyllama.checks import SEED
 from tinyllama.generate import SamplingConfig, TextStreamer
 from tinyllama.serve.engine import Engine, Sequence
 
@@ -57,7 +58,9 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we ignore (user, metadata, ...)
+    # OpenAI clients send fields we ignore (user, metadata, ...). Python's JSON reader takes NaN and Infinity,
+    # which pass a bound like gt=0 (inf) or would reach the sampler: refuse them.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
     max_tokens: Optional[int] = Field(default=None, ge=0)
@@ -67,7 +70,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=SEED["lo"], le=SEED["hi"])  # torch's seed range
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict[str, float]] = None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from tinyllama.checks import POSITIVE_INT, check_device, check_fields
 from tinyllama.config import dataclass_from_dict, read_yaml_mapping
 from tinyllama.errors import TinyLlamaError
 
@@ -29,14 +30,10 @@ class ServeConfig:
             raise TinyLlamaError("serve: missing --model DIR (a Hugging Face model directory) or --random-preset NAME")
         if self.model and not Path(self.model).is_dir():
             raise TinyLlamaError(f"serve: --model {self.model}: model directory not found")
-        if not 0 < self.port < 65536:
-            raise TinyLlamaError(f"serve: --port must be in 1..65535, got {self.port}")
-        if self.max_batch_size < 1:
-            raise TinyLlamaError(f"serve: --max-batch-size must be >= 1, got {self.max_batch_size}")
-        if self.threads is not None and self.threads < 1:
-            raise TinyLlamaError(f"serve: --threads must be >= 1, got {self.threads}")
-        if self.max_seq_len is not None and self.max_seq_len < 2:
-            raise TinyLlamaError(f"serve: --max-seq-len must be >= 2, got {self.max_seq_len}")
+        check_fields(self, "serve: {}", as_flags=True, port=dict(integer=True, lo=1, hi=65535),
+                     max_batch_size=POSITIVE_INT, threads=dict(POSITIVE_INT, none_ok=True),
+                     max_seq_len=dict(integer=True, lo=2, none_ok=True))
+        check_device(self.device, "serve: --device")
 
     @classmethod
     def from_yaml(cls, path) -> "ServeConfig":

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
+from tinyllama.checks import POSITIVE, check_number
 from tinyllama.config import PRESETS, ModelConfig, dataclass_from_dict, read_yaml_mapping
 from tinyllama.errors import TinyLlamaError
 from tinyllama.train.optim import OptimConfig
@@ -91,6 +92,7 @@ class TrainConfig:
         v = self.profile_from_step
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             raise TinyLlamaError(f"train config: field 'profile_from_step' must be an integer >= 0 or null, got {v!r}")
+        check_number(self.peak_tflops, "train config: field 'peak_tflops'", none_ok=True, **POSITIVE)
         if self.max_steps is None and self.max_tokens is None:
             raise TinyLlamaError("train config: set 'max_steps' or 'max_tokens' (e.g. --train.max_steps 1000)")
         for name in ("max_steps", "max_tokens"):
@@ -134,6 +136,9 @@ class RunConfig:
     def model_config(self) -> ModelConfig:
         d = dict(self.model or {})
         preset = d.pop("preset", None)
+        for f in dataclasses.fields(ModelConfig):
+            if f.type in (float, "float") and isinstance(d.get(f.name), str):
+                d[f.name] = _float_or_text(d[f.name])  # YAML 1.1 reads 1e-6 (no dot) as a string
         try:
             if preset is not None:
                 return ModelConfig.from_name(preset, **d)
@@ -189,6 +194,13 @@ def data_config_class(raw: Optional[dict] = None):
             "or train on synthetic tokens with --data.sources synthetic"
         ) from None
     return DataConfig
+
+
+def _float_or_text(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _check_types(obj, where: str) -> None:
