@@ -179,6 +179,7 @@ BAD_VALUES = [
     (_SERVE + ["--max-seq-len", "1"], "--max-seq-len"),
     (_SERVE + ["--threads", "-2"], "--threads"),
     (_SERVE + ["--device", "quantum"], "--device"),
+    (_SERVE + ["--max-request-bytes", "0"], "--max-request-bytes"),
     (["serve", "--config", "{tmp}/serve.yaml"], ("max_batch_size", "nan")),
     (_EVAL + ["--batch-size", "0"], "--batch-size"),
     (_EVAL + ["--window", "-1"], "--window"),

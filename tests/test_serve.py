@@ -172,7 +172,7 @@ def server(model, tok, tmp_path_factory):
     model.save_pretrained(d, tokenizer=tok)
     app, engine = build(ServeConfig(model=str(d), model_name="tiny", max_batch_size=16, device="cpu"))
     with LiveServer(app, engine) as live:
-        live.model = engine.model
+        live.model, live.service = engine.model, app.state.service
         yield live
 
 
@@ -305,6 +305,61 @@ def test_bad_requests_get_openai_errors_and_server_stays_up(server, client):
     # still up and still correct
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def test_body_over_the_size_limit_gets_413_before_it_is_read(server, monkeypatch):
+    import httpx
+
+    from tinyllama.serve import app as app_mod
+    from tinyllama.serve.server import DEFAULT_MAX_REQUEST_BYTES
+
+    seen = []
+    monkeypatch.setattr(app_mod, "_decode_request", lambda *a: seen.append("parsed"))
+    for name in ("encode", "encode_batch"):
+        monkeypatch.setattr(server.service.tokenizer, name, lambda *a, **k: seen.append("tokenized"))
+    body = json.dumps({"model": "tiny", "prompt": "hello " * (DEFAULT_MAX_REQUEST_BYTES // 6)}).encode()
+    assert len(body) > DEFAULT_MAX_REQUEST_BYTES
+    url = server.url + "/v1/completions"
+    headers = {"content-type": "application/json"}
+    err = _error(httpx.post(url, content=body, headers=headers, timeout=60), 413)  # with Content-Length
+    assert err["code"] == "request_too_large" and f"{DEFAULT_MAX_REQUEST_BYTES:,}" in err["message"]
+    chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))  # chunked: no Content-Length
+    err = _error(httpx.post(url, content=chunks, headers=headers, timeout=60), 413)
+    assert err["code"] == "request_too_large"
+    assert seen == []
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_health_answers_while_a_large_request_is_tokenized(server, monkeypatch):
+    import httpx
+
+    tokenizer = server.service.tokenizer
+    started, spans = threading.Event(), []
+
+    def timed(encode):
+        def timed_encode(text, *a, **k):
+            t0 = time.perf_counter()
+            started.set()
+            try:
+                return encode(text, *a, **k)
+            finally:
+                spans.append((t0, time.perf_counter()))
+        return timed_encode
+
+    for name in ("encode", "encode_batch"):
+        monkeypatch.setattr(tokenizer, name, timed(getattr(tokenizer, name)))
+    # under the size limit, far over the context: tokenized (about a second here), then refused with 400
+    body = {"model": "tiny", "prompt": "hello world " * 80_000, "max_tokens": 1}
+    with ThreadPoolExecutor(1) as pool:
+        large = pool.submit(httpx.post, server.url + "/v1/completions", json=body, timeout=120)
+        assert started.wait(60)
+        health = httpx.get(server.url + "/health", timeout=120)
+        answered = time.perf_counter()
+        assert large.result().json()["error"]["code"] == "context_length_exceeded"
+    assert health.status_code == 200
+    (t0, t1), = spans
+    # /health came back while the large prompt was still being tokenized (on the event loop it waited for it)
+    assert answered < t1, (answered - t0, t1 - t0)
 
 
 def test_concurrent_requests_are_batched_and_equal_one_by_one(server, client, tok):

@@ -64,6 +64,21 @@ def test_stream_decoder_reassembles_multibyte(tok):
     assert ids  # sanity
 
 
+def test_stream_decoder_is_exact_and_bounded_on_a_long_text(tok, corpus_docs, monkeypatch):
+    # a chapter of real prose with multi-byte characters and byte-fallback tokens mixed in
+    text = " ".join(w + (" 😀 日本語 naïve" if i % 50 == 0 else "") for i, w in enumerate(corpus_docs["moby-dick"][0].split()))
+    prompt = tok.encode("Story:", bos=True)
+    ids = tok.encode("Story: " + text, bos=True)[len(prompt):]
+    assert len(ids) > 3000
+    sizes = []
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda i, **kw: sizes.append(len(i)) or decode(i, **kw))
+    dec = tok.stream_decoder(prefix=prompt)
+    out = "".join(dec.put(i) for i in ids)
+    assert out == decode(prompt + ids)[len(decode(prompt)):]
+    assert max(sizes) <= 40  # a window of recent ids per token (32 + a split UTF-8 character), not all so far
+
+
 def test_ids_identical_to_transformers_on_corpus(tok, corpus_docs):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(tok.source_path.parent))

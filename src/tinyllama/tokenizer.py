@@ -226,13 +226,19 @@ def _compiled_template(source: str):
 
 
 class StreamDecoder:
-    """Turns a growing list of ids into text pieces, correct across multi-byte and leading-space tokens."""
+    """Turns a growing list of ids into text pieces, correct across multi-byte and leading-space tokens.
+
+    Each piece is the new end of the decoded text of a window of recent ids, so a put costs the same at the
+    10,000th token as at the first (decoding all ids each time made a long output quadratic).
+    """
+
+    CONTEXT = 8  # ids kept before the next piece: its leading space and a split UTF-8 sequence need them
 
     def __init__(self, tokenizer: Tokenizer, prefix: Sequence[int] = ()) -> None:
         # Decoding continues the prefix (the prompt) so a leading space of the first new token survives.
         self.tokenizer = tokenizer
-        self.ids: list[int] = [int(i) for i in prefix]
-        self.emitted = tokenizer.decode(self.ids) if self.ids else ""
+        self.ids: list[int] = [int(i) for i in prefix][-self.CONTEXT:]
+        self.emitted = tokenizer.decode(self.ids) if self.ids else ""  # the decoded text of self.ids
 
     def put(self, token_id: int) -> str:
         self.ids.append(int(token_id))
@@ -241,4 +247,7 @@ class StreamDecoder:
             return ""
         piece = text[len(self.emitted):]
         self.emitted = text
+        if len(self.ids) > 4 * self.CONTEXT:  # everything is emitted: the window can move on
+            self.ids = self.ids[-self.CONTEXT:]
+            self.emitted = self.tokenizer.decode(self.ids)
         return piece

@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-seq-len", type=int, help="context per sequence (default: the model's)")
     add_device_arguments(p)
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
+    p.add_argument("--max-request-bytes", type=int,
+                   help="larger request bodies are refused with 413 before they are read (default 1 MiB)")
     p.add_argument("--log-level", help="uvicorn log level (default info)")
 
 

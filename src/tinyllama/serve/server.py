@@ -10,6 +10,8 @@ from tinyllama.checks import POSITIVE_INT, check_device, check_fields
 from tinyllama.config import dataclass_from_dict, read_yaml_mapping
 from tinyllama.errors import TinyLlamaError
 
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: a full 2048-token context is ~10 kB of text
+
 
 @dataclass
 class ServeConfig:
@@ -24,6 +26,7 @@ class ServeConfig:
     dtype: Optional[str] = None
     threads: Optional[int] = None  # CPU threads for torch (default: torch's); fewer beats oversubscribed cores
     log_level: str = "info"
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger request bodies get 413 before they are read
 
     def validate(self) -> None:
         if not self.model and not self.random_preset:
@@ -32,7 +35,7 @@ class ServeConfig:
             raise TinyLlamaError(f"serve: --model {self.model}: model directory not found")
         check_fields(self, "serve: {}", as_flags=True, port=dict(integer=True, lo=1, hi=65535),
                      max_batch_size=POSITIVE_INT, threads=dict(POSITIVE_INT, none_ok=True),
-                     max_seq_len=dict(integer=True, lo=2, none_ok=True))
+                     max_seq_len=dict(integer=True, lo=2, none_ok=True), max_request_bytes=POSITIVE_INT)
         check_device(self.device, "serve: --device")
 
     @classmethod
@@ -53,4 +56,4 @@ def build(cfg: ServeConfig):
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.random_preset, cfg.device, cfg.dtype)
     name = cfg.model_name or (Path(cfg.model).resolve().name if cfg.model else cfg.random_preset)
     engine = Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len, eos_id=tokenizer.eos_id)
-    return create_app(engine, tokenizer, name), engine
+    return create_app(engine, tokenizer, name, cfg.max_request_bytes), engine
