@@ -239,3 +239,20 @@ def test_bad_number_or_device_is_one_error_line_naming_it(argv, needle, tmp_path
     # the flag or field, and the bad value (the last argument, unless it came from a --config file)
     needles = needle if isinstance(needle, tuple) else (needle, argv[-1])
     _assert_one_line_error(rc, err, "error:", *needles)
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--prompt", "x"], ["chat"], ["serve"], ["eval", "--perplexity", "x.txt"], ["sft", "--data", "x.jsonl"],
+    ["dpo", "--data", "x.jsonl"],
+])
+@pytest.mark.parametrize("what", ["gguf", "run"])
+def test_model_that_is_not_a_hugging_face_directory_says_how_to_get_one(command, what, tmp_path, capsys):
+    if what == "gguf":
+        model = tmp_path / "m.gguf"
+        model.write_bytes(b"GGUF")
+    else:  # a pretraining run directory
+        model = tmp_path / "run"
+        (model / "checkpoints").mkdir(parents=True)
+    rc, _, err = run_cli(command[:1] + ["--model", str(model)] + command[1:], capsys)
+    _assert_one_line_error(rc, err, f"--model {model}", "Hugging Face model directory", "tinyllama convert --checkpoint")
+    assert rc == 2

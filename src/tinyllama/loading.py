@@ -14,6 +14,26 @@ from tinyllama.checks import check_device
 from tinyllama.errors import TinyLlamaError
 
 
+def check_model_dir(path, flag: str = "--model") -> Path:
+    """`path` if it can be a Hugging Face model directory; else one line on what it is instead (a file, a
+    GGUF export, a training run or checkpoint) and how to make a Hugging Face directory from it."""
+    p = Path(path)
+    if not p.exists():
+        raise TinyLlamaError(f"{p}: model directory not found")
+    if not p.is_dir():
+        what = "a GGUF file (for llama.cpp)" if p.suffix.lower() == ".gguf" else "a file"
+        raise TinyLlamaError(
+            f"{flag} {p}: {what}; {flag} takes a Hugging Face model directory (config.json + *.safetensors), "
+            "which `tinyllama convert --checkpoint RUN_OR_CHECKPOINT --out DIR` writes"
+        )
+    if not (p / "config.json").is_file() and any((p / f).exists() for f in ("meta.json", "checkpoints", "latest")):
+        raise TinyLlamaError(
+            f"{flag} {p}: a training run or checkpoint; {flag} takes a Hugging Face model directory, "
+            f"which `tinyllama convert --checkpoint {p} --out DIR` writes"
+        )
+    return p
+
+
 def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=None):
     from tinyllama.config import ModelConfig
     from tinyllama.convert import parse_dtype
@@ -29,7 +49,7 @@ def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=N
         model = Llama(ModelConfig.from_name(random_preset)).to(device=device, dtype=dtype)
         tokenizer = Tokenizer()
     elif model_dir:
-        model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
+        model = Llama.from_pretrained(check_model_dir(model_dir), dtype=dtype, device=device)
         has_tok = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = Tokenizer(model_dir) if has_tok else Tokenizer()
     else:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from tinyllama.cli import _args as flag
+from tinyllama.loading import check_model_dir
 
 
 def add_arguments(p) -> None:
@@ -52,7 +53,7 @@ def run(args) -> int:
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tmp = None
     if args.model:
-        model_dir = Path(args.model)
+        model_dir = check_model_dir(args.model)
     else:
         tmp = tempfile.TemporaryDirectory()
         model_dir = Path(tmp.name) / "model"

@@ -20,6 +20,7 @@ import torch
 
 from tinyllama.checks import POSITIVE_INT
 from tinyllama.cli import _args as flag
+from tinyllama.loading import check_model_dir
 
 
 def add_arguments(p) -> None:
@@ -55,7 +56,7 @@ def build_model(args, device, dtype):
     from tinyllama.model import Llama
 
     if args.model:
-        return Llama.from_pretrained(args.model, dtype=dtype, device=device).eval()
+        return Llama.from_pretrained(check_model_dir(args.model), dtype=dtype, device=device).eval()
     torch.manual_seed(0)
     with torch.device(device):
         model = Llama(ModelConfig.from_name(args.preset))
@@ -323,7 +324,7 @@ def run(args) -> int:
                 draft = Llama(PRESETS[args.draft])
             draft = draft.to(dtype).eval()
         else:
-            draft = Llama.from_pretrained(args.draft, dtype=dtype, device=device).eval()
+            draft = Llama.from_pretrained(check_model_dir(args.draft, "--draft"), dtype=dtype, device=device).eval()
         base = None
         for k in args.draft_k:
             t, (out, stats) = timed(lambda: speculative_generate(model, draft, one[0], greedy, k=k))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tinyllama.cli import _args as flag
+from tinyllama.loading import check_model_dir
 
 TOKENIZER_STRINGS = [
     "Hello world",
@@ -173,7 +174,7 @@ def run(args) -> int:
     if args.model:
         from tinyllama.convert.hf import load_hf_model
 
-        model, tok = load_hf_model(args.model, dtype=torch.float32), Tokenizer(args.model)
+        model, tok = load_hf_model(check_model_dir(args.model), dtype=torch.float32), Tokenizer(args.model)
     else:
         model, tok = Llama(ModelConfig.from_name(args.preset)), Tokenizer()
     import llama_cpp

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tinyllama.cli import _args as flag
+from tinyllama.loading import check_model_dir
 from tinyllama.errors import TinyLlamaError
 
 
@@ -127,7 +128,7 @@ def run(args) -> int:
     train_ids, held = load_corpus(corpus, tok, args.eval_tokens)
     print(f"bench quantize: corpus {corpus} ({train_ids.numel()} train / {held.numel()} held-out tokens)", flush=True)
     if args.model:
-        model = Llama.from_pretrained(args.model, dtype=torch.float32, device=device).eval()
+        model = Llama.from_pretrained(check_model_dir(args.model), dtype=torch.float32, device=device).eval()
         source = args.model
     else:
         model = train_quick(args.preset, train_ids, args.train_steps, args.seq_len, args.batch, device)

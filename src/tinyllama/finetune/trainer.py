@@ -231,8 +231,10 @@ class FinetuneTrainer:
 
     # -- model ---------------------------------------------------------------------------------------
     def _load(self, path: str):
+        from tinyllama.loading import check_model_dir
         from tinyllama.model import Llama
 
+        check_model_dir(path, "--model" if path == self.cfg.model.path else "--reference")
         # LoRA keeps the frozen base in the compute dtype (bf16 on GPU); full fine-tuning keeps fp32 master weights.
         dtype = self.compute_dtype if self.lora else torch.float32
         return Llama.from_pretrained(path, dtype=dtype, device=self.info.device)

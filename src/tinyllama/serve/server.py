@@ -31,8 +31,10 @@ class ServeConfig:
     def validate(self) -> None:
         if not self.model and not self.random_preset:
             raise TinyLlamaError("serve: missing --model DIR (a Hugging Face model directory) or --random-preset NAME")
-        if self.model and not Path(self.model).is_dir():
-            raise TinyLlamaError(f"serve: --model {self.model}: model directory not found")
+        if self.model:
+            from tinyllama.loading import check_model_dir
+
+            check_model_dir(self.model)
         check_fields(self, "serve: {}", as_flags=True, port=dict(integer=True, lo=1, hi=65535),
                      max_batch_size=POSITIVE_INT, threads=dict(POSITIVE_INT, none_ok=True),
                      max_seq_len=dict(integer=True, lo=2, none_ok=True), max_request_bytes=POSITIVE_INT)
