@@ -108,3 +108,15 @@ def test_weight_decay_on_matrices_only():
     assert {names[id(p)] for p in no_decay["params"]} == {n for n, _ in model.named_parameters() if "norm" in n}
     assert any(names[id(p)] == "embed_tokens.weight" for p in decay["params"])
     assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("value", ["none", "None", "null", "false", "", "off"])
+def test_export_hf_none_turns_the_export_off(value):
+    from tinyllama.finetune.trainer import load_finetune_config
+
+    # was a directory named after the word ('none', 'None', ...) or a type error (false)
+    assert load_run_config("demo", ["--train.export_hf", value]).train.export_hf is None
+    ft = load_finetune_config("sft", None, ["--train.export_hf", value], **{"model.path": "m", "data.train": "d.jsonl"})
+    assert ft.train.export_hf is None
+    assert load_run_config("demo").train.export_hf == "hf"  # the demo recipe's
+    assert load_finetune_config("dpo", None, [], **{"model.path": "m", "data.train": "d.jsonl"}).train.export_hf == "hf"

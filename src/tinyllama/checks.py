@@ -69,6 +69,17 @@ NONNEGATIVE_INT = dict(integer=True, lo=0)
 SEED = dict(integer=True, lo=-(2**63), hi=2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
+OFF_WORDS = ("", "none", "null", "false", "off")
+
+
+def unless_off(value):
+    """None when `value` turns a setting off (None, false, or a word in OFF_WORDS, any case), else `value`:
+    `--train.export_hf none` must not mean a directory named 'none'."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in OFF_WORDS):
+        return None
+    return value
+
+
 def device_problem(spec: str) -> Optional[str]:
     """None when `spec` names a usable device here (cpu, cuda, cuda:N with that GPU visible), else why not."""
     import torch

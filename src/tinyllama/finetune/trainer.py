@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from tinyllama.checks import FRACTION, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, check_fields
+from tinyllama.checks import FRACTION, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, check_fields, unless_off
 from tinyllama.errors import TinyLlamaError
 from tinyllama.finetune.lora import LoRAConfig
 from tinyllama.train.optim import OptimConfig
@@ -64,9 +64,12 @@ class FTTrainConfig:
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2
-    export_hf: Optional[str] = "hf"  # merged model directory (relative to out_dir); null = none
+    export_hf: Optional[str] = "hf"  # merged model directory (relative to out_dir); none = no export
     export_dtype: Optional[str] = None  # e.g. bfloat16; default: float32
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.export_hf = unless_off(self.export_hf)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from tinyllama.checks import POSITIVE, check_number
+from tinyllama.checks import POSITIVE, check_number, unless_off
 from tinyllama.config import PRESETS, ModelConfig, dataclass_from_dict, read_yaml_mapping
 from tinyllama.errors import TinyLlamaError
 from tinyllama.train.optim import OptimConfig
@@ -70,13 +70,16 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # for MFU; None = known GPUs (H100/H200 989, A100 312), else no MFU
     tensorboard: bool = True  # when the tensorboard package is installed
     progress: bool = True  # live progress line on rank 0
-    export_hf: Optional[str] = None  # write a Hugging Face directory here at the end (relative to out_dir)
+    export_hf: Optional[str] = None  # write a Hugging Face directory here at the end (relative to out_dir); none = off
     sample_prompt: Optional[str] = None  # print a generation from this prompt at the end
     sample_tokens: int = 40
     report_unigram_entropy: bool = False  # print the train tokens' unigram entropy beside the val loss
     # torch.profiler over steps profile_from_step+1 .. +profile_steps (None: off): OUT/profile/, per rank.
     profile_from_step: Optional[int] = None
     profile_steps: int = 2
+
+    def __post_init__(self) -> None:
+        self.export_hf = unless_off(self.export_hf)
 
     def validate(self) -> None:
         for name in ("micro_batch", "global_batch", "log_every", "eval_blocks", "sample_tokens", "lr_step_scale",
