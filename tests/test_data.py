@@ -109,7 +109,9 @@ def test_drop_filter_and_field(tmp_path, tok):
 @pytest.mark.parametrize(
     "case, content, where, reason",
     [
-        ("malformed_json", [b'{"text": "ok"}', b'{"text": "ok"}', b'{"text": "unterminated'], "line 3", "malformed JSON"),
+        ("malformed_json", [b'{"text": "ok"}', b'{"text": "ok"}', b'{"text": "unterminated'], "line 3",
+         "malformed JSON (Unterminated string starting at column 10)"),  # was "... starting at at column 10"
+        ("no_comma", [b'{"text": "ok" "meta": 1}'], "line 1", "malformed JSON (Expecting ',' delimiter at column 15)"),
         ("missing_field", [b'{"text": "ok"}', b'{"title": "no text"}'], "line 2", "missing field"),
         ("not_a_string", [b'{"text": 5}'], "line 1", "expected a string"),
         ("invalid_utf8", [b'{"text": "ok"}', b'{"text": "caf\xe9"}', b'{"text": "ok"}'], "line 2", "invalid UTF-8"),
@@ -126,6 +128,16 @@ def test_bad_record_stops_with_file_and_line_or_is_skipped(tmp_path, tok, case, 
     n_good = sum(1 for line in content if line == b'{"text": "ok"}')
     assert m["inputs"][0]["skipped"] == 1 and m["splits"]["train"]["documents"] == n_good
     assert where in m["inputs"][0]["skipped_examples"][0]
+
+
+def test_json_lines_reader_names_line_and_column(tmp_path):
+    from tinyllama.data.readers import read_jsonl_objects
+
+    f = tmp_path / "items.jsonl"
+    f.write_text('{"a": 1}\n{"b": "x')
+    with pytest.raises(TinyLlamaError) as e:
+        list(read_jsonl_objects(f))
+    assert str(e.value) == f"{f}:2: not valid JSON (Unterminated string starting at column 7)"
 
 
 def test_corrupt_and_truncated_zstd(tmp_path, tok):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tinyllama.checks import POSITIVE, check_fields
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import TinyLlamaError, json_error_text
 
 T = TypeVar("T")
 
@@ -220,7 +220,7 @@ class ModelConfig:
         try:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TinyLlamaError(f"{path}: not valid JSON ({e})") from None
+            raise TinyLlamaError(f"{path}: not valid JSON ({json_error_text(e)})") from None
         if not isinstance(d, dict):
             raise TinyLlamaError(f"{path}: expected a JSON object")
         if "num_hidden_layers" in d or "model_type" in d:

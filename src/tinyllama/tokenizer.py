@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import TinyLlamaError, json_error_text
 
 # TinyLlama-Chat-v1.0's template (Zephyr style), as in its tokenizer_config.json.
 CHAT_TEMPLATE = (
@@ -59,7 +59,7 @@ class Tokenizer:
                 try:
                     self.config = json.loads(cfg.read_text())
                 except json.JSONDecodeError as e:
-                    raise TinyLlamaError(f"{cfg}: not valid JSON ({e})") from None
+                    raise TinyLlamaError(f"{cfg}: not valid JSON ({json_error_text(e)})") from None
         elif path.is_file():
             if path.suffix == ".model":
                 self._load_sentencepiece(path)

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyllama.checks import SEED
+from tinyllama.errors import json_error_text
 from tinyllama.generate import SamplingConfig, TextStreamer
 from tinyllama.serve.engine import Engine, Sequence
 from tinyllama.serve.server import DEFAULT_MAX_REQUEST_BYTES
@@ -305,8 +306,8 @@ def _decode_request(raw: bytes, model_cls):
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"We could not parse the JSON body of your request ({e}). The body must be a "
-                            "JSON object.", code="invalid_json") from None
+        raise APIError(400, f"We could not parse the JSON body of your request ({json_error_text(e)}). The body "
+                            "must be a JSON object.", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
