@@ -44,7 +44,8 @@ def config_from_args(args) -> EvalConfig:
     return cfg
 
 
-def print_table(results: dict, out=sys.stdout) -> None:
+def print_table(results: dict, out=None) -> None:
+    out = out or sys.stdout  # looked up per call: a default of sys.stdout would keep the stream of import time
     rows = [("task", "n", "acc", "± stderr", "acc_norm", "± stderr")]
     for name, r in results.get("tasks", {}).items():
         rows.append((name, str(r["n"]), f"{r['acc']:.4f}", f"{r['acc_stderr']:.4f}", f"{r['acc_norm']:.4f}",
