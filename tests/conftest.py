@@ -7,17 +7,32 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-# CI lays a copy of shared/ beside the clone (../shared); tests that need the corpus skip without it.
-SHARED = Path(os.environ.get("TINYLLAMA_SHARED", REPO.parent / "shared"))
-CORPUS = SHARED / "data" / "corpus"
 
-
-@pytest.fixture
+@pytest.fixture(scope="session")
 def corpus_dir() -> Path:
-    if not CORPUS.is_dir():
-        pytest.skip(f"shared corpus not found at {CORPUS}")
-    return CORPUS
+    """The corpus shipped inside the package (src/tinyllama/assets/corpus, see its README: public-domain
+    prose, PSF-licensed code): there in every clone and install, so no corpus test depends on ../shared."""
+    from tinyllama.data.demo import demo_corpus_dir
+
+    return demo_corpus_dir()
+
+
+@pytest.fixture(scope="session")
+def corpus_docs(corpus_dir) -> dict[str, list[str]]:
+    """Its documents by source: 'moby-dick' (135 chapters), 'sotu' (66 addresses), 'code' (160 modules)."""
+    import io
+    import json
+
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs: dict[str, list[str]] = {}
+    with open(corpus_dir / "prose.jsonl.zst", "rb") as f:
+        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
+            rec = json.loads(line)
+            docs.setdefault(rec["meta"]["source"], []).append(rec["text"])
+    docs["code"] = pq.read_table(corpus_dir / "code.parquet", columns=["content"]).column("content").to_pylist()
+    return docs
 
 
 @pytest.fixture(autouse=True, scope="session")

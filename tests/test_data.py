@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +17,6 @@ from tinyllama.data import (
 from tinyllama.data.prepare import write_token_dataset
 from tinyllama.errors import TinyLlamaError
 from tinyllama.tokenizer import Tokenizer
-
-SHARED = Path(__file__).parents[2] / "shared" / "data" / "corpus"
-
 
 @pytest.fixture(scope="module")
 def tok():
@@ -84,7 +78,7 @@ def test_round_trip_all_formats(tmp_path, tok):
     assert raw[:8] == b"TLTOKS\x00\x01"
 
 
-def test_fast_encoder_is_exact(tok):
+def test_fast_encoder_is_exact(tok, corpus_docs):
     from tinyllama.data.prepare import fast_encoder
 
     enc = fast_encoder(tok)
@@ -92,11 +86,8 @@ def test_fast_encoder_is_exact(tok):
     texts = ["", " ", "  two  spaces  ", "\n\n  indented\n\tdef f(x):\n        return x  ", "naïve café 🐳 日本語",
              "trailing   ", "a" * 3000, " leading", "x\u2581y ▁▁z", "<s> </s> [INST]"] + _docs(30, seed=3)
     assert enc(texts) == tok.encode_batch(texts)
-    if SHARED.is_dir():
-        import pyarrow.parquet as pq
-
-        code = pq.read_table(SHARED / "cpython_stdlib.parquet").column("content").to_pylist()[:40]
-        assert enc(code) == tok.encode_batch(code)
+    code = corpus_docs["code"][:40]
+    assert enc(code) == tok.encode_batch(code)
 
 
 def test_drop_filter_and_field(tmp_path, tok):
@@ -115,7 +106,9 @@ def test_drop_filter_and_field(tmp_path, tok):
 @pytest.mark.parametrize(
     "case, content, where, reason",
     [
-        ("malformed_json", [b'{"text": "ok"}', b'{"text": "ok"}', b'{"text": "unterminated'], "line 3", "malformed JSON"),
+        ("malformed_json", [b'{"text": "ok"}', b'{"text": "ok"}', b'{"text": "unterminated'], "line 3",
+         "malformed JSON (Unterminated string starting at column 10)"),  # was "... starting at at column 10"
+        ("no_comma", [b'{"text": "ok" "meta": 1}'], "line 1", "malformed JSON (Expecting ',' delimiter at column 15)"),
         ("missing_field", [b'{"text": "ok"}', b'{"title": "no text"}'], "line 2", "missing field"),
         ("not_a_string", [b'{"text": 5}'], "line 1", "expected a string"),
         ("invalid_utf8", [b'{"text": "ok"}', b'{"text": "caf\xe9"}', b'{"text": "ok"}'], "line 2", "invalid UTF-8"),
@@ -132,6 +125,16 @@ def test_bad_record_stops_with_file_and_line_or_is_skipped(tmp_path, tok, case, 
     n_good = sum(1 for line in content if line == b'{"text": "ok"}')
     assert m["inputs"][0]["skipped"] == 1 and m["splits"]["train"]["documents"] == n_good
     assert where in m["inputs"][0]["skipped_examples"][0]
+
+
+def test_json_lines_reader_names_line_and_column(tmp_path):
+    from tinyllama.data.readers import read_jsonl_objects
+
+    f = tmp_path / "items.jsonl"
+    f.write_text('{"a": 1}\n{"b": "x')
+    with pytest.raises(TinyLlamaError) as e:
+        list(read_jsonl_objects(f))
+    assert str(e.value) == f"{f}:2: not valid JSON (Unterminated string starting at column 7)"
 
 
 def test_corrupt_and_truncated_zstd(tmp_path, tok):
@@ -231,17 +234,12 @@ def test_prepare_cli_one_line_errors(tmp_path, capsys):
     assert sorted(Tokenizer().decode(d) for d in _decoded_docs(tmp_path / "ds", "train"))[-2:] == ["fine", "ok"]
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared corpus not available")
-def test_real_corpus_round_trip(tmp_path, tok):
-    import io
-
-    import zstandard
-
-    f = SHARED / "moby_dick.jsonl.zst"
-    m = prepare([f], tmp_path / "moby", val_fraction=0.05, tokenizer=tok)
-    with zstandard.ZstdDecompressor().stream_reader(open(f, "rb")) as r:
-        texts = [json.loads(line)["text"] for line in io.TextIOWrapper(r, encoding="utf-8") if line.strip()]
-    got = sorted(tok.decode(d) for sp in ("train", "val") for d in _decoded_docs(tmp_path / "moby", sp))
+def test_real_corpus_round_trip(tmp_path, tok, corpus_docs):
+    # A SlimPajama-style file of real prose: a sixth of the packaged corpus (prepare's speed is not under test)
+    texts = corpus_docs["moby-dick"][:40] + corpus_docs["sotu"][:10]
+    _zst(tmp_path / "prose.jsonl.zst", _jsonl(texts, meta={"redpajama_set_name": "RedPajamaBook"}))
+    m = prepare([tmp_path / "prose.jsonl.zst"], tmp_path / "prose", val_fraction=0.05, tokenizer=tok)
+    got = sorted(tok.decode(d) for sp in ("train", "val") for d in _decoded_docs(tmp_path / "prose", sp))
     assert got == sorted(texts) and m["splits"]["val"]["documents"] > 0
 
 

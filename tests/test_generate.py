@@ -188,6 +188,11 @@ def test_bad_inputs_raise_clear_errors(pair):
         generate(ours, [1], stop=["x"])
     with pytest.raises(GenerationError, match="unknown sampling"):
         generate(ours, [1], nucleus=0.5)
+    # NaN passes `x < 0` checks and inf passes `x > 0`: both are refused for every number
+    for bad in (dict(temperature=float("nan")), dict(temperature=float("inf")), dict(repetition_penalty=float("inf")),
+                dict(top_p=float("nan")), dict(seed=2**64)):
+        with pytest.raises(GenerationError, match=f"{next(iter(bad))} must be"):
+            generate(ours, [1], **bad)
     assert generate(ours, [1, 2], max_new_tokens=0) == []
 
 

@@ -311,6 +311,7 @@ def server(model, tok, tmp_path_factory):
     with LiveServer(app, engine) as live:
         live.model = model  # references come from the saved model's source: the served one is the engine's
         live.model_dir = d
+        live.service = app.state.service
         yield live
 
 
@@ -436,6 +437,11 @@ def test_bad_requests_get_openai_errors_and_server_stays_up(server, client):
     err = _error(httpx.post(url + "/completions", json={"model": "tiny", "prompt": "x", "logprobs": 1,
                                                           "stream": True}), 400)
     assert err["param"] == "logprobs" and err["code"] == "unsupported_parameter"
+    for field, raw in (("repetition_penalty", "Infinity"), ("temperature", "NaN"), ("seed", str(2**64))):
+        # Python's JSON reader takes NaN and Infinity; they are refused like any other bad value
+        body = f'{{"model": "tiny", "prompt": "x", "{field}": {raw}}}'.encode()
+        err = _error(httpx.post(url + "/completions", content=body, headers={"content-type": "application/json"}), 400)
+        assert err["param"] == field, err
     _error(httpx.get(server.url + "/v1/nothing-here"), 404)
     _error(httpx.get(url + "/completions"), 405)
 
@@ -533,6 +539,61 @@ def test_lm_eval_local_completions_equals_tinyllama_scorer(server):
     assert [ll for ll, _ in theirs] == pytest.approx([ll for ll, _ in mine], abs=1e-4)
     assert [g for _, g in theirs] == [g for _, g in mine]
     assert any(g for _, g in mine[13:]) and not any(g for _, g in mine[:12])
+
+
+def test_body_over_the_size_limit_gets_413_before_it_is_read(server, monkeypatch):
+    import httpx
+
+    from tinyllama.serve import app as app_mod
+    from tinyllama.serve.server import DEFAULT_MAX_REQUEST_BYTES
+
+    seen = []
+    monkeypatch.setattr(app_mod, "_decode_request", lambda *a: seen.append("parsed"))
+    for name in ("encode", "encode_batch"):
+        monkeypatch.setattr(server.service.tokenizer, name, lambda *a, **k: seen.append("tokenized"))
+    body = json.dumps({"model": "tiny", "prompt": "hello " * (DEFAULT_MAX_REQUEST_BYTES // 6)}).encode()
+    assert len(body) > DEFAULT_MAX_REQUEST_BYTES
+    url = server.url + "/v1/completions"
+    headers = {"content-type": "application/json"}
+    err = _error(httpx.post(url, content=body, headers=headers, timeout=60), 413)  # with Content-Length
+    assert err["code"] == "request_too_large" and f"{DEFAULT_MAX_REQUEST_BYTES:,}" in err["message"]
+    chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))  # chunked: no Content-Length
+    err = _error(httpx.post(url, content=chunks, headers=headers, timeout=60), 413)
+    assert err["code"] == "request_too_large"
+    assert seen == []
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_health_answers_while_a_large_request_is_tokenized(server, monkeypatch):
+    import httpx
+
+    tokenizer = server.service.tokenizer
+    started, spans = threading.Event(), []
+
+    def timed(encode):
+        def timed_encode(text, *a, **k):
+            t0 = time.perf_counter()
+            started.set()
+            try:
+                return encode(text, *a, **k)
+            finally:
+                spans.append((t0, time.perf_counter()))
+        return timed_encode
+
+    for name in ("encode", "encode_batch"):
+        monkeypatch.setattr(tokenizer, name, timed(getattr(tokenizer, name)))
+    # under the size limit, far over the context: tokenized (about a second here), then refused with 400
+    body = {"model": "tiny", "prompt": "hello world " * 80_000, "max_tokens": 1}
+    with ThreadPoolExecutor(1) as pool:
+        large = pool.submit(httpx.post, server.url + "/v1/completions", json=body, timeout=120)
+        assert started.wait(60)
+        health = httpx.get(server.url + "/health", timeout=120)
+        answered = time.perf_counter()
+        assert large.result().json()["error"]["code"] == "context_length_exceeded"
+    assert health.status_code == 200
+    (t0, t1), = spans
+    # /health came back while the large prompt was still being tokenized (on the event loop it waited for it)
+    assert answered < t1, (answered - t0, t1 - t0)
 
 
 def test_concurrent_requests_are_batched_and_equal_one_by_one(server, client, tok):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
-import torch
 
 from tinyllama.config import ModelConfig
 from tinyllama.errors import TinyLlamaError
@@ -13,9 +11,7 @@ from tinyllama.model import Llama
 from tinyllama.train.config import (
     list_recipes,
     load_run_config,
-    parse_overrides,
     resolve_config_path,
-    run_config_from_dict,
 )
 from tinyllama.train.optim import OptimConfig, build_optimizer, lr_at
 
@@ -68,7 +64,7 @@ def test_overrides_typed_and_nested():
     (["--train.nonfinite_policy", "ignore"], "nonfinite_policy"),
     (["--model.preset", "nope"], "unknown"),
     (["--data.seq_len", "4096"], "exceeds the model's max_seq_len"),
-    (["--train.global_batch", "10", "--train.micro_batch", "4"], "multiple of micro_batch"),
+    (["--train.global_batch", "10", "--train.micro_batch", "4"], "multiple of train.micro_batch"),
 ])
 def test_bad_overrides_give_one_line_errors(overrides, message):
     with pytest.raises(TinyLlamaError, match=message) as e:
@@ -108,3 +104,15 @@ def test_weight_decay_on_matrices_only():
     assert {names[id(p)] for p in no_decay["params"]} == {n for n, _ in model.named_parameters() if "norm" in n}
     assert any(names[id(p)] == "embed_tokens.weight" for p in decay["params"])
     assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("value", ["none", "None", "null", "false", "", "off"])
+def test_export_hf_none_turns_the_export_off(value):
+    from tinyllama.finetune.trainer import load_finetune_config
+
+    # was a directory named after the word ('none', 'None', ...) or a type error (false)
+    assert load_run_config("demo", ["--train.export_hf", value]).train.export_hf is None
+    ft = load_finetune_config("sft", None, ["--train.export_hf", value], **{"model.path": "m", "data.train": "d.jsonl"})
+    assert ft.train.export_hf is None
+    assert load_run_config("demo").train.export_hf == "hf"  # the demo recipe's
+    assert load_finetune_config("dpo", None, [], **{"model.path": "m", "data.train": "d.jsonl"}).train.export_hf == "hf"

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-from tinyllama.errors import TinyLlamaError
+from tinyllama.checks import POSITIVE, check_fields
+from tinyllama.errors import TinyLlamaError, json_error_text
 
 T = TypeVar("T")
 
@@ -32,6 +33,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
+        if value is False and type(None) in args and bool not in args:
+            return None  # `false` turns an optional setting off (--train.export_hf false)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -245,10 +248,7 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise TinyLlamaError(f"model config: head dim hidden_size/n_heads = {self.head_dim} must be even for rotary embeddings")
-        if not self.norm_eps > 0:
-            raise TinyLlamaError(f"model config: field 'norm_eps' must be > 0, got {self.norm_eps!r}")
-        if not self.rope_theta > 0:
-            raise TinyLlamaError(f"model config: field 'rope_theta' must be > 0, got {self.rope_theta!r}")
+        check_fields(self, "model config: field '{}'", norm_eps=POSITIVE, rope_theta=POSITIVE)
 
     # ---- presets -------------------------------------------------------------------------------
     @classmethod
@@ -375,7 +375,7 @@ class ModelConfig:
         try:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TinyLlamaError(f"{path}: not valid JSON ({e})") from None
+            raise TinyLlamaError(f"{path}: not valid JSON ({json_error_text(e)})") from None
         if not isinstance(d, dict):
             raise TinyLlamaError(f"{path}: expected a JSON object")
         if "num_hidden_layers" in d or "model_type" in d:

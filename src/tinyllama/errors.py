@@ -1,5 +1,7 @@
 """User-facing errors: one clear line, no traceback (the CLI catches these)."""
 
+import json
+
 
 class TinyLlamaError(Exception):
     """A problem with the user's input (file, field, value) rather than a bug.
@@ -15,3 +17,13 @@ def fused_projections_error(purpose: str) -> TinyLlamaError:
         f"{purpose} needs separate q/k/v and gate/up weights, but this model's were fused for inference "
         "(fuse_projections); use the model before fusing it, or reload it from its checkpoint"
     )
+
+
+def json_error_text(e: Exception, line: bool = True) -> str:
+    """A JSON decoding error as message text: 'Expecting value at line 1 column 10', or with line=False (the
+    caller names the line) 'Unterminated string starting at column 10'. json's own messages can end in
+    'at' ('... starting at'), so the position is not simply appended after ' at'."""
+    if not isinstance(e, json.JSONDecodeError):
+        return str(e)
+    where = f"line {e.lineno} column {e.colno}" if line else f"column {e.colno}"
+    return f"{e.msg} {where}" if e.msg.endswith(" at") else f"{e.msg} at {where}"

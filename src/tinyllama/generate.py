@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from tinyllama.checks import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, SEED, check_fields
 from tinyllama.errors import TinyLlamaError
 from tinyllama.model import Llama
 
@@ -40,18 +41,9 @@ class SamplingConfig:
     stop_at_eos: bool = True
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise GenerationError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise GenerationError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check_fields(self, "{}", error=GenerationError, max_new_tokens=NONNEGATIVE_INT, temperature=NONNEGATIVE,
+                     top_k=dict(POSITIVE_INT, none_ok=True), top_p=dict(POSITIVE, hi=1, none_ok=True),
+                     min_p=dict(PROBABILITY, none_ok=True), repetition_penalty=POSITIVE, seed=dict(SEED, none_ok=True))
         if isinstance(self.stop, str):
             raise GenerationError(f"stop must be a list of strings, got the string {self.stop!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):

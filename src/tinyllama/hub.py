@@ -56,3 +56,22 @@ def resolve_model_path(name_or_dir, what: str = "model directory") -> Path:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TinyLlamaError(f"{text}: downloading from the Hugging Face Hub failed ({type(e).__name__}: {first}); "
                              f"download it with {how}, or give a local directory") from None
+
+
+def check_model_dir(name_or_dir, flag: str = "--model") -> Path:
+    """What a `--model` flag names (a directory, or a Hub id resolved by `resolve_model_path`) if it can be a
+    Hugging Face model directory; else one line on what it is instead (a file, a GGUF export, a training run
+    or checkpoint) and how to make a Hugging Face directory from it."""
+    p = resolve_model_path(name_or_dir)
+    if not p.is_dir():
+        what = "a GGUF file (for llama.cpp)" if p.suffix.lower() == ".gguf" else "a file"
+        raise TinyLlamaError(
+            f"{flag} {p}: {what}; {flag} takes a Hugging Face model directory (config.json + *.safetensors), "
+            "which `tinyllama convert --checkpoint RUN_OR_CHECKPOINT --out DIR` writes"
+        )
+    if not (p / "config.json").is_file() and any((p / f).exists() for f in ("meta.json", "checkpoints", "latest")):
+        raise TinyLlamaError(
+            f"{flag} {p}: a training run or checkpoint; {flag} takes a Hugging Face model directory, "
+            f"which `tinyllama convert --checkpoint {p} --out DIR` writes"
+        )
+    return p

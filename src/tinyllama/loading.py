@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+from tinyllama.checks import check_device
 from tinyllama.errors import TinyLlamaError
 
-from tinyllama.hub import resolve_model_path  # noqa: F401  (re-exported: the loaders' resolver)
+from tinyllama.hub import check_model_dir, resolve_model_path  # noqa: F401  (re-exported)
 
 
 def _tokenizer_of(model_dir: Path):
@@ -30,7 +31,7 @@ def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=N
     from tinyllama.model import Llama
     from tinyllama.tokenizer import Tokenizer
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if model_dir and random_preset:
         raise TinyLlamaError("give either --model or --random-preset, not both")
@@ -39,7 +40,7 @@ def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=N
         model = Llama(ModelConfig.from_name(random_preset)).to(device=device, dtype=dtype)
         tokenizer = Tokenizer()
     elif model_dir:
-        model_dir = resolve_model_path(model_dir)
+        model_dir = check_model_dir(model_dir)
         model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
         tokenizer = _tokenizer_of(model_dir)
     else:

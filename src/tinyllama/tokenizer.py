@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import TinyLlamaError, json_error_text
 
 # TinyLlama-Chat-v1.0's template (Zephyr style), as in its tokenizer_config.json.
 CHAT_TEMPLATE = (
@@ -59,7 +59,7 @@ class Tokenizer:
                 try:
                     self.config = json.loads(cfg.read_text())
                 except json.JSONDecodeError as e:
-                    raise TinyLlamaError(f"{cfg}: not valid JSON ({e})") from None
+                    raise TinyLlamaError(f"{cfg}: not valid JSON ({json_error_text(e)})") from None
         elif path.is_file():
             if path.suffix == ".model":
                 self._load_sentencepiece(path)
@@ -226,13 +226,19 @@ def _compiled_template(source: str):
 
 
 class StreamDecoder:
-    """Turns a growing list of ids into text pieces, correct across multi-byte and leading-space tokens."""
+    """Turns a growing list of ids into text pieces, correct across multi-byte and leading-space tokens.
+
+    Each piece is the new end of the decoded text of a window of recent ids, so a put costs the same at the
+    10,000th token as at the first (decoding all ids each time made a long output quadratic).
+    """
+
+    CONTEXT = 8  # ids kept before the next piece: its leading space and a split UTF-8 sequence need them
 
     def __init__(self, tokenizer: Tokenizer, prefix: Sequence[int] = ()) -> None:
         # Decoding continues the prefix (the prompt) so a leading space of the first new token survives.
         self.tokenizer = tokenizer
-        self.ids: list[int] = [int(i) for i in prefix]
-        self.emitted = tokenizer.decode(self.ids) if self.ids else ""
+        self.ids: list[int] = [int(i) for i in prefix][-self.CONTEXT:]
+        self.emitted = tokenizer.decode(self.ids) if self.ids else ""  # the decoded text of self.ids
 
     def put(self, token_id: int) -> str:
         self.ids.append(int(token_id))
@@ -241,4 +247,7 @@ class StreamDecoder:
             return ""
         piece = text[len(self.emitted):]
         self.emitted = text
+        if len(self.ids) > 4 * self.CONTEXT:  # everything is emitted: the window can move on
+            self.ids = self.ids[-self.CONTEXT:]
+            self.emitted = self.tokenizer.decode(self.ids)
         return piece

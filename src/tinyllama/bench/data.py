@@ -16,6 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from tinyllama.checks import NONNEGATIVE_INT, POSITIVE_INT
+from tinyllama.cli import _args as flag
+
 
 def _default_corpus() -> Path | None:
     here = Path(__file__).resolve()
@@ -29,11 +32,11 @@ def _default_corpus() -> Path | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", type=Path, default=None,
                    help="directory with *.jsonl.zst and/or *.parquet (default: ../shared/data/corpus, else the demo)")
-    p.add_argument("--workers", default="1,2", help="comma-separated prepare worker counts to time (default 1,2)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--loader-workers", default="0,2", help="comma-separated loader num_workers to time")
-    p.add_argument("--batches", type=int, default=400, help="batches timed per loader setting")
+    p.add_argument("--workers", type=flag.number_list(**POSITIVE_INT), default="1,2", help="comma-separated prepare worker counts to time (default 1,2)")
+    p.add_argument("--seq-len", type=flag.positive_int, default=2048)
+    p.add_argument("--batch-size", type=flag.positive_int, default=8)
+    p.add_argument("--loader-workers", type=flag.number_list(**NONNEGATIVE_INT), default="0,2", help="comma-separated loader num_workers to time")
+    p.add_argument("--batches", type=flag.positive_int, default=400, help="batches timed per loader setting")
     p.add_argument("--keep", type=Path, default=None, help="write the prepared datasets here instead of a temp dir")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the reference: the plain tokenizer's encode_batch over the same documents")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"corpus: {results['corpus']}  ({sum(p.stat().st_size for p in files) / 1e6:.1f} MB on disk)")
     out = root / "corpus"
     try:
-        for w in [int(x) for x in args.workers.split(",")]:
+        for w in args.workers:
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
             m = prepare(files, out, workers=w, tokenizer=tok, val_fraction=0.005)
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"reference: Tokenizer.encode_batch alone (texts in memory, no I/O): {n:,} tokens in {dt:.1f} s "
                   f"= {n / dt:,.0f} tokens/s")
         mixes = {"1 source": ([(out, 1.0)], None), "2 sources 0.7:0.3": ([(out, 0.7), (out, 0.3)], ["web", "code"])}
-        for (mix, (sources, names)), nw in [(m, nw) for m in mixes.items() for nw in map(int, args.loader_workers.split(","))]:
+        for (mix, (sources, names)), nw in [(m, nw) for m in mixes.items() for nw in args.loader_workers]:
             loader = MixtureLoader(sources, args.seq_len, args.batch_size, seed=0, num_workers=nw, names=names)
             for _ in range(5):
                 next(loader)  # warm-up (worker start-up, page cache)

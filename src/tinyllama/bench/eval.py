@@ -11,15 +11,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from tinyllama.cli import _args as flag
+from tinyllama.hub import check_model_dir
+
 
 def add_arguments(p) -> None:
     p.add_argument("--model", help="Hugging Face model directory (default: a random --preset)")
     p.add_argument("--preset", default="tinyllama-demo", help="random-weight preset when no --model")
-    p.add_argument("--items", type=int, default=64, help="questions (4 choices each)")
-    p.add_argument("--ctx-words", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--items", type=flag.positive_int, default=64, help="questions (4 choices each)")
+    p.add_argument("--ctx-words", type=flag.positive_int, default=60)
+    p.add_argument("--batch-size", type=flag.positive_int, default=16)
+    p.add_argument("--device", type=flag.device, default=None)
+    p.add_argument("--dtype", type=flag.dtype, default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--skip-lm-eval", action="store_true")
 
 
@@ -43,7 +46,6 @@ def run(args) -> int:
     from tinyllama.config import ModelConfig
     from tinyllama.convert import parse_dtype
     from tinyllama.eval.scoring import Scorer
-    from tinyllama.hub import resolve_model_path
     from tinyllama.model import Llama
     from tinyllama.tokenizer import Tokenizer
 
@@ -51,7 +53,7 @@ def run(args) -> int:
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tmp = None
     if args.model:
-        model_dir = resolve_model_path(args.model)
+        model_dir = check_model_dir(args.model)
     else:
         tmp = tempfile.TemporaryDirectory()
         model_dir = Path(tmp.name) / "model"

@@ -18,27 +18,31 @@ from datetime import datetime, timezone
 
 import torch
 
+from tinyllama.checks import POSITIVE_INT
+from tinyllama.cli import _args as flag
+from tinyllama.hub import check_model_dir
+
 
 def add_arguments(p) -> None:
     p.add_argument("--preset", default="tinyllama-1.1b", help="random-weight preset (default tinyllama-1.1b)")
     p.add_argument("--model", default=None, help="a Hugging Face model directory instead of --preset")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="bfloat16 / float32 (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batch-sizes", default="1,8,32", help="comma list; batch 1 is always measured")
+    p.add_argument("--device", type=flag.device, default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", type=flag.dtype, default=None, help="bfloat16 / float32 (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--prompt-len", type=flag.positive_int, default=128)
+    p.add_argument("--new-tokens", type=flag.positive_int, default=256)
+    p.add_argument("--batch-sizes", type=flag.number_list(**POSITIVE_INT), default="1,8,32", help="comma list; batch 1 is always measured")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled / CUDA-graph runs")
     p.add_argument("--no-prefill-graphs", action="store_true",
                    help="run the compiled prefill without capturing it in a CUDA graph per prompt shape")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--quant", default="", help="comma list of int8,int4-32,int4-128 to time at batch 1")
-    p.add_argument("--repeats", type=int, default=2, help="timed repeats per variant (best is kept)")
-    p.add_argument("--time-budget", type=float, default=0,
+    p.add_argument("--repeats", type=flag.positive_int, default=2, help="timed repeats per variant (best is kept)")
+    p.add_argument("--time-budget", type=flag.nonnegative_float, default=0,
                    help="seconds; variants that would start after this are skipped (0 = no limit)")
     p.add_argument("--draft", default=None,
                    help="a draft model directory (or preset) for speculative decoding: times target alone vs drafted")
-    p.add_argument("--draft-k", default="2,4", help="comma list of draft tokens per round to time with --draft")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--draft-k", type=flag.number_list(**POSITIVE_INT), default="2,4", help="comma list of draft tokens per round to time with --draft")
+    p.add_argument("--threads", type=flag.positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", default=None, help="write results to this JSON file")
 
 
@@ -52,7 +56,7 @@ def build_model(args, device, dtype):
     from tinyllama.model import Llama
 
     if args.model:
-        return Llama.from_pretrained(args.model, dtype=dtype, device=device).eval()
+        return Llama.from_pretrained(check_model_dir(args.model), dtype=dtype, device=device).eval()
     torch.manual_seed(0)
     with torch.device(device):
         model = Llama(ModelConfig.from_name(args.preset))
@@ -268,7 +272,7 @@ def run(args) -> int:
             result["rows"].append({"name": name, "error": f"{type(e).__name__}: {e}"[:500]})
             save()
 
-    batches = [int(b) for b in args.batch_sizes.split(",") if b.strip() and int(b) != 1]
+    batches = [b for b in args.batch_sizes if b != 1]
     if compiled is not None:
         if compiled._batch1_step is not None:
             attempt("ours compiled b1 (torch step)", compiled_batch, 1, "torch")
@@ -334,9 +338,9 @@ def run(args) -> int:
                 draft = Llama(PRESETS[args.draft])
             draft = draft.to(dtype).eval()
         else:
-            draft = Llama.from_pretrained(args.draft, dtype=dtype, device=device).eval()
+            draft = Llama.from_pretrained(check_model_dir(args.draft, "--draft"), dtype=dtype, device=device).eval()
         base = None
-        for k in [int(x) for x in args.draft_k.split(",") if x.strip()]:
+        for k in args.draft_k:
             t, (out, stats) = timed(lambda: speculative_generate(model, draft, one[0], greedy, k=k))
             if base is None:
                 eng = DecodeEngine(model)

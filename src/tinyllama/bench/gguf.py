@@ -22,6 +22,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from tinyllama.cli import _args as flag
+from tinyllama.hub import check_model_dir
+
 TOKENIZER_STRINGS = [
     "Hello world",
     "The quick brown fox jumps over the lazy dog.",
@@ -156,10 +159,10 @@ def roundtrip(model, tokenizer, quants=("f16", "q8_0", "q4_0"), n_tokens: int = 
 def add_arguments(p) -> None:
     p.add_argument("--model", help="Hugging Face model directory (default: a random-weight preset)")
     p.add_argument("--preset", default="tinyllama-demo", help="random-weight preset when no --model (default tinyllama-demo)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
+    p.add_argument("--seed", type=flag.seed, default=0)
+    p.add_argument("--tokens", type=flag.positive_int, default=32, help="greedy tokens per prompt")
     p.add_argument("--quants", default="f16,q8_0,q4_0")
-    p.add_argument("--q8-first", type=int, default=8, help="q8_0 must agree with ours on this many first tokens")
+    p.add_argument("--q8-first", type=flag.nonnegative_int, default=8, help="q8_0 must agree with ours on this many first tokens")
     p.add_argument("--json", help="write the full report here")
 
 
@@ -170,10 +173,9 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     if args.model:
-        from tinyllama.hub import resolve_model_path
         from tinyllama.model import Llama
 
-        model, tok = Llama.from_pretrained(args.model, dtype=torch.float32), Tokenizer(resolve_model_path(args.model))
+        model, tok = Llama.from_pretrained(args.model, dtype=torch.float32), Tokenizer(check_model_dir(args.model))
     else:
         model, tok = Llama(ModelConfig.from_name(args.preset)), Tokenizer()
     import llama_cpp

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from tinyllama.cli import _args as flag
+from tinyllama.hub import check_model_dir
 from tinyllama.errors import TinyLlamaError
 
 
@@ -24,13 +26,13 @@ def add_arguments(p) -> None:
     p.add_argument("--corpus", default=None,
                    help="directory of *.jsonl.zst text files (SlimPajama format); default ../shared/data/corpus")
     p.add_argument("--preset", default="tinyllama-tiny", help="preset to train when --model is not given")
-    p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per corpus file")
+    p.add_argument("--train-steps", type=flag.positive_int, default=300)
+    p.add_argument("--seq-len", type=flag.positive_int, default=128)
+    p.add_argument("--batch", type=flag.positive_int, default=8)
+    p.add_argument("--eval-tokens", type=flag.positive_int, default=16384, help="held-out tokens per corpus file")
     p.add_argument("--schemes", default="int8,int4-32,int4-128")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--device", type=flag.device, default=None)
+    p.add_argument("--threads", type=flag.positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--save", default=None, help="save the quickly trained model here (Hugging Face format)")
     p.add_argument("--json", default=None, help="write results to this JSON file")
 
@@ -112,7 +114,6 @@ def train_quick(preset: str, train_ids: torch.Tensor, steps: int, seq_len: int, 
 
 def run(args) -> int:
     from tinyllama.generate import DecodeEngine, SamplingConfig, generate_batch
-    from tinyllama.hub import resolve_model_path
     from tinyllama.model import Llama
     from tinyllama.quantize import quantize_model, weight_bytes
     from tinyllama.tokenizer import Tokenizer
@@ -123,12 +124,12 @@ def run(args) -> int:
     corpus = Path(args.corpus) if args.corpus else Path.cwd().parent / "shared" / "data" / "corpus"
     if not corpus.is_dir():
         raise TinyLlamaError(f"{corpus}: corpus directory not found; pass --corpus DIR")
-    model_dir = resolve_model_path(args.model) if args.model else None  # a Hub id `org/name` too
+    model_dir = check_model_dir(args.model) if args.model else None  # a Hub id `org/name` too
     tok = Tokenizer(model_dir) if model_dir and (model_dir / "tokenizer.json").is_file() else Tokenizer()
     train_ids, held = load_corpus(corpus, tok, args.eval_tokens)
     print(f"bench quantize: corpus {corpus} ({train_ids.numel()} train / {held.numel()} held-out tokens)", flush=True)
     if args.model:
-        model = Llama.from_pretrained(args.model, dtype=torch.float32, device=device).eval()
+        model = Llama.from_pretrained(check_model_dir(args.model), dtype=torch.float32, device=device).eval()
         source = args.model
     else:
         model = train_quick(args.preset, train_ids, args.train_steps, args.seq_len, args.batch, device)

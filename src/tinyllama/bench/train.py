@@ -21,6 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
+from tinyllama.checks import POSITIVE
+from tinyllama.cli import _args as flag
 from tinyllama.config import ModelConfig
 from tinyllama.errors import TinyLlamaError
 
@@ -382,17 +384,17 @@ def run_bench(
 
 def add_arguments(p) -> None:
     p.add_argument("--config", default="tinyllama-1.1b", help="model preset or config.json/yaml path (default tinyllama-1.1b)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant (default 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here; default 3)")
+    p.add_argument("--micro-batch", type=flag.positive_int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=flag.positive_int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--steps", type=flag.positive_int, default=10, help="timed steps per variant (default 10)")
+    p.add_argument("--warmup", type=flag.nonnegative_int, default=3, help="untimed steps first (compilation happens here; default 3)")
     p.add_argument("--variants", default="ours,hf-eager,hf-compile",
                    help=f"comma-separated, from {','.join(VARIANTS)} (reference = our model without the fast path; "
                    "ours-compiled = ours with each block torch.compile'd instead of the fused blocks)")
     p.add_argument("--data", default=None,
                    help="prepared tokens: a `tinyllama prepare` directory, LITPKDS .bin, or .npy of ids (default: synthetic)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="MFU denominator (default 989, H100 bf16 dense)")
+    p.add_argument("--device", type=flag.device, default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--peak-tflops", type=flag.positive_float, default=H100_BF16_TFLOPS, help="MFU denominator (default 989, H100 bf16 dense)")
     p.add_argument("--attention-backend", default="auto", help="SDPA backend for ours: auto|flash|cudnn|efficient|math")
     p.add_argument("--no-compile-blocks", action="store_true", help="ours without per-block torch.compile")
     p.add_argument("--no-fused-ce", action="store_true", help="ours with the plain head + cross-entropy")
@@ -401,9 +403,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-fused-blocks", action="store_true",
                    help="ours without the fused training blocks (then each block is torch.compile'd, or eager)")
     p.add_argument("--fp32-residual", action="store_true", help="ours with the residual stream in fp32")
-    p.add_argument("--activation-memory-budget", type=float, default=1.0,
+    p.add_argument("--activation-memory-budget", type=flag.number(**POSITIVE, hi=1), default=1.0,
                    help="ours: compile partitioner's activation budget in (0, 1] (default 1.0)")
-    p.add_argument("--ce-chunk-rows", type=int, default=None, help="rows per fused cross-entropy chunk")
+    p.add_argument("--ce-chunk-rows", type=flag.positive_int, default=None, help="rows per fused cross-entropy chunk")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -415,12 +417,7 @@ def run(args) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise TinyLlamaError(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
-    for name in ("micro_batch", "seq_len", "steps"):
-        if getattr(args, name) <= 0:
-            raise TinyLlamaError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TinyLlamaError("--device cuda: no CUDA device is available")
     kernels = KernelConfig(
         fused_cross_entropy=not args.no_fused_ce,
         ce_chunk_rows=args.ce_chunk_rows,

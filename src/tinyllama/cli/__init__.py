@@ -3,7 +3,7 @@ only parsing arguments and calling the library; this file only dispatches.
 
 A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`; if it also sets
 `ACCEPTS_OVERRIDES = True`, unknown `--key.sub value` pairs are passed on as `args.overrides`.
-User errors (TinyLlamaError, missing files) print one line and exit 2, never a traceback.
+User errors (bad flags, TinyLlamaError, missing files) print one line and exit 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +30,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """A bad or missing flag is a user error like any other: one line naming the flag and exit 2 (argparse
+    would print its usage too and raise SystemExit). Nested parsers (`bench train`) are of this class too."""
+
+    def error(self, message: str):
+        from tinyllama.errors import TinyLlamaError
+
+        raise TinyLlamaError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinyllama",
@@ -53,14 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv else 2
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    sub = argparse.ArgumentParser(prog=f"tinyllama {name}", description=COMMANDS[name][1])
+    sub = _SubcommandParser(prog=f"tinyllama {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
-    if getattr(module, "ACCEPTS_OVERRIDES", False):
-        args, rest = sub.parse_known_args(argv[1:])
-        args.overrides = rest
-    else:
-        args = sub.parse_args(argv[1:])
     try:
+        if getattr(module, "ACCEPTS_OVERRIDES", False):
+            args, rest = sub.parse_known_args(argv[1:])
+            args.overrides = rest
+        else:
+            args = sub.parse_args(argv[1:])
         return int(module.run(args) or 0)
     except TinyLlamaError as e:
         print(f"error: {e}", file=sys.stderr)

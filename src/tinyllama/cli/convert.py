@@ -18,7 +18,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output Hugging Face directory, or .gguf file with --to gguf")
     p.add_argument("--to", choices=("hf", "gguf"), default="hf")
     p.add_argument("--quant", choices=("f16", "q8_0", "q4_0"), default="f16", help="GGUF tensor type")
-    p.add_argument("--dtype", default=None, help="weights dtype of the HF output: float32, bfloat16, float16 "
+    from tinyllama.cli._args import dtype
+
+    p.add_argument("--dtype", type=dtype, default=None, help="weights dtype of the HF output: float32, bfloat16, float16 "
                                                  "(default: float32 for training checkpoints)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out directory (its model files are replaced, other files kept) "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from tinyllama.config import config_from_args as load_from_args
+from tinyllama.cli._args import add_device_arguments
 from tinyllama.errors import TinyLlamaError
 from tinyllama.eval.run import EvalConfig, evaluate, write_json_atomic
 
@@ -28,8 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("--window", type=int, help="perplexity window in tokens (default: the model's context)")
     p.add_argument("--limit", type=int, help="only the first N items/documents of each task (not a real result)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--device")
-    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    add_device_arguments(p)
     p.add_argument("--output", help="write results as JSON here (default: print only)")
 
 
@@ -37,8 +37,6 @@ def config_from_args(args) -> EvalConfig:
     cfg = load_from_args(EvalConfig, args)
     if not cfg.tasks and not cfg.perplexity:
         raise TinyLlamaError("nothing to evaluate: give --tasks NAME=PATH ... and/or --perplexity PATH ...")
-    if cfg.batch_size < 1:
-        raise TinyLlamaError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     return cfg
 
 

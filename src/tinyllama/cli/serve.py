@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from tinyllama.config import config_from_args as load_from_args
+from tinyllama.cli._args import add_device_arguments
 from tinyllama.errors import TinyLlamaError
 from tinyllama.serve.server import ServeConfig, build
 
@@ -18,9 +19,10 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, help="default 8000")
     p.add_argument("--max-batch-size", type=int, help="sequences decoded together (KV-cache slots), default 16")
     p.add_argument("--max-seq-len", type=int, help="context per sequence (default: the model's)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    add_device_arguments(p)
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
+    p.add_argument("--max-request-bytes", type=int,
+                   help="larger request bodies are refused with 413 before they are read (default 1 MiB)")
     p.add_argument("--log-level", help="uvicorn log level (default info)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="fuse the q/k/v and gate/up projections and, on CUDA, run decode steps compiled: one CUDA "

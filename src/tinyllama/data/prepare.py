@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from tinyllama.checks import FRACTION, POSITIVE_INT, check_number
 from tinyllama.data.readers import DEFAULT_FIELDS, SUFFIXES, Bad, Record, input_kind, parse_filters, read_records
 from tinyllama.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, token_dtype, write_shard
 from tinyllama.errors import TinyLlamaError
@@ -295,12 +296,11 @@ def prepare(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, n
             skip_bad: bool = False, filters: Sequence[str] = (), shard_index: int = 0, num_shards: int = 1,
             tokenizer=None, shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = False) -> dict:
     """Tokenize `inputs` into `output`; returns the manifest (also written to output/manifest.json)."""
-    if not 0 <= val_fraction < 1:
-        raise TinyLlamaError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if not 0 <= shard_index < num_shards:
-        raise TinyLlamaError(f"--shard-index {shard_index} must be in [0, --num-shards {num_shards})")
-    if shard_tokens <= 0 or workers <= 0:
-        raise TinyLlamaError("shard_tokens and workers must be positive")
+    check_number(val_fraction, "--val-fraction", **FRACTION)
+    check_number(workers, "--workers", **POSITIVE_INT)
+    check_number(shard_tokens, "--shard-tokens", **POSITIVE_INT)
+    check_number(num_shards, "--num-shards", **POSITIVE_INT)
+    check_number(shard_index, f"--shard-index (with --num-shards {num_shards})", integer=True, lo=0, hi=num_shards - 1)
     parse_filters(filters)
     out_resolved = Path(output).resolve()
     # An output directory inside an input directory must not be read back as input (manifest.json).

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import TinyLlamaError, json_error_text
 
 SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json", ".json.gz", ".json.zst", ".parquet", ".txt")
 DEFAULT_FIELDS = ("text", "content")
@@ -49,7 +49,7 @@ def read_jsonl_objects(path: Path, what: str = "data file") -> Iterator[tuple[in
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TinyLlamaError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise TinyLlamaError(f"{path}:{lineno}: not valid JSON ({json_error_text(e, line=False)})") from None
             if not isinstance(obj, dict):
                 raise TinyLlamaError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
@@ -209,7 +209,7 @@ def _json_line(raw: bytes, line_no: int, fields, filters):
     try:
         obj = json.loads(s)
     except json.JSONDecodeError as e:
-        return Bad(line_no, f"malformed JSON ({e.msg} at column {e.colno})")
+        return Bad(line_no, f"malformed JSON ({json_error_text(e, line=False)})")
     text, err = _pick_text(obj, fields)
     if err:
         return Bad(line_no, err)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from tinyllama.checks import POSITIVE_INT, check_device, check_fields
 from tinyllama.errors import TinyLlamaError
 
 
@@ -27,6 +28,14 @@ class EvalConfig:
     dtype: Optional[str] = None
     output: Optional[str] = None
 
+
+    def validate(self) -> None:
+        from tinyllama.convert.hf import parse_dtype
+
+        check_fields(self, "{}", as_flags=True, batch_size=POSITIVE_INT, window=dict(integer=True, lo=2, none_ok=True),
+                     limit=dict(POSITIVE_INT, none_ok=True))
+        check_device(self.device)
+        parse_dtype(self.dtype)
 
 
 def parse_task_spec(spec: str) -> tuple[str, int, str]:
@@ -98,6 +107,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     from tinyllama.eval.scoring import Scorer
     from tinyllama.eval.tasks import evaluate_task, load_task
 
+    cfg.validate()
     specs = [parse_task_spec(s) for s in cfg.tasks]  # check every spec before loading the model
     if model is None:
         from tinyllama.loading import load_model_and_tokenizer

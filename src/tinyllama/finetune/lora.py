@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from tinyllama.checks import FRACTION, POSITIVE, POSITIVE_INT, check_fields
 from tinyllama.errors import TinyLlamaError
 from tinyllama.fileio import atomic_file
 
@@ -37,12 +38,8 @@ class LoRAConfig:
     group_size: int = 128  # int4 group size
 
     def validate(self) -> None:
-        if self.r < 1:
-            raise TinyLlamaError(f"lora config: field 'r' must be >= 1, got {self.r!r}")
-        if not self.alpha > 0:
-            raise TinyLlamaError(f"lora config: field 'alpha' must be > 0, got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
-            raise TinyLlamaError(f"lora config: field 'dropout' must be in [0, 1), got {self.dropout!r}")
+        check_fields(self, "lora config: field '{}'", r=POSITIVE_INT, alpha=POSITIVE, dropout=FRACTION,
+                     group_size=POSITIVE_INT)
         bad = sorted(set(self.targets) - set(ALL_TARGETS) - {"lm_head"})
         if bad or not self.targets:
             raise TinyLlamaError(f"lora config: field 'targets' has unknown {bad or 'nothing'}; choose from {ALL_TARGETS}")

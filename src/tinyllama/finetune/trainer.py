@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from tinyllama.checks import FRACTION, POSITIVE, POSITIVE_INT, check_fields
 from tinyllama.errors import TinyLlamaError
 from tinyllama.finetune.lora import LoRAConfig
 from tinyllama.config import parse_overrides
@@ -62,7 +63,7 @@ class FTTrainConfig(LoopConfig):
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
-    export_hf: Optional[str] = "hf"  # merged model directory (relative to out_dir); null = none
+    export_hf: Optional[str] = "hf"  # merged model directory (relative to out_dir); none = no export
     epochs: float = 1.0  # when max_steps is not given
     export_dtype: Optional[str] = None  # e.g. bfloat16; default: float32
 
@@ -107,12 +108,11 @@ class FinetuneConfig:
         if not self.data.train:
             raise TinyLlamaError("finetune config: data.train is required (a JSONL file; --data FILE)")
         self.train.validate()
-        if self.data.seq_len < 8:
-            raise TinyLlamaError(f"finetune config: data.seq_len must be >= 8, got {self.data.seq_len}")
-        if not 0 <= self.data.val_fraction < 1:
-            raise TinyLlamaError(f"finetune config: data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
-        if not self.dpo.beta > 0:
-            raise TinyLlamaError(f"finetune config: dpo.beta must be > 0, got {self.dpo.beta}")
+        check_fields(self.train, "finetune config: train.{}", epochs=POSITIVE)
+        check_fields(self.data, "finetune config: data.{}", seq_len=dict(integer=True, lo=8), val_fraction=FRACTION,
+                     limit=dict(POSITIVE_INT, none_ok=True))
+        check_fields(self.dpo, "finetune config: dpo.{}", beta=POSITIVE, label_smoothing=dict(lo=0, hi=0.5))
+        self.optim.validate(auto_warmup=True)  # -1: 10 % of the run, filled in when its length is known
         if self.lora.enabled or self.lora.quantize:
             self.lora.validate()
 
@@ -288,8 +288,10 @@ class FinetuneTrainer:
 
     # -- model ---------------------------------------------------------------------------------------
     def _load(self, path: str):
+        from tinyllama.hub import check_model_dir
         from tinyllama.model import Llama
 
+        check_model_dir(path, "--model" if path == self.cfg.model.path else "--reference")
         # LoRA keeps the frozen base in the compute dtype (bf16 on GPU); full fine-tuning keeps fp32 master weights.
         dtype = self.compute_dtype if self.lora else torch.float32
         return Llama.from_pretrained(path, dtype=dtype, device=self.info.device)

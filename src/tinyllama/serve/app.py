@@ -3,7 +3,10 @@
 Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions
 (plain JSON or server-sent events with `"stream": true`). Every error is OpenAI's body
 {"error": {"message", "type", "param", "code"}} with 400 (bad request), 404 (unknown model or route),
-405, 500 or 503; a bad request never reaches the engine and never stops the server.
+405, 413 (body over the size limit), 500 or 503; a bad request never reaches the engine and never stops
+the server. Per-request CPU work that grows with the request (JSON decoding, chat template, tokenizing,
+echoing the prompt) runs in worker threads, so one large request does not stall the event loop (and
+with it every other client and /health).
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from typing import Any, Literal, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tinyllama.checks import SEED
+from tinyllama.errors import json_error_text
 from tinyllama.generate import SamplingConfig, TextStreamer
 from tinyllama.serve.engine import Engine, Sequence
 from tinyllama.serve.logprobs import MAX_LOGPROBS, completion_logprobs_async
@@ -58,7 +64,9 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we ignore (user, metadata, ...)
+    # OpenAI clients send fields we ignore (user, metadata, ...). Python's JSON reader takes NaN and Infinity,
+    # which pass a bound like gt=0 (inf) or would reach the sampler: refuse them.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
     max_tokens: Optional[int] = Field(default=None, ge=0)
@@ -68,7 +76,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=SEED["lo"], le=SEED["hi"])  # torch's seed range
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict[str, float]] = None
@@ -161,11 +169,13 @@ class Service:
 
     # -- prompts
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        # encode_batch, also for one text: it releases the GIL (tokenizers' encode does not), so a long prompt
+        # tokenized in a worker thread leaves the event loop free.
         p = req.prompt
         if isinstance(p, str):
-            prompts = [self.tokenizer.encode(p, bos=True)]
+            prompts = self.tokenizer.encode_batch([p], bos=True)
         elif p and all(isinstance(x, str) for x in p):
-            prompts = [self.tokenizer.encode(x, bos=True) for x in p]
+            prompts = self.tokenizer.encode_batch(list(p), bos=True)
         elif p and all(isinstance(x, int) for x in p):
             prompts = [list(p)]
         elif p and all(isinstance(x, list) for x in p):
@@ -191,7 +201,7 @@ class Service:
             raise APIError(400, f"The chat template rejected the messages: {e}", param="messages") from None
         # BOS first, as in chat fine-tuning (template text tokenized with add_bos_token) and in llama.cpp
         bos_text = self.tokenizer.id_to_token(self.tokenizer.bos_id)
-        return self.tokenizer.encode(text, bos=not text.startswith(bos_text))
+        return self.tokenizer.encode_batch([text], bos=not text.startswith(bos_text))[0]  # see completion_prompts
 
     def sampling(self, req: _Common, prompt_len: int, max_tokens: Optional[int], default_max: Optional[int],
                  param: str) -> SamplingConfig:
@@ -238,7 +248,7 @@ class Service:
         try:
             for i, (p, cfg) in enumerate(jobs):
                 if echo:
-                    yield i, self.tokenizer.decode(p), None
+                    yield i, await run_in_threadpool(self.tokenizer.decode, p), None
                 seqs.append(self.start(p, cfg, out, i))
             open_jobs = len(jobs)
             while open_jobs:
@@ -275,7 +285,41 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine: Engine, tokenizer, model_name: str):
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed `limit` bytes: from Content-Length before
+    reading anything, else (a chunked body) while counting the bytes as they arrive."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(f"{int(declared):,} bytes", limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"more than {limit:,} bytes", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(what: str, limit: int) -> APIError:
+    return APIError(413, f"The request body ({what}) exceeds this server's limit of {limit:,} bytes "
+                         "(tinyllama serve --max-request-bytes).", code="request_too_large")
+
+
+def _decode_request(raw: bytes, model_cls):
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"We could not parse the JSON body of your request ({json_error_text(e)}). The body "
+                            "must be a JSON object.", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model_cls.model_validate(obj)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, max_request_bytes: int):
     """The FastAPI application; the caller starts `engine` (`tinyllama serve` does it on startup)."""
     svc = Service(engine, tokenizer, model_name)
     app = FastAPI(title="tinyllama", version="1", docs_url=None, redoc_url=None)
@@ -298,18 +342,8 @@ def create_app(engine: Engine, tokenizer, model_name: str):
                             status_code=500)
 
     async def parse(request: Request, model_cls):
-        raw = await request.body()
-        try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"We could not parse the JSON body of your request ({e}). The body must be a "
-                                "JSON object.", code="invalid_json") from None
-        if not isinstance(obj, dict):
-            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-        try:
-            req = model_cls.model_validate(obj)
-        except ValidationError as e:
-            raise _validation_error(e) from None
+        raw = await read_body(request, max_request_bytes)
+        req = await run_in_threadpool(_decode_request, raw, model_cls)
         svc.check_model(req.model)
         req.check_unsupported()
         return req
@@ -333,7 +367,7 @@ def create_app(engine: Engine, tokenizer, model_name: str):
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await parse(request, CompletionRequest)
-        prompts = svc.completion_prompts(req)
+        prompts = await run_in_threadpool(svc.completion_prompts, req)
         jobs = []
         for p in prompts:
             cfg = svc.sampling(req, len(p), req.max_tokens, 16, "prompt")  # OpenAI's default max_tokens is 16
@@ -369,7 +403,7 @@ def create_app(engine: Engine, tokenizer, model_name: str):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatRequest = await parse(request, ChatRequest)
-        prompt = svc.chat_prompt(req)
+        prompt = await run_in_threadpool(svc.chat_prompt, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         cfg = svc.sampling(req, len(prompt), max_tokens, None, "messages")
         jobs = [(prompt, cfg)] * req.n

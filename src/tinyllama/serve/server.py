@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from tinyllama.checks import POSITIVE_INT, check_device, check_fields
 from tinyllama.errors import TinyLlamaError
-from tinyllama.hub import resolve_model_path
+from tinyllama.hub import check_model_dir
+
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: a full 2048-token context is ~10 kB of text
 
 
 @dataclass
@@ -25,20 +28,17 @@ class ServeConfig:
     threads: Optional[int] = None  # CPU threads for torch (default: torch's); fewer beats oversubscribed cores
     compile: bool = False  # fused projections; on CUDA, decode steps as CUDA graphs per batch bucket
     log_level: str = "info"
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger request bodies get 413 before they are read
 
     def validate(self) -> None:
         if not self.model and not self.random_preset:
             raise TinyLlamaError("serve: missing --model DIR (a Hugging Face model directory) or --random-preset NAME")
-        if self.model and not resolve_model_path(self.model).is_dir():  # a Hub id `org/name` too
-            raise TinyLlamaError(f"serve: --model {self.model}: model directory not found")
-        if not 0 < self.port < 65536:
-            raise TinyLlamaError(f"serve: --port must be in 1..65535, got {self.port}")
-        if self.max_batch_size < 1:
-            raise TinyLlamaError(f"serve: --max-batch-size must be >= 1, got {self.max_batch_size}")
-        if self.threads is not None and self.threads < 1:
-            raise TinyLlamaError(f"serve: --threads must be >= 1, got {self.threads}")
-        if self.max_seq_len is not None and self.max_seq_len < 2:
-            raise TinyLlamaError(f"serve: --max-seq-len must be >= 2, got {self.max_seq_len}")
+        if self.model:
+            check_model_dir(self.model)  # a Hub id `org/name` too; a file or a training run is named as such
+        check_fields(self, "serve: {}", as_flags=True, port=dict(integer=True, lo=1, hi=65535),
+                     max_batch_size=POSITIVE_INT, threads=dict(POSITIVE_INT, none_ok=True),
+                     max_seq_len=dict(integer=True, lo=2, none_ok=True), max_request_bytes=POSITIVE_INT)
+        check_device(self.device, "serve: --device")
 
 
 
@@ -59,4 +59,4 @@ def build(cfg: ServeConfig):
     if engine.compile:
         logging.getLogger("tinyllama.serve").warning("compiled decode steps for batch buckets %s in %.0f s",
                                                      engine.decode_buckets, engine.warmup())
-    return create_app(engine, tokenizer, name), engine
+    return create_app(engine, tokenizer, name, cfg.max_request_bytes), engine

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
+from tinyllama.checks import NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, check_number, unless_off
 from tinyllama.config import PRESETS, ModelConfig, build_config, load_config, parse_overrides, read_yaml_mapping  # noqa: F401
 from tinyllama.errors import TinyLlamaError
 from tinyllama.train.optim import OptimConfig
@@ -49,8 +50,8 @@ class LoopConfig:
     max_consecutive_nonfinite: int = 5  # with "skip": checkpoint and stop after this many in a row
     progress: bool = True  # the live progress line on rank 0 (validation, summary and errors print regardless)
     tensorboard: bool = True  # when the tensorboard package is installed
-    # write a Hugging Face directory here at the end (relative to out_dir); into an existing directory only
-    # the model files are replaced (a re-run updates its export), other files there are kept
+    # write a Hugging Face directory here at the end (relative to out_dir; none = off); into an existing
+    # directory only the model files are replaced (a re-run updates its export), other files are kept
     export_hf: Optional[str] = None
     # torch.profiler over steps profile_from_step+1 .. +profile_steps (None: off): OUT/profile/, per rank.
     profile_from_step: Optional[int] = None
@@ -59,30 +60,23 @@ class LoopConfig:
     _positive = ("micro_batch", "global_batch", "log_every", "profile_steps")
     _non_negative = ("eval_every", "save_every", "keep_last", "keep_every", "max_consecutive_nonfinite")
 
+    def __post_init__(self) -> None:
+        self.export_hf = unless_off(self.export_hf)  # `--train.export_hf none` is off, not a folder
+
     def validate(self) -> None:
-        where = f"{type(self).__name__.replace('Config', '').lower()} config"
         for name in self._positive:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise TinyLlamaError(f"{where}: field '{name}' must be a positive integer, got {v!r}")
+            check_number(getattr(self, name), f"train.{name}", **POSITIVE_INT)
         for name in self._non_negative:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise TinyLlamaError(f"{where}: field '{name}' must be an integer >= 0, got {v!r}")
-        v = self.profile_from_step
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-            raise TinyLlamaError(f"{where}: field 'profile_from_step' must be an integer >= 0 or null, got {v!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
-            raise TinyLlamaError(f"{where}: field 'max_steps' must be a positive integer, got {self.max_steps!r}")
+            check_number(getattr(self, name), f"train.{name}", **NONNEGATIVE_INT)
+        check_number(self.profile_from_step, "train.profile_from_step", none_ok=True, **NONNEGATIVE_INT)
+        check_number(self.max_steps, "train.max_steps", none_ok=True, **POSITIVE_INT)
         if self.nonfinite_policy not in NONFINITE_POLICIES:
-            raise TinyLlamaError(
-                f"{where}: field 'nonfinite_policy' is '{self.nonfinite_policy}'; choose one of {NONFINITE_POLICIES}"
-            )
+            raise TinyLlamaError(f"train.nonfinite_policy is '{self.nonfinite_policy}'; choose one of {NONFINITE_POLICIES}")
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
-            raise TinyLlamaError(f"{where}: field 'dtype' is '{self.dtype}'; choose auto, float32 or bfloat16")
+            raise TinyLlamaError(f"train.dtype is '{self.dtype}'; choose auto, float32 or bfloat16")
         if self.global_batch % self.micro_batch:
             raise TinyLlamaError(
-                f"{where}: global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
+                f"train.global_batch ({self.global_batch}) must be a multiple of train.micro_batch ({self.micro_batch})"
             )
 
     def grad_accum(self, world_size: int) -> int:
@@ -128,6 +122,7 @@ class TrainConfig(LoopConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_number(self.peak_tflops, "train config: field 'peak_tflops'", none_ok=True, **POSITIVE)
         if self.max_steps is None and self.max_tokens is None:
             raise TinyLlamaError("train config: set 'max_steps' or 'max_tokens' (e.g. --train.max_steps 1000)")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
@@ -153,14 +148,15 @@ class RunConfig:
         return data_config_class(raw) if name == "data" else None
 
     def model_config(self) -> ModelConfig:
+        """The preset with the section's fields on top, through the one loader (types coerced: YAML 1.1
+        reads 1e-6 without a dot as a string)."""
         d = dict(self.model or {})
         preset = d.pop("preset", None)
-        try:
-            if preset is not None:
-                return ModelConfig.from_name(preset, **d)
-            return ModelConfig.from_dict(d)
-        except TypeError as e:
-            raise TinyLlamaError(f"{self.source}: section 'model': {e}") from None
+        if preset is not None:
+            if preset not in PRESETS:
+                raise TinyLlamaError(f"{self.source}: model.preset '{preset}' unknown; choose one of {sorted(PRESETS)}")
+            d = {**dataclasses.asdict(PRESETS[preset]), **d}
+        return build_config(ModelConfig, d, f"{self.source}: section 'model'")
 
     def seq_len(self) -> int:
         return int(getattr(self.data, "seq_len"))

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from tinyllama.checks import check_device
 from tinyllama.errors import TinyLlamaError
 
 
@@ -51,12 +52,9 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     if device is None:
         dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     else:
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise TinyLlamaError(f"train.device is '{device}' but no CUDA GPU is visible; use --train.device cpu")
-            if dev.index is None:
-                dev = torch.device("cuda", local_rank)
+        dev = torch.device(check_device(device, "train.device"))
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():

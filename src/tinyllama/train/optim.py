@@ -9,6 +9,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from tinyllama.checks import (
+    FRACTION, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, check_fields, check_number, number_problem,
+)
 from tinyllama.errors import TinyLlamaError
 
 
@@ -29,21 +32,16 @@ class OptimConfig:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
 
-    def validate(self) -> None:
-        if not self.lr > 0:
-            raise TinyLlamaError(f"optim config: field 'lr' must be > 0, got {self.lr!r}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise TinyLlamaError(f"optim config: field 'min_lr' must be in [0, lr={self.lr}], got {self.min_lr!r}")
-        if self.warmup_steps < 0:
-            raise TinyLlamaError(f"optim config: field 'warmup_steps' must be >= 0, got {self.warmup_steps!r}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise TinyLlamaError(f"optim config: field 'max_steps' must be > 0, got {self.max_steps!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+    def validate(self, auto_warmup: bool = False) -> None:
+        """auto_warmup: warmup_steps may be -1, "10 % of the run" (fine-tuning fills it in once the length is known)."""
+        check_fields(self, "optim config: field '{}'", lr=POSITIVE, eps=POSITIVE, weight_decay=NONNEGATIVE,
+                     warmup_steps=dict(NONNEGATIVE_INT, lo=-1 if auto_warmup else 0),
+                     max_steps=dict(POSITIVE_INT, none_ok=True))
+        check_number(self.min_lr, f"optim config: field 'min_lr' (lr = {self.lr})", lo=0, hi=self.lr)
+        check_number(self.grad_clip, "optim config: field 'grad_clip' (0 disables clipping)", **NONNEGATIVE)
+        betas = self.betas
+        if not isinstance(betas, tuple) or len(betas) != 2 or any(number_problem(b, **FRACTION) for b in betas):
             raise TinyLlamaError(f"optim config: field 'betas' must be two numbers in [0, 1), got {self.betas!r}")
-        if self.weight_decay < 0:
-            raise TinyLlamaError(f"optim config: field 'weight_decay' must be >= 0, got {self.weight_decay!r}")
-        if self.grad_clip < 0:
-            raise TinyLlamaError(f"optim config: field 'grad_clip' must be >= 0 (0 disables), got {self.grad_clip!r}")
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:

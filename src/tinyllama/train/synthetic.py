@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from tinyllama.checks import NONNEGATIVE_INT, POSITIVE_INT, check_fields
 from tinyllama.errors import TinyLlamaError
 
 
@@ -32,6 +33,8 @@ class SyntheticDataConfig:
     ramp_blocks: int = 0
 
     def validate(self) -> None:
+        check_fields(self, "data config: field '{}'", seq_len=POSITIVE_INT, vocab_size=POSITIVE_INT,
+                     num_workers=NONNEGATIVE_INT)
         if self.sources != "synthetic":
             raise TinyLlamaError(
                 f"data config: sources '{self.sources}' needs the data pipeline (tinyllama.data), which is not "
