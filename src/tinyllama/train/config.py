@@ -48,7 +48,13 @@ class LoopConfig:
     nonfinite_policy: str = "skip"  # skip = skip the step and count it; stop = checkpoint and stop
     max_consecutive_nonfinite: int = 5  # with "skip": checkpoint and stop after this many in a row
     progress: bool = True  # the live progress line on rank 0 (validation, summary and errors print regardless)
-    tensorboard: bool = True  # when the tensorboard package is installed
+    # Where metrics go: any of jsonl, tensorboard, wandb, mlflow, as a list or "jsonl,wandb" (null: jsonl, plus
+    # tensorboard when installed). Only rank 0 logs; train.metrics.MetricsLog says what each tracker gets.
+    loggers: Any = None
+    tensorboard: bool = True  # older setting, kept: false leaves tensorboard out of the default loggers
+    # the W&B project / MLflow experiment (null: $WANDB_PROJECT / $MLFLOW_EXPERIMENT_NAME, else "tinyllama")
+    tracker_project: Optional[str] = None
+    run_name: Optional[str] = None  # the tracker run's name (null: the out_dir's name)
     # write a Hugging Face directory here at the end (relative to out_dir); into an existing directory only
     # the model files are replaced (a re-run updates its export), other files there are kept
     export_hf: Optional[str] = None
@@ -59,8 +65,11 @@ class LoopConfig:
     _positive = ("micro_batch", "global_batch", "log_every", "profile_steps")
     _non_negative = ("eval_every", "save_every", "keep_last", "keep_every", "max_consecutive_nonfinite")
 
+    def _where(self) -> str:
+        return f"{type(self).__name__.replace('Config', '').lower()} config"
+
     def validate(self) -> None:
-        where = f"{type(self).__name__.replace('Config', '').lower()} config"
+        where = self._where()
         for name in self._positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -84,6 +93,13 @@ class LoopConfig:
             raise TinyLlamaError(
                 f"{where}: global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
             )
+        self.logger_names()  # unknown trackers and missing packages stop here, on every rank, before any training
+
+    def logger_names(self) -> tuple[str, ...]:
+        """train.loggers resolved: the trackers this run writes to."""
+        from tinyllama.train.metrics import resolve_loggers
+
+        return resolve_loggers(self.loggers, self.tensorboard, self._where())
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step, derived from the world size."""
