@@ -424,7 +424,8 @@ class FinetuneTrainer:
                 self.progress.print(f"resumed from {resumed_from} (step {loop.state.step})")
         elif ckpt.latest() is not None:
             raise TinyLlamaError(f"{ckpt.root} already holds checkpoints; pass --resume to continue, or choose another --out")
-        loop.metrics = MetricsLog(self.out_dir, info.is_main, loop.state.step if resumed_from else None, t.tensorboard)
+        loop.metrics = MetricsLog.for_run(t, info.is_main, loop.state.step if resumed_from else None, cfg.to_dict(),
+                                          self.progress.print)
         if info.is_main:
             import yaml
 

@@ -49,7 +49,13 @@ class LoopConfig:
     nonfinite_policy: str = "skip"  # skip = skip the step and count it; stop = checkpoint and stop
     max_consecutive_nonfinite: int = 5  # with "skip": checkpoint and stop after this many in a row
     progress: bool = True  # the live progress line on rank 0 (validation, summary and errors print regardless)
-    tensorboard: bool = True  # when the tensorboard package is installed
+    # Where metrics go: any of jsonl, tensorboard, wandb, mlflow, as a list or "jsonl,wandb" (null: jsonl, plus
+    # tensorboard when installed). Only rank 0 logs; train.metrics.MetricsLog says what each tracker gets.
+    loggers: Any = None
+    tensorboard: bool = True  # older setting, kept: false leaves tensorboard out of the default loggers
+    # the W&B project / MLflow experiment (null: $WANDB_PROJECT / $MLFLOW_EXPERIMENT_NAME, else "tinyllama")
+    tracker_project: Optional[str] = None
+    run_name: Optional[str] = None  # the tracker run's name (null: the out_dir's name)
     # write a Hugging Face directory here at the end (relative to out_dir; none = off); into an existing
     # directory only the model files are replaced (a re-run updates its export), other files are kept
     export_hf: Optional[str] = None
@@ -78,6 +84,13 @@ class LoopConfig:
             raise TinyLlamaError(
                 f"train.global_batch ({self.global_batch}) must be a multiple of train.micro_batch ({self.micro_batch})"
             )
+        self.logger_names()  # unknown trackers and missing packages stop here, on every rank, before any training
+
+    def logger_names(self) -> tuple[str, ...]:
+        """train.loggers resolved: the trackers this run writes to."""
+        from tinyllama.train.metrics import resolve_loggers
+
+        return resolve_loggers(self.loggers, self.tensorboard, "train config")
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step, derived from the world size."""

@@ -236,7 +236,8 @@ class Trainer:
                          checkpoint_meta=self._checkpoint_meta, flops_per_token=self.model_cfg.flops_per_token(self.seq_len),
                          peak_flops=peak_flops(info.device, t.peak_tflops))
         resumed_from = self._start(loop, ckpt)
-        loop.metrics = MetricsLog(self.out_dir, info.is_main, loop.state.step if resumed_from else None, t.tensorboard)
+        loop.metrics = MetricsLog.for_run(t, info.is_main, loop.state.step if resumed_from else None, cfg.to_dict(),
+                                          self.progress.print)
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(_yaml_dump(cfg.to_dict()))
