@@ -95,3 +95,25 @@ def test_loop_functions_are_short(module):
     long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]
     assert long == []
+
+
+def test_install_hints_name_this_distribution_and_its_extras():
+    """Every `pip install '...[extra]'` in messages and the README names the distribution on the package index
+    (`tinyllama` there is another project) and an extra that pyproject.toml declares."""
+    import re
+    import tomllib
+
+    from tinyllama.errors import DISTRIBUTION, pip_extra
+
+    project = tomllib.loads((PKG.parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["name"] == DISTRIBUTION != "tinyllama"
+    assert "tinyllama" in project["scripts"]
+    extras = set(project["optional-dependencies"])
+    used = set()
+    for f in [*PKG.rglob("*.py"), PKG.parents[1] / "README.md", PKG.parents[1] / "BENCHMARKS.md"]:
+        text = f.read_text()
+        assert "'tinyllama[" not in text, f
+        used |= set(re.findall(r"pip_extra\(['\"](\w+)['\"]\)", text))
+        used |= set(re.findall(rf"{DISTRIBUTION}\[(\w+)\]", text))
+    assert used and used <= extras, used - extras
+    assert pip_extra("serve") == f"pip install '{DISTRIBUTION}[serve]'"

@@ -10,7 +10,7 @@ def test_bench_serve_without_openai_is_a_one_line_error(monkeypatch, capsys):
     assert main(["bench", "serve", "--requests", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: tinyllama bench serve needs the openai client") and len(err.splitlines()) == 1
-    assert "pip install 'tinyllama[bench]'" in err
+    assert "pip install 'tinyllama-forge[bench]'" in err
 
 
 def test_bench_serve_against_transformers_continuous_batching_cpu_smoke(tmp_path):

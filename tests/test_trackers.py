@@ -279,7 +279,7 @@ def test_missing_tracker_package_is_one_line_before_training(tmp_path, monkeypat
     rc = main(["pretrain", "--out", str(out), "--model.preset", "tinyllama-tiny", "--data.sources", "synthetic",
                "--train.loggers", f"jsonl,{name}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and f"tinyllama[{name}]" in err[0]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and f"tinyllama-forge[{name}]" in err[0]
     assert not out.exists()
 
 

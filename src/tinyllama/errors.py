@@ -3,6 +3,16 @@
 import json
 
 
+# The name on the package index: `tinyllama` there is an unrelated project, so `pip install tinyllama`
+# would install the wrong thing. The import name and the command stay `tinyllama`.
+DISTRIBUTION = "tinyllama-forge"
+
+
+def pip_extra(extra: str) -> str:
+    """The install command for one of this package's extras, as error messages name it."""
+    return f"pip install '{DISTRIBUTION}[{extra}]'"
+
+
 class TinyLlamaError(Exception):
     """A problem with the user's input (file, field, value) rather than a bug.
 

@@ -6,6 +6,7 @@ weights; the benchmark also checks that they pick the same answers. Prints one t
 
 from __future__ import annotations
 
+from tinyllama.errors import pip_extra
 import random
 import tempfile
 import time
@@ -80,7 +81,7 @@ def run(args) -> int:
             from lm_eval.api.instance import Instance
             from lm_eval.models.huggingface import HFLM
         except ImportError as e:
-            print(f"lm-eval not importable ({e}); pip install 'tinyllama[eval]' accelerate")
+            print(f"lm-eval not importable ({e}); {pip_extra('eval')} accelerate")
         else:
             lm = HFLM(pretrained=str(model_dir), dtype=str(dtype).replace("torch.", ""), device=str(device),
                       batch_size=args.batch_size)

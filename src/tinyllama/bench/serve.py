@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import TinyLlamaError, pip_extra
 
 
 def add_arguments(p) -> None:
@@ -170,7 +170,7 @@ def run(args) -> int:
         import openai  # noqa: F401  (imported here so a missing client fails before any server starts)
     except ImportError as e:
         raise TinyLlamaError(f"tinyllama bench serve needs the openai client ({e.name or e} is missing): "
-                             "pip install 'tinyllama[bench]'") from None
+                             f"{pip_extra('bench')}") from None
     results = []
     report = {"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
               "model": args.model or args.preset, "compile": bool(args.compile), "results": results}

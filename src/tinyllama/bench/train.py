@@ -24,7 +24,7 @@ import torch
 from tinyllama.checks import POSITIVE
 from tinyllama.cli import _args as flag
 from tinyllama.config import ModelConfig
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import TinyLlamaError, pip_extra
 
 # Dense bf16 tensor-core peak of one H100 SXM (the MFU denominator).
 H100_BF16_TFLOPS = 989.0
@@ -210,7 +210,7 @@ def build_hf(cfg: ModelConfig, device: torch.device, compile: bool = False, seed
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
-        raise MissingBaseline("transformers not installed (pip install 'tinyllama[hf]')") from None
+        raise MissingBaseline(f"transformers not installed ({pip_extra('hf')})") from None
     if liger:
         try:
             from liger_kernel.transformers import apply_liger_kernel_to_llama

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import TinyLlamaError, pip_extra
 
 
 def add_arguments(p) -> None:
@@ -44,7 +44,7 @@ def run(args) -> int:
     try:
         from tinyllama.convert.gguf import check_gguf_target, export_gguf
     except ImportError as e:
-        raise TinyLlamaError(f"GGUF export needs the gguf package: pip install 'tinyllama[gguf]' ({e})") from None
+        raise TinyLlamaError(f"GGUF export needs the gguf package: {pip_extra('gguf')} ({e})") from None
     check_gguf_target(out, args.overwrite)
     model, tok, what = load_checkpoint_or_hf(args.checkpoint)
     path = export_gguf(model, tok, out, args.quant, overwrite=args.overwrite)

@@ -6,7 +6,7 @@ import logging
 
 from tinyllama.config import config_from_args as load_from_args
 from tinyllama.cli._args import add_device_arguments
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import TinyLlamaError, pip_extra
 from tinyllama.serve.server import ServeConfig, build
 
 
@@ -41,7 +41,7 @@ def run(args) -> int:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
-        raise TinyLlamaError("tinyllama serve needs FastAPI and uvicorn: pip install 'tinyllama[serve]'") from None
+        raise TinyLlamaError(f"tinyllama serve needs FastAPI and uvicorn: {pip_extra('serve')}") from None
     cfg = config_from_args(args)
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO))
     app, engine = build(cfg)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tinyllama.config import ModelConfig
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import TinyLlamaError, pip_extra
 from tinyllama.fileio import atomic_file
 
 QUANTS = ("f16", "q8_0", "q4_0")
@@ -49,7 +49,7 @@ def _import_gguf():
     try:
         import gguf
     except ImportError:
-        raise TinyLlamaError("GGUF export needs the `gguf` package: pip install 'tinyllama[gguf]'") from None
+        raise TinyLlamaError(f"GGUF export needs the `gguf` package: {pip_extra('gguf')}") from None
     return gguf
 
 

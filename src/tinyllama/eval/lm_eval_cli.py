@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import sys
 
+from tinyllama.errors import pip_extra
+
 
 def main() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        print("error: lm-evaluation-harness is not installed; run `pip install 'tinyllama[eval]'`", file=sys.stderr)
+        print(f"error: lm-evaluation-harness is not installed; run `{pip_extra('eval')}`", file=sys.stderr)
         raise SystemExit(2)
-    import tinyllama.eval.lm_eval_adapter  # noqa: F401  (registers --model tinyllama)
     from lm_eval.__main__ import cli_evaluate
+
+    import tinyllama.eval.lm_eval_adapter  # noqa: F401  (registers --model tinyllama)
 
     cli_evaluate()
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import TinyLlamaError, pip_extra
 
 
 class Progress:
@@ -95,7 +95,7 @@ def resolve_loggers(loggers: Any, tensorboard: bool = True, where: str = "train 
     for n in names:
         if n in OPTIONAL and not installed(n):
             raise TinyLlamaError(f"{where}: logger '{n}' needs the {n} package, which is not installed: "
-                                 f"pip install 'tinyllama[{n}]' (or leave it out of train.loggers)")
+                                 f"{pip_extra(n)} (or leave it out of train.loggers)")
     return tuple(dict.fromkeys(names))
 
 
@@ -130,7 +130,7 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError as e:
         raise TinyLlamaError(f"train.loggers: logger '{module}' cannot import its package ({_one_line(e)}): "
-                             f"pip install 'tinyllama[{module}]'") from None
+                             f"{pip_extra(module)}") from None
 
 
 def _one_line(e: BaseException) -> str:
