@@ -421,3 +421,24 @@ def test_export_hf_replaces_its_own_export_and_keeps_other_files(tmp_path):
     assert (hf / "notes.txt").read_text() == "precious\n"
     got = Llama.from_pretrained(hf)
     assert all(torch.equal(v, got.state_dict()[k]) for k, v in final_weights(tmp_path).items())
+
+
+def test_validation_is_reported_per_source_and_overall(tmp_path):
+    """Two prepared sources: validation gives each one's loss and their token-weighted mean."""
+    import numpy as np
+
+    from tinyllama.data.prepare import write_token_dataset
+
+    rng = np.random.default_rng(0)
+    for name, hi in (("wide", 512), ("narrow", 40)):  # narrow: 37 distinct tokens, far easier to predict
+        docs = [rng.integers(3, hi, size=int(rng.integers(60, 300))).tolist() for _ in range(80)]
+        write_token_dataset(tmp_path / name, {"train": docs, "val": docs[:20]}, vocab_size=512)
+    run = tiny_run(tmp_path / "run", max_steps=30, eval_blocks=8)
+    run["data"] = {"sources": f"{tmp_path / 'wide'}:0.5,{tmp_path / 'narrow'}:0.5", "seq_len": 32}
+    r = pretrain(run_config_from_dict(run))
+    val = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+           if '"val"' in line][-1]
+    assert val["val_loss_narrow"] < val["val_loss_wide"] - 0.5
+    assert val["val_tokens"] == 8 * 32  # eval_blocks split evenly: 4 blocks of each source
+    assert val["val_loss"] == pytest.approx((val["val_loss_narrow"] + val["val_loss_wide"]) / 2, rel=1e-9)
+    assert r["val_loss"] == val["val_loss"]

@@ -178,3 +178,11 @@ def val_loader(cfg: DataConfig, batch_size: int, rank: int, world_size: int, dat
                max_blocks: Optional[int] = None) -> ValLoader:
     srcs = resolve_sources(cfg.sources, cfg, Path(data_root))
     return ValLoader([(n, p) for n, p, _ in srcs], cfg.seq_len, batch_size, rank, world_size, max_blocks)
+
+
+def val_loaders(cfg: DataConfig, batch_size: int, rank: int, world_size: int, data_root: Path,
+                max_blocks: Optional[int] = None) -> list[tuple[str, ValLoader]]:
+    """One validation loader per source, `max_blocks` split evenly across them: [(name, loader), ...]."""
+    srcs = resolve_sources(cfg.sources, cfg, Path(data_root))
+    share = None if max_blocks is None else -(-int(max_blocks) // len(srcs))
+    return [(n, ValLoader([(n, p)], cfg.seq_len, batch_size, rank, world_size, share)) for n, p, _ in srcs]

@@ -48,7 +48,8 @@ def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Option
 
 # ---- data ------------------------------------------------------------------------------------------
 def build_loaders(cfg: RunConfig, info: DistInfo, vocab_size: int):
-    """(train loader, function making a fresh validation loader) for this rank."""
+    """(train loader, function making fresh validation loaders) for this rank. Validation is per source,
+    `eval_blocks` split evenly across them, so each domain's loss is reported (e.g. the demo's prose and code)."""
     data, t = cfg.data, cfg.train
     if getattr(data, "sources", None) == "synthetic":
         from tinyllama.train.synthetic import SyntheticLoader
@@ -59,17 +60,18 @@ def build_loaders(cfg: RunConfig, info: DistInfo, vocab_size: int):
 
         def make_val():
             per_rank = max(1, t.eval_blocks // info.world_size)
-            return SyntheticLoader(vocab_size, data.seq_len, min(t.micro_batch, per_rank), seed=seed, rank=info.rank,
-                                   world_size=info.world_size, split="val", max_blocks=t.eval_blocks)
+            return [("synthetic", SyntheticLoader(vocab_size, data.seq_len, min(t.micro_batch, per_rank), seed=seed,
+                                                  rank=info.rank, world_size=info.world_size, split="val",
+                                                  max_blocks=t.eval_blocks))]
 
         return train, make_val
-    from tinyllama.data.config import build_train_loader, val_loader
+    from tinyllama.data.config import build_train_loader, val_loaders
 
     data_root = t.data_root
     train = build_train_loader(data, t.micro_batch, info.rank, info.world_size, data_root)
 
     def make_val():
-        return val_loader(data, t.micro_batch, info.rank, info.world_size, data_root, max_blocks=t.eval_blocks)
+        return val_loaders(data, t.micro_batch, info.rank, info.world_size, data_root, max_blocks=t.eval_blocks)
 
     return train, make_val
 
@@ -134,26 +136,34 @@ class PretrainObjective(Objective):
     @torch.no_grad()
     def evaluate(self, model, step: int):
         model.eval()
-        loss_sum = torch.zeros(2, device=self.info.device, dtype=torch.float64)
-        loader = self.make_val()
+        parts = self.make_val()
+        sums = torch.zeros(len(parts), 2, device=self.info.device, dtype=torch.float64)  # per source: nll, tokens
         try:
-            for batch in loader:
-                batch = batch.to(self.info.device)
-                with self.autocast():
-                    _, loss = model(batch[:, :-1], batch[:, 1:])
-                n = batch[:, 1:].numel()
-                loss_sum[0] += loss.double() * n
-                loss_sum[1] += n
+            for k, (_, loader) in enumerate(parts):
+                for batch in loader:
+                    batch = batch.to(self.info.device)
+                    with self.autocast():
+                        _, loss = model(batch[:, :-1], batch[:, 1:])
+                    n = batch[:, 1:].numel()
+                    sums[k, 0] += loss.double() * n
+                    sums[k, 1] += n
         finally:
-            if hasattr(loader, "close"):
-                loader.close()
-        all_reduce_(loss_sum, self.info)
-        if loss_sum[1] == 0:
+            for _, loader in parts:
+                if hasattr(loader, "close"):
+                    loader.close()
+        all_reduce_(sums, self.info)
+        total = sums.sum(0)
+        if total[1] == 0:
             raise TinyLlamaError("validation split is empty: no held-out blocks; add data or lower --data.seq_len")
-        val, n = float(loss_sum[0] / loss_sum[1]), int(loss_sum[1])
+        val, n = float(total[0] / total[1]), int(total[1])
         ppl = math.exp(min(val, 80))
-        return ({"val_loss": val, "val_ppl": ppl, "val_tokens": n},
-                f"validation at step {step}: loss {val:.4f} | perplexity {ppl:,.2f} ({n:,} held-out tokens)")
+        values = {"val_loss": val, "val_ppl": ppl, "val_tokens": n}
+        line = f"validation at step {step}: loss {val:.4f} | perplexity {ppl:,.2f} ({n:,} held-out tokens)"
+        if len(parts) > 1:
+            per = {name: float(sums[k, 0] / sums[k, 1]) for k, (name, _) in enumerate(parts) if sums[k, 1] > 0}
+            values.update({f"val_loss_{name}": v for name, v in per.items()})
+            line += " | " + ", ".join(f"{name} {v:.4f}" for name, v in per.items())
+        return values, line
 
     def data_state(self) -> dict:
         return self.train_loader.state_dict()
