@@ -273,7 +273,7 @@ def test_missing_tracker_package_is_one_line_before_training(tmp_path, monkeypat
 
     monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     out = tmp_path / "run"
-    with pytest.raises(TinyLlamaError, match=rf"logger '{name}' needs the {name} package.*pip install 'tinyllama\[{name}\]'"):
+    with pytest.raises(TinyLlamaError, match=rf"logger '{name}' needs the {name} package.*pip install 'tinyllama-forge\[{name}\]'"):
         pretrain(run_config_from_dict(tiny_run(out, loggers=f"jsonl,{name}", tensorboard=True)))
     assert not out.exists()  # nothing trained, nothing written
     rc = main(["pretrain", "--out", str(out), "--model.preset", "tinyllama-tiny", "--data.sources", "synthetic",
