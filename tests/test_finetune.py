@@ -57,7 +57,8 @@ def files(tmp_path_factory) -> dict:
 def _cfg(kind: str, files: dict, out: Path, **kw):
     direct = {"model.path": str(files["base"]), "data.train": str(files["train" if kind == "sft" else "prefs"]),
               "train.out_dir": str(out), "data.seq_len": SEQ, "train.micro_batch": 2, "train.global_batch": 4,
-              "train.progress": False, "train.export_hf": None, "optim.lr": 3e-3, "optim.warmup_steps": 0}
+              "train.progress": False, "train.export_hf": None, "optim.lr": 3e-3, "optim.warmup_steps": 0,
+              "train.dtype": "float32"}  # fp32 on every CPU (auto is bf16 where the CPU has it): exact comparisons
     direct.update(kw)
     return load_finetune_config(kind, None, [], **direct)
 
@@ -298,7 +299,7 @@ def test_sft_two_processes_match_one(files, tmp_path, mode):
            "--model", str(files["base"]), "--data", str(files["train"]), "--out", str(tmp_path / "two"),
            "--max-steps", "3", "--optim.max_steps", "3", "--data.val_fraction", "0", "--data.seq_len", str(SEQ),
            "--train.micro_batch", "1", "--train.global_batch", "4", "--optim.lr", "3e-3", "--optim.warmup_steps", "0",
-           "--train.export_hf", "hf", *extra]
+           "--train.export_hf", "hf", "--train.dtype", "float32", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -313,7 +314,8 @@ def test_sft_cli_lora_on_int4_base_exports_merged_model_and_adapter(files, tmp_p
     out = tmp_path / "q"
     rc = main(["sft", "--model", str(files["base"]), "--data", str(files["train"]), "--out", str(out),
                "--quantize", "int4", "--lora.group_size", "32", "--max-steps", "2", "--data.seq_len", str(SEQ),
-               "--train.micro_batch", "2", "--train.global_batch", "2", "--optim.lr", "1e-2", "--train.progress", "false"])
+               "--train.micro_batch", "2", "--train.global_batch", "2", "--optim.lr", "1e-2", "--train.progress", "false",
+               "--train.dtype", "float32"])  # in bf16 the frozen base is held (and exported) in bf16
     assert rc == 0
     merged = Llama.from_pretrained(out / "hf")
     base = Llama.from_pretrained(files["base"])

@@ -30,7 +30,7 @@ def tiny_run(out_dir, **train) -> dict:
     """A run dict: tiny GQA model, synthetic tokens, fp32 CPU. vocab 512 keeps steps fast."""
     t = {"out_dir": str(out_dir), "micro_batch": 2, "global_batch": 4, "max_steps": 20, "eval_every": 0,
          "eval_blocks": 4, "save_every": 0, "log_every": 5, "device": "cpu", "progress": False,
-         "tensorboard": False}
+         "tensorboard": False, "dtype": "float32"}
     t.update(train)
     return {
         "model": {"preset": "tinyllama-tiny", "vocab_size": 512},
@@ -63,13 +63,14 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def test_exact_resume_bitwise(tmp_path):
-    straight = pretrain(run_config_from_dict(tiny_run(tmp_path / "a")))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: autocast on CPU, what `auto` picks on AVX512-BF16
+def test_exact_resume_bitwise(tmp_path, dtype):
+    straight = pretrain(run_config_from_dict(tiny_run(tmp_path / "a", dtype=dtype)))
     # 10 steps (writes its final checkpoint), then a new process-equivalent run resumes to 20.
-    first = pretrain(run_config_from_dict(tiny_run(tmp_path / "b", max_steps=10)))
-    second = pretrain(run_config_from_dict(tiny_run(tmp_path / "b", max_steps=20)), resume=True)
+    first = pretrain(run_config_from_dict(tiny_run(tmp_path / "b", max_steps=10, dtype=dtype)))
+    second = pretrain(run_config_from_dict(tiny_run(tmp_path / "b", max_steps=20, dtype=dtype)), resume=True)
     assert second["resumed_from"].endswith("step-0000010")
-    assert first["losses"] + second["losses"] == straight["losses"]  # bitwise, fp32
+    assert first["losses"] + second["losses"] == straight["losses"]  # bitwise
     assert straight["losses"][-1] < straight["losses"][0]
     wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -450,3 +451,22 @@ def test_validation_is_reported_per_source_and_overall(tmp_path):
     assert val["val_tokens"] == 8 * 32  # eval_blocks split evenly: 4 blocks of each source
     assert val["val_loss"] == pytest.approx((val["val_loss_narrow"] + val["val_loss_wide"]) / 2, rel=1e-9)
     assert r["val_loss"] == val["val_loss"]
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from tinyllama.train import loop
+
+    cpu = torch.device("cpu")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and " avx512f " in cpuinfo.read_text():  # x86 Linux: the flags say what the CPU has
+        flags = cpuinfo.read_text().split()
+        assert loop.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    assert loop.resolve_compute_dtype("auto", cpu) == torch.bfloat16
+    assert loop.resolve_compute_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower than fp32
+    assert loop.resolve_compute_dtype("auto", cpu) == torch.float32
+    assert loop.resolve_compute_dtype("bf16", cpu) == torch.bfloat16  # an explicit choice is kept
+    assert loop.resolve_compute_dtype("fp32", torch.device("cuda", 0)) == torch.float32
+    with pytest.raises(TinyLlamaError, match="train.dtype"):
+        loop.resolve_compute_dtype("half", cpu)

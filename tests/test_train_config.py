@@ -52,7 +52,7 @@ def test_overrides_typed_and_nested():
                                    "--train.compile", "true", "--optim.betas", "[0.8, 0.9]"])
     assert cfg.optim.lr == 3e-4 and cfg.train.max_steps == 7 and cfg.train.compile is True
     assert cfg.optim.betas == (0.8, 0.9)
-    assert cfg.model_config().n_layers == 2 and cfg.model_config().hidden_size == 256
+    assert cfg.model_config().n_layers == 2 and cfg.model_config().hidden_size == 192
 
 
 @pytest.mark.parametrize("overrides, message", [
