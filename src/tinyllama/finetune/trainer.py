@@ -292,7 +292,8 @@ class FinetuneTrainer:
         from tinyllama.model import Llama
 
         check_model_dir(path, "--model" if path == self.cfg.model.path else "--reference")
-        # LoRA keeps the frozen base in the compute dtype (bf16 where native, see train.dtype); full fine-tuning keeps fp32 master weights.
+        # LoRA keeps the frozen base in the compute dtype (bf16 where native, see train.dtype); full fine-tuning
+        # keeps fp32 master weights.
         dtype = self.compute_dtype if self.lora else torch.float32
         return Llama.from_pretrained(path, dtype=dtype, device=self.info.device)
 

@@ -38,7 +38,8 @@ class LoopConfig:
     global_batch: int = 8  # per optimizer step, all devices and accumulation together
     max_steps: Optional[int] = None
     seed: int = 1337
-    dtype: str = "auto"  # auto = bf16 autocast, fp32 master weights, where bf16 is native (GPU, AVX512-BF16/AMX CPU); else fp32
+    # auto = bf16 autocast with fp32 master weights where bf16 is native (GPU, AVX512-BF16/AMX CPU), else fp32
+    dtype: str = "auto"
     log_every: int = 1
     eval_every: int = 100  # steps; 0 = only at the end
     save_every: int = 500  # steps; 0 = only at the end
