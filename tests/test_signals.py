@@ -119,9 +119,10 @@ def test_signal_to_process_group_with_loader_workers_checkpoints_and_resumes_bit
 
 
 def test_second_ctrl_c_stops_at_once_and_keeps_the_previous_checkpoint(tmp_path, dataset):
-    # Steps of a few seconds, so both Ctrl-Cs land inside one step.
+    # Steps of several seconds (5 s on the 2-core dev machine, longer on slower ones), so both Ctrl-Cs 1.5 s
+    # apart land inside one step; at 64 sequences a step took 1.2 s there and the run had already exited.
     out = tmp_path / "run"
-    cfg = _run_file(tmp_path, dataset, out, 10_000, micro_batch=8, global_batch=64, save_every=1)
+    cfg = _run_file(tmp_path, dataset, out, 10_000, micro_batch=8, global_batch=256, save_every=1)
     text = yaml.safe_load(cfg.read_text())
     text["model"] = {"preset": "tinyllama-demo", "vocab_size": 512}
     text["data"]["seq_len"] = 128
@@ -153,6 +154,48 @@ def test_second_ctrl_c_stops_at_once_and_keeps_the_previous_checkpoint(tmp_path,
     from tinyllama.train.checkpoint import load_model_weights
 
     load_model_weights(latest, Llama(ModelConfig.from_name("tinyllama-demo", vocab_size=512)))  # intact
+
+
+def test_second_ctrl_c_inside_a_checkpoint_write_stops_as_interrupted(tmp_path, monkeypatch):
+    """A second Ctrl-C that lands while DCP writes a checkpoint: DCP wraps the KeyboardInterrupt in a
+    CheckpointException. The run must still stop as interrupted (exit 130 at the CLI), remove the half-written
+    `.tmp` and keep the previous checkpoint. CI once saw exit 1 and a traceback from exactly this."""
+    from torch.distributed.checkpoint import filesystem
+
+    from tinyllama.train import checkpoint as checkpoint_mod
+    from tinyllama.train.config import run_config_from_dict
+    from tinyllama.train.loop import StopRequest
+    from tinyllama.train.trainer import pretrain
+
+    monkeypatch.setattr(StopRequest, "repeat_window_s", -1.0)  # the second SIGINT counts as a second Ctrl-C
+    real_save, real_write = checkpoint_mod.dcp.save, filesystem._write_item
+    saves, fired = [], []
+
+    def save(*args, **kwargs):
+        saves.append(kwargs.get("checkpoint_id"))
+        return real_save(*args, **kwargs)
+
+    def write_item(*args, **kwargs):
+        if len(saves) == 2 and not fired:  # inside the second checkpoint's write
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: finish the step, checkpoint, exit
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again: stop at once
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_mod.dcp, "save", save)
+    monkeypatch.setattr(filesystem, "_write_item", write_item)
+    out = tmp_path / "run"
+    run = {"model": {"preset": "tinyllama-tiny", "vocab_size": 512},
+           "optim": {"lr": 3e-3, "warmup_steps": 1, "max_steps": 10},
+           "data": {"sources": "synthetic", "seq_len": 32, "vocab_size": 512, "seed": 5},
+           "train": {"out_dir": str(out), "micro_batch": 2, "global_batch": 2, "max_steps": 10, "save_every": 2,
+                     "eval_every": 0, "log_every": 1, "device": "cpu", "progress": False, "tensorboard": False,
+                     "dtype": "float32", "save_final": False}}
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(run_config_from_dict(run))
+    assert fired and saves[1].endswith("step-0000004.tmp")
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    assert find_latest(out / "checkpoints").name == "step-0000002"
 
 
 @pytest.mark.slow
