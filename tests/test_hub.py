@@ -170,3 +170,14 @@ def test_sft_starts_from_a_hub_id(cached, offline, tmp_path):
         "train.micro_batch": 2, "train.global_batch": 2, "train.max_steps": 1, "train.progress": False,
         "train.export_hf": None})
     assert len(finetune(cfg)["losses"]) == 1
+
+
+def test_inference_device_and_dtype_is_one_rule_for_every_inference_command():
+    from tinyllama.loading import inference_device_and_dtype
+
+    if not torch.cuda.is_available():
+        assert inference_device_and_dtype() == (torch.device("cpu"), torch.float32)
+    assert inference_device_and_dtype("cpu") == (torch.device("cpu"), torch.float32)  # weights cast: fp32 on CPU
+    assert inference_device_and_dtype("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(TinyLlamaError, match="--device quantum"):
+        inference_device_and_dtype("quantum")

@@ -25,14 +25,22 @@ def _tokenizer_of(model_dir: Path):
     return Tokenizer(model_dir) if has_tok else Tokenizer()
 
 
+def inference_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """The device (`--device`, else CUDA when present, else CPU) and weight dtype (`--dtype`, else bf16 on
+    CUDA and fp32 elsewhere: the weights themselves are cast, and pure-bf16 matmuls on a CPU are slow and
+    less exact than fp32) that inference commands and benchmarks run in."""
+    from tinyllama.convert import parse_dtype
+
+    device = torch.device(check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=None):
     from tinyllama.config import ModelConfig
-    from tinyllama.convert import parse_dtype
     from tinyllama.model import Llama
     from tinyllama.tokenizer import Tokenizer
 
-    device = torch.device(check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = inference_device_and_dtype(device, dtype)
     if model_dir and random_preset:
         raise TinyLlamaError("give either --model or --random-preset, not both")
     if random_preset:

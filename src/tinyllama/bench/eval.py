@@ -45,13 +45,12 @@ def run(args) -> int:
     import torch
 
     from tinyllama.config import ModelConfig
-    from tinyllama.convert import parse_dtype
+    from tinyllama.loading import inference_device_and_dtype
     from tinyllama.eval.scoring import Scorer
     from tinyllama.model import Llama
     from tinyllama.tokenizer import Tokenizer
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = inference_device_and_dtype(args.device, args.dtype)
     tmp = None
     if args.model:
         model_dir = check_model_dir(args.model)

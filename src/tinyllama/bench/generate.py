@@ -83,15 +83,14 @@ def build_hf(model, device, dtype):
 
 
 def run(args) -> int:
-    from tinyllama.convert import parse_dtype
+    from tinyllama.loading import inference_device_and_dtype
     from tinyllama.generate import DecodeEngine, SamplingConfig, generate_batch, generate_batch_stream
     from tinyllama.quantize import quantize_model, weight_bytes
 
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = inference_device_and_dtype(args.device, args.dtype)
     model = build_model(args, device, dtype)
     cfg_m = model.config
     P, N = args.prompt_len, args.new_tokens

@@ -114,6 +114,7 @@ def train_quick(preset: str, train_ids: torch.Tensor, steps: int, seq_len: int, 
 
 def run(args) -> int:
     from tinyllama.generate import DecodeEngine, SamplingConfig, generate_batch
+    from tinyllama.loading import inference_device_and_dtype
     from tinyllama.model import Llama
     from tinyllama.quantize import quantize_model, weight_bytes
     from tinyllama.tokenizer import Tokenizer
@@ -164,7 +165,7 @@ def run(args) -> int:
         measure("bf16", copy.deepcopy(model).to(torch.bfloat16))
     for spec in [s.strip() for s in args.schemes.split(",") if s.strip()]:
         scheme, _, group = spec.partition("-")
-        base = copy.deepcopy(model).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        base = copy.deepcopy(model).to(inference_device_and_dtype(str(device))[1])
         measure(spec, quantize_model(base, scheme, int(group or 128)))
     if args.json:
         tmp = args.json + ".tmp"
