@@ -174,6 +174,33 @@ def test_sampling_respects_filters():
     assert sample_next(logits[:1], SamplingConfig()).item() == 0
 
 
+def test_draw_samples_the_softmax_and_never_a_filtered_token():
+    from tinyllama.generate import draw
+
+    logits = torch.tensor([2.0, 1.0, 0.0, float("-inf"), -1.0])
+    n = 40_000
+    picks = draw(logits.repeat(n, 1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(picks, minlength=5).double() / n
+    want = logits.softmax(-1).double()
+    assert freq[3] == 0
+    # 5 standard deviations of a binomial frequency: a wrong draw (argmin, no noise, logits not log-probs) fails
+    assert torch.all((freq - want).abs() <= 5 * (want * (1 - want) / n).sqrt() + 1e-12), (freq, want)
+
+
+def test_a_row_with_its_own_generator_draws_the_same_alone_or_in_a_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300)
+    cfg = SamplingConfig(temperature=0.9, top_p=0.9)
+    seeded = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    alone = [int(sample_next(logits[r:r + 1], cfg, seeded(10 + r))[0]) for r in range(4)]
+    for _ in range(3):  # the unseeded neighbours draw differently each time; the seeded rows do not
+        batch = sample_next(logits, cfg, [seeded(10), None, seeded(12), None]).tolist()
+        assert batch[0] == alone[0] and batch[2] == alone[2]
+    assert sample_next(logits, cfg, [seeded(10 + r) for r in range(4)]).tolist() == alone
+    with pytest.raises(ValueError, match="3 generators for 4 rows"):
+        sample_next(logits, cfg, [None] * 3)
+
+
 def test_bad_inputs_raise_clear_errors(pair):
     ours, _ = pair
     with pytest.raises(GenerationError, match="empty"):

@@ -185,6 +185,45 @@ def test_engine_rows_joining_and_leaving_equal_generate(model, buckets):
         assert {b for b, _ in batches} <= {2, 4}
 
 
+def test_engine_sampling_ops_per_step_do_not_grow_per_seeded_row(model):
+    """The sampler is batched: rows with the same filters are one call whatever their seeds (each seeded row
+    adds one noise draw), and one copy brings every row's token to the host. Counted in aten ops outside the
+    model (on a GPU each is a kernel launch); the per-row sampler it replaced took ~8 per seeded row
+    (~18 with top-p) and one host sync per row."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops_per_step(rows: int) -> float:
+        engine = Engine(model, max_batch_size=8, max_seq_len=64)
+        inner = engine.decoder.step
+
+        def model_step(*a, **kw):  # the model's own ops are not the sampler's
+            with _disable_current_modes():
+                return inner(*a, **kw)
+
+        engine.decoder.step = model_step
+        done = []
+        for i in range(rows):
+            cfg = SamplingConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, repetition_penalty=1.2, seed=i,
+                                 stop_at_eos=False)
+            engine.submit(Sequence(list(range(3, 10 + i)), cfg, lambda t: None, lambda r, e: done.append(r)))
+        engine.step()  # admission and prefill
+        steps0, Count.n = engine.stats.decode_steps, 0
+        with Count():
+            while len(done) < rows:
+                engine.step()
+        return Count.n / (engine.stats.decode_steps - steps0)
+
+    two, eight = ops_per_step(2), ops_per_step(8)
+    assert eight - two <= 6 * 2, (two, eight)  # per extra seeded row: a view of its noise row and one draw
+
+
 def test_engine_runs_the_model_only_through_llama_forward(model):
     """No per-layer code in the engine: every submodule of the model runs inside a `Llama.forward` call."""
     import inspect

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from tinyllama.cli import _args as flag
 from tinyllama.errors import TinyLlamaError, pip_extra
 
 
@@ -31,6 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--batch-sizes", default="16,1", help="server --max-batch-size values to compare")
+    p.add_argument("--temperature", type=flag.nonnegative_float, default=0.8,
+                   help="sampling temperature of every request, each with its own seed (0: greedy)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--threads", type=int, default=None, help="server's CPU threads (serve --threads)")
@@ -65,7 +68,7 @@ def _prompt(i: int) -> str:
     return f"Request {i}: once upon a time"
 
 
-async def _load(url: str, n_requests: int, n_clients: int, max_tokens: int) -> dict:
+async def _load(url: str, n_requests: int, n_clients: int, max_tokens: int, temperature: float) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
@@ -79,7 +82,8 @@ async def _load(url: str, n_requests: int, n_clients: int, max_tokens: int) -> d
             t0 = time.perf_counter()
             try:
                 r = await client.completions.create(model="bench", prompt=_prompt(i),
-                                                    max_tokens=max_tokens, temperature=0.8, seed=i)
+                                                    max_tokens=max_tokens, temperature=temperature,
+                                                    seed=i if temperature > 0 else None)
                 tokens += r.usage.completion_tokens
                 latencies.append(time.perf_counter() - t0)
             except Exception as e:  # counted, reported; a load test must not hide failures
@@ -173,6 +177,7 @@ def run(args) -> int:
                              f"{pip_extra('bench')}") from None
     results = []
     report = {"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
+              "temperature": args.temperature,
               "model": args.model or args.preset, "compile": bool(args.compile), "results": results}
 
     def save() -> None:  # after every measurement: a run stopped early keeps what it measured
@@ -202,9 +207,9 @@ def run(args) -> int:
                     return 2
                 time.sleep(0.2)
             # warm-up, then the measured run
-            asyncio.run(_load(url, min(args.clients, args.requests), args.clients, 4))
+            asyncio.run(_load(url, min(args.clients, args.requests), args.clients, 4, args.temperature))
             before = httpx.get(url + "/health").json()["engine"]
-            r = asyncio.run(_load(url, args.requests, args.clients, args.max_tokens))
+            r = asyncio.run(_load(url, args.requests, args.clients, args.max_tokens, args.temperature))
             after = httpx.get(url + "/health").json()["engine"]
             steps = after["decode_steps"] - before["decode_steps"]
             r["mean_seqs_per_decode_step"] = round((after["decode_rows"] - before["decode_rows"]) / max(steps, 1), 2)

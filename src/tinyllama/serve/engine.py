@@ -53,7 +53,6 @@ class Sequence:
     finished: bool = False
     cancelled: bool = False
     generator: Optional[torch.Generator] = None
-    seen: Optional[torch.Tensor] = None  # (V,) bool, only with a repetition penalty
     submitted_at: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
@@ -113,6 +112,8 @@ class Engine:
             raise ValueError(f"decode_buckets must lie in 1..{max_batch_size}, got {list(decode_buckets)}")
         self.decode_buckets = sorted({*decode_buckets, max_batch_size})
         self.slots: list[Optional[Sequence]] = [None] * max_batch_size
+        # (slot, V) bool: the tokens each slot's sequence has seen, for the repetition penalty (made when needed)
+        self.seen: Optional[torch.Tensor] = None
         self.waiting: "queue.Queue[Sequence]" = queue.Queue()
         self.stats = EngineStats()
         self._stop = threading.Event()
@@ -219,8 +220,11 @@ class Engine:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.sampling.seed)
         if seq.sampling.repetition_penalty != 1.0:
-            seq.seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-            seq.seen[torch.tensor(seq.prompt_ids, device=self.device)] = True
+            if self.seen is None:
+                self.seen = torch.zeros(self.max_batch_size, self.model.config.vocab_size, dtype=torch.bool,
+                                        device=self.device)
+            self.seen[slot] = False
+            self.seen[slot, torch.tensor(seq.prompt_ids, device=self.device)] = True
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -266,28 +270,32 @@ class Engine:
                                "(generate or setup_cache on the same model): use another copy of the model")
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        greedy = [r for r, s in enumerate(seqs) if s.sampling.temperature == 0 and s.seen is None]
-        tokens = [0] * len(seqs)
-        if greedy:
-            picked = logits[greedy].argmax(dim=-1).tolist()
-            for r, t in zip(greedy, picked):
-                tokens[r] = t
-        # Unseeded rows with the same filters are sampled in one call; seeded or penalised rows one by one
-        # (a seeded request draws from its own generator, so its tokens do not depend on its neighbours).
+        # Rows with the same sampling filters are one batched call whatever their seeds (each seeded row draws
+        # its noise from its own generator, so its tokens do not depend on its neighbours), and all the picks
+        # come back to the host in one copy: a fixed handful of kernels per step, not a handful per row.
         groups: dict = {}
         for r, s in enumerate(seqs):
-            if r in greedy:
-                continue
-            if s.generator is None and s.seen is None:
-                c = s.sampling
-                groups.setdefault((c.temperature, c.top_k, c.top_p, c.min_p), []).append(r)
-                continue
-            seen = s.seen.unsqueeze(0) if s.seen is not None else None
-            tokens[r] = int(sample_next(logits[r : r + 1], s.sampling, s.generator, seen=seen)[0])
+            c = s.sampling
+            key = (c.temperature, c.repetition_penalty) if c.temperature == 0 else \
+                (c.temperature, c.top_k, c.top_p, c.min_p, c.repetition_penalty)
+            groups.setdefault(key, []).append(r)
+        picked = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         for rows in groups.values():
-            picked = sample_next(logits[rows], seqs[rows[0]].sampling).tolist()
-            for r, t in zip(rows, picked):
-                tokens[r] = t
+            first = seqs[rows[0]].sampling
+            index = torch.tensor(rows, device=logits.device) if len(rows) < len(seqs) else None
+            part = logits if index is None else logits[index]
+            slots = torch.tensor([seqs[r].slot for r in rows], device=logits.device) \
+                if first.repetition_penalty != 1.0 else None
+            generators = [seqs[r].generator for r in rows]
+            out = sample_next(part, first, None if all(g is None for g in generators) else generators,
+                              seen=None if slots is None else self.seen[slots])
+            if slots is not None:
+                self.seen[slots, out] = True
+            if index is None:
+                picked = out
+            else:
+                picked[index] = out
+        tokens = picked.tolist()
         for s, tok in zip(seqs, tokens):
             if s.cancelled:
                 self._finish(s.slot, "cancelled")
@@ -297,8 +305,6 @@ class Engine:
                 continue
             s.generated += 1
             self.stats.generated_tokens += 1
-            if s.seen is not None:
-                s.seen[tok] = True
             try:
                 s.on_token(tok)
             except Exception:  # the consumer is gone; drop the sequence
