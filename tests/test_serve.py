@@ -94,6 +94,36 @@ def test_engine_requests_join_a_running_batch(model):
     assert engine.stats.max_rows_in_step == 3
 
 
+def test_short_prompt_rides_along_in_decode_steps_without_a_prefill_pass(model):
+    """A request joining a running one: its 5-token prompt is fed in the next 5 decode steps (the 5th gives
+    its first token), the running row gets a token in every one of them, and the model runs once per step:
+    no separate prefill pass stalls the running row. Tokens equal `generate`'s."""
+    prompts = [_prompts(1, seed=4)[0], [1, 40, 41, 42, 43]]
+    cfg = SamplingConfig(max_new_tokens=12, stop_at_eos=False)
+    refs = [generate(model, p, cfg) for p in prompts]
+    engine = Engine(model, max_batch_size=2, max_seq_len=128, prefill_in_decode=8)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(a[0].shape), with_kwargs=True)
+    try:
+        outs = [[], []]
+        engine.submit(Sequence(prompts[0], cfg, outs[0].append, lambda r, e: None))
+        engine.step()
+        engine.step()
+        first, calls0 = len(outs[0]), len(calls)
+        engine.submit(Sequence(prompts[1], cfg, outs[1].append, lambda r, e: None))
+        for k in range(5):
+            engine.step()
+            assert len(outs[0]) == first + k + 1 and len(outs[1]) == (1 if k == 4 else 0)
+        assert len(calls) - calls0 == 5 and all(shape == (2, 1) for shape in calls[calls0:])
+        while engine.running:
+            engine.step()
+    finally:
+        hook.remove()
+    assert outs == refs
+    assert len(prompts[0]) > 8 and engine.stats.prefills == 1  # the first prompt had a prefill pass
+    assert engine.stats.prompts_in_decode == 1
+
+
 def test_engine_context_limit_and_zero_tokens(model):
     prompt = _prompts(1, seed=3)[0][:20]
     engine = Engine(model, max_batch_size=2, max_seq_len=32)
@@ -108,7 +138,7 @@ def test_engine_context_limit_and_zero_tokens(model):
 
 
 def test_engine_cancel_frees_slot_and_seeded_sampling_repeats(model):
-    engine = Engine(model, max_batch_size=2, max_seq_len=64)
+    engine = Engine(model, max_batch_size=2, max_seq_len=64, prefill_in_decode=0)  # a prefill pass: 1 token
     got, reasons = [], []
     s = engine.submit(Sequence([1, 500, 600], SamplingConfig(max_new_tokens=50), got.append,
                                lambda r, e: reasons.append(r)))
@@ -123,10 +153,11 @@ def test_engine_cancel_frees_slot_and_seeded_sampling_repeats(model):
     assert a[0] == b[0]
 
 
-def _staggered(n_prompts=7, seed=11):
+def _staggered(n_prompts=7, seed=11, prefill_in_decode=0):
     """Requests that join at different steps, with different prompt lengths, max_tokens and sampling (greedy,
     seeded, repetition penalty), so rows finish at different times and leave holes that later rows fill;
-    request 3 is cancelled mid-generation. (submit step, prompt, sampling) and {step: request to cancel}."""
+    request 3 is cancelled mid-generation (a prompt fed through decode steps first takes a step per token).
+    (submit step, prompt, sampling) and {step: request to cancel}."""
     p = _prompts(n_prompts, seed=seed)
     greedy = SamplingConfig
     requests = [
@@ -138,7 +169,7 @@ def _staggered(n_prompts=7, seed=11):
         (3, p[5], greedy(max_new_tokens=8)),  # waits for a free slot
         (9, p[6], greedy(max_new_tokens=6)),
     ]
-    return requests, {6: 3}
+    return requests, {6 + (len(p[3]) if len(p[3]) <= prefill_in_decode else 0): 3}
 
 
 def _run_staggered(engine, requests, cancels):
@@ -166,13 +197,16 @@ def _record_decode_batches(engine) -> list:
     return seen
 
 
-@pytest.mark.parametrize("buckets", [None, (2,)])
-def test_engine_rows_joining_and_leaving_equal_generate(model, buckets):
+@pytest.mark.parametrize("buckets, prefill_in_decode", [(None, 0), ((2,), 0), (None, 16), ((2,), 64)])
+def test_engine_rows_joining_and_leaving_equal_generate(model, buckets, prefill_in_decode):
     """Token for token equal to one-by-one `generate` (greedy, seeded sampling, repetition penalty) while
-    rows join, finish and are cancelled mid-batch; the padded variant pads every decode step to 2 or 4 rows."""
-    requests, cancels = _staggered()
+    rows join, finish and are cancelled mid-batch; the padded variant pads every decode step to 2 or 4 rows.
+    prefill_in_decode: none of the prompts (0), some (16: those of up to 16 tokens) or all (64) are fed
+    through decode steps beside the running rows instead of a prefill pass."""
+    requests, cancels = _staggered(prefill_in_decode=prefill_in_decode)
     refs = [generate(model, p, cfg) for _, p, cfg in requests]
-    engine = Engine(model, max_batch_size=4, max_seq_len=128, decode_buckets=buckets)
+    engine = Engine(model, max_batch_size=4, max_seq_len=128, decode_buckets=buckets,
+                    prefill_in_decode=prefill_in_decode)
     batches = _record_decode_batches(engine)
     outs, reasons = _run_staggered(engine, requests, cancels)
     assert reasons[3] == "cancelled" and 0 < len(outs[3]) < len(refs[3]) and outs[3] == refs[3][: len(outs[3])]
@@ -183,6 +217,9 @@ def test_engine_rows_joining_and_leaving_equal_generate(model, buckets):
     assert any(b > rows for b, rows in batches)  # some steps ran idle padding rows (holes or buckets)
     if buckets:
         assert {b for b, _ in batches} <= {2, 4}
+    rode = sum(len(p) <= prefill_in_decode for _, p, _ in requests)
+    assert engine.stats.prompts_in_decode == rode and (rode == len(requests)) == (engine.stats.prefills == 0)
+    assert 0 < rode < len(requests) if prefill_in_decode == 16 else True  # the mixed case is mixed
 
 
 def test_engine_sampling_ops_per_step_do_not_grow_per_seeded_row(model):
@@ -263,19 +300,21 @@ def test_engine_runs_the_model_only_through_llama_forward(model):
 @pytest.mark.parametrize("fuse", [False, True])
 def test_compiled_bucketed_engine_equals_eager_cuda(model, fuse):
     """compile=True: decode steps padded to power-of-two buckets, each one CUDA graph (fuse: the batch-1
-    bucket runs the Triton step), give the eager engine's tokens (fp32, sharpened logits: no near-ties)."""
+    bucket runs the Triton step), give the eager engine's tokens (fp32, sharpened logits: no near-ties).
+    Both engines feed the short prompts through decode steps (compiled: the default), the longer ones get
+    prefill passes."""
     import copy
 
     eager_model = copy.deepcopy(model).cuda()
     with torch.no_grad():
         eager_model.lm_head.weight.mul_(6.0)
     compiled_model = copy.deepcopy(eager_model)
-    requests, cancels = _staggered()
+    requests, cancels = _staggered(prefill_in_decode=32)
     alone = [requests[0][1]], SamplingConfig(max_new_tokens=8)  # slot 0 alone: the batch-1 bucket
-    eager = Engine(eager_model, max_batch_size=8, max_seq_len=128)
+    eager = Engine(eager_model, max_batch_size=8, max_seq_len=128, prefill_in_decode=32)
     want = _run_staggered(eager, requests, cancels), run_to_completion(eager, *alone)
     engine = Engine(compiled_model, max_batch_size=8, max_seq_len=128, compile=True, fuse=fuse)
-    assert engine.compile and engine.decode_buckets == [1, 2, 4, 8]
+    assert engine.compile and engine.decode_buckets == [1, 2, 4, 8] and engine.prefill_in_decode == 32  # default
     assert engine.warmup() > 0  # every bucket compiled up front; its scratch writes must not change outputs
     batches = _record_decode_batches(engine)
     assert (_run_staggered(engine, requests, cancels), run_to_completion(engine, *alone)) == want
@@ -297,6 +336,10 @@ def test_serve_compile_flag_reaches_the_engine():
     cfg = config_from_args(parser.parse_args(["--random-preset", "tinyllama-tiny", "--device", "cpu", "--compile"]))
     _, engine = build(cfg)
     assert cfg.compile and engine.model.projections_fused and not engine.compile  # CPU: fused, eager
+    assert engine.prefill_in_decode == 0  # CPU: every prompt gets a prefill pass unless asked
+    cfg = config_from_args(parser.parse_args(["--random-preset", "tinyllama-tiny", "--device", "cpu",
+                                              "--prefill-in-decode", "8"]))
+    assert build(cfg)[1].prefill_in_decode == 8
 
 
 # ---- live server --------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", action="store_true", help="serve --compile (and the same for our --transformers run)")
     p.add_argument("--transformers", action="store_true",
                    help="also compare our engine with transformers' continuous batching in-process (see above)")
+    p.add_argument("--prefill-in-decode", type=flag.nonnegative_int, default=None,
+                   help="serve --prefill-in-decode (default: the server's)")
     p.add_argument("--json", help="write results here")
 
 
@@ -59,6 +61,8 @@ def _start_server(args, batch: int, port: int) -> subprocess.Popen:
         cmd += ["--dtype", args.dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.prefill_in_decode is not None:
+        cmd += ["--prefill-in-decode", str(args.prefill_in_decode)]
     if args.compile:
         cmd += ["--compile"]
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -177,7 +181,7 @@ def run(args) -> int:
                              f"{pip_extra('bench')}") from None
     results = []
     report = {"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
-              "temperature": args.temperature,
+              "temperature": args.temperature, "prefill_in_decode": args.prefill_in_decode,
               "model": args.model or args.preset, "compile": bool(args.compile), "results": results}
 
     def save() -> None:  # after every measurement: a run stopped early keeps what it measured

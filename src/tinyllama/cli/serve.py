@@ -23,6 +23,10 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--max-request-bytes", type=int,
                    help="larger request bodies are refused with 413 before they are read (default 1 MiB)")
+    p.add_argument("--prefill-in-decode", type=int, metavar="N",
+                   help="prompts of up to N tokens are fed through the running decode steps, one token per step, "
+                        "instead of a prefill pass that stalls every running request (0: never; default: 32 with "
+                        "--compile on CUDA, else 0)")
     p.add_argument("--log-level", help="uvicorn log level (default info)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="fuse the q/k/v and gate/up projections and, on CUDA, run decode steps compiled: one CUDA "

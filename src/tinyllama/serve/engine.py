@@ -16,6 +16,13 @@ near the front); rows in it with no sequence are idle padding that writes positi
 cache row, which the next sequence there overwrites in its prefill before it can attend to it. With
 `compile=True` (CUDA) the decode step is `DecodeEngine`'s: one CUDA graph per bucket (powers of two up to
 max_batch_size), and the batch-1 bucket may run the Triton decode step.
+
+Short prompts (up to `prefill_in_decode` tokens) can skip the separate prefill pass: their tokens ride along
+in the decode steps, one per step, in the row their sequence already owns, and the step that feeds the last
+prompt token samples the first new one. On a GPU a compiled decode step is bound by reading the weights, so
+a few more rows cost the running ones little, while the (eager) prefill pass stalls them all for about as
+long as 10-20 such steps; longer prompts get their own prefill pass, admitted together. On a CPU a step's
+cost grows with its rows and a short prefill costs about one step, so there it is off by default.
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ class Sequence:
     # engine state
     slot: int = -1
     pos: int = 0  # where the next fed token is written in the slot's cache
-    next_token: int = -1  # sampled, not yet fed to the model
+    next_token: int = -1  # sampled (or the next prompt token), not yet fed to the model
+    prompt_fed: int = -1  # prompt tokens fed so far while riding along in decode steps; -1 once prefilled
     generated: int = 0
     finished: bool = False
     cancelled: bool = False
@@ -67,6 +75,7 @@ class EngineStats:
     max_rows_in_step: int = 0
     prefills: int = 0
     prefill_rows: int = 0
+    prompts_in_decode: int = 0  # prompts fed through decode steps instead of a prefill pass
     prompt_tokens: int = 0
     generated_tokens: int = 0
     finished: int = 0
@@ -87,14 +96,19 @@ class Engine:
     per decode bucket (`DecodeEngine(compile=True)`); fuse=True fuses the q/k/v and gate/up projections
     in place first (inference only; with compile, lets the batch-1 bucket run the Triton step, see
     `DecodeEngine`'s decode_kernels). decode_buckets: the batch sizes a decode step is padded to (default:
-    powers of two and max_batch_size when compiling, else no padding).
+    powers of two and max_batch_size when compiling, else no padding). prefill_in_decode: prompts of at most
+    this many tokens are fed through decode steps instead of a prefill pass (module docstring; 0: never;
+    default: 32 with compiled CUDA-graph decode steps, else 0).
     """
 
     def __init__(self, model: Llama, max_batch_size: int = 16, max_seq_len: Optional[int] = None,
                  eos_id: Optional[int] = None, *, compile: bool = False, fuse: bool = False,
-                 decode_kernels: str = "auto", decode_buckets: Optional[Seq[int]] = None) -> None:
+                 decode_kernels: str = "auto", decode_buckets: Optional[Seq[int]] = None,
+                 prefill_in_decode: Optional[int] = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_in_decode is not None and prefill_in_decode < 0:
+            raise ValueError(f"prefill_in_decode must be >= 0, got {prefill_in_decode}")
         self.model = model.eval()
         c = model.config
         self.max_batch_size = max_batch_size
@@ -103,6 +117,7 @@ class Engine:
         self.decoder = DecodeEngine(model, compile=compile, fuse=fuse, decode_kernels=decode_kernels)
         self.device = self.decoder.device
         self.compile = self.decoder.compile
+        self.prefill_in_decode = (32 if self.compile else 0) if prefill_in_decode is None else prefill_in_decode
         self.decoder.ensure_cache(max_batch_size, self.max_seq_len)
         self._cache_mask = model.causal_mask  # replaced by any other setup_cache / clear_cache on the model
         if decode_buckets is None:
@@ -206,8 +221,14 @@ class Engine:
                 seq.on_finish("length", None)
                 continue
             admitted.append(seq)
-        if admitted:
-            self._prefill(admitted)
+        riding = [s for s in admitted if len(s.prompt_ids) <= self.prefill_in_decode]
+        for seq in riding:
+            self._assign_slot(seq)
+            seq.prompt_fed, seq.next_token, seq.pos = 0, seq.prompt_ids[0], 0
+            self.stats.prompts_in_decode += 1
+            self.stats.prompt_tokens += len(seq.prompt_ids)
+        if len(riding) < len(admitted):
+            self._prefill([s for s in admitted if s.prompt_fed < 0])
         running = [i for i, s in enumerate(self.slots) if s is not None]
         if running:
             self._decode(running)
@@ -256,13 +277,22 @@ class Engine:
         logits = self.decoder.step(torch.tensor(ids, device=self.device).view(B, 1),
                                    torch.tensor(pos, device=self.device).view(B, 1),
                                    pos=pos[0] if B == 1 else None)
-        logits = logits[torch.tensor(running, device=self.device)].float()  # consumed before the next step
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(seqs)
         self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(seqs))
-        for s in seqs:
+        sampled = []  # (slot, sequence) of the rows whose logits give a new token
+        for i, s in zip(running, seqs):
             s.pos += 1
-        self._sample_and_emit(seqs, logits)
+            if s.prompt_fed >= 0:  # riding along: the logits are the prompt's until its last token is in
+                s.prompt_fed += 1
+                if s.prompt_fed < len(s.prompt_ids):
+                    s.next_token = s.prompt_ids[s.prompt_fed]
+                    continue
+                s.prompt_fed = -1
+            sampled.append((i, s))
+        if sampled:
+            rows = torch.tensor([i for i, _ in sampled], device=self.device)
+            self._sample_and_emit([s for _, s in sampled], logits[rows].float())  # consumed before the next step
 
     def _check_cache(self) -> None:
         if self.model.causal_mask is not self._cache_mask:

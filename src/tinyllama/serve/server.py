@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from tinyllama.checks import POSITIVE_INT, check_device, check_fields
+from tinyllama.checks import NONNEGATIVE_INT, POSITIVE_INT, check_device, check_fields
 from tinyllama.errors import TinyLlamaError
 from tinyllama.hub import check_model_dir
 
@@ -27,6 +27,8 @@ class ServeConfig:
     dtype: Optional[str] = None
     threads: Optional[int] = None  # CPU threads for torch (default: torch's); fewer beats oversubscribed cores
     compile: bool = False  # fused projections; on CUDA, decode steps as CUDA graphs per batch bucket
+    # prompts of up to this many tokens ride along in decode steps (0: never; default: 32 when compiled on CUDA)
+    prefill_in_decode: Optional[int] = None
     log_level: str = "info"
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger request bodies get 413 before they are read
 
@@ -37,7 +39,8 @@ class ServeConfig:
             check_model_dir(self.model)  # a Hub id `org/name` too; a file or a training run is named as such
         check_fields(self, "serve: {}", as_flags=True, port=dict(integer=True, lo=1, hi=65535),
                      max_batch_size=POSITIVE_INT, threads=dict(POSITIVE_INT, none_ok=True),
-                     max_seq_len=dict(integer=True, lo=2, none_ok=True), max_request_bytes=POSITIVE_INT)
+                     max_seq_len=dict(integer=True, lo=2, none_ok=True), max_request_bytes=POSITIVE_INT,
+                     prefill_in_decode=dict(NONNEGATIVE_INT, none_ok=True))
         check_device(self.device, "serve: --device")
 
 
@@ -55,7 +58,7 @@ def build(cfg: ServeConfig):
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.random_preset, cfg.device, cfg.dtype)
     name = cfg.model_name or (Path(cfg.model).resolve().name if cfg.model else cfg.random_preset)
     engine = Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len, eos_id=tokenizer.eos_id,
-                    compile=cfg.compile, fuse=cfg.compile)
+                    compile=cfg.compile, fuse=cfg.compile, prefill_in_decode=cfg.prefill_in_decode)
     if engine.compile:
         logging.getLogger("tinyllama.serve").warning("compiled decode steps for batch buckets %s in %.0f s",
                                                      engine.decode_buckets, engine.warmup())
