@@ -124,6 +124,38 @@ def test_short_prompt_rides_along_in_decode_steps_without_a_prefill_pass(model):
     assert engine.stats.prompts_in_decode == 1
 
 
+def test_overlapped_steps_read_tokens_a_step_late_and_waste_at_most_one_step(model):
+    """overlap=True: a step is queued before the previous step's tokens are read, so each step() emits the
+    token of the step before. A row at its length sits the next step out (no wasted step); a row that stops
+    on EOS ran one step more for nothing; a context-filling row never steps past the cache."""
+    prompt = _prompts(1, seed=6)[0][:10]
+    cfg = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
+    ref = generate(model, prompt, cfg)
+
+    def run(overlap, eos=None, max_seq_len=64, sampling=cfg):
+        engine = Engine(model, max_batch_size=2, max_seq_len=max_seq_len, overlap=overlap,
+                        eos_id=eos)
+        got, reasons, per_step = [], [], []
+        engine.submit(Sequence(list(prompt), sampling, got.append, lambda r, e: reasons.append(r)))
+        while not reasons:
+            engine.step()
+            per_step.append(len(got))
+        return got, reasons[0], engine.stats.decode_steps, per_step
+
+    got, reason, steps, per_step = run(False)
+    assert (got, reason, steps) == (ref, "length", 5) and per_step[0] == 2  # prefill's token + the 1st step's
+    got, reason, steps, per_step = run(True)
+    assert (got, reason, steps) == (ref, "length", 5) and per_step[0] == 1  # the 1st step's token comes later
+    eos = ref[3]
+    k = ref.index(eos)  # the first time the model says it
+    stop = cfg.replace(stop_at_eos=True)
+    assert run(False, eos, sampling=stop)[:3] == (ref[:k], "stop", k)
+    assert run(True, eos, sampling=stop)[:3] == (ref[:k], "stop", k + 1)  # one wasted step
+    long = cfg.replace(max_new_tokens=100)
+    filled = run(True, max_seq_len=len(prompt) + 4, sampling=long)
+    assert filled[:3] == (run(False, max_seq_len=len(prompt) + 4, sampling=long)[0], "length", 3)
+
+
 def test_engine_context_limit_and_zero_tokens(model):
     prompt = _prompts(1, seed=3)[0][:20]
     engine = Engine(model, max_batch_size=2, max_seq_len=32)
@@ -197,16 +229,18 @@ def _record_decode_batches(engine) -> list:
     return seen
 
 
-@pytest.mark.parametrize("buckets, prefill_in_decode", [(None, 0), ((2,), 0), (None, 16), ((2,), 64)])
-def test_engine_rows_joining_and_leaving_equal_generate(model, buckets, prefill_in_decode):
+@pytest.mark.parametrize("buckets, prefill_in_decode, overlap", [
+    (None, 0, False), ((2,), 0, False), (None, 16, False), ((2,), 64, False), (None, 0, True), ((2,), 16, True)])
+def test_engine_rows_joining_and_leaving_equal_generate(model, buckets, prefill_in_decode, overlap):
     """Token for token equal to one-by-one `generate` (greedy, seeded sampling, repetition penalty) while
     rows join, finish and are cancelled mid-batch; the padded variant pads every decode step to 2 or 4 rows.
     prefill_in_decode: none of the prompts (0), some (16: those of up to 16 tokens) or all (64) are fed
-    through decode steps beside the running rows instead of a prefill pass."""
+    through decode steps beside the running rows instead of a prefill pass. overlap: each step is queued
+    before the previous step's tokens are read."""
     requests, cancels = _staggered(prefill_in_decode=prefill_in_decode)
     refs = [generate(model, p, cfg) for _, p, cfg in requests]
     engine = Engine(model, max_batch_size=4, max_seq_len=128, decode_buckets=buckets,
-                    prefill_in_decode=prefill_in_decode)
+                    prefill_in_decode=prefill_in_decode, overlap=overlap)
     batches = _record_decode_batches(engine)
     outs, reasons = _run_staggered(engine, requests, cancels)
     assert reasons[3] == "cancelled" and 0 < len(outs[3]) < len(refs[3]) and outs[3] == refs[3][: len(outs[3])]
@@ -214,7 +248,8 @@ def test_engine_rows_joining_and_leaving_equal_generate(model, buckets, prefill_
         assert outs[i] == refs[i], i
         assert reasons[i] == ("length" if len(refs[i]) == requests[i][2].max_new_tokens else "stop"), i
     assert engine.stats.max_rows_in_step == 4 and engine.running == 0
-    assert any(b > rows for b, rows in batches)  # some steps ran idle padding rows (holes or buckets)
+    # some steps ran idle padding rows (holes or buckets; overlapped, slots free a step later: no holes here)
+    assert any(b > rows for b, rows in batches) or (overlap and not buckets)
     if buckets:
         assert {b for b, _ in batches} <= {2, 4}
     rode = sum(len(p) <= prefill_in_decode for _, p, _ in requests)
@@ -297,12 +332,13 @@ def test_engine_runs_the_model_only_through_llama_forward(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fuse", [False, True])
-def test_compiled_bucketed_engine_equals_eager_cuda(model, fuse):
+@pytest.mark.parametrize("fuse, overlap", [(False, False), (True, False), (True, True)])
+def test_compiled_bucketed_engine_equals_eager_cuda(model, fuse, overlap):
     """compile=True: decode steps padded to power-of-two buckets, each one CUDA graph (fuse: the batch-1
     bucket runs the Triton step), give the eager engine's tokens (fp32, sharpened logits: no near-ties).
     Both engines feed the short prompts through decode steps (compiled: the default), the longer ones get
-    prefill passes."""
+    prefill passes. overlap: the compiled engine queues each step before reading the previous step's tokens
+    (pinned copies and events), the eager one does not."""
     import copy
 
     eager_model = copy.deepcopy(model).cuda()
@@ -313,7 +349,7 @@ def test_compiled_bucketed_engine_equals_eager_cuda(model, fuse):
     alone = [requests[0][1]], SamplingConfig(max_new_tokens=8)  # slot 0 alone: the batch-1 bucket
     eager = Engine(eager_model, max_batch_size=8, max_seq_len=128, prefill_in_decode=32)
     want = _run_staggered(eager, requests, cancels), run_to_completion(eager, *alone)
-    engine = Engine(compiled_model, max_batch_size=8, max_seq_len=128, compile=True, fuse=fuse)
+    engine = Engine(compiled_model, max_batch_size=8, max_seq_len=128, compile=True, fuse=fuse, overlap=overlap)
     assert engine.compile and engine.decode_buckets == [1, 2, 4, 8] and engine.prefill_in_decode == 32  # default
     assert engine.warmup() > 0  # every bucket compiled up front; its scratch writes must not change outputs
     batches = _record_decode_batches(engine)

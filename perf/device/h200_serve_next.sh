@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One H200 call for the serve-engine changes of 2026-12-02 (batched sampling, prompts riding along in decode
-# steps): the CUDA serve/generate tests, then bench serve with --prefill-in-decode 0 and 32 (16 slots and 1,
+# steps, overlapped steps): the CUDA serve/generate tests, then bench serve with --prefill-in-decode 0, 32, and
+# 32 with --overlap (16 slots and 1,
 # temperature 0.8 with a seed per request, as issue 15's figures), then the engine profile (warm-up run first).
 # Needs .whl/ with fastapi, starlette, uvicorn, openai, httpx and their pure-Python deps (carry it).
 # Usage: bash perf/device/h200_serve_next.sh
@@ -10,10 +11,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 echo "== CUDA tests"
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_serve.py tests/test_generate.py -k "cuda" 2>&1 | tail -3
-for pid in 0 32; do
-  echo "== bench serve --prefill-in-decode $pid"
-  timeout 170 python3 -m tinyllama bench serve --preset tinyllama-1.1b --device cuda --requests 200 --clients 16 \
-    --max-tokens 64 --batch-sizes 16,1 --compile --prefill-in-decode $pid --json $OUT/bench_serve_pid$pid.json 2>&1 \
+for variant in "--prefill-in-decode 0" "--prefill-in-decode 32" "--prefill-in-decode 32 --overlap"; do
+  echo "== bench serve $variant"
+  name=$(echo "$variant" | tr -d ' -')
+  timeout 150 python3 -m tinyllama bench serve --preset tinyllama-1.1b --device cuda --requests 200 --clients 16 \
+    --max-tokens 64 --batch-sizes 16,1 --compile $variant --json $OUT/bench_serve_$name.json 2>&1 \
     | grep -v -i warn | tail -3
 done
 echo "== serve engine profile"

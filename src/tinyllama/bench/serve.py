@@ -42,6 +42,7 @@ def add_arguments(p) -> None:
                    help="also compare our engine with transformers' continuous batching in-process (see above)")
     p.add_argument("--prefill-in-decode", type=flag.nonnegative_int, default=None,
                    help="serve --prefill-in-decode (default: the server's)")
+    p.add_argument("--overlap", action="store_true", help="serve --overlap")
     p.add_argument("--json", help="write results here")
 
 
@@ -61,6 +62,8 @@ def _start_server(args, batch: int, port: int) -> subprocess.Popen:
         cmd += ["--dtype", args.dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.overlap:
+        cmd += ["--overlap"]
     if args.prefill_in_decode is not None:
         cmd += ["--prefill-in-decode", str(args.prefill_in_decode)]
     if args.compile:
@@ -182,6 +185,7 @@ def run(args) -> int:
     results = []
     report = {"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
               "temperature": args.temperature, "prefill_in_decode": args.prefill_in_decode,
+              "overlap": bool(args.overlap),
               "model": args.model or args.preset, "compile": bool(args.compile), "results": results}
 
     def save() -> None:  # after every measurement: a run stopped early keeps what it measured

@@ -27,6 +27,10 @@ def add_arguments(p) -> None:
                    help="prompts of up to N tokens are fed through the running decode steps, one token per step, "
                         "instead of a prefill pass that stalls every running request (0: never; default: 32 with "
                         "--compile on CUDA, else 0)")
+    p.add_argument("--overlap", action="store_true", default=None,
+                   help="queue each decode step before the previous step's tokens reach the host, so the host's "
+                        "work (emitting, preparing the next step) runs while the GPU computes; a request that "
+                        "stops early runs one step more (same tokens)")
     p.add_argument("--log-level", help="uvicorn log level (default info)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="fuse the q/k/v and gate/up projections and, on CUDA, run decode steps compiled: one CUDA "

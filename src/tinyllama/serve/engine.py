@@ -23,6 +23,12 @@ prompt token samples the first new one. On a GPU a compiled decode step is bound
 a few more rows cost the running ones little, while the (eager) prefill pass stalls them all for about as
 long as 10-20 such steps; longer prompts get their own prefill pass, admitted together. On a CPU a step's
 cost grows with its rows and a short prefill costs about one step, so there it is off by default.
+
+With `overlap=True` the engine queues decode step N+1 before it reads step N's tokens: the tokens sampled in
+step N go into step N+1 straight from the device, and while the GPU runs N+1 the host emits N's tokens and
+prepares the next step. A row that stops at step N (EOS, a stop string, a cancel) has run one step more for
+nothing and its slot frees a step later; rows that reach their length or the context are left out of N+1.
+The tokens are the same as without overlap.
 """
 
 from __future__ import annotations
@@ -69,6 +75,24 @@ class Sequence:
 
 
 @dataclass
+class _StepTokens:
+    """One step's sampled tokens on their way to the host: the sequences in the order of `picked`, each one's
+    cache position after the step, the tokens on the device and (CUDA) their pinned copy with its event."""
+
+    seqs: list[Sequence]
+    pos_after: list[int]
+    picked: torch.Tensor
+    host: Optional[torch.Tensor] = None
+    ready: Optional["torch.cuda.Event"] = None
+
+    def tokens(self) -> list[int]:
+        if self.ready is None:
+            return self.picked.tolist()
+        self.ready.synchronize()  # waits without holding the GIL, so the server's event loop keeps running
+        return self.host.tolist()
+
+
+@dataclass
 class EngineStats:
     decode_steps: int = 0
     decode_rows: int = 0  # sum over decode steps of the number of sequences in the step
@@ -98,13 +122,14 @@ class Engine:
     `DecodeEngine`'s decode_kernels). decode_buckets: the batch sizes a decode step is padded to (default:
     powers of two and max_batch_size when compiling, else no padding). prefill_in_decode: prompts of at most
     this many tokens are fed through decode steps instead of a prefill pass (module docstring; 0: never;
-    default: 32 with compiled CUDA-graph decode steps, else 0).
+    default: 32 with compiled CUDA-graph decode steps, else 0). overlap: queue each decode step before
+    reading the previous one's tokens (module docstring).
     """
 
     def __init__(self, model: Llama, max_batch_size: int = 16, max_seq_len: Optional[int] = None,
                  eos_id: Optional[int] = None, *, compile: bool = False, fuse: bool = False,
                  decode_kernels: str = "auto", decode_buckets: Optional[Seq[int]] = None,
-                 prefill_in_decode: Optional[int] = None) -> None:
+                 prefill_in_decode: Optional[int] = None, overlap: bool = False) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_in_decode is not None and prefill_in_decode < 0:
@@ -127,6 +152,12 @@ class Engine:
             raise ValueError(f"decode_buckets must lie in 1..{max_batch_size}, got {list(decode_buckets)}")
         self.decode_buckets = sorted({*decode_buckets, max_batch_size})
         self.slots: list[Optional[Sequence]] = [None] * max_batch_size
+        self.overlap = overlap
+        self._inflight: Optional[_StepTokens] = None  # with overlap: the queued step whose tokens are not read yet
+        # Pinned buffers the tokens are copied into (CUDA), two so that step N+1's copy never lands on step N's.
+        self._host_tokens = [torch.empty(max_batch_size, dtype=torch.long, pin_memory=True)
+                             for _ in range(2)] if self.device.type == "cuda" else None
+        self._host_turn = 0
         # (slot, V) bool: the tokens each slot's sequence has seen, for the repetition penalty (made when needed)
         self.seen: Optional[torch.Tensor] = None
         self.waiting: "queue.Queue[Sequence]" = queue.Queue()
@@ -186,7 +217,7 @@ class Engine:
     def _loop(self) -> None:
         with torch.inference_mode():
             while not self._stop.is_set():
-                if self.running == 0 and self.waiting.empty():
+                if self.running == 0 and self.waiting.empty() and self._inflight is None:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
@@ -195,6 +226,7 @@ class Engine:
                 except Exception as e:  # a failed step must not take the server down: fail the batch, go on
                     log.exception("engine step failed")
                     self.stats.errors += 1
+                    self._inflight = None
                     for i, s in enumerate(self.slots):
                         if s is not None:
                             self._finish(i, "error", f"{type(e).__name__}: {e}")
@@ -207,7 +239,8 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit + prefill waiting sequences, then one decode step for all running ones."""
+        """Admit + prefill waiting sequences, then one decode step for all running ones (with overlap: queue
+        it, then emit the tokens of the step queued before)."""
         for i, s in enumerate(self.slots):
             if s is not None and s.cancelled:
                 self._finish(i, "cancelled")
@@ -229,9 +262,19 @@ class Engine:
             self.stats.prompt_tokens += len(seq.prompt_ids)
         if len(riding) < len(admitted):
             self._prefill([s for s in admitted if s.prompt_fed < 0])
-        running = [i for i, s in enumerate(self.slots) if s is not None]
-        if running:
-            self._decode(running)
+        pending, self._inflight = self._inflight, None
+        # With a step in flight, rows whose token from it is their last (length or context) sit the next one out.
+        awaiting = {id(s) for s in pending.seqs} if pending is not None else set()
+        running = [i for i, s in enumerate(self.slots) if s is not None and not (
+            id(s) in awaiting and (s.generated + 1 >= s.sampling.max_new_tokens or s.pos + 1 >= self.max_seq_len))]
+        queued = self._decode(running, pending) if running else None
+        if pending is not None:
+            self._emit(pending)
+        if queued is not None:
+            if self.overlap:
+                self._inflight = queued
+            else:
+                self._emit(queued)
 
     def _assign_slot(self, seq: Sequence) -> None:
         slot = self.slots.index(None)  # lowest free slot: running rows stay packed at the front
@@ -264,18 +307,26 @@ class Engine:
         self.stats.prompt_tokens += sum(lengths)
         for r, s in enumerate(seqs):
             s.pos = lengths[r]
-        self._sample_and_emit(seqs, logits)
+        self._emit(_StepTokens(seqs, list(lengths), self._sample(seqs, logits)))
 
-    def _decode(self, running: list[int]) -> None:
-        """One step for the cache's first B rows (B: the bucket holding the highest running slot)."""
+    def _decode(self, running: list[int], pending: Optional[_StepTokens]) -> Optional[_StepTokens]:
+        """Queue one step for the cache's first B rows (B: the bucket holding the highest running slot) and
+        its sampling; returns the sampled tokens, still on the device (None if no row sampled). Rows sampled
+        in `pending` (the step before, not read yet) take their token from it on the device."""
         seqs = [self.slots[i] for i in running]
         B = next(b for b in self.decode_buckets if b > running[-1])
         ids, pos = [0] * B, [0] * B  # idle rows: token 0 at position 0 of their own unused cache row
         for i, s in zip(running, seqs):
             ids[i], pos[i] = s.next_token, s.pos
+        ids_in = torch.tensor(ids, device=self.device).view(B, 1)
+        if pending is not None:
+            on_device = [(r, s.slot) for r, s in enumerate(pending.seqs)
+                         if s.slot < B and self.slots[s.slot] is s and s.slot in running]
+            if on_device:
+                rows, slots = (torch.tensor(x, device=self.device) for x in zip(*on_device))
+                ids_in[slots, 0] = pending.picked[rows]
         self._check_cache()
-        logits = self.decoder.step(torch.tensor(ids, device=self.device).view(B, 1),
-                                   torch.tensor(pos, device=self.device).view(B, 1),
+        logits = self.decoder.step(ids_in, torch.tensor(pos, device=self.device).view(B, 1),
                                    pos=pos[0] if B == 1 else None)
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(seqs)
@@ -290,16 +341,26 @@ class Engine:
                     continue
                 s.prompt_fed = -1
             sampled.append((i, s))
-        if sampled:
-            rows = torch.tensor([i for i, _ in sampled], device=self.device)
-            self._sample_and_emit([s for _, s in sampled], logits[rows].float())  # consumed before the next step
+        if not sampled:
+            return None
+        rows = torch.tensor([i for i, _ in sampled], device=self.device)
+        seqs = [s for _, s in sampled]
+        # The logits are consumed (sampled) on the stream before any later step can overwrite them.
+        queued = _StepTokens(seqs, [s.pos for s in seqs], self._sample(seqs, logits[rows].float()))
+        if self._host_tokens is not None:
+            queued.host = self._host_tokens[self._host_turn][: len(seqs)]
+            self._host_turn ^= 1
+            queued.host.copy_(queued.picked, non_blocking=True)
+            queued.ready = torch.cuda.Event()
+            queued.ready.record()
+        return queued
 
     def _check_cache(self) -> None:
         if self.model.causal_mask is not self._cache_mask:
             raise RuntimeError("the model's KV cache was replaced or freed while the serve engine owns it "
                                "(generate or setup_cache on the same model): use another copy of the model")
 
-    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         # Rows with the same sampling filters are one batched call whatever their seeds (each seeded row draws
         # its noise from its own generator, so its tokens do not depend on its neighbours), and all the picks
         # come back to the host in one copy: a fixed handful of kernels per step, not a handful per row.
@@ -325,8 +386,13 @@ class Engine:
                 picked = out
             else:
                 picked[index] = out
-        tokens = picked.tolist()
-        for s, tok in zip(seqs, tokens):
+        return picked
+
+    def _emit(self, step: _StepTokens) -> None:
+        """Hand each sampled token to its sequence; finish those that stop or reach their length."""
+        for s, tok, pos_after in zip(step.seqs, step.tokens(), step.pos_after):
+            if s.finished:  # cancelled or stopped while this step was in flight
+                continue
             if s.cancelled:
                 self._finish(s.slot, "cancelled")
                 continue
@@ -342,8 +408,8 @@ class Engine:
                 self._finish(s.slot, "cancelled")
                 continue
             s.next_token = tok
-            # tok will sit at position s.pos; one more needs s.pos + 1 inside the context
-            if s.generated >= s.sampling.max_new_tokens or s.pos + 1 >= self.max_seq_len:
+            # tok will sit at position pos_after; one more needs pos_after + 1 inside the context
+            if s.generated >= s.sampling.max_new_tokens or pos_after + 1 >= self.max_seq_len:
                 self._finish(s.slot, "length")
 
     def _finish(self, slot: int, reason: str, error: Optional[str] = None) -> None:

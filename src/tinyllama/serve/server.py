@@ -29,6 +29,7 @@ class ServeConfig:
     compile: bool = False  # fused projections; on CUDA, decode steps as CUDA graphs per batch bucket
     # prompts of up to this many tokens ride along in decode steps (0: never; default: 32 when compiled on CUDA)
     prefill_in_decode: Optional[int] = None
+    overlap: bool = False  # queue each decode step before reading the previous step's tokens (engine.py)
     log_level: str = "info"
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger request bodies get 413 before they are read
 
@@ -58,7 +59,8 @@ def build(cfg: ServeConfig):
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.random_preset, cfg.device, cfg.dtype)
     name = cfg.model_name or (Path(cfg.model).resolve().name if cfg.model else cfg.random_preset)
     engine = Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len, eos_id=tokenizer.eos_id,
-                    compile=cfg.compile, fuse=cfg.compile, prefill_in_decode=cfg.prefill_in_decode)
+                    compile=cfg.compile, fuse=cfg.compile, prefill_in_decode=cfg.prefill_in_decode,
+                    overlap=cfg.overlap)
     if engine.compile:
         logging.getLogger("tinyllama.serve").warning("compiled decode steps for batch buckets %s in %.0f s",
                                                      engine.decode_buckets, engine.warmup())
