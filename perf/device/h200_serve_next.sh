@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One H200 call for the serve-engine changes of 2026-12-02 (batched sampling, prompts riding along in decode
 # steps, overlapped steps): the CUDA serve/generate tests, then bench serve with --prefill-in-decode 0, 32, and
-# 32 with --overlap (16 slots and 1,
-# temperature 0.8 with a seed per request, as issue 15's figures), then the engine profile (warm-up run first).
+# 32 with --overlap (16 slots and 1, temperature 0.8 with a seed per request, as issue 15's figures), then the
+# engine profile (a warm-up run first).
 # Needs .whl/ with fastapi, starlette, uvicorn, openai, httpx and their pure-Python deps (carry it).
 # Usage: bash perf/device/h200_serve_next.sh
 set -u
