@@ -174,6 +174,22 @@ def test_sampling_respects_filters():
     assert sample_next(logits[:1], SamplingConfig()).item() == 0
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_top_p_on_cpu_looks_at_the_top_candidates_first_and_keeps_what_a_full_sort_keeps(top_p):
+    from tinyllama.generate import _top_p_sorted, top_p_filter
+
+    torch.manual_seed(0)
+    # sharp rows (nucleus inside the top 8), flat rows (far wider: sorted whole) and rows in between
+    sharpness = torch.tensor([8.0, 6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.3, 0.1, 0.0])
+    logits = torch.randn(12, 2000) * sharpness[:, None]
+    want = _top_p_sorted(logits, top_p)
+    got = top_p_filter(logits, top_p, candidates=8)
+    assert torch.equal(got, want)  # the same tokens kept (-inf elsewhere), the same logits
+    wide = (logits.topk(8).values - logits.logsumexp(-1, keepdim=True)).exp().sum(-1) < top_p
+    assert wide.any() and not wide.all()  # both paths ran
+    assert torch.equal(top_p_filter(logits, top_p), want)  # the default candidates
+
+
 def test_draw_samples_the_softmax_and_never_a_filtered_token():
     from tinyllama.generate import draw
 

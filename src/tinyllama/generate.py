@@ -8,7 +8,7 @@
 - Sampling (`sample_next`): greedy, temperature, top-k, top-p, min-p, repetition penalty, seed; stop at
   EOS; stop strings at the text level (`TextStreamer`, `stream_text`).
 
-Public API: SamplingConfig, sample_next, draw, process_logits, DecodeEngine, generate_stream, generate,
+Public API: SamplingConfig, sample_next, draw, process_logits, top_p_filter, DecodeEngine, generate_stream, generate,
 generate_batch_stream, generate_batch, TextStreamer, stream_text, generate_text.
 """
 
@@ -79,18 +79,44 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: Optional[tor
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-        sorted_probs = sorted_logits.softmax(-1)
-        # Drop tokens once the mass before them already reaches top_p; always keep the best one.
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= cfg.top_p
-        drop_sorted[..., 0] = False
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = top_p_filter(logits, cfg.top_p)
     if cfg.min_p is not None and cfg.min_p > 0:
         probs = logits.softmax(-1)
         threshold = cfg.min_p * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, float("-inf"))
     return logits
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float, candidates: Optional[int] = None) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (always the best one);
+    the rest become -inf. A full sort of the vocabulary is slow on a CPU (16 x 32,000: 36 ms, the top 256:
+    1.8 ms), so there the top `candidates` (default 256) are looked at first and only rows whose nucleus is
+    larger are sorted whole; on a GPU every row is sorted (fast, and no host sync to pick rows)."""
+    V = logits.size(-1)
+    k = min(V, 256 if candidates is None else candidates)
+    if logits.device.type != "cpu" or k >= V:
+        return _top_p_sorted(logits, top_p)
+    vals, idx = logits.topk(k, dim=-1)  # sorted, best first
+    probs = (vals - logits.logsumexp(-1, keepdim=True)).exp()
+    cum = probs.cumsum(-1)
+    drop = (cum - probs) >= top_p  # the mass before a token already reaches top_p
+    drop[..., 0] = False
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, ~drop)
+    out = logits.masked_fill(~keep, float("-inf"))
+    wide = (cum[..., -1] < top_p).nonzero().flatten().tolist()  # rows whose nucleus goes past the top k
+    if wide:
+        out[wide] = _top_p_sorted(logits[wide], top_p)
+    return out
+
+
+def _top_p_sorted(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+    sorted_probs = sorted_logits.softmax(-1)
+    # Drop tokens once the mass before them already reaches top_p; always keep the best one.
+    drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+    drop_sorted[..., 0] = False
+    drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def sample_next(
