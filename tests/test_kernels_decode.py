@@ -220,10 +220,29 @@ def test_engine_refuses_what_the_triton_step_cannot_run():
     assert DecodeEngine(ref)._batch1_step is None  # auto without compile: the regular step
 
 
+@needs_triton
+@pytest.mark.parametrize("prefill_in_decode", [0, 32])
+def test_serve_engine_batch1_triton_step_takes_prompts_from_position_0(prefill_in_decode):
+    """A lone serve request runs the Triton batch-1 step; a short prompt fed through decode steps starts it
+    at position 0 of the slot. Greedy tokens equal `generate` on the plain model, with and without that."""
+    from tinyllama.generate import SamplingConfig, generate
+    from tinyllama.serve.engine import Engine, run_to_completion
+
+    ref, _ = _models(torch.float32)
+    model = copy.deepcopy(ref)
+    cfg = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
+    prompt = [1, 50, 60, 70, 80, 90]
+    want = generate(ref, prompt, cfg)
+    engine = Engine(model, max_batch_size=1, max_seq_len=64, fuse=True, decode_kernels="triton",
+                    prefill_in_decode=prefill_in_decode)
+    assert run_to_completion(engine, [prompt], cfg) == [want]
+    assert engine.decoder._batch1_step is not None and engine.stats.prompts_in_decode == (prefill_in_decode > 0)
+
+
 @pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available() or INTERPRETED, reason="needs Triton without CUDA")
 def test_decode_kernels_interpreted_on_cpu():
     # every kernel test ran (only the CUDA-only ones and this one skip under the interpreter)
-    assert run_pytest_interpreted(__file__) >= 16
+    assert run_pytest_interpreted(__file__) >= 18
 
 
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA")
