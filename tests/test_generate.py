@@ -203,6 +203,18 @@ def test_draw_samples_the_softmax_and_never_a_filtered_token():
     assert torch.all((freq - want).abs() <= 5 * (want * (1 - want) / n).sqrt() + 1e-12), (freq, want)
 
 
+def test_draw_never_returns_a_filtered_or_out_of_range_token_even_from_a_bad_search(monkeypatch):
+    """A CUDA scan may add in an order that gives a zero-probability token an ulp of interval: the search
+    landing there (forced here) or past the end (NaN logits) still yields a token in range with probability
+    > 0 where there is one."""
+    from tinyllama.generate import draw
+
+    logits = torch.tensor([[0.0, float("-inf"), 1.0, float("-inf")], [float("nan")] * 4])
+    monkeypatch.setattr(torch, "searchsorted", lambda cdf, u, right=False: torch.tensor([[1], [4]]))
+    picked = draw(logits, torch.Generator().manual_seed(0)).tolist()
+    assert picked[0] == 2 and 0 <= picked[1] < 4
+
+
 def test_a_row_with_its_own_generator_draws_the_same_alone_or_in_a_batch():
     torch.manual_seed(0)
     logits = torch.randn(4, 300)

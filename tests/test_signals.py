@@ -198,6 +198,24 @@ def test_second_ctrl_c_inside_a_checkpoint_write_stops_as_interrupted(tmp_path, 
     assert find_latest(out / "checkpoints").name == "step-0000002"
 
 
+def test_only_errors_that_come_from_the_second_ctrl_c_count_as_it():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from tinyllama.train.loop import _caused_by_interrupt
+
+    assert _caused_by_interrupt(KeyboardInterrupt())
+    assert _caused_by_interrupt(CheckpointException("save", {0: (KeyboardInterrupt(), None)}))
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("unexpected pos 393 vs 337")  # what torch.save's zip writer raised meanwhile
+    except RuntimeError as e:
+        assert _caused_by_interrupt(e)
+    assert not _caused_by_interrupt(RuntimeError("a real failure, later"))  # stays itself, with its traceback
+    assert not _caused_by_interrupt(CheckpointException("save", {0: (OSError("disk full"), None)}))
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_sigterm_to_the_group_and_to_the_ranks(tmp_path, dataset):
     """gloo, 2 ranks: SIGTERM to every process of the group (torchrun forwards it again) and SIGTERM to the

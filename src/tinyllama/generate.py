@@ -142,9 +142,12 @@ def draw(logits: torch.Tensor, generator=None) -> torch.Tensor:
     the row's total mass, picks the first token whose cumulative probability exceeds it. One random number
     per row (drawing V per row, as Gumbel-max does, is 13x slower on a CPU), so a row's number can come from
     that row's own generator (`sample_next`). Filtered tokens (-inf, probability 0) have empty intervals and
-    are never picked."""
-    cdf = logits.float().softmax(-1).cumsum(-1)
-    u = torch.empty(logits.size(0), 1, dtype=torch.float32, device=logits.device)
+    are never picked: a pick of probability 0 (a CUDA scan may add in an order that gives an empty interval
+    an ulp) becomes the row's most likely token, and on a GPU the CDF is summed in float64 to make that rare
+    (a CPU's float32 cumsum accumulates in double already; its float64 one is 9x slower)."""
+    probs = logits.float().softmax(-1)
+    cdf = probs.cumsum(-1) if probs.device.type == "cpu" else probs.double().cumsum(-1)
+    u = torch.empty(logits.size(0), 1, dtype=cdf.dtype, device=logits.device)
     if generator is None or isinstance(generator, torch.Generator):
         u.uniform_(generator=generator)
     else:
@@ -158,7 +161,8 @@ def draw(logits: torch.Tensor, generator=None) -> torch.Tensor:
     total = cdf[:, -1:]
     # u * total rounds up to total now and then: keep it below, where some token's interval still holds it.
     u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True).squeeze(1)
+    picked = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=logits.size(-1) - 1)
+    return torch.where(probs.gather(1, picked[:, None]).squeeze(1) > 0, picked, probs.argmax(-1))
 
 
 # ---- the engine ---------------------------------------------------------------------------------
@@ -428,7 +432,7 @@ def generate_batch_stream(
                 # Queue the copy of this token and the next step before waiting: the GPU never idles on Python.
                 host.copy_(nxt, non_blocking=True)
                 ready = torch.cuda.Event()
-                ready.record()
+                ready.record(torch.cuda.current_stream(device))  # the model's GPU, not the current one
                 if not last:
                     pos = T + i
                     logits = engine.step(nxt.view(B, 1), slots[pos:pos + 1],

@@ -13,7 +13,8 @@ pass is `Llama.forward` with per-row cache positions: the prefill writes its row
 (`slots=`), a decode step runs the cache's first B rows, each at its own position. B is the smallest
 decode bucket holding the highest running slot (slots are handed out lowest first, so running rows stay
 near the front); rows in it with no sequence are idle padding that writes position 0 of its own unused
-cache row, which the next sequence there overwrites in its prefill before it can attend to it. With
+cache row, which the next sequence there overwrites in its prefill before it can attend to it (with
+overlap, a row sitting a step out is padding too: its sequence finishes in that step). With
 `compile=True` (CUDA) the decode step is `DecodeEngine`'s: one CUDA graph per bucket (powers of two up to
 max_batch_size), and the batch-1 bucket may run the Triton decode step.
 
@@ -352,7 +353,7 @@ class Engine:
             self._host_turn ^= 1
             queued.host.copy_(queued.picked, non_blocking=True)
             queued.ready = torch.cuda.Event()
-            queued.ready.record()
+            queued.ready.record(torch.cuda.current_stream(self.device))  # the model's GPU, not the thread's default
         return queued
 
     def _check_cache(self) -> None:
@@ -362,8 +363,9 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         # Rows with the same sampling filters are one batched call whatever their seeds (each seeded row draws
-        # its noise from its own generator, so its tokens do not depend on its neighbours), and all the picks
-        # come back to the host in one copy: a fixed handful of kernels per step, not a handful per row.
+        # its uniform from its own generator, so its draws do not depend on its neighbours'; its logits may, by
+        # rounding, as any batched forward's), and all the picks come back to the host in one copy: a fixed
+        # handful of kernels per step, not a handful per row.
         groups: dict = {}
         for r, s in enumerate(seqs):
             c = s.sampling

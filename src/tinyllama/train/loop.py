@@ -70,6 +70,25 @@ class StopRequest:
             signal.signal(sig, old)
 
 
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """exc is a KeyboardInterrupt, or was raised while handling one, or wraps one (DCP's CheckpointException
+    keeps each rank's exception in `failures`)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return False
+
+
 @dataclass
 class TrainerState:
     step: int = 0  # optimizer steps taken
@@ -186,14 +205,14 @@ class TrainLoop:
                     self.save(block=True)
                 self.ckpt.wait()
         except BaseException as exc:
-            if not (isinstance(exc, KeyboardInterrupt) or stop.interrupted):
+            if not (stop.interrupted and _caused_by_interrupt(exc)):
                 raise
             # A second Ctrl-C: the half-written checkpoint goes, the previous one stays. Code it lands in may
             # wrap it (DCP's save turns it into a CheckpointException), so it is re-raised as what it is.
             self.ckpt.abandon()
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            raise KeyboardInterrupt from None
+            raise KeyboardInterrupt from exc
         finally:
             profiler.finish(state.step)
             self.progress.end()
