@@ -416,8 +416,10 @@ class LiveServer:
         self.sock.close()
 
 
-@pytest.fixture(scope="module")
-def server(model, tok, tmp_path_factory):
+@pytest.fixture(scope="module", params=["default", "overlap+prefill-in-decode"])
+def server(request, model, tok, tmp_path_factory):
+    """A live server on the saved tiny model; every test below runs against the default engine and against
+    one that overlaps its steps and feeds prompts of up to 32 tokens through decode steps."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     pytest.importorskip("openai")
@@ -425,7 +427,10 @@ def server(model, tok, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("served") / "tiny-chat"
     model.save_pretrained(d, tokenizer=tok)
-    app, engine = build(ServeConfig(model=str(d), model_name="tiny", max_batch_size=16, device="cpu"))
+    engine_options = {} if request.param == "default" else {"overlap": True, "prefill_in_decode": 32}
+    app, engine = build(ServeConfig(model=str(d), model_name="tiny", max_batch_size=16, device="cpu",
+                                    **engine_options))
+    assert (engine.overlap, engine.prefill_in_decode) == ((False, 0) if not engine_options else (True, 32))
     with LiveServer(app, engine) as live:
         live.model = model  # references come from the saved model's source: the served one is the engine's
         live.model_dir = d
