@@ -321,8 +321,9 @@ class Engine:
             ids[i], pos[i] = s.next_token, s.pos
         ids_in = torch.tensor(ids, device=self.device).view(B, 1)
         if pending is not None:
+            in_step = set(running)
             on_device = [(r, s.slot) for r, s in enumerate(pending.seqs)
-                         if s.slot < B and self.slots[s.slot] is s and s.slot in running]
+                         if s.slot in in_step and self.slots[s.slot] is s]
             if on_device:
                 rows, slots = (torch.tensor(x, device=self.device) for x in zip(*on_device))
                 ids_in[slots, 0] = pending.picked[rows]
