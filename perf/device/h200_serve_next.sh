@@ -3,7 +3,11 @@
 # steps, overlapped steps): the CUDA serve/generate tests, then bench serve with --prefill-in-decode 0, 32, and
 # 32 with --overlap (16 slots and 1, temperature 0.8 with a seed per request, as issue 15's figures), then the
 # engine profile (a warm-up run first).
-# Needs .whl/ with fastapi, starlette, uvicorn, openai, httpx and their pure-Python deps (carry it).
+# Needs .whl/ (carry it) with fastapi, uvicorn, openai, httpx and their dependencies for the device's Python 3.12:
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 --implementation cp -d .whl fastapi uvicorn openai httpx zstandard
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
+#     --implementation cp -d .whl liger-kernel        # (13 MB in all; liger only for bench train)
 # Usage: bash perf/device/h200_serve_next.sh
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
