@@ -45,8 +45,8 @@ def run(args) -> int:
     import torch
 
     from tinyllama.config import ModelConfig
-    from tinyllama.loading import inference_device_and_dtype
     from tinyllama.eval.scoring import Scorer
+    from tinyllama.loading import inference_device_and_dtype
     from tinyllama.model import Llama
     from tinyllama.tokenizer import Tokenizer
 

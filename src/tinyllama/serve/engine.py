@@ -256,13 +256,14 @@ class Engine:
                 continue
             admitted.append(seq)
         riding = [s for s in admitted if len(s.prompt_ids) <= self.prefill_in_decode]
+        prefilled = [s for s in admitted if len(s.prompt_ids) > self.prefill_in_decode]
         for seq in riding:
             self._assign_slot(seq)
             seq.prompt_fed, seq.next_token, seq.pos = 0, seq.prompt_ids[0], 0
             self.stats.prompts_in_decode += 1
             self.stats.prompt_tokens += len(seq.prompt_ids)
-        if len(riding) < len(admitted):
-            self._prefill([s for s in admitted if s.prompt_fed < 0])
+        if prefilled:
+            self._prefill(prefilled)
         pending, self._inflight = self._inflight, None
         # With a step in flight, rows whose token from it is their last (length or context) sit the next one out.
         awaiting = {id(s) for s in pending.seqs} if pending is not None else set()

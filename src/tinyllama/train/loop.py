@@ -44,7 +44,6 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self.interrupted = False  # a second Ctrl-C arrived: whatever fails after it is that interrupt
         self.signal_name = ""
         self._first_at = 0.0
         self._old: dict[int, Any] = {}
@@ -62,7 +61,6 @@ class StopRequest:
         if not self.requested:
             self.requested, self.signal_name, self._first_at = True, signal.Signals(signum).name, now
         elif signum == signal.SIGINT and now - self._first_at > self.repeat_window_s:
-            self.interrupted = True
             raise KeyboardInterrupt
 
     def __exit__(self, *exc) -> None:
@@ -177,9 +175,8 @@ class TrainLoop:
         profiler = StepProfiler(t.out_dir, self.info.rank, t.profile_from_step, t.profile_steps, self.info.device)
         window = [time.perf_counter(), 0]  # start time and tokens of the progress line's window
         t_session = time.perf_counter()
-        stop = StopRequest()
         try:
-            with stop:
+            with StopRequest() as stop:
                 self.model.train()
                 while state.step < self.max_steps and not result["stop_reason"]:
                     profiler.before_step(state.step)
@@ -205,7 +202,7 @@ class TrainLoop:
                     self.save(block=True)
                 self.ckpt.wait()
         except BaseException as exc:
-            if not (stop.interrupted and _caused_by_interrupt(exc)):
+            if not _caused_by_interrupt(exc):
                 raise
             # A second Ctrl-C: the half-written checkpoint goes, the previous one stays. Code it lands in may
             # wrap it (DCP's save turns it into a CheckpointException), so it is re-raised as what it is.
