@@ -267,7 +267,7 @@ def main() -> None:
                                   compile_mode="max-autotune" if name.endswith("mat") else "reduce-overhead",
                                   prefill_graphs="noprefillgraph" not in name)
             if "nopdl" in name:
-                engine._batch1_step.pdl = False
+                engine.triton_step(1).pdl = False
         else:
             model = base_model if name == "base" else fuse(copy.deepcopy(base_model), manual_attn="attn" in name)
             engine = DecodeEngine(model, compile=True)

@@ -37,25 +37,31 @@ def _close(a, b, dtype):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["plain", "norm", "norm+swiglu", "residual"])
-def test_gemv_matches_reference(dtype, variant):
+@pytest.mark.parametrize("rows", [1, 3, 17])  # 1: the GEMV kernel; more: the rows kernel (17: two row tiles' worth)
+def test_gemv_matches_reference(dtype, variant, rows):
     from tinyllama.kernels.decode import GemvConfig, gemv, reference_gemv
 
-    torch.manual_seed(0)
+    torch.manual_seed(rows)
     N, K = 40, 200  # neither a multiple of the blocks below: the masks are exercised
     swiglu = variant == "norm+swiglu"
     w = torch.randn(2 * N if swiglu else N, K, device=DEVICE).to(dtype) / K**0.5
-    x = torch.randn(K, device=DEVICE).to(dtype)
+    shape = (K,) if rows == 1 else (rows, K)
+    scale = torch.linspace(0.5, 3, rows, device=DEVICE).view(-1, 1) if rows > 1 else 1.0  # rows normalised apart
+    x = (torch.randn(shape, device=DEVICE) * scale).to(dtype)
     kw = {}
     if variant.startswith("norm"):
         kw.update(norm_weight=(1 + 0.1 * torch.randn(K, device=DEVICE)).to(dtype), eps=1e-5)
     if swiglu:
         kw["swiglu"] = True
     want_res = None
+    out_shape = (N,) if rows == 1 else (rows, N)
     if variant == "residual":
-        want_res = torch.randn(N, device=DEVICE).to(dtype)
+        want_res = torch.randn(out_shape, device=DEVICE).to(dtype)
     want = reference_gemv(x, w, residual=want_res, **kw)
-    for cfg in (GemvConfig(8, 64, 4, 2), GemvConfig(16, 128, 4, 3), GemvConfig(4, 64, 4, 1, rowsum=True)):
-        out = want_res.clone() if want_res is not None else torch.empty(N, device=DEVICE, dtype=dtype)
+    configs = (GemvConfig(8, 64, 4, 2), GemvConfig(16, 128, 4, 3), GemvConfig(4, 64, 4, 1, rowsum=True)) \
+        if rows == 1 else (GemvConfig(16, 64, 4, 2), GemvConfig(32, 128, 4, 3))
+    for cfg in configs:
+        out = want_res.clone() if want_res is not None else torch.empty(out_shape, device=DEVICE, dtype=dtype)
         got = gemv(x, w, out, residual=out if want_res is not None else None, config=cfg, **kw)  # in place
         assert got.dtype == dtype
         _close(got, want, dtype)
@@ -87,6 +93,34 @@ def test_decode_attention_matches_reference(dtype, pos):
     tol = 1e-6 if dtype == torch.float32 else 2.0**-6
     torch.testing.assert_close(k_cache, k_ref, atol=tol, rtol=tol)
     assert torch.equal(k_cache[:, :, torch.arange(S) != pos], k_ref[:, :, torch.arange(S) != pos])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_batched_rows_at_their_own_positions(dtype):
+    """B rows, each at its own position in its own cache row, equal the batch-1 reference row by row; the
+    cache's rows past B are not touched."""
+    from tinyllama.kernels.decode import decode_attention, reference_decode_attention
+    from tinyllama.model import rope_cache
+
+    torch.manual_seed(5)
+    H, KV, D, S, positions = 8, 2, 16, 48, [0, 37, 5]
+    cos, sin = rope_cache(S, D, 10000.0, device=DEVICE)
+    B = len(positions)
+    qkv = torch.randn(B, (H + 2 * KV) * D, device=DEVICE).to(dtype)
+    k_cache = torch.randn(B + 1, KV, S, D, device=DEVICE).to(dtype)
+    v_cache = torch.randn(B + 1, KV, S, D, device=DEVICE).to(dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    want = torch.stack([reference_decode_attention(qkv[b], k_ref[b:b + 1], v_ref[b:b + 1], p, cos[p], sin[p], H, KV)
+                        for b, p in enumerate(positions)])
+    out = torch.empty(B, H * D, device=DEVICE, dtype=dtype)
+    got = decode_attention(qkv, k_cache, v_cache, torch.tensor(positions, device=DEVICE), cos, sin, out, H, KV,
+                           block_s=16)
+    _close(got, want, dtype)
+    torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=0)
+    tol = 1e-6 if dtype == torch.float32 else 2.0**-6
+    torch.testing.assert_close(k_cache, k_ref, atol=tol, rtol=tol)
+    assert torch.equal(k_cache[B], k_ref[B])
 
 
 def _models(dtype):
@@ -124,7 +158,43 @@ def test_step_matches_model_forward_fp32():
 
 
 @needs_triton
-def test_step_bf16_is_as_close_to_fp32_as_the_eager_bf16_step():
+@pytest.mark.parametrize("same_position", [False, True])
+def test_batched_step_matches_model_forward_fp32(same_position):
+    """A Triton step of 3 rows on the first 3 rows of a 4-row cache: each row at its own position (the serve
+    engine's continuous batch) or all at one (input_pos (1,), `generate_batch`), equal to `Llama.forward`
+    with the same per-row positions; the greedy tokens it computes inside are the logits' argmax."""
+    from tinyllama.kernels.decode import TritonDecodeStep
+
+    ref, fused = _models(torch.float32)
+    B, lengths = 3, [9, 4, 13] if not same_position else [9, 9, 9]
+    with torch.inference_mode():
+        for m in (ref, fused):
+            m.setup_cache(4, 40)
+        for b, n in enumerate(lengths):  # prefill each row into its own cache slot
+            prompt = torch.randint(0, 96, (1, n), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(b))
+            for m in (ref, fused):
+                m(prompt, input_pos=torch.arange(n, device=DEVICE)[None], slots=torch.tensor([b], device=DEVICE))
+        step = TritonDecodeStep(fused, use_graph=False, batch_size=B)
+        pos = torch.tensor(lengths, device=DEVICE)
+        tok = torch.randint(0, 96, (B, 1), device=DEVICE)
+        for _ in range(6):
+            want = ref(tok, input_pos=pos[:, None])[:, -1]
+            got = step.step(tok, pos[:1] if same_position else pos[:, None])
+            assert got.shape == want.shape == (B, 96)
+            _close(got, want, torch.float32)
+            assert torch.equal(step.greedy_token().view(B), got.argmax(-1))
+            tok, pos = want.argmax(-1, keepdim=True), pos + 1
+        for a, b in zip(ref.layers, fused.layers):
+            _close(b.self_attn.kv_cache.k[:B], a.self_attn.kv_cache.k[:B], torch.float32)
+            _close(b.self_attn.kv_cache.v[:B], a.self_attn.kv_cache.v[:B], torch.float32)
+            assert torch.equal(b.self_attn.kv_cache.k[B], torch.zeros_like(b.self_attn.kv_cache.k[B]))  # row 4 untouched
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        TritonDecodeStep(fused, batch_size=65)
+
+
+@needs_triton
+@pytest.mark.parametrize("batch", [1, 3])
+def test_step_bf16_is_as_close_to_fp32_as_the_eager_bf16_step(batch):
     """bf16 results are not bit-equal to the eager bf16 step (other summation order), so both are measured
     against the fp32 model: the Triton step's error must stay within 1.25x the eager step's on the GPU; 2x
     under the interpreter, whose fp32 -> bf16 conversion truncates instead of rounding (about doubling each
@@ -133,17 +203,17 @@ def test_step_bf16_is_as_close_to_fp32_as_the_eager_bf16_step():
 
     ref32, _ = _models(torch.float32)
     ref, fused = _models(torch.bfloat16)
-    prompt = torch.randint(0, 96, (1, 9), device=DEVICE)
+    prompt = torch.randint(0, 96, (batch, 9), device=DEVICE)
     bound = 2.0 if INTERPRETED else 1.25
     rms = lambda a, b: (a.float() - b.float()).pow(2).mean().sqrt().item()  # noqa: E731
     with torch.inference_mode():
         for m in (ref32, ref, fused):
-            m.setup_cache(1, 40)
+            m.setup_cache(batch, 40)
             m(prompt, input_pos=torch.arange(9, device=DEVICE))
-        step = TritonDecodeStep(fused, use_graph=False)
+        step = TritonDecodeStep(fused, use_graph=False, batch_size=batch)
         errors = []
         for pos in range(9, 17):
-            tok = torch.randint(0, 96, (1, 1), device=DEVICE)
+            tok = torch.randint(0, 96, (batch, 1), device=DEVICE)
             want = ref32(tok, input_pos=torch.tensor([pos], device=DEVICE))[:, -1]
             eager = ref(tok, input_pos=torch.tensor([pos], device=DEVICE))[:, -1]
             got = step.step(tok, torch.tensor([pos], device=DEVICE))
@@ -164,8 +234,8 @@ def test_engine_uses_triton_step_and_matches_eager():
     want = [generate_batch(ref, [p], cfg)[0] for p in prompts]
     engine = DecodeEngine(fused, decode_kernels="triton")
     calls = []
-    original = engine._batch1_step.step
-    engine._batch1_step.step = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    original = engine.triton_step(1).step
+    engine.triton_step(1).step = lambda *a, **kw: calls.append(1) or original(*a, **kw)
     # greedy: the step's own argmax and position are passed back (no copies); the second prompt restarts
     # at another position, which the step must notice
     got = [generate_batch(fused, [p], cfg, engine=engine)[0] for p in prompts]
@@ -178,12 +248,21 @@ def test_engine_uses_triton_step_and_matches_eager():
     # a padded batch takes the regular step and still matches one-by-one
     assert generate_batch(fused, prompts, cfg, engine=engine) == want
     assert len(calls) == 2 * 9
+    # an unpadded batch of 3 runs the Triton step of 3 rows (every row at one position), greedy and sampled
+    same = [prompts[1], prompts[1][::-1], prompts[1][1:] + prompts[1][:1]]
+    original3 = engine.triton_step(3).step
+    engine.triton_step(3).step = lambda *a, **kw: calls.append(3) or original3(*a, **kw)
+    assert generate_batch(fused, same, cfg, engine=engine) == generate_batch(ref, same, cfg)
+    assert generate_batch(fused, same, sampled, engine=engine) == generate_batch(ref, same, sampled)
+    assert calls.count(3) == 2 * 9
+    limited = DecodeEngine(copy.deepcopy(fused), decode_kernels="triton", triton_max_batch=2)
+    assert limited.triton_step(2) is not None and limited.triton_step(3) is None  # batch 3: the regular step
 
 
 @needs_triton
-def test_serve_engine_runs_batch1_steps_on_the_triton_step():
-    """The serve engine's batch-1 decode bucket (slot 0 alone, row 0 of a 3-row cache) runs the Triton step,
-    also when row 0 continues after batched torch steps; tokens equal one-by-one generate."""
+def test_serve_engine_runs_decode_steps_on_the_triton_step():
+    """The serve engine's decode buckets run the Triton steps: two rows at different positions (batch 2), then
+    slot 0 alone (row 0 of a 3-row cache, batch 1) after the other left; tokens equal one-by-one generate."""
     from tinyllama.generate import SamplingConfig, generate_batch
     from tinyllama.serve.engine import Engine, Sequence
 
@@ -192,17 +271,19 @@ def test_serve_engine_runs_batch1_steps_on_the_triton_step():
     prompts = [torch.randint(0, 96, (n,)).tolist() for n in (5, 11, 8)]
     cfgs = [SamplingConfig(max_new_tokens=n, stop_at_eos=False) for n in (10, 4, 6)]
     want = [generate_batch(ref, [p], c)[0] for p, c in zip(prompts, cfgs)]
-    engine = Engine(fused, max_batch_size=3, decode_kernels="triton")
-    calls = []
-    original = engine.decoder._batch1_step.step
-    engine.decoder._batch1_step.step = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    engine = Engine(fused, max_batch_size=3, decode_kernels="triton", decode_buckets=[1, 2, 3])
+    calls, batched = [], []
+    original = engine.decoder.triton_step(1).step
+    engine.decoder.triton_step(1).step = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    original2 = engine.decoder.triton_step(2).step
+    engine.decoder.triton_step(2).step = lambda *a, **kw: batched.append(2) or original2(*a, **kw)
     outs = [[] for _ in prompts]
     done = []
     for i in (0, 1):  # together: batch-2 steps until request 1 finishes, then request 0 alone
         engine.submit(Sequence(prompts[i], cfgs[i], outs[i].append, lambda r, e: done.append(r)))
     while len(done) < 2:
         engine.step()
-    assert len(calls) == 10 - 4  # request 0's steps after request 1 left
+    assert len(calls) == 10 - 4 and len(batched) == 3  # the batch-2 steps ran the Triton step of 2 rows too
     engine.submit(Sequence(prompts[2], cfgs[2], outs[2].append, lambda r, e: done.append(r)))
     while len(done) < 3:
         engine.step()
@@ -217,7 +298,7 @@ def test_engine_refuses_what_the_triton_step_cannot_run():
         DecodeEngine(ref, decode_kernels="triton")  # unfused (or no Triton / no CUDA here)
     with pytest.raises(GenerationError, match="auto, triton or torch"):
         DecodeEngine(ref, decode_kernels="cuda")
-    assert DecodeEngine(ref)._batch1_step is None  # auto without compile: the regular step
+    assert DecodeEngine(ref).triton_step(1) is None  # auto without compile: the regular step
 
 
 @needs_triton
@@ -236,7 +317,7 @@ def test_serve_engine_batch1_triton_step_takes_prompts_from_position_0(prefill_i
     engine = Engine(model, max_batch_size=1, max_seq_len=64, fuse=True, decode_kernels="triton",
                     prefill_in_decode=prefill_in_decode)
     assert run_to_completion(engine, [prompt], cfg) == [want]
-    assert engine.decoder._batch1_step is not None and engine.stats.prompts_in_decode == (prefill_in_decode > 0)
+    assert engine.decoder.triton_step(1) is not None and engine.stats.prompts_in_decode == (prefill_in_decode > 0)
 
 
 @pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available() or INTERPRETED, reason="needs Triton without CUDA")

@@ -356,7 +356,7 @@ def test_compiled_bucketed_engine_equals_eager_cuda(model, fuse, overlap):
     assert (_run_staggered(engine, requests, cancels), run_to_completion(engine, *alone)) == want
     sizes = {b for b, _ in batches}
     assert sizes <= {1, 2, 4, 8} and 1 in sizes and len(sizes) > 2 and any(b > rows for b, rows in batches)
-    assert (engine.decoder._batch1_step is not None) == fuse  # fused: batch 1 ran the Triton step
+    assert (engine.decoder.triton_step(1) is not None) == fuse  # fused: batch 1 ran the Triton step
 
 
 def test_serve_compile_flag_reaches_the_engine():

@@ -190,10 +190,12 @@ class DecodeEngine:
     inference only): a decode step is bound by its kernel count, and this removes three matrix products per
     layer (H100: 1.71 -> 1.43 ms per step, perf/NOTES.md).
 
-    decode_kernels: which code runs unpadded batch-1 decode steps. "auto" (default): the Triton step
-    (`tinyllama.kernels.decode`, five kernels per layer in one CUDA graph) when compiling on CUDA with a
-    fused model it supports, else the compiled step; "triton": always the Triton step (an error if it cannot
-    run; on CPU it runs eagerly under TRITON_INTERPRET=1, for tests); "torch": never.
+    decode_kernels: which code runs unpadded decode steps of up to `triton_max_batch` rows (default
+    `tinyllama.kernels.decode.MAX_ROWS`, 64). "auto" (default): the Triton step (`tinyllama.kernels.decode`,
+    five kernels per layer in one CUDA graph per batch size) when compiling on CUDA with a fused model it
+    supports, else the compiled step; "triton": always the Triton step (an error if it cannot run; on CPU it
+    runs eagerly under TRITON_INTERPRET=1, for tests); "torch": never. Larger or padded (rope_pos / key_mask)
+    batches run the compiled step.
 
     prefill_graphs=True (with compile): an unpadded prefill is also captured in a CUDA graph per (batch,
     length) once that shape comes a second time, and replayed for the next prompts of that shape (the
@@ -205,7 +207,7 @@ class DecodeEngine:
 
     def __init__(self, model: Llama, compile: bool = False, cache_dtype: Optional[torch.dtype] = None,
                  fuse: bool = False, compile_mode: str = "reduce-overhead", decode_kernels: str = "auto",
-                 prefill_graphs: bool = True) -> None:
+                 prefill_graphs: bool = True, triton_max_batch: Optional[int] = None) -> None:
         if decode_kernels not in ("auto", "triton", "torch"):
             raise GenerationError(f"decode_kernels must be auto, triton or torch, got {decode_kernels!r}")
         if fuse:
@@ -232,16 +234,21 @@ class DecodeEngine:
         self._prefill_graphs: dict = {}  # (ids shape, cache identity) -> (graph, its inputs, its logits)
         self._prefill_pool = None
         self._prefill_seen: set = set()
-        self._batch1_step = None
-        self._last_step_batch1 = False  # whether the latest prefill/step ran the Triton batch-1 step
+        self._triton_steps: dict = {}  # batch size -> its TritonDecodeStep, made on first use
+        self.triton_max_batch = 0  # 0: no Triton step
+        self._last_triton = None  # the Triton step the latest prefill/step ran, if any
         if decode_kernels == "triton" or (decode_kernels == "auto" and self.compile):
             from tinyllama.kernels import decode as triton_decode
 
             reason = triton_decode.unsupported_reason(model)
             if reason is None and (cache_dtype or model.embed_tokens.weight.dtype) != model.embed_tokens.weight.dtype:
                 reason = "the Triton decode step keeps the KV cache in the model's dtype"
+            limit = triton_decode.MAX_ROWS if triton_max_batch is None else triton_max_batch
+            if not 0 <= limit <= triton_decode.MAX_ROWS:
+                raise GenerationError(f"triton_max_batch must lie in 0..{triton_decode.MAX_ROWS}, got {limit}")
             if reason is None:
-                self._batch1_step = triton_decode.TritonDecodeStep(model)
+                self.triton_max_batch = limit
+                self.triton_step(1)  # built now: a model it cannot run fails here, not in the first request
             elif decode_kernels == "triton":
                 raise GenerationError(f"decode_kernels='triton': {reason}")
 
@@ -265,14 +272,26 @@ class DecodeEngine:
         self._cache_key = None
         self._prefill_graphs.clear()  # the graphs point into the freed cache
         self._prefill_seen.clear()
-        if self._batch1_step is not None:
-            self._batch1_step.reset()
+        for triton_step in self._triton_steps.values():
+            triton_step.reset()
+
+    def triton_step(self, batch_size: int):
+        """The Triton decode step for `batch_size` rows (made on first use), or None where decode steps of that
+        size run the compiled (or eager) PyTorch step."""
+        if not 1 <= batch_size <= self.triton_max_batch:
+            return None
+        found = self._triton_steps.get(batch_size)
+        if found is None:
+            from tinyllama.kernels.decode import TritonDecodeStep
+
+            found = self._triton_steps[batch_size] = TritonDecodeStep(self.model, batch_size=batch_size)
+        return found
 
     # steps ------------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
         """ids (B, T) written to slots 0..T-1 -> last-position logits (B, V)."""
         T = ids.size(1)
-        self._last_step_batch1 = False
+        self._last_triton = None
         if self.prefill_graphs and rope_pos is None and key_mask is None:
             return self._graphed_prefill(ids)
         return self._prefill(self.model, ids, torch.arange(T, device=self.device), rope_pos, key_mask)
@@ -312,18 +331,18 @@ class DecodeEngine:
         """ids (B, 1) at cache position input_pos -> logits (B, V). input_pos (1,): the same position in every
         row of the cache's batch; (B, 1): each row its own, in the cache's first B rows (`KVCache`; the serve
         engine's continuous batch). With CUDA graphs the result is overwritten by the next step: consume
-        (sample from) it before calling again. `pos`: input_pos as an int, when the caller knows it (lets
-        the Triton step skip copying it in)."""
-        self._last_step_batch1 = (self._batch1_step is not None and ids.size(0) == 1 and rope_pos is None
-                                  and key_mask is None)
-        if self._last_step_batch1:
-            return self._batch1_step.step(ids, input_pos, pos=pos)
+        (sample from) it before calling again. `pos`: every row's position as an int, when the caller knows
+        it (lets the Triton step skip copying it in)."""
+        triton_step = self.triton_step(ids.size(0)) if rope_pos is None and key_mask is None else None
+        self._last_triton = triton_step
+        if triton_step is not None:
+            return triton_step.step(ids, input_pos, pos=pos)
         return self._step(self.model, ids, input_pos, rope_pos, key_mask)
 
     def greedy_token(self) -> Optional[torch.Tensor]:
-        """The argmax (B, 1) of the latest step's logits if that step computed it (the Triton batch-1 step
-        does, inside its graph), else None. Passing it back as the next step's ids skips a copy."""
-        return self._batch1_step.greedy_token() if self._last_step_batch1 else None
+        """The argmax (B, 1) of the latest step's logits if that step computed it (the Triton step does,
+        inside its graph), else None. Passing it back as the next step's ids skips a copy."""
+        return self._last_triton.greedy_token() if self._last_triton is not None else None
 
 
 def _check_prompts(model: Llama, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> None:

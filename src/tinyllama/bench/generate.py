@@ -184,12 +184,12 @@ def run(args) -> int:
         compiled = DecodeEngine(fast, compile=True, fuse=True, prefill_graphs=not args.no_prefill_graphs)
 
     def compiled_batch(B, kernels="auto"):
-        # kernels="auto": batch 1 runs the Triton decode step where it can (tinyllama.kernels.decode);
+        # kernels="auto": the Triton decode step where it can (tinyllama.kernels.decode);
         # "torch": the torch.compile'd step, for comparison in the same run.
         engine = compiled if kernels == "auto" else DecodeEngine(fast, compile=True, decode_kernels=kernels,
                                                                  prefill_graphs=not args.no_prefill_graphs)
         name = "ours compiled + CUDA graph"
-        if B == 1 and engine._batch1_step is not None:
+        if B <= engine.triton_max_batch:
             name = "ours Triton decode step + CUDA graph"
         prompts = prompts_all[:B]
         engine.ensure_cache(B, P + N)
@@ -273,7 +273,7 @@ def run(args) -> int:
 
     batches = [b for b in args.batch_sizes if b != 1]
     if compiled is not None:
-        if compiled._batch1_step is not None:
+        if compiled.triton_max_batch:
             attempt("ours compiled b1 (torch step)", compiled_batch, 1, "torch")
         attempt("ours compiled b1", compiled_batch, 1)
     if not args.no_hf:
@@ -284,6 +284,8 @@ def run(args) -> int:
         hf_models.clear()
     if compiled is not None:
         for B in batches:
+            if B <= compiled.triton_max_batch:
+                attempt(f"ours compiled b{B} (torch step)", compiled_batch, B, "torch")
             attempt(f"ours compiled b{B}", compiled_batch, B)
         attempt("padded batch check", padded_check)
         compiled.release()

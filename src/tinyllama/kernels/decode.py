@@ -1,4 +1,4 @@
-"""The batch-1 decode step as Triton kernels: five per layer, each weight matrix read once.
+"""The decode step as Triton kernels: five per layer, each weight matrix read once per step.
 
 Why: one decode step reads all 2.2 GB of weights to produce one token, so it is bound by memory
 bandwidth and by how many kernels it runs. The compiled PyTorch step runs ~14 kernels per layer and its
@@ -10,7 +10,10 @@ cuBLAS small-M products read the weights at ~1.3-2.6 TB/s (perf/NOTES.md, decode
   4. RMSNorm -> gate/up product -> SiLU(gate) * up
   5. down product + residual add
 
-and the step ends with RMSNorm -> output head -> greedy token. Every tensor the step touches is allocated
+and the step ends with RMSNorm -> output head -> greedy token. A batch of one runs GEMV kernels (products
+on the CUDA cores); a batch of 2-64 rows, each at its own position in its own cache row (a continuous batch
+of the serve engine), runs the same five kernels with the products on the tensor cores (`_rows_kernel`):
+each program reads its weight rows once for every row of the batch. Every tensor the step touches is allocated
 once, so on CUDA `TritonDecodeStep` captures the whole step in one CUDA graph and replays it each token.
 On Hopper the kernels use programmatic dependent launch: each reads its first weight tile (the attention
 its first cache block) while the kernel before it finishes, and waits (`gdc_wait`) before reading that
@@ -19,7 +22,7 @@ kernel's results or writing anything.
 Numerics follow the model's own eager decode step (`Llama.forward` + `one_token_attention`): fp32
 accumulation, and rounding to the model dtype where the model rounds (product outputs, SiLU, rotary terms,
 attention scores). Two deviations: the normalised x is not rounded before the product (1/rms is applied
-to the sums), and the softmax is computed online in fp32 (the eager step rounds the probabilities before
+to the sums; the rows kernel rounds x * norm weight to the model dtype, the tensor cores' input), and the softmax is computed online in fp32 (the eager step rounds the probabilities before
 the value product). So results agree to rounding, not bit for bit; in bf16 they are as close to the fp32
 model as the eager bf16 step is (tests/test_kernels_decode.py). `reference_*` functions give each
 kernel's semantics in plain PyTorch; tests compare them on the GPU, and on the CPU through
@@ -56,14 +59,15 @@ def _interpreted() -> bool:
 # ---- plain-PyTorch references (the kernels' semantics) --------------------------------------------
 def reference_gemv(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None,
                    eps: float = 1e-5, residual: Optional[torch.Tensor] = None, swiglu: bool = False) -> torch.Tensor:
-    """x (K,) -> (N,) in x's dtype: [RMSNorm(x)] @ weight.T, then [+ residual] or [SiLU(gate) * up]
-    (with swiglu, weight is (2N, K): gate rows then up rows, as `Llama.fuse_projections` concatenates)."""
+    """x (K,) or (M, K) -> (N,) or (M, N) in x's dtype: [RMSNorm(x)] @ weight.T, then [+ residual] or
+    [SiLU(gate) * up] (with swiglu, weight is (2N, K): gate rows then up rows, as `Llama.fuse_projections`
+    concatenates). Each row of x is normalised on its own."""
     if norm_weight is not None:
         x32 = x.float()
-        x = norm_weight * (x32 * torch.rsqrt(x32.pow(2).mean() + eps)).to(x.dtype)
+        x = norm_weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     y = F.linear(x, weight)
     if swiglu:
-        gate, up = y.chunk(2)
+        gate, up = y.chunk(2, dim=-1)
         return F.silu(gate) * up
     return y if residual is None else residual + y
 
@@ -173,6 +177,73 @@ if triton is not None:
         tl.store(OUT + rows, y.to(dt), mask=row_ok)
 
     @triton.jit
+    def _rows_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, M, K, ms, cols,
+                         HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, DOT_FP32: tl.constexpr):
+        # one (BLOCK_M, BLOCK_K) tile of the M inputs against the (BLOCK_N, BLOCK_K) weight tile(s), on the
+        # tensor cores in the model dtype (fp32 "ieee" for fp32 models and under the interpreter)
+        k_ok = k0 + cols < K
+        xv = tl.load(X + ms[:, None] * K + k0 + cols[None, :], mask=(ms < M)[:, None] & k_ok[None, :],
+                     other=0.0).to(tl.float32)
+        if HAS_NORM:
+            ss += tl.sum(xv * xv, axis=1)
+            xv = xv * tl.load(NORM_W + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if DOT_FP32:
+            acc += tl.dot(xv, tl.trans(w.to(tl.float32)), input_precision="ieee")
+            if SWIGLU:
+                acc_up += tl.dot(xv, tl.trans(wu.to(tl.float32)), input_precision="ieee")
+        else:
+            xo = xv.to(w.dtype)
+            acc += tl.dot(xo, tl.trans(w))
+            if SWIGLU:
+                acc_up += tl.dot(xo, tl.trans(wu))
+        return acc, acc_up, ss
+
+    @triton.jit
+    def _rows_kernel(X, W, OUT, RES, NORM_W, M, N, K, eps,
+                     HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+        # `_gemv_kernel` for M > 1 input rows (a decode step of M sequences): each program reads its
+        # BLOCK_N weight rows once for all M inputs, so the step still reads every weight once.
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        ms = tl.arange(0, BLOCK_M)
+        m_ok = ms < M
+        cols = tl.arange(0, BLOCK_K)
+        dt = OUT.dtype.element_ty
+        w_rows = W + rows[:, None].to(tl.int64) * K
+        m = row_ok[:, None] & (cols < K)[None, :]
+        w = tl.load(w_rows + cols[None, :], mask=m, other=0.0)
+        wu = w
+        if SWIGLU:
+            wu = tl.load(w_rows + N * K + cols[None, :], mask=m, other=0.0)
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc, acc_up, ss = _rows_accumulate(zero, zero, tl.zeros([BLOCK_M], dtype=tl.float32), w, wu, X, NORM_W,
+                                           0, M, K, ms, cols, HAS_NORM, SWIGLU, DOT_FP32)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            m = row_ok[:, None] & (k0 + cols < K)[None, :]
+            w = tl.load(w_rows + k0 + cols[None, :], mask=m, other=0.0)
+            if SWIGLU:
+                wu = tl.load(w_rows + N * K + k0 + cols[None, :], mask=m, other=0.0)
+            acc, acc_up, ss = _rows_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, M, K, ms, cols, HAS_NORM,
+                                               SWIGLU, DOT_FP32)
+        rstd = tl.full([BLOCK_M], 1.0, tl.float32)
+        if HAS_NORM:
+            rstd = tl.rsqrt(ss / K + eps)
+        y = (acc * rstd[:, None]).to(dt).to(tl.float32)
+        if SWIGLU:
+            up = (acc_up * rstd[:, None]).to(dt).to(tl.float32)
+            y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * up
+        at = ms[:, None] * N + rows[None, :]
+        ok = m_ok[:, None] & row_ok[None, :]
+        if HAS_RES:
+            y = tl.load(RES + at, mask=ok, other=0.0).to(tl.float32) + y
+        tl.store(OUT + at, y.to(dt), mask=ok)
+
+    @triton.jit
     def _rope(x, x_swapped, c, s, sign, dt: tl.constexpr):
         # x*cos + rotate_half(x)*sin, rotate_half(x) = sign * x_swapped (halves exchanged, the first negated);
         # each product and the sum rounded to dt, as the model computes it
@@ -205,8 +276,12 @@ if triton is not None:
                                  BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr,
                                  PDL: tl.constexpr):
         # One program per key/value head and its GROUP query heads (rows of the tile, padded to BLOCK_G >=
-        # 16 for the tensor-core products): each cache block is read once for the whole group.
+        # 16 for the tensor-core products) and per batch row b (at its own position, in cache row b): each
+        # cache block is read once for the whole group.
         kv_head = tl.program_id(0)
+        b = tl.program_id(1)
+        QKV = QKV + b * ((N_HEADS + 2 * N_KV) * HEAD_DIM)
+        OUT = OUT + b * (N_HEADS * HEAD_DIM)
         GROUP: tl.constexpr = N_HEADS // N_KV
         HALF: tl.constexpr = HEAD_DIM // 2
         dt = OUT.dtype.element_ty
@@ -215,11 +290,11 @@ if triton is not None:
         d = tl.arange(0, HEAD_DIM)
         d_swapped = (d + HALF) % HEAD_DIM
         sign = tl.where(d < HALF, -1.0, 1.0)
-        kc = K_CACHE + kv_head.to(tl.int64) * cache_len * HEAD_DIM
-        vc = V_CACHE + kv_head.to(tl.int64) * cache_len * HEAD_DIM
+        kc = K_CACHE + (b.to(tl.int64) * N_KV + kv_head) * cache_len * HEAD_DIM
+        vc = V_CACHE + (b.to(tl.int64) * N_KV + kv_head) * cache_len * HEAD_DIM
         # The position, its rotary row and the cache's old slots do not depend on the previous kernel: the
         # first block of keys and values is read before waiting for it (programmatic dependent launch).
-        pos = tl.load(POS)
+        pos = tl.load(POS + b)
         c = tl.load(COS + pos * HEAD_DIM + d).to(dt).to(tl.float32)
         s = tl.load(SIN + pos * HEAD_DIM + d).to(dt).to(tl.float32)
         slots = tl.arange(0, BLOCK_S)
@@ -284,23 +359,50 @@ GEMV_CANDIDATES = (  # near the best for some product in an H100 sweep of 51 sha
     GemvConfig(4, 2048, 8, 1, rowsum=True),
 )
 INTERPRETER_CONFIG = GemvConfig(64, 256, 4, 1)
+# The same for the products of M > 1 rows (`_rows_kernel`, tensor-core tiles: block_n >= 16); the first is the
+# untimed default. Deep pipelines: with block_n 16 a 2048-row product has only 128 programs, so each keeps
+# several weight tiles in flight.
+ROWS_CANDIDATES = (
+    GemvConfig(16, 256, 4, 4),
+    GemvConfig(16, 512, 4, 3),
+    GemvConfig(16, 128, 4, 6),
+    GemvConfig(32, 256, 4, 4),
+    GemvConfig(32, 128, 4, 5),
+    GemvConfig(32, 512, 8, 3),
+    GemvConfig(64, 128, 4, 4),
+    GemvConfig(64, 256, 8, 3),
+)
+MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None,
          eps: float = 1e-5, residual: Optional[torch.Tensor] = None, swiglu: bool = False,
-         config: GemvConfig = GEMV_CANDIDATES[0], pdl: bool = False) -> torch.Tensor:
-    """The kernel behind `reference_gemv`, written into `out` (N,); `residual` may be `out` itself.
-    pdl: launch with programmatic dependent launch (see `pdl_supported`): the first weight tile is read
-    while the previous kernel on the stream finishes."""
+         config: Optional[GemvConfig] = None, pdl: bool = False) -> torch.Tensor:
+    """The kernel behind `reference_gemv`, written into `out` (N,) or (M, N); `residual` may be `out` itself.
+    x (K,) or (1, K) runs the batch-1 kernel, (M, K) with 1 < M <= MAX_ROWS the rows kernel (config: a
+    GEMV_CANDIDATES or ROWS_CANDIDATES entry; default the first). pdl: launch with programmatic dependent
+    launch (see `pdl_supported`): the first weight tile is read while the previous kernel on the stream
+    finishes."""
     n = weight.size(0) // 2 if swiglu else weight.size(0)
     k = weight.size(1)
-    assert weight.is_contiguous() and x.numel() == k and out.numel() == n, (weight.shape, x.shape, out.shape)
-    grid = (triton.cdiv(n, config.block_n),)
-    _gemv_kernel[grid](x, weight, out, residual if residual is not None else out,
-                       norm_weight if norm_weight is not None else x, n, k, eps,
-                       HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RES=residual is not None, PDL=pdl,
-                       BLOCK_N=config.block_n, BLOCK_K=config.block_k, ROWSUM=config.rowsum,
-                       num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
+    rows = x.size(0) if x.dim() == 2 else 1
+    assert weight.is_contiguous() and x.is_contiguous() and x.numel() == rows * k and out.numel() == rows * n, \
+        (weight.shape, x.shape, out.shape)
+    assert rows <= MAX_ROWS, f"{rows} rows: at most {MAX_ROWS}"
+    common = dict(HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RES=residual is not None, PDL=pdl)
+    args = (x, weight, out, residual if residual is not None else out, norm_weight if norm_weight is not None else x)
+    if rows == 1:
+        config = config or GEMV_CANDIDATES[0]
+        _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+            *args, n, k, eps, **common, BLOCK_N=config.block_n, BLOCK_K=config.block_k, ROWSUM=config.rowsum,
+            num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
+    else:
+        config = config or ROWS_CANDIDATES[0]
+        _rows_kernel[(triton.cdiv(n, config.block_n),)](
+            *args, rows, n, k, eps, **common, BLOCK_M=max(16, triton.next_power_of_2(rows)),
+            BLOCK_N=max(16, config.block_n), BLOCK_K=max(16, config.block_k),
+            DOT_FP32=x.dtype == torch.float32 or _interpreted(),
+            num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
     return out
 
 
@@ -317,16 +419,20 @@ def _pdl_launch(pdl: bool) -> dict:
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      cos_table: torch.Tensor, sin_table: torch.Tensor, out: torch.Tensor, n_heads: int,
                      n_kv_heads: int, block_s: int = 128, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
-    """The kernel behind `reference_decode_attention`: pos is a (1,) integer tensor (so a CUDA graph can
-    replay it for any position), cos/sin the full (max_len, D) fp32 tables; writes `out` (H·D,)."""
+    """The kernel behind `reference_decode_attention`, for B rows at once: row b's token (qkv[b], of
+    (B, H·D + 2·KV·D) or, for B = 1, flat) at cache position pos[b] of cache row b. pos is a (B,) integer
+    tensor (so a CUDA graph can replay it for any positions), the caches (>= B, KV, S, D), cos/sin the full
+    (max_len, D) fp32 tables; writes `out` (B, H·D) or, for B = 1, flat."""
     head_dim = k_cache.size(-1)
-    assert k_cache.size(0) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    batch = pos.numel()
+    assert k_cache.size(0) >= batch and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert qkv.is_contiguous() and qkv.numel() == batch * (n_heads + 2 * n_kv_heads) * head_dim
+    assert out.is_contiguous() and out.numel() == batch * n_heads * head_dim
     block_g = max(16, triton.next_power_of_2(n_heads // n_kv_heads))
-    _decode_attention_kernel[(n_kv_heads,)](qkv, k_cache, v_cache, out, pos, cos_table, sin_table, k_cache.size(2),
-                                            head_dim**-0.5, N_HEADS=n_heads, N_KV=n_kv_heads, HEAD_DIM=head_dim,
-                                            BLOCK_G=block_g, BLOCK_S=block_s, PDL=pdl,
-                                            DOT_FP32=qkv.dtype == torch.float32 or _interpreted(),
-                                            num_warps=num_warps, **_pdl_launch(pdl))
+    _decode_attention_kernel[(n_kv_heads, batch)](
+        qkv, k_cache, v_cache, out, pos, cos_table, sin_table, k_cache.size(2), head_dim**-0.5, N_HEADS=n_heads,
+        N_KV=n_kv_heads, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_S=block_s, PDL=pdl,
+        DOT_FP32=qkv.dtype == torch.float32 or _interpreted(), num_warps=num_warps, **_pdl_launch(pdl))
     return out
 
 
@@ -358,20 +464,27 @@ def unsupported_reason(model) -> Optional[str]:
 
 
 class TritonDecodeStep:
-    """Batch-1 decode step of a fused Llama on row 0 of its static KV cache (`Llama.setup_cache`).
+    """Decode step of a fused Llama for the first `batch_size` rows of its static KV cache (`Llama.setup_cache`),
+    each row at its own position.
 
-    `step(ids (1, 1), input_pos (1,) or (1, 1))` -> logits (1, vocab) in the model's dtype, the same contract
-    as `Llama.forward(ids, input_pos=input_pos.view(1, 1))[:, -1]` (cache row 0; for a cache of one row, the
-    same as an unpadded batch of one with input_pos (1,)). On CUDA the first call
-    also picks each product's block shape (`tune`) and captures the step in a CUDA graph; later calls copy
-    the token and position in (unless they are already there: see `greedy_token` and step's `pos`) and
-    replay it. The returned logits are a fixed buffer, overwritten by the next call.
+    `step(ids (B, 1), input_pos (1,), (B,) or (B, 1))` -> logits (B, vocab) in the model's dtype, the same
+    contract as `Llama.forward(ids, input_pos=input_pos.view(B, 1))[:, -1]` (cache rows 0..B-1; input_pos of
+    one element: every row at that position, as an unpadded batch with input_pos (1,)). Batch 1 runs the
+    GEMV kernels, larger batches (up to MAX_ROWS) the rows kernels: each weight is read once per step either
+    way. On CUDA the first call also picks each product's block shape (`tune`) and captures the step in a
+    CUDA graph; later calls copy the tokens and positions in (unless they are already there: see
+    `greedy_token` and step's `pos`) and replay it. The returned logits are a fixed buffer, overwritten by
+    the next call.
     """
 
-    def __init__(self, model, use_graph: Optional[bool] = None, pdl: Optional[bool] = None) -> None:
+    def __init__(self, model, use_graph: Optional[bool] = None, pdl: Optional[bool] = None,
+                 batch_size: int = 1) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
+        if not 1 <= batch_size <= MAX_ROWS:
+            raise ValueError(f"the Triton decode step takes batches of 1 to {MAX_ROWS} rows, not {batch_size}")
+        self.batch_size = B = batch_size
         self.model = model
         c = model.config
         self.config = c
@@ -381,14 +494,15 @@ class TritonDecodeStep:
         # Programmatic dependent launch: each kernel reads its first weight tile while the one before it
         # finishes (Hopper+; turned off again if this driver cannot capture it in a graph).
         self.pdl = pdl_supported(self.device) if pdl is None else pdl
-        new = lambda n, dtype=None: torch.empty(n, dtype=dtype or self.dtype, device=self.device)  # noqa: E731
-        self.ids = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        # batch 1: flat (N,) buffers, the GEMV kernels' form; else (B, N)
+        new = lambda n: torch.empty((B, n) if B > 1 else (n,), dtype=self.dtype, device=self.device)  # noqa: E731
+        self.ids = torch.zeros(B, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(B, dtype=torch.long, device=self.device)
         self.x = new(c.hidden_size)
         self.qkv = new((c.n_heads + 2 * c.n_kv_heads) * c.head_dim)
         self.attn = new(c.n_heads * c.head_dim)
         self.hidden = new(c.intermediate_size)
-        self.logits = new((1, c.vocab_size))
+        self.logits = torch.empty(B, c.vocab_size, dtype=self.dtype, device=self.device)
         self._graph = None
         self._graph_cache = None  # weakref to the layer-0 KVCache the graph was captured on
         self._next_pos: Optional[int] = None  # what self.pos holds after the last step, if known
@@ -403,9 +517,10 @@ class TritonDecodeStep:
             self.products.append((self.x, mlp.gate_up_proj.weight, self.hidden,
                                   dict(norm_weight=n2.weight, eps=n2.eps, swiglu=True)))
             self.products.append((self.hidden, mlp.down_proj.weight, self.x, dict(residual=self.x)))
-        self.products.append((self.x, model.lm_head.weight, self.logits.view(-1),
+        self.products.append((self.x, model.lm_head.weight, self.logits.view(-1) if B == 1 else self.logits,
                               dict(norm_weight=model.norm.weight, eps=model.norm.eps)))
-        default = GEMV_CANDIDATES[0] if self.device.type == "cuda" else INTERPRETER_CONFIG
+        self.candidates = GEMV_CANDIDATES if B == 1 else ROWS_CANDIDATES
+        default = self.candidates[0] if self.device.type == "cuda" else INTERPRETER_CONFIG
         self.configs: list[GemvConfig] = [default] * len(self.products)
 
     def tune(self) -> None:
@@ -418,7 +533,8 @@ class TritonDecodeStep:
         card = torch.cuda.get_device_name(self.device)
         groups: dict[tuple, list[int]] = {}
         for i, (x, weight, out, kw) in enumerate(self.products):
-            key = (card, tuple(weight.shape), "norm_weight" in kw, "residual" in kw, kw.get("swiglu", False), self.pdl)
+            key = (card, self.batch_size, tuple(weight.shape), "norm_weight" in kw, "residual" in kw,
+                   kw.get("swiglu", False), self.pdl)
             groups.setdefault(key, []).append(i)
         for key, members in groups.items():
             if key not in _TUNED:
@@ -435,14 +551,14 @@ class TritonDecodeStep:
                     for w in weights:
                         gemv(xs, w, outs, config=cfg, pdl=self.pdl, **skw)
 
-                _TUNED[key] = _fastest(run_all)
+                _TUNED[key] = _fastest(run_all, self.candidates)
             for i in members:
                 self.configs[i] = _TUNED[key]
 
     # one step, kernel by kernel ---------------------------------------------------------------------
     def _run(self) -> None:
         m, c = self.model, self.config
-        torch.index_select(m.embed_tokens.weight, 0, self.ids, out=self.x.view(1, -1))
+        torch.index_select(m.embed_tokens.weight, 0, self.ids, out=self.x.view(self.batch_size, -1))
         products = iter(zip(self.products, self.configs))
 
         def product() -> None:
@@ -452,14 +568,14 @@ class TritonDecodeStep:
         for layer in m.layers:
             a = layer.self_attn
             product()  # RMSNorm -> q/k/v
-            decode_attention(self.qkv, a.kv_cache.k[:1], a.kv_cache.v[:1], self.pos, m.rope_cos, m.rope_sin, self.attn,
+            decode_attention(self.qkv, a.kv_cache.k, a.kv_cache.v, self.pos, m.rope_cos, m.rope_sin, self.attn,
                              c.n_heads, c.n_kv_heads, pdl=self.pdl)
             product()  # o + residual
             product()  # RMSNorm -> gate/up -> SiLU(gate) * up
             product()  # down + residual
         product()  # RMSNorm -> output head
-        # The greedy token becomes the next step's input (ids is read only by the embedding above), and the
-        # position advances: a greedy caller then copies nothing in (`greedy_token`, step's `pos`).
+        # The greedy tokens become the next step's input (ids is read only by the embedding above), and the
+        # positions advance: a greedy caller then copies nothing in (`greedy_token`, step's `pos`).
         torch.argmax(self.logits, dim=-1, out=self.ids)
         self.pos.add_(1)
 
@@ -476,21 +592,25 @@ class TritonDecodeStep:
         self._next_pos = None
 
     def greedy_token(self) -> torch.Tensor:
-        """(1, 1): the argmax of the last step's logits, computed inside the step. It is the step's own input
+        """(B, 1): the argmax of the last step's logits, computed inside the step. It is the step's own input
         buffer: passed back as the next `ids`, it needs no copy."""
-        return self.ids.view(1, 1)
+        return self.ids.view(self.batch_size, 1)
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, input_pos: torch.Tensor, pos: Optional[int] = None) -> torch.Tensor:
-        """`pos`, if given, is input_pos as an int: the step then skips copying it in when it is the slot
-        after the previous step's (the step advances its position buffer itself)."""
+        """`pos`, if given, is input_pos as an int (every row at that position): the step then skips copying
+        it in when it is the slot after the previous step's (the step advances its position buffer itself)."""
         cache = self.model.layers[0].self_attn.kv_cache
         if cache is None:
             raise RuntimeError("TritonDecodeStep needs the model's KV cache: setup_cache(...)")
+        B = self.batch_size
+        if cache.k.size(0) < B or ids.numel() != B or input_pos.numel() not in (1, B):
+            raise ValueError(f"the Triton step of batch {B}: ids {tuple(ids.shape)}, input_pos "
+                             f"{tuple(input_pos.shape)}, a cache of {cache.k.size(0)} rows")
         if ids.data_ptr() != self.ids.data_ptr():
-            self.ids.copy_(ids.reshape(1), non_blocking=True)
+            self.ids.copy_(ids.reshape(B), non_blocking=True)
         if pos is None or pos != self._next_pos:
-            self.pos.copy_(input_pos.reshape(1), non_blocking=True)
+            self.pos.copy_(input_pos.reshape(-1), non_blocking=True)  # one position: broadcast to every row
         self._next_pos = None if pos is None else pos + 1
         if not self._tuned:
             self.tune()  # also without a graph: eager and graphed steps then run the same block shapes
@@ -549,6 +669,6 @@ def time_candidates(run, candidates) -> dict:
     return times
 
 
-def _fastest(run) -> GemvConfig:
-    times = time_candidates(run, GEMV_CANDIDATES)
-    return min(times, key=times.get) if times else GEMV_CANDIDATES[0]
+def _fastest(run, candidates=GEMV_CANDIDATES) -> GemvConfig:
+    times = time_candidates(run, candidates)
+    return min(times, key=times.get) if times else candidates[0]
