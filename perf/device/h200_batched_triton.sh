@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One H200 call for the Triton decode step of 2-64 rows (2026-12-02, fourth session): the decode-kernel and
+# CUDA serve/generate tests, then bench generate at batch 1, 8, 16 and 32 with the torch.compile'd step
+# beside the Triton one at each batch (same run), then bench serve (16 slots and 1; the server's decode
+# buckets now run the Triton steps). Needs .whl/ (see h200_serve_next.sh for how to build it); carry it.
+# Usage: bash perf/device/h200_batched_triton.sh [tests|generate|serve]...   (default: all three)
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+parts=${*:-tests generate serve}
+for part in $parts; do
+  case $part in
+  tests)
+    echo "== CUDA tests"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py 2>&1 | tail -4
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_serve.py tests/test_generate.py -k "cuda" 2>&1 | tail -3 ;;
+  generate)
+    echo "== bench generate"
+    timeout 330 python3 -m tinyllama bench generate --preset tinyllama-1.1b --device cuda --batch-sizes 1,8,16,32 \
+      --no-hf --json $OUT/bench_generate_batched.json 2>&1 | grep -v -i warn | tail -16 ;;
+  serve)
+    echo "== bench serve"
+    timeout 200 python3 -m tinyllama bench serve --preset tinyllama-1.1b --device cuda --requests 200 --clients 16 \
+      --max-tokens 64 --batch-sizes 16,1 --compile --json $OUT/bench_serve_batched.json 2>&1 | grep -v -i warn | tail -4 ;;
+  esac
+done
