@@ -59,7 +59,7 @@ def test_gemv_matches_reference(dtype, variant, rows):
         want_res = torch.randn(out_shape, device=DEVICE).to(dtype)
     want = reference_gemv(x, w, residual=want_res, **kw)
     configs = (GemvConfig(8, 64, 4, 2), GemvConfig(16, 128, 4, 3), GemvConfig(4, 64, 4, 1, rowsum=True)) \
-        if rows == 1 else (GemvConfig(16, 64, 4, 2), GemvConfig(32, 128, 4, 3))
+        if rows == 1 else (GemvConfig(16, 64, 4, 2), GemvConfig(32, 128, 4, 3), GemvConfig(32, 64, 4, 2, swap=True))
     for cfg in configs:
         out = want_res.clone() if want_res is not None else torch.empty(out_shape, device=DEVICE, dtype=dtype)
         got = gemv(x, w, out, residual=out if want_res is not None else None, config=cfg, **kw)  # in place

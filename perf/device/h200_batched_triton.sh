@@ -3,7 +3,8 @@
 # CUDA serve/generate tests, then bench generate at batch 1, 8, 16 and 32 with the torch.compile'd step
 # beside the Triton one at each batch (same run), then bench serve (16 slots and 1; the server's decode
 # buckets now run the Triton steps). Needs .whl/ (see h200_serve_next.sh for how to build it); carry it.
-# Usage: bash perf/device/h200_batched_triton.sh [tests|generate|serve]...   (default: all three)
+# Usage: bash perf/device/h200_batched_triton.sh [rows|kernel-tests|tests|generate|serve]...
+#   (default: tests generate serve)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
@@ -11,6 +12,12 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 parts=${*:-tests generate serve}
 for part in $parts; do
   case $part in
+  rows)
+    echo "== rows-kernel candidates vs cuBLAS"
+    timeout 240 python3 perf/rows_gemm.py --out $OUT/rows_gemm.json 2>&1 | grep -v -i warn | tail -30 ;;
+  kernel-tests)
+    echo "== decode kernel tests"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py 2>&1 | tail -4 ;;
   tests)
     echo "== CUDA tests"
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py 2>&1 | tail -4

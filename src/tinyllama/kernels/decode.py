@@ -178,9 +178,10 @@ if triton is not None:
 
     @triton.jit
     def _rows_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, M, K, ms, cols,
-                         HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, DOT_FP32: tl.constexpr):
+                         HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr):
         # one (BLOCK_M, BLOCK_K) tile of the M inputs against the (BLOCK_N, BLOCK_K) weight tile(s), on the
-        # tensor cores in the model dtype (fp32 "ieee" for fp32 models and under the interpreter)
+        # tensor cores in the model dtype (fp32 "ieee" for fp32 models and under the interpreter). SWAP: the
+        # weight tile is the left operand, acc is (BLOCK_N, BLOCK_M) (wide weight tiles, few input rows)
         k_ok = k0 + cols < K
         xv = tl.load(X + ms[:, None] * K + k0 + cols[None, :], mask=(ms < M)[:, None] & k_ok[None, :],
                      other=0.0).to(tl.float32)
@@ -188,20 +189,31 @@ if triton is not None:
             ss += tl.sum(xv * xv, axis=1)
             xv = xv * tl.load(NORM_W + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         if DOT_FP32:
-            acc += tl.dot(xv, tl.trans(w.to(tl.float32)), input_precision="ieee")
-            if SWIGLU:
-                acc_up += tl.dot(xv, tl.trans(wu.to(tl.float32)), input_precision="ieee")
+            if SWAP:
+                acc += tl.dot(w.to(tl.float32), tl.trans(xv), input_precision="ieee")
+                if SWIGLU:
+                    acc_up += tl.dot(wu.to(tl.float32), tl.trans(xv), input_precision="ieee")
+            else:
+                acc += tl.dot(xv, tl.trans(w.to(tl.float32)), input_precision="ieee")
+                if SWIGLU:
+                    acc_up += tl.dot(xv, tl.trans(wu.to(tl.float32)), input_precision="ieee")
         else:
             xo = xv.to(w.dtype)
-            acc += tl.dot(xo, tl.trans(w))
-            if SWIGLU:
-                acc_up += tl.dot(xo, tl.trans(wu))
+            if SWAP:
+                acc += tl.dot(w, tl.trans(xo))
+                if SWIGLU:
+                    acc_up += tl.dot(wu, tl.trans(xo))
+            else:
+                acc += tl.dot(xo, tl.trans(w))
+                if SWIGLU:
+                    acc_up += tl.dot(xo, tl.trans(wu))
         return acc, acc_up, ss
 
     @triton.jit
     def _rows_kernel(X, W, OUT, RES, NORM_W, M, N, K, eps,
                      HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                     SWAP: tl.constexpr):
         # `_gemv_kernel` for M > 1 input rows (a decode step of M sequences): each program reads its
         # BLOCK_N weight rows once for all M inputs, so the step still reads every weight once.
         pid = tl.program_id(0)
@@ -220,16 +232,22 @@ if triton is not None:
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
-        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if SWAP:
+            zero = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc, acc_up, ss = _rows_accumulate(zero, zero, tl.zeros([BLOCK_M], dtype=tl.float32), w, wu, X, NORM_W,
-                                           0, M, K, ms, cols, HAS_NORM, SWIGLU, DOT_FP32)
+                                           0, M, K, ms, cols, HAS_NORM, SWIGLU, DOT_FP32, SWAP)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             m = row_ok[:, None] & (k0 + cols < K)[None, :]
             w = tl.load(w_rows + k0 + cols[None, :], mask=m, other=0.0)
             if SWIGLU:
                 wu = tl.load(w_rows + N * K + k0 + cols[None, :], mask=m, other=0.0)
             acc, acc_up, ss = _rows_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, M, K, ms, cols, HAS_NORM,
-                                               SWIGLU, DOT_FP32)
+                                               SWIGLU, DOT_FP32, SWAP)
+        if SWAP:
+            acc = tl.trans(acc)
+            acc_up = tl.trans(acc_up)
         rstd = tl.full([BLOCK_M], 1.0, tl.float32)
         if HAS_NORM:
             rstd = tl.rsqrt(ss / K + eps)
@@ -339,7 +357,8 @@ class GemvConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    rowsum: bool = False
+    rowsum: bool = False  # the GEMV kernel: reduce each tile to per-row sums at once
+    swap: bool = False  # the rows kernel: the weight tile as the left operand of the tensor-core product
 
 
 # Candidates timed once per product shape on CUDA (`TritonDecodeStep.tune`); the first is the untimed
@@ -366,11 +385,15 @@ ROWS_CANDIDATES = (
     GemvConfig(16, 256, 4, 4),
     GemvConfig(16, 512, 4, 3),
     GemvConfig(16, 128, 4, 6),
+    GemvConfig(16, 1024, 8, 2),
+    GemvConfig(16, 2048, 8, 1),  # the GEMV kernel's best H100 shape: a whole row block in flight at once
     GemvConfig(32, 256, 4, 4),
-    GemvConfig(32, 128, 4, 5),
     GemvConfig(32, 512, 8, 3),
     GemvConfig(64, 128, 4, 4),
-    GemvConfig(64, 256, 8, 3),
+    GemvConfig(32, 512, 4, 3, swap=True),
+    GemvConfig(64, 256, 4, 3, swap=True),
+    GemvConfig(64, 512, 8, 2, swap=True),
+    GemvConfig(128, 256, 8, 3, swap=True),
 )
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 
@@ -401,7 +424,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
         _rows_kernel[(triton.cdiv(n, config.block_n),)](
             *args, rows, n, k, eps, **common, BLOCK_M=max(16, triton.next_power_of_2(rows)),
             BLOCK_N=max(16, config.block_n), BLOCK_K=max(16, config.block_k),
-            DOT_FP32=x.dtype == torch.float32 or _interpreted(),
+            DOT_FP32=x.dtype == torch.float32 or _interpreted(), SWAP=config.swap,
             num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
     return out
 
