@@ -3,7 +3,7 @@
 # CUDA serve/generate tests, then bench generate at batch 1, 8, 16 and 32 with the torch.compile'd step
 # beside the Triton one at each batch (same run), then bench serve (16 slots and 1; the server's decode
 # buckets now run the Triton steps). Needs .whl/ (see h200_serve_next.sh for how to build it); carry it.
-# Usage: bash perf/device/h200_batched_triton.sh [rows|kernel-tests|tests|generate|serve]...
+# Usage: bash perf/device/h200_batched_triton.sh [rows|profile|kernel-tests|tests|generate|serve]...
 #   (default: tests generate serve)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -15,6 +15,9 @@ for part in $parts; do
   rows)
     echo "== rows-kernel candidates vs cuBLAS"
     timeout 240 python3 perf/rows_gemm.py --out $OUT/rows_gemm.json 2>&1 | grep -v -i warn | tail -30 ;;
+  profile)
+    echo "== Triton step profile"
+    timeout 100 python3 perf/triton_step_profile.py --batches 1,8 --out $OUT/triton_step_profile.json 2>&1 | grep -v -i warn | tail -20 ;;
   kernel-tests)
     echo "== decode kernel tests"
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py 2>&1 | tail -4 ;;
@@ -28,7 +31,7 @@ for part in $parts; do
       --no-hf --json $OUT/bench_generate_batched.json 2>&1 | grep -v -i warn | tail -16 ;;
   serve)
     echo "== bench serve"
-    timeout 200 python3 -m tinyllama bench serve --preset tinyllama-1.1b --device cuda --requests 200 --clients 16 \
+    timeout ${SERVE_TIMEOUT:-200} python3 -m tinyllama bench serve --preset tinyllama-1.1b --device cuda --requests 200 --clients 16 \
       --max-tokens 64 --batch-sizes 16,1 --compile --json $OUT/bench_serve_batched.json 2>&1 | grep -v -i warn | tail -4 ;;
   esac
 done

@@ -190,12 +190,13 @@ class DecodeEngine:
     inference only): a decode step is bound by its kernel count, and this removes three matrix products per
     layer (H100: 1.71 -> 1.43 ms per step, perf/NOTES.md).
 
-    decode_kernels: which code runs unpadded decode steps of up to `triton_max_batch` rows (default
-    `tinyllama.kernels.decode.MAX_ROWS`, 64). "auto" (default): the Triton step (`tinyllama.kernels.decode`,
-    five kernels per layer in one CUDA graph per batch size) when compiling on CUDA with a fused model it
-    supports, else the compiled step; "triton": always the Triton step (an error if it cannot run; on CPU it
-    runs eagerly under TRITON_INTERPRET=1, for tests); "torch": never. Larger or padded (rope_pos / key_mask)
-    batches run the compiled step.
+    decode_kernels: which code runs unpadded decode steps of up to `triton_max_batch` rows. "auto" (default):
+    the Triton step (`tinyllama.kernels.decode`, five kernels per layer in one CUDA graph per batch size) when
+    compiling on CUDA with a fused model it supports, for batch 1 only (default triton_max_batch 1: on an
+    H200 its steps of 8-32 rows ran 30 % slower than the compiled torch step, perf/NOTES.md), else the
+    compiled step; "triton": the Triton step for every batch up to `kernels.decode.MAX_ROWS` (64) by default
+    (an error if it cannot run; on CPU it runs eagerly under TRITON_INTERPRET=1, for tests); "torch": never.
+    Larger or padded (rope_pos / key_mask) batches run the compiled step.
 
     prefill_graphs=True (with compile): an unpadded prefill is also captured in a CUDA graph per (batch,
     length) once that shape comes a second time, and replayed for the next prompts of that shape (the
@@ -243,7 +244,9 @@ class DecodeEngine:
             reason = triton_decode.unsupported_reason(model)
             if reason is None and (cache_dtype or model.embed_tokens.weight.dtype) != model.embed_tokens.weight.dtype:
                 reason = "the Triton decode step keeps the KV cache in the model's dtype"
-            limit = triton_decode.MAX_ROWS if triton_max_batch is None else triton_max_batch
+            if triton_max_batch is None:
+                triton_max_batch = triton_decode.MAX_ROWS if decode_kernels == "triton" else 1
+            limit = triton_max_batch
             if not 0 <= limit <= triton_decode.MAX_ROWS:
                 raise GenerationError(f"triton_max_batch must lie in 0..{triton_decode.MAX_ROWS}, got {limit}")
             if reason is None:

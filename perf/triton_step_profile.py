@@ -1,0 +1,83 @@
+"""Where a Triton decode step's time goes, kernel by kernel, at batch 1 and at larger batches.
+
+python perf/triton_step_profile.py [--batches 1,8] [--pos 256] [--out triton_step_profile.json]
+Runs `kernels.decode.TritonDecodeStep` of a random-weight TinyLlama-1.1B (bf16, fused) eagerly under
+torch.profiler (CUDA kernel times; a graph replay would show as one event) with every row at position
+`pos`, and reports the GPU time per step of each kernel (the rows / GEMV products, the attention, the rest),
+next to the step's time as a CUDA-graph replay. Products run at their first (untuned) block shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tinyllama.config import ModelConfig
+from tinyllama.kernels.decode import TritonDecodeStep
+from tinyllama.model import Llama
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--pos", type=int, default=256)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "triton_step_profile.json"))
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Llama(ModelConfig.from_name("tinyllama-1.1b"))
+    model = model.to(torch.bfloat16).eval().fuse_projections()
+    model.rope_cos.data, model.rope_sin.data = model.rope_cos.float(), model.rope_sin.float()
+    report = {"device": torch.cuda.get_device_name(dev), "pos": a.pos, "batches": []}
+    for B in [int(b) for b in a.batches.split(",")]:
+        model.setup_cache(B, 512)
+        ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        pos = torch.full((B,), a.pos, dtype=torch.long, device=dev)
+        with torch.inference_mode():
+            eager = TritonDecodeStep(model, use_graph=False, batch_size=B)
+            eager._tuned = True  # untuned: the first candidate for every product (no compile sweep here)
+            for _ in range(3):
+                eager.step(ids, pos)
+            torch.cuda.synchronize()
+            n = 5
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(n):
+                    eager.step(ids, pos)
+                torch.cuda.synchronize()
+            per_kernel = defaultdict(float)
+            for e in prof.events():
+                if e.device_type.name == "CUDA":
+                    per_kernel[e.name] += e.time_range.elapsed_us() / n
+            graphed = TritonDecodeStep(model, use_graph=True, batch_size=B)
+            graphed._tuned = True
+            graphed.configs = eager.configs
+            for _ in range(3):
+                graphed.step(ids, pos)
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                graphed.step(ids, pos)
+            end.record()
+            end.synchronize()
+            graph_us = start.elapsed_time(end) * 1e3 / 50
+        kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1])
+        total = sum(per_kernel.values())
+        report["batches"].append({"batch": B, "graph_step_us": round(graph_us, 1), "kernel_sum_us": round(total, 1),
+                                  "kernels_us": {k: round(v, 1) for k, v in kernels}})
+        print(f"batch {B}: graph replay {graph_us:.1f} us per step; kernels (eager) sum {total:.1f} us", flush=True)
+        for k, v in kernels[:8]:
+            print(f"   {v:8.1f} us  {k[:90]}", flush=True)
+        model.clear_cache()
+    with open(a.out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
