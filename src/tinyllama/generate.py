@@ -176,6 +176,13 @@ def _prefill_step(model: Llama, ids, input_pos, rope_pos, key_mask):
     return model(ids, input_pos=input_pos, rope_pos=rope_pos, key_mask=key_mask)[:, -1]
 
 
+# The largest batch decode_kernels="auto" runs on the Triton step. H200, one run (perf/results/h200/
+# bench_generate_batched.json, 2026-12-02): Triton against the compiled step 1,209 vs 779 tokens/s at batch 1,
+# 6,224 vs 5,859 at 8, 12,294 vs 11,172 at 16; 32 was not measured (its gate/up product measured 2.7x
+# cuBLAS's time in perf/results/h200/rows_gemm.json).
+AUTO_TRITON_MAX_BATCH = 16
+
+
 class DecodeEngine:
     """Owns `model`'s static KV cache and runs prefill + one-token decode steps.
 
@@ -192,11 +199,11 @@ class DecodeEngine:
 
     decode_kernels: which code runs unpadded decode steps of up to `triton_max_batch` rows. "auto" (default):
     the Triton step (`tinyllama.kernels.decode`, five kernels per layer in one CUDA graph per batch size) when
-    compiling on CUDA with a fused model it supports, for batch 1 only (default triton_max_batch 1: on an
-    H200 its steps of 8-32 rows ran 30 % slower than the compiled torch step, perf/NOTES.md), else the
-    compiled step; "triton": the Triton step for every batch up to `kernels.decode.MAX_ROWS` (64) by default
-    (an error if it cannot run; on CPU it runs eagerly under TRITON_INTERPRET=1, for tests); "torch": never.
-    Larger or padded (rope_pos / key_mask) batches run the compiled step.
+    compiling on CUDA with a fused model it supports, for batches of up to 16 rows (default triton_max_batch:
+    `AUTO_TRITON_MAX_BATCH`), else the compiled step; "triton": the Triton step for every batch up to
+    `kernels.decode.MAX_ROWS` (64) by default (an error if it cannot run; on CPU it runs eagerly under
+    TRITON_INTERPRET=1, for tests); "torch": never. Larger or padded (rope_pos / key_mask) batches run the
+    compiled step.
 
     prefill_graphs=True (with compile): an unpadded prefill is also captured in a CUDA graph per (batch,
     length) once that shape comes a second time, and replayed for the next prompts of that shape (the
@@ -245,7 +252,7 @@ class DecodeEngine:
             if reason is None and (cache_dtype or model.embed_tokens.weight.dtype) != model.embed_tokens.weight.dtype:
                 reason = "the Triton decode step keeps the KV cache in the model's dtype"
             if triton_max_batch is None:
-                triton_max_batch = triton_decode.MAX_ROWS if decode_kernels == "triton" else 1
+                triton_max_batch = triton_decode.MAX_ROWS if decode_kernels == "triton" else AUTO_TRITON_MAX_BATCH
             limit = triton_max_batch
             if not 0 <= limit <= triton_decode.MAX_ROWS:
                 raise GenerationError(f"triton_max_batch must lie in 0..{triton_decode.MAX_ROWS}, got {limit}")

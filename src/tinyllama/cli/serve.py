@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
     p.add_argument("--log-level", help="uvicorn log level (default info)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="fuse the q/k/v and gate/up projections and, on CUDA, run decode steps compiled: one CUDA "
-                        "graph per batch bucket (1, 2, 4, ... max-batch-size), batch 1 on the Triton decode step; "
+                        "graph per batch bucket (1, 2, 4, ... max-batch-size), buckets of up to 16 on the Triton decode step; "
                         "each bucket's first steps compile")
 
 

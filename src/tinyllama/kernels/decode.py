@@ -379,21 +379,20 @@ GEMV_CANDIDATES = (  # near the best for some product in an H100 sweep of 51 sha
 )
 INTERPRETER_CONFIG = GemvConfig(64, 256, 4, 1)
 # The same for the products of M > 1 rows (`_rows_kernel`, tensor-core tiles: block_n >= 16); the first is the
-# untimed default. Deep pipelines: with block_n 16 a 2048-row product has only 128 programs, so each keeps
-# several weight tiles in flight.
+# untimed default. H200 sweep at 4-32 rows (perf/results/h200/rows_gemm.json): the swapped 64 x 256 tile was
+# the fastest for q/k/v, gate/up and the output head (at 8 rows 8.7, 15.5 and 46 us, against 24, 56 and
+# 184 us for 16 x 256 unswapped), 16 x 256 unswapped for o and down; whole-K tiles (16 x 2048) were 10-30x
+# slower, so they are not tried.
 ROWS_CANDIDATES = (
-    GemvConfig(16, 256, 4, 4),
-    GemvConfig(16, 512, 4, 3),
-    GemvConfig(16, 128, 4, 6),
-    GemvConfig(16, 1024, 8, 2),
-    GemvConfig(16, 2048, 8, 1),  # the GEMV kernel's best H100 shape: a whole row block in flight at once
-    GemvConfig(32, 256, 4, 4),
-    GemvConfig(32, 512, 8, 3),
-    GemvConfig(64, 128, 4, 4),
-    GemvConfig(32, 512, 4, 3, swap=True),
     GemvConfig(64, 256, 4, 3, swap=True),
-    GemvConfig(64, 512, 8, 2, swap=True),
     GemvConfig(128, 256, 8, 3, swap=True),
+    GemvConfig(64, 512, 8, 2, swap=True),
+    GemvConfig(32, 512, 4, 3, swap=True),
+    GemvConfig(16, 256, 4, 4),
+    GemvConfig(32, 256, 4, 4),
+    GemvConfig(16, 128, 4, 6),
+    GemvConfig(16, 512, 4, 3),
+    GemvConfig(64, 128, 4, 4),
 )
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 

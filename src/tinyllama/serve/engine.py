@@ -16,7 +16,7 @@ near the front); rows in it with no sequence are idle padding that writes positi
 cache row, which the next sequence there overwrites in its prefill before it can attend to it (with
 overlap, a row sitting a step out is padding too: its sequence finishes in that step). With
 `compile=True` (CUDA) the decode step is `DecodeEngine`'s: one CUDA graph per bucket (powers of two up to
-max_batch_size), and the batch-1 bucket may run the Triton decode step.
+max_batch_size), and buckets of up to 16 rows run the Triton decode step (`DecodeEngine`'s decode_kernels).
 
 Short prompts (up to `prefill_in_decode` tokens) can skip the separate prefill pass: their tokens ride along
 in the decode steps, one per step, in the row their sequence already owns, and the step that feeds the last
@@ -119,7 +119,7 @@ class Engine:
 
     compile=True (CUDA only; eager elsewhere): decode steps run compiled and captured in CUDA graphs, one
     per decode bucket (`DecodeEngine(compile=True)`); fuse=True fuses the q/k/v and gate/up projections
-    in place first (inference only; with compile, lets the batch-1 bucket run the Triton step, see
+    in place first (inference only; with compile, lets buckets of up to 16 rows run the Triton step, see
     `DecodeEngine`'s decode_kernels). decode_buckets: the batch sizes a decode step is padded to (default:
     powers of two and max_batch_size when compiling, else no padding). prefill_in_decode: prompts of at most
     this many tokens are fed through decode steps instead of a prefill pass (module docstring; 0: never;
