@@ -4,7 +4,8 @@ python perf/triton_step_profile.py [--batches 1,8] [--pos 256] [--out triton_ste
 Runs `kernels.decode.TritonDecodeStep` of a random-weight TinyLlama-1.1B (bf16, fused) eagerly under
 torch.profiler (CUDA kernel times; a graph replay would show as one event) with every row at position
 `pos`, and reports the GPU time per step of each kernel (the rows / GEMV products, the attention, the rest),
-next to the step's time as a CUDA-graph replay. Products run at their first (untuned) block shape.
+next to the step's time as a CUDA-graph replay. Products run at their first (untuned) block shape unless
+--tune.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--pos", type=int, default=256)
+    ap.add_argument("--tune", action="store_true", help="tune the products' tiles first (default: the first candidates)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "triton_step_profile.json"))
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -40,8 +42,7 @@ def main() -> None:
         ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
         pos = torch.full((B,), a.pos, dtype=torch.long, device=dev)
         with torch.inference_mode():
-            eager = TritonDecodeStep(model, use_graph=False, batch_size=B)
-            eager._tuned = True  # untuned: the first candidate for every product (no compile sweep here)
+            eager = TritonDecodeStep(model, use_graph=False, batch_size=B, tune=a.tune)
             for _ in range(3):
                 eager.step(ids, pos)
             torch.cuda.synchronize()
@@ -54,9 +55,8 @@ def main() -> None:
             for e in prof.events():
                 if e.device_type.name == "CUDA":
                     per_kernel[e.name] += e.time_range.elapsed_us() / n
-            graphed = TritonDecodeStep(model, use_graph=True, batch_size=B)
-            graphed._tuned = True
-            graphed.configs = eager.configs
+            graphed = TritonDecodeStep(model, use_graph=True, batch_size=B, tune=False)
+            graphed.configs = eager.configs  # the same tiles as the profiled steps
             for _ in range(3):
                 graphed.step(ids, pos)
             torch.cuda.synchronize()

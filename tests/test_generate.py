@@ -215,18 +215,19 @@ def test_draw_never_returns_a_filtered_or_out_of_range_token_even_from_a_bad_sea
     assert picked[0] == 2 and 0 <= picked[1] < 4
 
 
-def test_a_row_with_its_own_generator_draws_the_same_alone_or_in_a_batch():
-    torch.manual_seed(0)
-    logits = torch.randn(4, 300)
-    cfg = SamplingConfig(temperature=0.9, top_p=0.9)
-    seeded = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
-    alone = [int(sample_next(logits[r:r + 1], cfg, seeded(10 + r))[0]) for r in range(4)]
-    for _ in range(3):  # the unseeded neighbours draw differently each time; the seeded rows do not
-        batch = sample_next(logits, cfg, [seeded(10), None, seeded(12), None]).tolist()
-        assert batch[0] == alone[0] and batch[2] == alone[2]
-    assert sample_next(logits, cfg, [seeded(10 + r) for r in range(4)]).tolist() == alone
-    with pytest.raises(ValueError, match="3 generators for 4 rows"):
-        sample_next(logits, cfg, [None] * 3)
+def test_given_uniforms_invert_each_rows_cdf_and_seeded_streams_are_the_hosts():
+    """draw(uniforms=u) picks, per row, the first token whose cumulative probability exceeds u (the numbers
+    decide, not any generator's state); SeededUniforms gives a seed's same numbers every time."""
+    from tinyllama.generate import SeededUniforms, draw
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4]]))
+    for u, want in (([0.0, 0.0], [0, 0]), ([0.49, 0.31], [0, 2]), ([0.51, 0.61], [1, 3]), ([0.999999, 0.05], [2, 0])):
+        assert draw(logits, uniforms=torch.tensor(u, dtype=torch.float64)).tolist() == want, u
+    with pytest.raises(ValueError, match="3 uniforms for 2 rows"):
+        draw(logits, uniforms=torch.rand(3))
+    a, b = SeededUniforms(7), SeededUniforms(7)
+    assert a.take(5) == b.take(5) and a.take() != SeededUniforms(8).take()
+    assert all(0 <= x < 1 for x in SeededUniforms(1).take(1000))
 
 
 def test_bad_inputs_raise_clear_errors(pair):

@@ -141,7 +141,7 @@ def test_step_matches_model_forward_fp32():
     with torch.inference_mode():
         for m in (ref, fused):
             m.setup_cache(1, 40)
-        step = TritonDecodeStep(fused, use_graph=False)
+        step = TritonDecodeStep(fused, use_graph=False, tune=False)
         r = ref(prompt, input_pos=torch.arange(9, device=DEVICE))[:, -1]
         fused(prompt, input_pos=torch.arange(9, device=DEVICE))
         for pos in range(9, 17):
@@ -174,7 +174,7 @@ def test_batched_step_matches_model_forward_fp32(same_position):
             prompt = torch.randint(0, 96, (1, n), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(b))
             for m in (ref, fused):
                 m(prompt, input_pos=torch.arange(n, device=DEVICE)[None], slots=torch.tensor([b], device=DEVICE))
-        step = TritonDecodeStep(fused, use_graph=False, batch_size=B)
+        step = TritonDecodeStep(fused, use_graph=False, batch_size=B, tune=False)
         pos = torch.tensor(lengths, device=DEVICE)
         tok = torch.randint(0, 96, (B, 1), device=DEVICE)
         for _ in range(6):
@@ -210,7 +210,7 @@ def test_step_bf16_is_as_close_to_fp32_as_the_eager_bf16_step(batch):
         for m in (ref32, ref, fused):
             m.setup_cache(batch, 40)
             m(prompt, input_pos=torch.arange(9, device=DEVICE))
-        step = TritonDecodeStep(fused, use_graph=False, batch_size=batch)
+        step = TritonDecodeStep(fused, use_graph=False, batch_size=batch, tune=False)
         errors = []
         for pos in range(9, 17):
             tok = torch.randint(0, 96, (batch, 1), device=DEVICE)
@@ -328,7 +328,8 @@ def test_decode_kernels_interpreted_on_cpu():
 
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA")
 @pytest.mark.parametrize("pdl", [False, True])
-def test_graph_replay_equals_eager_steps_cuda(pdl):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_replay_equals_eager_steps_cuda(pdl, batch):
     """The CUDA-graph replay (with and without programmatic dependent launch) gives the eager kernels'
     logits bit for bit, and re-captures when the cache is re-allocated. (Both steps tune on their first
     call and share the choice: with other block shapes the sums would be ordered otherwise.)"""
@@ -338,22 +339,23 @@ def test_graph_replay_equals_eager_steps_cuda(pdl):
         pytest.skip("programmatic dependent launch needs Hopper or newer")
     _, a = _models(torch.bfloat16)
     b = copy.deepcopy(a)
-    prompt = torch.randint(0, 96, (1, 7), device="cuda")
+    prompt = torch.randint(0, 96, (batch, 7), device="cuda")
     with torch.inference_mode():
         for m in (a, b):
-            m.setup_cache(1, 48)
+            m.setup_cache(batch, 48)
             m(prompt, input_pos=torch.arange(7, device="cuda"))
-        eager, graphed = TritonDecodeStep(a, use_graph=False, pdl=pdl), TritonDecodeStep(b, use_graph=True, pdl=pdl)
+        eager = TritonDecodeStep(a, use_graph=False, pdl=pdl, batch_size=batch)
+        graphed = TritonDecodeStep(b, use_graph=True, pdl=pdl, batch_size=batch)
         for pos in range(7, 30):
-            tok = torch.randint(0, 96, (1, 1), device="cuda")
+            tok = torch.randint(0, 96, (batch, 1), device="cuda")
             want = eager.step(tok, torch.tensor([pos], device="cuda")).clone()
             got = graphed.step(tok, torch.tensor([pos], device="cuda"))
             assert torch.equal(got, want), pos
         assert graphed._graph is not None and graphed.pdl == pdl
-        b.setup_cache(1, 48)  # a new cache: the old graph points into freed memory
+        b.setup_cache(batch, 48)  # a new cache: the old graph points into freed memory
         b(prompt, input_pos=torch.arange(7, device="cuda"))
-        a.setup_cache(1, 48)
+        a.setup_cache(batch, 48)
         a(prompt, input_pos=torch.arange(7, device="cuda"))
-        tok = torch.randint(0, 96, (1, 1), device="cuda")
+        tok = torch.randint(0, 96, (batch, 1), device="cuda")
         assert torch.equal(graphed.step(tok, torch.tensor([7], device="cuda")),
                            eager.step(tok, torch.tensor([7], device="cuda")))

@@ -3,7 +3,9 @@
 # CUDA serve/generate tests, then bench generate at batch 1, 8, 16 and 32 with the torch.compile'd step
 # beside the Triton one at each batch (same run), then bench serve (16 slots and 1; the server's decode
 # buckets now run the Triton steps). Needs .whl/ (see h200_serve_next.sh for how to build it); carry it.
-# Usage: bash perf/device/h200_batched_triton.sh [rows|profile|kernel-tests|tests|generate|serve]...
+# Write the output to $OUT (`... > $OUT/log.txt 2>&1`): a call killed at its limit keeps it. Each part is sized
+# for one call of 600 s or less with the others: tests + serve; generate-final alone; serve-overlap + profile.
+# Usage: bash perf/device/h200_batched_triton.sh [rows|profile|kernel-tests|tests|generate|generate-final|serve|serve-overlap]...
 #   (default: tests generate serve)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -29,6 +31,15 @@ for part in $parts; do
     echo "== bench generate"
     timeout 330 python3 -m tinyllama bench generate --preset tinyllama-1.1b --device cuda --batch-sizes 1,8,16,32 \
       --no-hf --json $OUT/bench_generate_batched.json 2>&1 | grep -v -i warn | tail -16 ;;
+  generate-final)  # the bench_generate.json: baselines in the same run, the default engine at 1, 16, 32
+    echo "== bench generate (final)"
+    timeout 560 python3 -m tinyllama bench generate --preset tinyllama-1.1b --device cuda --batch-sizes 1,16,32 \
+      --json $OUT/bench_generate.json 2>&1 | grep -v -i warn | tail -20 ;;
+  serve-overlap)
+    echo "== bench serve --overlap"
+    timeout ${SERVE_TIMEOUT:-200} python3 -m tinyllama bench serve --preset tinyllama-1.1b --device cuda --requests 200 \
+      --clients 16 --max-tokens 64 --batch-sizes 16,1 --compile --overlap --json $OUT/bench_serve_overlap.json 2>&1 \
+      | grep -v -i warn | tail -4 ;;
   serve)
     echo "== bench serve"
     timeout ${SERVE_TIMEOUT:-200} python3 -m tinyllama bench serve --preset tinyllama-1.1b --device cuda --requests 200 --clients 16 \

@@ -8,14 +8,16 @@
 - Sampling (`sample_next`): greedy, temperature, top-k, top-p, min-p, repetition penalty, seed; stop at
   EOS; stop strings at the text level (`TextStreamer`, `stream_text`).
 
-Public API: SamplingConfig, sample_next, draw, process_logits, top_p_filter, DecodeEngine, generate_stream, generate,
-generate_batch_stream, generate_batch, TextStreamer, stream_text, generate_text.
+Public API: SamplingConfig, sample_next, draw, SeededUniforms, host_to_device, process_logits, top_p_filter,
+DecodeEngine, generate_stream, generate, generate_batch_stream, generate_batch, TextStreamer, stream_text,
+generate_text.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, fields
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -122,42 +124,62 @@ def _top_p_sorted(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_next(
     logits: torch.Tensor,
     cfg: SamplingConfig,
-    generator: Union[None, torch.Generator, Sequence[Optional[torch.Generator]]] = None,
+    generator: Optional[torch.Generator] = None,
     seen: Optional[torch.Tensor] = None,
+    uniforms: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). `seen` (B, V) bool marks tokens for the repetition penalty.
 
-    generator: one for the whole batch, or one per row (None: the default generator). A row with its own
-    generator draws its randomness from it alone, so its tokens do not depend on the other rows, and a batch
-    of differently seeded rows is still one draw (the serve engine's case)."""
+    The randomness: `uniforms` (B,), one number in [0, 1) per row (`SeededUniforms`: a seeded row's own
+    stream, so its tokens do not depend on the other rows, and a batch of differently seeded rows is still
+    one draw: the serve engine's case), else drawn from `generator` (None: torch's default one)."""
     if cfg.temperature == 0:
         if seen is not None and cfg.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
         return logits.argmax(dim=-1)
-    return draw(process_logits(logits, cfg, seen), generator)
+    return draw(process_logits(logits, cfg, seen), generator, uniforms)
 
 
-def draw(logits: torch.Tensor, generator=None) -> torch.Tensor:
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`, without waiting for the device: a plain
+    `torch.tensor(values, device="cuda")` copies from pageable memory and synchronizes the stream, so a
+    step queued before it would finish first (what an overlapped serve step must not do). On CUDA the copy
+    goes from pinned memory, non-blocking (torch's pinned-memory cache keeps the buffer until it is done)."""
+    if device.type == "cuda":
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+class SeededUniforms:
+    """The random numbers `draw` inverts, from a host RNG per seed (Python's Mersenne Twister): the same seed
+    gives the same numbers on every device, a sequence with its own stream (a serve request) samples the
+    same alone or beside others, and a step needs no kernel per seeded row, only one small copy
+    (`host_to_device`). `generate_batch` takes B numbers per step from the prompt batch's one stream."""
+
+    def __init__(self, seed: Optional[int] = None) -> None:
+        self.rng = random.Random(seed)  # None: seeded from the OS
+
+    def take(self, n: int = 1) -> list[float]:
+        return [self.rng.random() for _ in range(n)]
+
+
+def draw(logits: torch.Tensor, generator: Optional[torch.Generator] = None,
+         uniforms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One sample per row from softmax(logits) (B, V), by inverting the CDF: a uniform u per row, scaled to
     the row's total mass, picks the first token whose cumulative probability exceeds it. One random number
-    per row (drawing V per row, as Gumbel-max does, is 13x slower on a CPU), so a row's number can come from
-    that row's own generator (`sample_next`). Filtered tokens (-inf, probability 0) have empty intervals and
+    per row (drawing V per row, as Gumbel-max does, is 13x slower on a CPU), so it can be given: `uniforms`
+    (B,) in [0, 1) (`sample_next`); else drawn from `generator`. Filtered tokens (-inf, probability 0) have empty intervals and
     are never picked: a pick of probability 0 (a CUDA scan may add in an order that gives an empty interval
     an ulp) becomes the row's most likely token, and on a GPU the CDF is summed in float64 to make that rare
     (a CPU's float32 cumsum accumulates in double already; its float64 one is 9x slower)."""
     probs = logits.float().softmax(-1)
     cdf = probs.cumsum(-1) if probs.device.type == "cpu" else probs.double().cumsum(-1)
-    u = torch.empty(logits.size(0), 1, dtype=cdf.dtype, device=logits.device)
-    if generator is None or isinstance(generator, torch.Generator):
-        u.uniform_(generator=generator)
+    if uniforms is None:
+        u = torch.empty(logits.size(0), 1, dtype=cdf.dtype, device=logits.device).uniform_(generator=generator)
+    elif uniforms.numel() != logits.size(0):
+        raise ValueError(f"{uniforms.numel()} uniforms for {logits.size(0)} rows")
     else:
-        if len(generator) != logits.size(0):
-            raise ValueError(f"{len(generator)} generators for {logits.size(0)} rows")
-        if any(g is None for g in generator):
-            u.uniform_()
-        for r, g in enumerate(generator):
-            if g is not None:
-                u[r].uniform_(generator=g)
+        u = uniforms.to(cdf.dtype).view(-1, 1)
     total = cdf[:, -1:]
     # u * total rounds up to total now and then: keep it below, where some token's interval still holds it.
     u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
@@ -419,10 +441,7 @@ def generate_batch_stream(
     n_new = total - T
     if n_new <= 0:
         return
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(cfg.seed)
+    seeded = SeededUniforms(cfg.seed) if cfg.seed is not None and cfg.temperature > 0 else None
 
     cache_len = engine.ensure_cache(B, total)
     pads = [T - n for n in lens]
@@ -452,7 +471,8 @@ def generate_batch_stream(
         for i in range(n_new):
             nxt = engine.greedy_token() if plain_greedy else None
             if nxt is None:
-                nxt = sample_next(logits, cfg, generator, seen)
+                u = host_to_device(seeded.take(B), torch.float64, device) if seeded is not None else None
+                nxt = sample_next(logits, cfg, seen=seen, uniforms=u)
             nxt = nxt.view(B)
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)

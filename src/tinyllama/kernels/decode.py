@@ -177,6 +177,13 @@ if triton is not None:
         tl.store(OUT + rows, y.to(dt), mask=row_ok)
 
     @triton.jit
+    def _mma(a, b, DOT_FP32: tl.constexpr):
+        # a tensor-core product with fp32 accumulation; DOT_FP32: fp32 operands at full precision ("ieee", not tf32)
+        if DOT_FP32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
     def _rows_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, M, K, ms, cols,
                          HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr):
         # one (BLOCK_M, BLOCK_K) tile of the M inputs against the (BLOCK_N, BLOCK_K) weight tile(s), on the
@@ -188,25 +195,15 @@ if triton is not None:
         if HAS_NORM:
             ss += tl.sum(xv * xv, axis=1)
             xv = xv * tl.load(NORM_W + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        if DOT_FP32:
-            if SWAP:
-                acc += tl.dot(w.to(tl.float32), tl.trans(xv), input_precision="ieee")
-                if SWIGLU:
-                    acc_up += tl.dot(wu.to(tl.float32), tl.trans(xv), input_precision="ieee")
-            else:
-                acc += tl.dot(xv, tl.trans(w.to(tl.float32)), input_precision="ieee")
-                if SWIGLU:
-                    acc_up += tl.dot(xv, tl.trans(wu.to(tl.float32)), input_precision="ieee")
+        xo = xv if DOT_FP32 else xv.to(w.dtype)
+        if SWAP:
+            acc += _mma(w, tl.trans(xo), DOT_FP32)
+            if SWIGLU:
+                acc_up += _mma(wu, tl.trans(xo), DOT_FP32)
         else:
-            xo = xv.to(w.dtype)
-            if SWAP:
-                acc += tl.dot(w, tl.trans(xo))
-                if SWIGLU:
-                    acc_up += tl.dot(wu, tl.trans(xo))
-            else:
-                acc += tl.dot(xo, tl.trans(w))
-                if SWIGLU:
-                    acc_up += tl.dot(xo, tl.trans(wu))
+            acc += _mma(xo, tl.trans(w), DOT_FP32)
+            if SWIGLU:
+                acc_up += _mma(xo, tl.trans(wu), DOT_FP32)
         return acc, acc_up, ss
 
     @triton.jit
@@ -493,14 +490,14 @@ class TritonDecodeStep:
     contract as `Llama.forward(ids, input_pos=input_pos.view(B, 1))[:, -1]` (cache rows 0..B-1; input_pos of
     one element: every row at that position, as an unpadded batch with input_pos (1,)). Batch 1 runs the
     GEMV kernels, larger batches (up to MAX_ROWS) the rows kernels: each weight is read once per step either
-    way. On CUDA the first call also picks each product's block shape (`tune`) and captures the step in a
-    CUDA graph; later calls copy the tokens and positions in (unless they are already there: see
+    way. On CUDA the first call also picks each product's block shape (`tune`; tune=False keeps the first
+    candidates) and captures the step in a CUDA graph; later calls copy the tokens and positions in (unless they are already there: see
     `greedy_token` and step's `pos`) and replay it. The returned logits are a fixed buffer, overwritten by
     the next call.
     """
 
     def __init__(self, model, use_graph: Optional[bool] = None, pdl: Optional[bool] = None,
-                 batch_size: int = 1) -> None:
+                 batch_size: int = 1, tune: bool = True) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
@@ -528,7 +525,7 @@ class TritonDecodeStep:
         self._graph = None
         self._graph_cache = None  # weakref to the layer-0 KVCache the graph was captured on
         self._next_pos: Optional[int] = None  # what self.pos holds after the last step, if known
-        self._tuned = False
+        self._tuned = not tune  # tune=False: every product at its first candidate (tests: no compile sweep)
         # Every GEMV of the step: (input, weight, output, kwargs) over the fixed buffers.
         self.products = []
         for layer in model.layers:

@@ -43,7 +43,7 @@ from typing import Callable, Optional, Sequence as Seq
 
 import torch
 
-from tinyllama.generate import DecodeEngine, SamplingConfig, sample_next
+from tinyllama.generate import DecodeEngine, SamplingConfig, SeededUniforms, host_to_device, sample_next
 from tinyllama.model import Llama
 
 log = logging.getLogger("tinyllama.serve")
@@ -67,7 +67,7 @@ class Sequence:
     generated: int = 0
     finished: bool = False
     cancelled: bool = False
-    generator: Optional[torch.Generator] = None
+    uniforms: Optional[SeededUniforms] = None  # the random stream of a seeded request
     submitted_at: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
@@ -161,6 +161,7 @@ class Engine:
         self._host_turn = 0
         # (slot, V) bool: the tokens each slot's sequence has seen, for the repetition penalty (made when needed)
         self.seen: Optional[torch.Tensor] = None
+        self._unseeded = SeededUniforms()  # numbers for unseeded rows sampled beside seeded ones (OS-seeded)
         self.waiting: "queue.Queue[Sequence]" = queue.Queue()
         self.stats = EngineStats()
         self._stop = threading.Event()
@@ -283,14 +284,17 @@ class Engine:
         self.slots[slot] = seq
         seq.slot = slot
         if seq.sampling.seed is not None:
-            seq.generator = torch.Generator(device=self.device)
-            seq.generator.manual_seed(seq.sampling.seed)
+            seq.uniforms = SeededUniforms(seq.sampling.seed)
         if seq.sampling.repetition_penalty != 1.0:
             if self.seen is None:
                 self.seen = torch.zeros(self.max_batch_size, self.model.config.vocab_size, dtype=torch.bool,
                                         device=self.device)
             self.seen[slot] = False
-            self.seen[slot, torch.tensor(seq.prompt_ids, device=self.device)] = True
+            self.seen[slot, self._tensor(seq.prompt_ids)] = True
+
+    def _tensor(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        # Every host-built input of a step goes through here: on CUDA it does not wait for the queued steps.
+        return host_to_device(values, dtype, self.device)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -298,10 +302,10 @@ class Engine:
         lengths = [len(s.prompt_ids) for s in seqs]
         T = max(lengths)
         # Right padding: pad tokens sit after each prompt, are never attended to, and are overwritten by decoding.
-        ids = torch.tensor([s.prompt_ids + [0] * (T - n) for s, n in zip(seqs, lengths)], device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        ids = self._tensor([s.prompt_ids + [0] * (T - n) for s, n in zip(seqs, lengths)])
+        slots = self._tensor([s.slot for s in seqs])
         positions = torch.arange(T, device=self.device).expand(len(seqs), T)
-        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        last = self._tensor([n - 1 for n in lengths])
         self._check_cache()
         logits = self.model(ids, input_pos=positions, slots=slots, logits_at=last).float()
         self.stats.prefills += 1
@@ -320,16 +324,16 @@ class Engine:
         ids, pos = [0] * B, [0] * B  # idle rows: token 0 at position 0 of their own unused cache row
         for i, s in zip(running, seqs):
             ids[i], pos[i] = s.next_token, s.pos
-        ids_in = torch.tensor(ids, device=self.device).view(B, 1)
+        ids_in = self._tensor(ids).view(B, 1)
         if pending is not None:
             in_step = set(running)
             on_device = [(r, s.slot) for r, s in enumerate(pending.seqs)
                          if s.slot in in_step and self.slots[s.slot] is s]
             if on_device:
-                rows, slots = (torch.tensor(x, device=self.device) for x in zip(*on_device))
+                rows, slots = (self._tensor(list(x)) for x in zip(*on_device))
                 ids_in[slots, 0] = pending.picked[rows]
         self._check_cache()
-        logits = self.decoder.step(ids_in, torch.tensor(pos, device=self.device).view(B, 1),
+        logits = self.decoder.step(ids_in, self._tensor(pos).view(B, 1),
                                    pos=pos[0] if B == 1 else None)
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(seqs)
@@ -346,7 +350,7 @@ class Engine:
             sampled.append((i, s))
         if not sampled:
             return None
-        rows = torch.tensor([i for i, _ in sampled], device=self.device)
+        rows = self._tensor([i for i, _ in sampled])
         seqs = [s for _, s in sampled]
         # The logits are consumed (sampled) on the stream before any later step can overwrite them.
         queued = _StepTokens(seqs, [s.pos for s in seqs], self._sample(seqs, logits[rows].float()))
@@ -364,9 +368,9 @@ class Engine:
                                "(generate or setup_cache on the same model): use another copy of the model")
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        # Rows with the same sampling filters are one batched call whatever their seeds (each seeded row draws
-        # its uniform from its own generator, so its draws do not depend on its neighbours'; its logits may, by
-        # rounding, as any batched forward's), and all the picks come back to the host in one copy: a fixed
+        # Rows with the same sampling filters are one batched call whatever their seeds (each seeded row's
+        # uniform comes from its own host stream, so its draws do not depend on its neighbours'; its logits may,
+        # by rounding, as any batched forward's), and all the picks come back to the host in one copy: a fixed
         # handful of kernels per step, not a handful per row.
         groups: dict = {}
         for r, s in enumerate(seqs):
@@ -377,13 +381,14 @@ class Engine:
         picked = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         for rows in groups.values():
             first = seqs[rows[0]].sampling
-            index = torch.tensor(rows, device=logits.device) if len(rows) < len(seqs) else None
+            index = self._tensor(rows) if len(rows) < len(seqs) else None
             part = logits if index is None else logits[index]
-            slots = torch.tensor([seqs[r].slot for r in rows], device=logits.device) \
-                if first.repetition_penalty != 1.0 else None
-            generators = [seqs[r].generator for r in rows]
-            out = sample_next(part, first, None if all(g is None for g in generators) else generators,
-                              seen=None if slots is None else self.seen[slots])
+            slots = self._tensor([seqs[r].slot for r in rows]) if first.repetition_penalty != 1.0 else None
+            streams = [seqs[r].uniforms for r in rows]
+            uniforms = None  # unseeded rows alone: drawn on the device
+            if first.temperature > 0 and any(u is not None for u in streams):
+                uniforms = self._tensor([(u or self._unseeded).take()[0] for u in streams], torch.float64)
+            out = sample_next(part, first, seen=None if slots is None else self.seen[slots], uniforms=uniforms)
             if slots is not None:
                 self.seen[slots, out] = True
             if index is None:
