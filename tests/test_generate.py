@@ -1,5 +1,7 @@
 """Generation: parity with transformers (dynamic and static cache), batching, sampling filters, stop strings."""
 
+import copy
+
 import pytest
 import torch
 
@@ -313,3 +315,28 @@ def test_compiled_engine_prefill_graph_replays_equal_first_run_cuda():
         again = engine.prefill(ids)
     torch.testing.assert_close(again, first, atol=0, rtol=0)
     torch.testing.assert_close(model.layers[1].self_attn.kv_cache.k[:, :, :11], k0, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_slot_prefill_graph_replays_equal_the_eager_model_cuda():
+    """The serve engine's prefill form (rows into cache slots, right-padded, one column's logits each) runs
+    compiled, is captured the second time its shape comes and replayed after: logits and cache rows equal
+    the eager model's, and rows outside `slots` are untouched."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=96, hidden_size=128, n_layers=2, n_heads=8, n_kv_heads=2,
+                              intermediate_size=200, max_seq_len=128)).cuda().eval()
+    ref = copy.deepcopy(model)
+    engine = DecodeEngine(model, compile=True, decode_kernels="torch")
+    engine.ensure_cache(4, 64)
+    ref.setup_cache(4, engine.cache_len_for(64))
+    with torch.inference_mode():
+        for round_ in range(3):  # run, capture (also runs), replay
+            ids = torch.randint(0, 96, (2, 16), device="cuda")
+            slots = torch.tensor([3, 1], device="cuda") if round_ != 1 else torch.tensor([0, 2], device="cuda")
+            last = torch.tensor([15, 6 + round_], device="cuda")
+            want = ref(ids, input_pos=torch.arange(16, device="cuda").expand(2, 16), slots=slots, logits_at=last)
+            got = engine.prefill(ids, slots=slots, logits_at=last)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            for a, b in zip(model.layers, ref.layers):
+                torch.testing.assert_close(a.self_attn.kv_cache.k, b.self_attn.kv_cache.k, atol=1e-4, rtol=1e-4)
+    assert len(engine._prefill_graphs) == 1

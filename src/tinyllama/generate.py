@@ -192,9 +192,11 @@ def _decode_step(model: Llama, ids, input_pos, rope_pos, key_mask):
     return model(ids, input_pos=input_pos, rope_pos=rope_pos, key_mask=key_mask)[:, -1]
 
 
-# The same body as _decode_step on purpose: a second function (code object) gets its own torch.compile
-# cache, so the prefill's default-mode graphs and the decode step's CUDA-graph ones never share entries.
-def _prefill_step(model: Llama, ids, input_pos, rope_pos, key_mask):
+# A second function (code object) on purpose: it gets its own torch.compile cache, so the prefill's
+# default-mode graphs and the decode step's CUDA-graph ones never share entries.
+def _prefill_step(model: Llama, ids, input_pos, rope_pos, key_mask, slots=None, logits_at=None):
+    if logits_at is not None:  # the serve engine's rows: into cache rows `slots`, one column's logits each
+        return model(ids, input_pos=input_pos, slots=slots, logits_at=logits_at)
     return model(ids, input_pos=input_pos, rope_pos=rope_pos, key_mask=key_mask)[:, -1]
 
 
@@ -320,42 +322,55 @@ class DecodeEngine:
         return found
 
     # steps ------------------------------------------------------------------------------------
-    def prefill(self, ids: torch.Tensor, rope_pos=None, key_mask=None) -> torch.Tensor:
-        """ids (B, T) written to slots 0..T-1 -> last-position logits (B, V)."""
+    def prefill(self, ids: torch.Tensor, rope_pos=None, key_mask=None, *, slots: Optional[torch.Tensor] = None,
+                logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ids (B, T) written to positions 0..T-1 -> logits (B, V): of the last column, into cache rows
+        0..B-1 (the cache's batch); or, with slots (B,) and logits_at (B,), row b into cache row slots[b] and
+        the logits of its column logits_at[b] (the serve engine's admitted prompts, right-padded)."""
+        if (slots is None) != (logits_at is None):
+            raise ValueError("slots and logits_at go together")
         T = ids.size(1)
         self._last_triton = None
         if self.prefill_graphs and rope_pos is None and key_mask is None:
-            return self._graphed_prefill(ids)
-        return self._prefill(self.model, ids, torch.arange(T, device=self.device), rope_pos, key_mask)
+            return self._graphed_prefill(ids, slots, logits_at)
+        positions = torch.arange(T, device=self.device)
+        if slots is not None:
+            positions = positions.expand(ids.size(0), T)
+        return self._prefill(self.model, ids, positions, rope_pos, key_mask, slots, logits_at)
 
-    def _graphed_prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def _graphed_prefill(self, ids: torch.Tensor, slots: Optional[torch.Tensor] = None,
+                         logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         cache = self.model.layers[0].self_attn.kv_cache
-        key = (tuple(ids.shape), cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))
+        key = (tuple(ids.shape), slots is not None, cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))
+        inputs = (ids,) if slots is None else (ids, slots, logits_at)
         entry = self._prefill_graphs.get(key)
         if entry is not None:
-            graph, static_ids, _, static_logits = entry
-            static_ids.copy_(ids)
+            graph, static_inputs, _, static_logits = entry
+            for static, given in zip(static_inputs, inputs):
+                static.copy_(given)
             graph.replay()
             return static_logits
         # A shape seen for the first time only runs (chat turns rarely repeat a length); the second time it
         # runs, then is captured for the next ones. Capturing runs nothing: the cache keeps what the run wrote.
         positions = torch.arange(ids.size(1), device=self.device)
-        logits = self._prefill(self.model, ids, positions, None, None)
+        if slots is not None:
+            positions = positions.expand(ids.size(0), -1)
+        logits = self._prefill(self.model, ids, positions, None, None, slots, logits_at)
         if key not in self._prefill_seen:
             if len(self._prefill_seen) > 1024:
                 self._prefill_seen.clear()
             self._prefill_seen.add(key)
             return logits
-        static_ids = ids.clone()
+        static_inputs = tuple(t.clone() for t in inputs)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._prefill_pool):
-            static_logits = self._prefill(self.model, static_ids, positions, None, None)
+            static_logits = self._prefill(self.model, static_inputs[0], positions, None, None, *static_inputs[1:])
         self._prefill_pool = graph.pool()
         if len(self._prefill_graphs) >= self.max_prefill_graphs:
             self._prefill_graphs.pop(next(iter(self._prefill_graphs)))  # the oldest
         # Keep every tensor the graph reads alive with it (a freed `positions` would be reused memory).
-        self._prefill_graphs[key] = (graph, static_ids, positions, static_logits)
+        self._prefill_graphs[key] = (graph, static_inputs, positions, static_logits)
         return logits
 
     def step(self, ids: torch.Tensor, input_pos: torch.Tensor, rope_pos=None, key_mask=None,

@@ -18,11 +18,14 @@ overlap, a row sitting a step out is padding too: its sequence finishes in that 
 `compile=True` (CUDA) the decode step is `DecodeEngine`'s: one CUDA graph per bucket (powers of two up to
 max_batch_size), and buckets of up to 16 rows run the Triton decode step (`DecodeEngine`'s decode_kernels).
 
+A prefill pass is `DecodeEngine.prefill` with the slots of the admitted rows: compiled and, from a shape's
+second time on, replayed as a CUDA graph when compiling (prompt lengths padded to a few buckets for that).
+
 Short prompts (up to `prefill_in_decode` tokens) can skip the separate prefill pass: their tokens ride along
 in the decode steps, one per step, in the row their sequence already owns, and the step that feeds the last
 prompt token samples the first new one. On a GPU a compiled decode step is bound by reading the weights, so
-a few more rows cost the running ones little, while the (eager) prefill pass stalls them all for about as
-long as 10-20 such steps; longer prompts get their own prefill pass, admitted together. On a CPU a step's
+a few more rows cost the running ones little, while a prefill pass stalls them all (eager, as long as 10-20
+such steps); longer prompts get their own prefill pass, admitted together. On a CPU a step's
 cost grows with its rows and a short prefill costs about one step, so there it is off by default.
 
 With `overlap=True` the engine queues decode step N+1 before it reads step N's tokens: the tokens sampled in
@@ -144,6 +147,9 @@ class Engine:
         self.device = self.decoder.device
         self.compile = self.decoder.compile
         self.prefill_in_decode = (32 if self.compile else 0) if prefill_in_decode is None else prefill_in_decode
+        # Prefill passes padded to lengths 16, 32, ... 256, then multiples of 256 (compiled: `DecodeEngine.prefill`
+        # captures each (rows, length) in a CUDA graph; eager, padding would only cost time)
+        self.pad_prefills = self.compile
         self.decoder.ensure_cache(max_batch_size, self.max_seq_len)
         self._cache_mask = model.causal_mask  # replaced by any other setup_cache / clear_cache on the model
         if decode_buckets is None:
@@ -301,13 +307,14 @@ class Engine:
             self._assign_slot(seq)
         lengths = [len(s.prompt_ids) for s in seqs]
         T = max(lengths)
+        if self.pad_prefills:  # a few lengths, so the compiled prefill's CUDA graphs are replayed, not re-captured
+            T = min(self.max_seq_len, 1 << max(4, (T - 1).bit_length()) if T <= 256 else -(-T // 256) * 256)
         # Right padding: pad tokens sit after each prompt, are never attended to, and are overwritten by decoding.
         ids = self._tensor([s.prompt_ids + [0] * (T - n) for s, n in zip(seqs, lengths)])
         slots = self._tensor([s.slot for s in seqs])
-        positions = torch.arange(T, device=self.device).expand(len(seqs), T)
         last = self._tensor([n - 1 for n in lengths])
         self._check_cache()
-        logits = self.model(ids, input_pos=positions, slots=slots, logits_at=last).float()
+        logits = self.decoder.prefill(ids, slots=slots, logits_at=last).float()
         self.stats.prefills += 1
         self.stats.prefill_rows += len(seqs)
         self.stats.prompt_tokens += sum(lengths)
