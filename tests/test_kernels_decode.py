@@ -303,21 +303,29 @@ def test_engine_refuses_what_the_triton_step_cannot_run():
 
 @needs_triton
 @pytest.mark.parametrize("prefill_in_decode", [0, 32])
-def test_serve_engine_batch1_triton_step_takes_prompts_from_position_0(prefill_in_decode):
-    """A lone serve request runs the Triton batch-1 step; a short prompt fed through decode steps starts it
-    at position 0 of the slot. Greedy tokens equal `generate` on the plain model, with and without that."""
+def test_serve_engine_triton_steps_take_riding_prompts_from_position_0(prefill_in_decode):
+    """A lone request runs the Triton batch-1 step after its prefill pass; a short prompt arriving while it
+    runs is fed through the Triton steps of 2 rows from position 0 of its own slot (prefill_in_decode 32) or
+    gets a prefill pass (0). Greedy tokens equal `generate` on the plain model either way."""
     from tinyllama.generate import SamplingConfig, generate
-    from tinyllama.serve.engine import Engine, run_to_completion
+    from tinyllama.serve.engine import Engine, Sequence
 
     ref, _ = _models(torch.float32)
     model = copy.deepcopy(ref)
     cfg = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
-    prompt = [1, 50, 60, 70, 80, 90]
-    want = generate(ref, prompt, cfg)
-    engine = Engine(model, max_batch_size=1, max_seq_len=64, fuse=True, decode_kernels="triton",
+    prompts = [[1, 50, 60, 70, 80, 90], [1, 20, 30]]
+    want = [generate(ref, p, cfg) for p in prompts]
+    engine = Engine(model, max_batch_size=2, max_seq_len=64, fuse=True, decode_kernels="triton",
                     prefill_in_decode=prefill_in_decode)
-    assert run_to_completion(engine, [prompt], cfg) == [want]
-    assert engine.decoder.triton_step(1) is not None and engine.stats.prompts_in_decode == (prefill_in_decode > 0)
+    outs, done = [[], []], []
+    engine.submit(Sequence(prompts[0], cfg, outs[0].append, lambda r, e: done.append(r)))
+    engine.step()  # its prefill pass and a batch-1 step
+    engine.submit(Sequence(prompts[1], cfg, outs[1].append, lambda r, e: done.append(r)))
+    while len(done) < 2:
+        engine.step()
+    assert outs == want and engine.decoder.triton_step(1) is not None
+    assert engine.stats.prompts_in_decode == (prefill_in_decode > 0)
+    assert engine.stats.prefills == (1 if prefill_in_decode else 2)
 
 
 @pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available() or INTERPRETED, reason="needs Triton without CUDA")

@@ -24,9 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-request-bytes", type=int,
                    help="larger request bodies are refused with 413 before they are read (default 1 MiB)")
     p.add_argument("--prefill-in-decode", type=int, metavar="N",
-                   help="prompts of up to N tokens are fed through the running decode steps, one token per step, "
-                        "instead of a prefill pass that stalls every running request (0: never; default: 32 with "
-                        "--compile on CUDA, else 0)")
+                   help="prompts of up to N tokens that arrive while others run are fed through the running decode "
+                        "steps, one token per step, instead of a prefill pass that stalls every running request "
+                        "(0: never; default: 32 with --compile on CUDA, else 0); into an idle server, a prefill pass")
     p.add_argument("--overlap", action="store_true", default=None,
                    help="queue each decode step before the previous step's tokens reach the host, so the host's "
                         "work (emitting, preparing the next step) runs while the GPU computes; a request that "

@@ -21,9 +21,10 @@ max_batch_size), and buckets of up to 16 rows run the Triton decode step (`Decod
 A prefill pass is `DecodeEngine.prefill` with the slots of the admitted rows: compiled and, from a shape's
 second time on, replayed as a CUDA graph when compiling (prompt lengths padded to a few buckets for that).
 
-Short prompts (up to `prefill_in_decode` tokens) can skip the separate prefill pass: their tokens ride along
-in the decode steps, one per step, in the row their sequence already owns, and the step that feeds the last
-prompt token samples the first new one. On a GPU a compiled decode step is bound by reading the weights, so
+Short prompts (up to `prefill_in_decode` tokens) that arrive while other sequences run can skip the separate
+prefill pass: their tokens ride along in the decode steps, one per step, in the row their sequence already
+owns, and the step that feeds the last prompt token samples the first new one. Into an idle engine every
+prompt gets a prefill pass (nothing waits on it, and it beats a step per prompt token). On a GPU a compiled decode step is bound by reading the weights, so
 a few more rows cost the running ones little, while a prefill pass stalls them all (eager, as long as 10-20
 such steps); longer prompts get their own prefill pass, admitted together. On a CPU a step's
 cost grows with its rows and a short prefill costs about one step, so there it is off by default.
@@ -125,7 +126,8 @@ class Engine:
     in place first (inference only; with compile, lets buckets of up to 16 rows run the Triton step, see
     `DecodeEngine`'s decode_kernels). decode_buckets: the batch sizes a decode step is padded to (default:
     powers of two and max_batch_size when compiling, else no padding). prefill_in_decode: prompts of at most
-    this many tokens are fed through decode steps instead of a prefill pass (module docstring; 0: never;
+    this many tokens that arrive while others run are fed through decode steps instead of a prefill pass
+    (module docstring; 0: never;
     default: 32 with compiled CUDA-graph decode steps, else 0). overlap: queue each decode step before
     reading the previous one's tokens (module docstring).
     """
@@ -262,8 +264,11 @@ class Engine:
                 seq.on_finish("length", None)
                 continue
             admitted.append(seq)
-        riding = [s for s in admitted if len(s.prompt_ids) <= self.prefill_in_decode]
-        prefilled = [s for s in admitted if len(s.prompt_ids) > self.prefill_in_decode]
+        # Short prompts ride along only beside running rows: into an idle engine, one prefill pass (for all
+        # the prompts admitted together) keeps no one waiting and costs less than a step per prompt token.
+        ride_up_to = self.prefill_in_decode if self.running else 0
+        riding = [s for s in admitted if len(s.prompt_ids) <= ride_up_to]
+        prefilled = [s for s in admitted if len(s.prompt_ids) > ride_up_to]
         for seq in riding:
             self._assign_slot(seq)
             seq.prompt_fed, seq.next_token, seq.pos = 0, seq.prompt_ids[0], 0
