@@ -37,7 +37,7 @@ def _close(a, b, dtype):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["plain", "norm", "norm+swiglu", "residual"])
-@pytest.mark.parametrize("rows", [1, 3, 17])  # 1: the GEMV kernel; more: the rows kernel (17: two row tiles' worth)
+@pytest.mark.parametrize("rows", [1, 3, 17])  # 1: the GEMV kernel; more: the rows kernel (17: a 32-row tile)
 def test_gemv_matches_reference(dtype, variant, rows):
     from tinyllama.kernels.decode import GemvConfig, gemv, reference_gemv
 
@@ -64,7 +64,12 @@ def test_gemv_matches_reference(dtype, variant, rows):
         out = want_res.clone() if want_res is not None else torch.empty(out_shape, device=DEVICE, dtype=dtype)
         got = gemv(x, w, out, residual=out if want_res is not None else None, config=cfg, **kw)  # in place
         assert got.dtype == dtype
-        _close(got, want, dtype)
+        if rows > 1 and dtype == torch.bfloat16 and INTERPRETED:
+            # the rows kernel rounds x * norm weight to bf16 for the tensor cores (the reference rounds
+            # x / rms instead); the interpreter truncates where a GPU rounds, about doubling that error
+            torch.testing.assert_close(got.float(), want.float(), atol=4e-2, rtol=4e-2)
+        else:
+            _close(got, want, dtype)
 
 
 @needs_triton

@@ -15,6 +15,7 @@ generate_text.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional, Sequence
@@ -24,6 +25,9 @@ import torch
 from tinyllama.checks import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, SEED, check_fields
 from tinyllama.errors import TinyLlamaError
 from tinyllama.model import Llama
+
+
+log = logging.getLogger("tinyllama.generate")
 
 
 class GenerationError(TinyLlamaError, ValueError):
@@ -266,6 +270,7 @@ class DecodeEngine:
         self._prefill_graphs: dict = {}  # (ids shape, cache identity) -> (graph, its inputs, its logits)
         self._prefill_pool = None
         self._prefill_seen: set = set()
+        self._uncapturable: set = set()  # prefill shapes whose capture failed once
         self._triton_steps: dict = {}  # batch size -> its TritonDecodeStep, made on first use
         self.triton_max_batch = 0  # 0: no Triton step
         self._last_triton = None  # the Triton step the latest prefill/step ran, if any
@@ -306,6 +311,7 @@ class DecodeEngine:
         self._cache_key = None
         self._prefill_graphs.clear()  # the graphs point into the freed cache
         self._prefill_seen.clear()
+        self._last_triton = None
         for triton_step in self._triton_steps.values():
             triton_step.reset()
 
@@ -326,7 +332,10 @@ class DecodeEngine:
                 logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ids (B, T) written to positions 0..T-1 -> logits (B, V): of the last column, into cache rows
         0..B-1 (the cache's batch); or, with slots (B,) and logits_at (B,), row b into cache row slots[b] and
-        the logits of its column logits_at[b] (the serve engine's admitted prompts, right-padded)."""
+        the logits of its column logits_at[b] (the serve engine's admitted prompts, right-padded; no
+        rope_pos / key_mask then). With prefill graphs the logits are valid until the next prefill."""
+        if slots is not None and (rope_pos is not None or key_mask is not None):
+            raise ValueError("slots take no rope_pos / key_mask (right-padded rows need neither)")
         if (slots is None) != (logits_at is None):
             raise ValueError("slots and logits_at go together")
         T = ids.size(1)
@@ -343,8 +352,9 @@ class DecodeEngine:
         cache = self.model.layers[0].self_attn.kv_cache
         key = (tuple(ids.shape), slots is not None, cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))
         inputs = (ids,) if slots is None else (ids, slots, logits_at)
-        entry = self._prefill_graphs.get(key)
+        entry = self._prefill_graphs.pop(key, None)
         if entry is not None:
+            self._prefill_graphs[key] = entry  # most recently used last: eviction takes the oldest use
             graph, static_inputs, _, static_logits = entry
             for static, given in zip(static_inputs, inputs):
                 static.copy_(given)
@@ -361,11 +371,18 @@ class DecodeEngine:
                 self._prefill_seen.clear()
             self._prefill_seen.add(key)
             return logits
+        if key in self._uncapturable:
+            return logits
         static_inputs = tuple(t.clone() for t in inputs)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._prefill_pool):
-            static_logits = self._prefill(self.model, static_inputs[0], positions, None, None, *static_inputs[1:])
+        try:
+            with torch.cuda.graph(graph, pool=self._prefill_pool):
+                static_logits = self._prefill(self.model, static_inputs[0], positions, None, None, *static_inputs[1:])
+        except RuntimeError as e:  # this shape cannot be captured here: keep running it compiled, uncaptured
+            log.warning("prefill of shape %s not captured in a CUDA graph: %s", tuple(ids.shape), e)
+            self._uncapturable.add(key)
+            return logits
         self._prefill_pool = graph.pool()
         if len(self._prefill_graphs) >= self.max_prefill_graphs:
             self._prefill_graphs.pop(next(iter(self._prefill_graphs)))  # the oldest

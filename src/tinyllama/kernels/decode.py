@@ -195,7 +195,7 @@ if triton is not None:
         if HAS_NORM:
             ss += tl.sum(xv * xv, axis=1)
             xv = xv * tl.load(NORM_W + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        xo = xv if DOT_FP32 else xv.to(w.dtype)
+        xo = xv.to(w.dtype)  # the tensor cores' input; with DOT_FP32 widened again in _mma (bf16 rounding kept)
         if SWAP:
             acc += _mma(w, tl.trans(xo), DOT_FP32)
             if SWIGLU:
@@ -391,6 +391,9 @@ ROWS_CANDIDATES = (
     GemvConfig(16, 512, 4, 3),
     GemvConfig(64, 128, 4, 4),
 )
+# fp32 models (tests): tiles small enough for fp32's shared memory at up to 64 rows (the bf16 first tile needs
+# ~310 KB for an fp32 gate/up product, over Hopper's 227 KB)
+ROWS_CANDIDATES_FP32 = (GemvConfig(16, 128, 4, 3), GemvConfig(16, 128, 4, 2), GemvConfig(32, 64, 4, 3))
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 
 
@@ -417,9 +420,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
             num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
     else:
         config = config or ROWS_CANDIDATES[0]
-        _rows_kernel[(triton.cdiv(n, config.block_n),)](
+        block_n = max(16, config.block_n)  # tensor-core tiles
+        _rows_kernel[(triton.cdiv(n, block_n),)](
             *args, rows, n, k, eps, **common, BLOCK_M=max(16, triton.next_power_of_2(rows)),
-            BLOCK_N=max(16, config.block_n), BLOCK_K=max(16, config.block_k),
+            BLOCK_N=block_n, BLOCK_K=max(16, config.block_k),
             DOT_FP32=x.dtype == torch.float32 or _interpreted(), SWAP=config.swap,
             num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
     return out
@@ -538,7 +542,8 @@ class TritonDecodeStep:
             self.products.append((self.hidden, mlp.down_proj.weight, self.x, dict(residual=self.x)))
         self.products.append((self.x, model.lm_head.weight, self.logits.view(-1) if B == 1 else self.logits,
                               dict(norm_weight=model.norm.weight, eps=model.norm.eps)))
-        self.candidates = GEMV_CANDIDATES if B == 1 else ROWS_CANDIDATES
+        self.candidates = GEMV_CANDIDATES if B == 1 else \
+            ROWS_CANDIDATES_FP32 if self.dtype == torch.float32 else ROWS_CANDIDATES
         default = self.candidates[0] if self.device.type == "cuda" else INTERPRETER_CONFIG
         self.configs: list[GemvConfig] = [default] * len(self.products)
 

@@ -152,6 +152,7 @@ class Engine:
         # Prefill passes padded to lengths 16, 32, ... 256, then multiples of 256 (compiled: `DecodeEngine.prefill`
         # captures each (rows, length) in a CUDA graph; eager, padding would only cost time)
         self.pad_prefills = self.compile
+        self.decoder.max_prefill_graphs = 32  # (rows, padded length) shapes of a busy server
         self.decoder.ensure_cache(max_batch_size, self.max_seq_len)
         self._cache_mask = model.causal_mask  # replaced by any other setup_cache / clear_cache on the model
         if decode_buckets is None:
@@ -190,8 +191,10 @@ class Engine:
 
     @torch.inference_mode()
     def warmup(self) -> float:
-        """Compile and capture every decode bucket now (compile=True), so no request waits for it; returns
-        the seconds spent. The steps write position 0 of cache rows that a prefill overwrites before use."""
+        """Compile and capture every decode bucket and the prefill of one and of two rows now (compile=True),
+        so no request waits for it; returns the seconds spent. Call it with no request running: the steps
+        write position 0 of cache rows, the prefills the first positions of slots 0 and 1, which a request's
+        prefill or first step overwrites before use."""
         if not self.compile:
             return 0.0
         t0 = time.perf_counter()
@@ -199,6 +202,12 @@ class Engine:
             ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
             for _ in range(3):  # reduce-overhead mode records its CUDA graph on a later call than the first
                 self.decoder.step(ids, torch.zeros(B, 1, dtype=torch.long, device=self.device), pos=0 if B == 1 else None)
+        T = min(16, self.max_seq_len)  # the first length bucket; other shapes compile (dynamic) on first use
+        for rows in sorted({1, min(2, self.max_batch_size)}):
+            for _ in range(2):  # run, then run + capture
+                self.decoder.prefill(torch.zeros(rows, T, dtype=torch.long, device=self.device),
+                                     slots=torch.arange(rows, device=self.device),
+                                     logits_at=torch.full((rows,), T - 1, device=self.device))
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
