@@ -122,17 +122,15 @@ if triton is not None:
         return acc, acc_up, ss
 
     @triton.jit
-    def _gemv_kernel(X, W, OUT, RES, NORM_W, N, K, eps,
-                     HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWSUM: tl.constexpr):
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _first_weight_tile(W, N, K, SWIGLU: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+        # This program's BLOCK_N weight rows and their first tile (and the up half's, with SWIGLU). The tile
+        # does not depend on the previous kernel: with programmatic dependent launch (PDL) it is read while
+        # that kernel finishes; gdc_wait then waits for its results (x, residual).
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
-        dt = OUT.dtype.element_ty
         w_rows = W + rows[:, None].to(tl.int64) * K
-        # The first weight tile does not depend on the previous kernel: with programmatic dependent launch
-        # (PDL) it is read while that kernel finishes; gdc_wait then waits for its results (x, residual).
         m = row_ok[:, None] & (cols < K)[None, :]
         w = tl.load(w_rows + cols[None, :], mask=m, other=0.0)
         wu = w
@@ -141,6 +139,14 @@ if triton is not None:
         if PDL:
             gdc_wait()
             gdc_launch_dependents()  # the next kernel may start its own weight reads now
+        return rows, row_ok, cols, w_rows, w, wu
+
+    @triton.jit
+    def _gemv_kernel(X, W, OUT, RES, NORM_W, N, K, eps,
+                     HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWSUM: tl.constexpr):
+        rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, SWIGLU, PDL, BLOCK_N, BLOCK_K)
+        dt = OUT.dtype.element_ty
         # One pass over x and W: the norm's 1/rms is a scalar, so it is applied to the sums at the end
         # (the model rounds the normalised x to its dtype first; here it stays fp32 — the only deviation).
         if ROWSUM:
@@ -213,22 +219,10 @@ if triton is not None:
                      SWAP: tl.constexpr):
         # `_gemv_kernel` for M > 1 input rows (a decode step of M sequences): each program reads its
         # BLOCK_N weight rows once for all M inputs, so the step still reads every weight once.
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+        rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, SWIGLU, PDL, BLOCK_N, BLOCK_K)
         ms = tl.arange(0, BLOCK_M)
         m_ok = ms < M
-        cols = tl.arange(0, BLOCK_K)
         dt = OUT.dtype.element_ty
-        w_rows = W + rows[:, None].to(tl.int64) * K
-        m = row_ok[:, None] & (cols < K)[None, :]
-        w = tl.load(w_rows + cols[None, :], mask=m, other=0.0)
-        wu = w
-        if SWIGLU:
-            wu = tl.load(w_rows + N * K + cols[None, :], mask=m, other=0.0)
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
         if SWAP:
             zero = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
