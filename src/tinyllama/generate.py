@@ -172,10 +172,11 @@ def draw(logits: torch.Tensor, generator: Optional[torch.Generator] = None,
     """One sample per row from softmax(logits) (B, V), by inverting the CDF: a uniform u per row, scaled to
     the row's total mass, picks the first token whose cumulative probability exceeds it. One random number
     per row (drawing V per row, as Gumbel-max does, is 13x slower on a CPU), so it can be given: `uniforms`
-    (B,) in [0, 1) (`sample_next`); else drawn from `generator`. Filtered tokens (-inf, probability 0) have empty intervals and
-    are never picked: a pick of probability 0 (a CUDA scan may add in an order that gives an empty interval
-    an ulp) becomes the row's most likely token, and on a GPU the CDF is summed in float64 to make that rare
-    (a CPU's float32 cumsum accumulates in double already; its float64 one is 9x slower)."""
+    (B,) in [0, 1) (`sample_next`); else drawn from `generator`. Filtered tokens (-inf, probability 0)
+    have empty intervals and are never picked: a pick of probability 0 (a CUDA scan may add in an order
+    that gives an empty interval an ulp) becomes the row's most likely token, and on a GPU the CDF is
+    summed in float64 to make that rare (a CPU's float32 cumsum accumulates in double already; its float64
+    one is 9x slower)."""
     probs = logits.float().softmax(-1)
     cdf = probs.cumsum(-1) if probs.device.type == "cpu" else probs.double().cumsum(-1)
     if uniforms is None:
@@ -338,14 +339,15 @@ class DecodeEngine:
             raise ValueError("slots take no rope_pos / key_mask (right-padded rows need neither)")
         if (slots is None) != (logits_at is None):
             raise ValueError("slots and logits_at go together")
-        T = ids.size(1)
         self._last_triton = None
         if self.prefill_graphs and rope_pos is None and key_mask is None:
             return self._graphed_prefill(ids, slots, logits_at)
-        positions = torch.arange(T, device=self.device)
-        if slots is not None:
-            positions = positions.expand(ids.size(0), T)
-        return self._prefill(self.model, ids, positions, rope_pos, key_mask, slots, logits_at)
+        return self._prefill(self.model, ids, self._prefill_positions(ids, slots), rope_pos, key_mask, slots, logits_at)
+
+    def _prefill_positions(self, ids: torch.Tensor, slots: Optional[torch.Tensor]) -> torch.Tensor:
+        # 0..T-1: (T,) for the cache's own batch, (B, T) per row for rows going into `slots`
+        positions = torch.arange(ids.size(1), device=self.device)
+        return positions if slots is None else positions.expand(ids.size(0), -1)
 
     def _graphed_prefill(self, ids: torch.Tensor, slots: Optional[torch.Tensor] = None,
                          logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -362,9 +364,7 @@ class DecodeEngine:
             return static_logits
         # A shape seen for the first time only runs (chat turns rarely repeat a length); the second time it
         # runs, then is captured for the next ones. Capturing runs nothing: the cache keeps what the run wrote.
-        positions = torch.arange(ids.size(1), device=self.device)
-        if slots is not None:
-            positions = positions.expand(ids.size(0), -1)
+        positions = self._prefill_positions(ids, slots)
         logits = self._prefill(self.model, ids, positions, None, None, slots, logits_at)
         if key not in self._prefill_seen:
             if len(self._prefill_seen) > 1024:

@@ -24,10 +24,11 @@ second time on, replayed as a CUDA graph when compiling (prompt lengths padded t
 Short prompts (up to `prefill_in_decode` tokens) that arrive while other sequences run can skip the separate
 prefill pass: their tokens ride along in the decode steps, one per step, in the row their sequence already
 owns, and the step that feeds the last prompt token samples the first new one. Into an idle engine every
-prompt gets a prefill pass (nothing waits on it, and it beats a step per prompt token). On a GPU a compiled decode step is bound by reading the weights, so
-a few more rows cost the running ones little, while a prefill pass stalls them all (eager, as long as 10-20
-such steps); longer prompts get their own prefill pass, admitted together. On a CPU a step's
-cost grows with its rows and a short prefill costs about one step, so there it is off by default.
+prompt gets a prefill pass (nothing waits on it, and it beats a step per prompt token). On a GPU a compiled
+decode step is bound by reading the weights, so a few more rows cost the running ones little, while a prefill
+pass stalls them all (eager, as long as 10-20 such steps); longer prompts get their own prefill pass, admitted
+together. On a CPU a step's cost grows with its rows and a short prefill costs about one step, so there it is
+off by default.
 
 With `overlap=True` the engine queues decode step N+1 before it reads step N's tokens: the tokens sampled in
 step N go into step N+1 straight from the device, and while the GPU runs N+1 the host emits N's tokens and
