@@ -13,6 +13,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 parts=${*:-tests generate serve}
 for part in $parts; do
+  echo "-- $(date -u +%H:%M:%S) $part"
   case $part in
   rows)
     echo "== rows-kernel candidates vs cuBLAS"
@@ -25,8 +26,8 @@ for part in $parts; do
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py 2>&1 | tail -4 ;;
   tests)
     echo "== CUDA tests"
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py 2>&1 | tail -4
-    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_serve.py tests/test_generate.py -k "cuda" 2>&1 | tail -3 ;;
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py --tb=line -rf 2>&1 | tail -20
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_serve.py tests/test_generate.py -k "cuda" --tb=short -rf 2>&1 | tail -40 ;;
   generate)
     echo "== bench generate"
     timeout 330 python3 -m tinyllama bench generate --preset tinyllama-1.1b --device cuda --batch-sizes 1,8,16,32 \
@@ -34,7 +35,7 @@ for part in $parts; do
   generate-final)  # the bench_generate.json: baselines in the same run, the default engine at 1, 16, 32
     echo "== bench generate (final)"
     timeout 560 python3 -m tinyllama bench generate --preset tinyllama-1.1b --device cuda --batch-sizes 1,16,32 \
-      --json $OUT/bench_generate.json 2>&1 | grep -v -i warn | tail -20 ;;
+      --triton-max-batch 32 --time-budget 480 --json $OUT/bench_generate.json 2>&1 | grep -v -i warn | tail -20 ;;
   serve-overlap)
     echo "== bench serve --overlap"
     timeout ${SERVE_TIMEOUT:-200} python3 -m tinyllama bench serve --preset tinyllama-1.1b --device cuda --requests 200 \
@@ -43,6 +44,8 @@ for part in $parts; do
   serve)
     echo "== bench serve"
     timeout ${SERVE_TIMEOUT:-200} python3 -m tinyllama bench serve --preset tinyllama-1.1b --device cuda --requests 200 --clients 16 \
-      --max-tokens 64 --batch-sizes 16,1 --compile --json $OUT/bench_serve_batched.json 2>&1 | grep -v -i warn | tail -4 ;;
+      --max-tokens 64 --batch-sizes 16,1 --compile --transformers --json $OUT/bench_serve.json 2>&1 \
+      | grep -v -i warn | tail -8 ;;
   esac
 done
+echo "-- $(date -u +%H:%M:%S) done"

@@ -35,6 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-prefill-graphs", action="store_true",
                    help="run the compiled prefill without capturing it in a CUDA graph per prompt shape")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--triton-max-batch", type=flag.nonnegative_int, default=None,
+                   help="largest batch the Triton decode step runs (default: DecodeEngine's auto limit); "
+                        "the torch step is timed beside it at every batch up to this")
     p.add_argument("--quant", default="", help="comma list of int8,int4-32,int4-128 to time at batch 1")
     p.add_argument("--repeats", type=flag.positive_int, default=2, help="timed repeats per variant (best is kept)")
     p.add_argument("--time-budget", type=flag.nonnegative_float, default=0,
@@ -181,7 +184,8 @@ def run(args) -> int:
     if device.type == "cuda" and not args.no_compile:
         # A fused copy (q/k/v and gate/up as one matrix each): the original stays for the baselines.
         fast = copy.deepcopy(model)
-        compiled = DecodeEngine(fast, compile=True, fuse=True, prefill_graphs=not args.no_prefill_graphs)
+        compiled = DecodeEngine(fast, compile=True, fuse=True, prefill_graphs=not args.no_prefill_graphs,
+                                triton_max_batch=args.triton_max_batch)
 
     def compiled_batch(B, kernels="auto"):
         # kernels="auto": the Triton decode step where it can (tinyllama.kernels.decode);

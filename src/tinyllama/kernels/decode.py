@@ -373,9 +373,14 @@ INTERPRETER_CONFIG = GemvConfig(64, 256, 4, 1)
 # untimed default. H200 sweep at 4-32 rows (perf/results/h200/rows_gemm.json): the swapped 64 x 256 tile was
 # the fastest for q/k/v, gate/up and the output head (at 8 rows 8.7, 15.5 and 46 us, against 24, 56 and
 # 184 us for 16 x 256 unswapped), 16 x 256 unswapped for o and down; whole-K tiles (16 x 2048) were 10-30x
-# slower, so they are not tried.
+# slower, so they are not tried. At 32 rows the swapped 64 x 256 gate/up tile with 3 stages needs ~240 KB of
+# shared memory (over Hopper's 227 KB) and failed to compile: hence the 2-stage and the narrower swapped tiles
+# (also more programs for q/k/v's 2,560 rows, 40 programs of 64).
 ROWS_CANDIDATES = (
     GemvConfig(64, 256, 4, 3, swap=True),
+    GemvConfig(64, 256, 4, 2, swap=True),
+    GemvConfig(32, 256, 4, 3, swap=True),
+    GemvConfig(16, 256, 4, 4, swap=True),
     GemvConfig(128, 256, 8, 3, swap=True),
     GemvConfig(64, 512, 8, 2, swap=True),
     GemvConfig(32, 512, 4, 3, swap=True),
