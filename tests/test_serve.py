@@ -7,6 +7,7 @@ token against one-by-one `tinyllama.generate.generate`.
 
 from __future__ import annotations
 
+import copy
 import json
 import socket
 import threading
@@ -354,15 +355,39 @@ def test_engine_runs_the_model_only_through_llama_forward(model):
     assert ".layers" not in source and "self_attn" not in source and "kv_cache" not in source
 
 
+def _assert_same_tokens(got, want, cancelled, overlap):
+    """((staggered outputs, reasons), alone) equal; with overlap, a request cancelled between two steps has one
+    token fewer: the token of the step in flight when the cancel is seen is not emitted yet, and is dropped
+    (without overlap it was emitted in that step)."""
+    (outs, reasons), alone = got
+    (want_outs, want_reasons), want_alone = want
+    assert reasons == want_reasons and alone == want_alone
+    for i, (o, w) in enumerate(zip(outs, want_outs)):
+        assert o == (w[:-1] if overlap and i in cancelled else w), i
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_overlapped_bucketed_engine_equals_serial(model, fuse):
+    """The CUDA test below, eager on the CPU (fuse: the fused q/k/v and gate/up projections): buckets 1/2/4/8,
+    short prompts riding in decode steps and overlapped steps give the serial engine's tokens, a cancel aside."""
+    requests, cancels = _staggered(prefill_in_decode=32)
+    alone = [requests[0][1]], SamplingConfig(max_new_tokens=8)
+    serial = Engine(model, max_batch_size=8, max_seq_len=128, prefill_in_decode=32)
+    want = _run_staggered(serial, requests, cancels), run_to_completion(serial, *alone)
+    engine = Engine(copy.deepcopy(model), max_batch_size=8, max_seq_len=128, fuse=fuse,
+                    decode_buckets=[1, 2, 4, 8], prefill_in_decode=32, overlap=True)
+    _assert_same_tokens((_run_staggered(engine, requests, cancels), run_to_completion(engine, *alone)), want,
+                        cancelled=cancels.values(), overlap=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fuse, overlap", [(False, False), (True, False), (True, True)])
 def test_compiled_bucketed_engine_equals_eager_cuda(model, fuse, overlap):
-    """compile=True: decode steps padded to power-of-two buckets, each one CUDA graph (fuse: the batch-1
-    bucket runs the Triton step), give the eager engine's tokens (fp32, sharpened logits: no near-ties).
+    """compile=True: decode steps padded to power-of-two buckets, each one CUDA graph (fuse: the buckets run
+    the Triton steps), give the eager engine's tokens (fp32, sharpened logits: no near-ties).
     Both engines feed the short prompts through decode steps (compiled: the default), the longer ones get
     prefill passes. overlap: the compiled engine queues each step before reading the previous step's tokens
-    (pinned copies and events), the eager one does not."""
-    import copy
+    (pinned copies and events), the eager one does not (the cancelled request then has one token fewer)."""
 
     eager_model = copy.deepcopy(model).cuda()
     with torch.no_grad():
@@ -376,7 +401,8 @@ def test_compiled_bucketed_engine_equals_eager_cuda(model, fuse, overlap):
     assert engine.compile and engine.decode_buckets == [1, 2, 4, 8] and engine.prefill_in_decode == 32  # default
     assert engine.warmup() > 0  # every bucket compiled up front; its scratch writes must not change outputs
     batches = _record_decode_batches(engine)
-    assert (_run_staggered(engine, requests, cancels), run_to_completion(engine, *alone)) == want
+    _assert_same_tokens((_run_staggered(engine, requests, cancels), run_to_completion(engine, *alone)), want,
+                        cancelled=cancels.values(), overlap=overlap)
     sizes = {b for b, _ in batches}
     assert sizes <= {1, 2, 4, 8} and 1 in sizes and len(sizes) > 2 and any(b > rows for b, rows in batches)
     assert (engine.decoder.triton_step(1) is not None) == fuse  # fused: batch 1 ran the Triton step

@@ -34,7 +34,8 @@ With `overlap=True` the engine queues decode step N+1 before it reads step N's t
 step N go into step N+1 straight from the device, and while the GPU runs N+1 the host emits N's tokens and
 prepares the next step. A row that stops at step N (EOS, a stop string, a cancel) has run one step more for
 nothing and its slot frees a step later; rows that reach their length or the context are left out of N+1.
-The tokens are the same as without overlap.
+The tokens are the same as without overlap, but for a cancel: it drops the token of the step in flight (not
+emitted yet, where without overlap it was emitted in that step).
 """
 
 from __future__ import annotations
