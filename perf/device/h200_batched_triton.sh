@@ -5,7 +5,7 @@
 # buckets now run the Triton steps). Needs .whl/ (see h200_serve_next.sh for how to build it); carry it.
 # Write the output to $OUT (`... > $OUT/log.txt 2>&1`): a call killed at its limit keeps it. Each part is sized
 # for one call of 600 s or less with the others: tests + serve; generate-final alone; serve-overlap + profile.
-# Usage: bash perf/device/h200_batched_triton.sh [rows|profile|kernel-tests|tests|generate|generate-final|serve|serve-overlap]...
+# Usage: bash perf/device/h200_batched_triton.sh [rows|profile|kernel-tests|tests|serve-tests|generate|generate-final|serve|serve-overlap]...
 #   (default: tests generate serve)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -27,7 +27,10 @@ for part in $parts; do
   tests)
     echo "== CUDA tests"
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py --tb=line -rf 2>&1 | tail -20
-    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_serve.py tests/test_generate.py -k "cuda" --tb=short -rf 2>&1 | tail -40 ;;
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_serve.py tests/test_generate.py -k "cuda" --tb=short -rf 2>&1 | tail -40 ;;
+  serve-tests)  # the CUDA serve/generate tests alone (the decode kernels unchanged since their last pass)
+    echo "== CUDA serve/generate tests"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_serve.py tests/test_generate.py -k "cuda" --tb=short -rf 2>&1 | tail -40 ;;
   generate)
     echo "== bench generate"
     timeout 330 python3 -m tinyllama bench generate --preset tinyllama-1.1b --device cuda --batch-sizes 1,8,16,32 \
