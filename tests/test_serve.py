@@ -381,14 +381,13 @@ def test_overlapped_bucketed_engine_equals_serial(model, fuse):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fuse, overlap", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("fuse, overlap", [(False, False), (True, False), (True, None)])  # None: the default (on)
 def test_compiled_bucketed_engine_equals_eager_cuda(model, fuse, overlap):
     """compile=True: decode steps padded to power-of-two buckets, each one CUDA graph (fuse: the buckets run
     the Triton steps), give the eager engine's tokens (fp32, sharpened logits: no near-ties).
     Both engines feed the short prompts through decode steps (compiled: the default), the longer ones get
     prefill passes. overlap: the compiled engine queues each step before reading the previous step's tokens
     (pinned copies and events), the eager one does not (the cancelled request then has one token fewer)."""
-
     eager_model = copy.deepcopy(model).cuda()
     with torch.no_grad():
         eager_model.lm_head.weight.mul_(6.0)
@@ -399,10 +398,11 @@ def test_compiled_bucketed_engine_equals_eager_cuda(model, fuse, overlap):
     want = _run_staggered(eager, requests, cancels), run_to_completion(eager, *alone)
     engine = Engine(compiled_model, max_batch_size=8, max_seq_len=128, compile=True, fuse=fuse, overlap=overlap)
     assert engine.compile and engine.decode_buckets == [1, 2, 4, 8] and engine.prefill_in_decode == 32  # default
+    assert engine.overlap is (overlap is None)  # compiled: overlapped by default
     assert engine.warmup() > 0  # every bucket compiled up front; its scratch writes must not change outputs
     batches = _record_decode_batches(engine)
     _assert_same_tokens((_run_staggered(engine, requests, cancels), run_to_completion(engine, *alone)), want,
-                        cancelled=cancels.values(), overlap=overlap)
+                        cancelled=cancels.values(), overlap=engine.overlap)
     sizes = {b for b, _ in batches}
     assert sizes <= {1, 2, 4, 8} and 1 in sizes and len(sizes) > 2 and any(b > rows for b, rows in batches)
     assert (engine.decoder.triton_step(1) is not None) == fuse  # fused: batch 1 ran the Triton step
@@ -422,6 +422,10 @@ def test_serve_compile_flag_reaches_the_engine():
     _, engine = build(cfg)
     assert cfg.compile and engine.model.projections_fused and not engine.compile  # CPU: fused, eager
     assert engine.prefill_in_decode == 0  # CPU: every prompt gets a prefill pass unless asked
+    assert engine.overlap is False  # CPU: no device to overlap with; compiled on CUDA it is on by default
+    assert build(config_from_args(parser.parse_args(["--random-preset", "tinyllama-tiny", "--device", "cpu",
+                                                     "--overlap"])))[1].overlap is True
+    assert config_from_args(parser.parse_args(["--random-preset", "tinyllama-tiny", "--no-overlap"])).overlap is False
     cfg = config_from_args(parser.parse_args(["--random-preset", "tinyllama-tiny", "--device", "cpu",
                                               "--prefill-in-decode", "8"]))
     assert build(cfg)[1].prefill_in_decode == 8

@@ -4,6 +4,7 @@
 import pytest
 
 from tinyllama import Tokenizer, TinyLlamaError
+from tinyllama.tokenizer import NativeStreamDecoder, StreamDecoder
 
 SAMPLES = [
     "Hello world!",
@@ -51,13 +52,15 @@ def test_batch_encoding_matches_single(tok):
     assert batch == [tok.encode(s, bos=True, eos=True) for s in SAMPLES]
 
 
-def test_stream_decoder_reassembles_multibyte(tok):
+@pytest.mark.parametrize("native", [True, False])
+def test_stream_decoder_reassembles_multibyte(tok, native):
     text = "naïve café 😀 日本 done"
     prompt = tok.encode("Start:", bos=True)
     ids = tok.encode("Start: " + text)[len(prompt) - 1:]
     full = tok.encode("Start: " + text, bos=True)
     assert full[: len(prompt)] == prompt
-    dec = tok.stream_decoder(prefix=prompt)
+    dec = tok.stream_decoder(prefix=prompt) if native else StreamDecoder(tok, prompt)
+    assert isinstance(dec, NativeStreamDecoder) == native
     pieces = [dec.put(i) for i in full[len(prompt):]]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == " " + text
@@ -73,10 +76,12 @@ def test_stream_decoder_is_exact_and_bounded_on_a_long_text(tok, corpus_docs, mo
     sizes = []
     decode = tok.decode
     monkeypatch.setattr(tok, "decode", lambda i, **kw: sizes.append(len(i)) or decode(i, **kw))
-    dec = tok.stream_decoder(prefix=prompt)
+    dec = StreamDecoder(tok, prompt)  # the fallback (SentencePiece .model tokenizers, older `tokenizers`)
     out = "".join(dec.put(i) for i in ids)
     assert out == decode(prompt + ids)[len(decode(prompt)):]
     assert max(sizes) <= 40  # a window of recent ids per token (32 + a split UTF-8 character), not all so far
+    native = tok.stream_decoder(prefix=prompt)  # tokenizers' DecodeStream: the same text
+    assert isinstance(native, NativeStreamDecoder) and "".join(native.put(i) for i in ids) == out
 
 
 def test_ids_identical_to_transformers_on_corpus(tok, corpus_docs):

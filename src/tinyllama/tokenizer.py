@@ -163,6 +163,16 @@ class Tokenizer:
         return self._sp.decode(ids)
 
     def stream_decoder(self, prefix: Sequence[int] = ()) -> "StreamDecoder":
+        """Text pieces for ids as they come, continuing `prefix` (the prompt). With a tokenizer.json tokenizer
+        and `tokenizers` >= 0.22, its own incremental decoder (`DecodeStream`, in Rust: ~4 us a token against
+        ~22 for decoding a window of ids, which a server pays on its event loop for every token it streams)."""
+        if self._hf is not None:
+            try:
+                from tokenizers.decoders import DecodeStream
+
+                return NativeStreamDecoder(self._hf, DecodeStream(ids=[int(i) for i in prefix], skip_special_tokens=True))
+            except (ImportError, TypeError):  # older tokenizers: no DecodeStream, or none that takes a prefix
+                pass
         return StreamDecoder(self, prefix)
 
     # ---- chat ----------------------------------------------------------------------------------
@@ -223,6 +233,16 @@ def _compiled_template(source: str):
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     return env.from_string(source)
+
+
+class NativeStreamDecoder:
+    """`StreamDecoder`'s interface over `tokenizers.decoders.DecodeStream`."""
+
+    def __init__(self, hf_tokenizer, stream) -> None:
+        self.hf, self.stream = hf_tokenizer, stream
+
+    def put(self, token_id: int) -> str:
+        return self.stream.step(self.hf, int(token_id)) or ""  # None: an incomplete UTF-8 sequence so far
 
 
 class StreamDecoder:

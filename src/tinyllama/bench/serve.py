@@ -13,6 +13,7 @@ the same weights, and reports both tokens/s and their ratio (greedy, no EOS stop
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -42,7 +43,8 @@ def add_arguments(p) -> None:
                    help="also compare our engine with transformers' continuous batching in-process (see above)")
     p.add_argument("--prefill-in-decode", type=flag.nonnegative_int, default=None,
                    help="serve --prefill-in-decode (default: the server's)")
-    p.add_argument("--overlap", action="store_true", help="serve --overlap")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve --overlap / --no-overlap (default: the server's)")
     p.add_argument("--json", help="write results here")
 
 
@@ -62,8 +64,8 @@ def _start_server(args, batch: int, port: int) -> subprocess.Popen:
         cmd += ["--dtype", args.dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    if args.overlap:
-        cmd += ["--overlap"]
+    if args.overlap is not None:
+        cmd += ["--overlap" if args.overlap else "--no-overlap"]
     if args.prefill_in_decode is not None:
         cmd += ["--prefill-in-decode", str(args.prefill_in_decode)]
     if args.compile:
@@ -127,7 +129,7 @@ def compare_with_transformers(args, max_batch_size: int) -> dict:
         raise TinyLlamaError(f"bench serve --transformers needs transformers' continuous batching (generate_batch, "
                              f"transformers >= 5); transformers {transformers.__version__} is installed")
     prompts = [tokenizer.encode(_prompt(i), bos=True) for i in range(args.requests)]
-    engine = Engine(model, max_batch_size=max_batch_size, compile=args.compile, fuse=args.compile)
+    engine = Engine(model, max_batch_size=max_batch_size, compile=args.compile, fuse=args.compile, overlap=args.overlap)
     engine.warmup()
     sampling = SamplingConfig(max_new_tokens=args.max_tokens, stop_at_eos=False)
     gen_config = transformers.GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=-1,
@@ -185,7 +187,7 @@ def run(args) -> int:
     results = []
     report = {"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
               "temperature": args.temperature, "prefill_in_decode": args.prefill_in_decode,
-              "overlap": bool(args.overlap),
+              "overlap": args.overlap,  # None: the server's default
               "model": args.model or args.preset, "compile": bool(args.compile), "results": results}
 
     def save() -> None:  # after every measurement: a run stopped early keeps what it measured

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 from tinyllama.config import config_from_args as load_from_args
@@ -27,10 +28,10 @@ def add_arguments(p) -> None:
                    help="prompts of up to N tokens that arrive while others run are fed through the running decode "
                         "steps, one token per step, instead of a prefill pass that stalls every running request "
                         "(0: never; default: 32 with --compile on CUDA, else 0); into an idle server, a prefill pass")
-    p.add_argument("--overlap", action="store_true", default=None,
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="queue each decode step before the previous step's tokens reach the host, so the host's "
                         "work (emitting, preparing the next step) runs while the GPU computes; a request that "
-                        "stops early runs one step more (same tokens)")
+                        "stops early runs one step more (same tokens). Default: on with --compile on CUDA")
     p.add_argument("--log-level", help="uvicorn log level (default info)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="fuse the q/k/v and gate/up projections and, on CUDA, run decode steps compiled: one CUDA "

