@@ -55,6 +55,25 @@ def test_engine_batched_greedy_equals_one_by_one(model):
     assert engine.running == 0 and engine.stats.finished == len(prompts)
 
 
+def test_engine_times_its_steps_and_bench_serve_splits_them(model):
+    """EngineStats' step/wait/prefill seconds add up, and `bench serve`'s per-step split of two readings."""
+    import time as _time
+
+    from tinyllama.bench.serve import engine_time
+
+    engine = Engine(model, max_batch_size=4, max_seq_len=128)
+    before = engine.stats.as_dict()
+    t0 = _time.perf_counter()
+    run_to_completion(engine, _prompts(6), SamplingConfig(max_new_tokens=8, stop_at_eos=False))
+    wall = _time.perf_counter() - t0
+    s = engine.stats
+    assert 0 < s.prefill_s and 0 <= s.wait_s and s.prefill_s + s.wait_s <= s.step_s <= wall
+    t = engine_time(before, engine.stats.as_dict(), wall)
+    assert t["decode_steps"] == s.decode_steps > 0 and t["prefills"] == s.prefills > 0
+    assert t["host_ms_per_step"] > 0 and t["wall_ms_per_step"] >= t["host_ms_per_step"] + t["wait_ms_per_step"]
+    assert 0 < t["prefill_share"] < 1 and 0 <= t["idle_share"] < 0.5
+
+
 def test_engine_batched_greedy_equals_transformers_dynamic_and_static_cache(model, tmp_path):
     transformers = pytest.importorskip("transformers")
     model.save_pretrained(tmp_path / "m")

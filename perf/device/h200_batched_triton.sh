@@ -39,16 +39,16 @@ for part in $parts; do
     echo "== bench generate (final)"
     timeout 560 python3 -m tinyllama bench generate --preset tinyllama-1.1b --device cuda --batch-sizes 1,16,32 \
       --triton-max-batch 32 --time-budget 480 --json $OUT/bench_generate.json 2>&1 | grep -v -i warn | tail -20 ;;
-  serve-overlap)
-    echo "== bench serve --overlap"
+  serve-overlap)  # overlap is the default since 2026-12-03: this part now runs the other side, --no-overlap
+    echo "== bench serve --no-overlap"
     timeout ${SERVE_TIMEOUT:-200} python3 -m tinyllama bench serve --preset tinyllama-1.1b --device cuda --requests 200 \
-      --clients 16 --max-tokens 64 --batch-sizes 16,1 --compile --overlap --json $OUT/bench_serve_overlap.json 2>&1 \
-      | grep -v -i warn | tail -4 ;;
+      --clients 16 --max-tokens 64 --batch-sizes 16,1 --compile --no-overlap --json $OUT/bench_serve_no_overlap.json 2>&1 \
+      | grep -v -i warn | tail -6 ;;
   serve)
     echo "== bench serve"
     timeout ${SERVE_TIMEOUT:-200} python3 -m tinyllama bench serve --preset tinyllama-1.1b --device cuda --requests 200 --clients 16 \
       --max-tokens 64 --batch-sizes 16,1 --compile --transformers --json $OUT/bench_serve.json 2>&1 \
-      | grep -v -i warn | tail -8 ;;
+      | grep -v -i warn | tail -10 ;;
   esac
 done
 echo "-- $(date -u +%H:%M:%S) done"

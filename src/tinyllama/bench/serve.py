@@ -177,6 +177,20 @@ def compare_with_transformers(args, max_batch_size: int) -> dict:
             "requests_with_identical_tokens": f"{same}/{len(prompts)}"}
 
 
+def engine_time(before: dict, after: dict, seconds: float) -> dict:
+    """Where the engine thread's time went during a run, from two /health readings (EngineStats): per decode
+    step, the wall time, the wait for the device's tokens and the host work (the rest of the step: admitting,
+    sampling calls, emitting; prefill passes apart), and the share of the run spent in prefill passes and idle."""
+    d = {k: after[k] - before[k] for k in ("decode_steps", "step_s", "wait_s", "prefill_s", "prefills")}
+    steps = max(d["decode_steps"], 1)
+    return {"decode_steps": d["decode_steps"], "prefills": d["prefills"],
+            "wall_ms_per_step": round(seconds / steps * 1e3, 3),
+            "wait_ms_per_step": round(d["wait_s"] / steps * 1e3, 3),
+            "host_ms_per_step": round((d["step_s"] - d["wait_s"] - d["prefill_s"]) / steps * 1e3, 3),
+            "prefill_share": round(d["prefill_s"] / seconds, 3),
+            "idle_share": round(max(0.0, seconds - d["step_s"]) / seconds, 3)}
+
+
 def run(args) -> int:
     try:
         import httpx
@@ -224,11 +238,16 @@ def run(args) -> int:
             steps = after["decode_steps"] - before["decode_steps"]
             r["mean_seqs_per_decode_step"] = round((after["decode_rows"] - before["decode_rows"]) / max(steps, 1), 2)
             r["max_batch_size"] = batch
+            r["engine_time"] = engine_time(before, after, r["seconds"])
             results.append(r)
             save()
             print(f"max_batch_size {batch:3d}: {r['requests_per_s']:7.2f} req/s  {r['tokens_per_s']:8.1f} tok/s  "
                   f"p50 {r['p50_s']:.3f} s  p95 {r['p95_s']:.3f} s  mean batch {r['mean_seqs_per_decode_step']:5.2f}  "
                   f"failures {r['failures']}", flush=True)
+            t = r["engine_time"]
+            print(f"  per decode step {t['wall_ms_per_step']:.3f} ms: waiting for the device {t['wait_ms_per_step']:.3f}, "
+                  f"host {t['host_ms_per_step']:.3f}; prefill passes {t['prefills']} ({100 * t['prefill_share']:.1f} % "
+                  f"of the run), engine idle {100 * t['idle_share']:.1f} %", flush=True)
         finally:
             proc.terminate()
             try:

@@ -111,9 +111,18 @@ class EngineStats:
     generated_tokens: int = 0
     finished: int = 0
     errors: int = 0
+    # Where the engine thread's time goes (seconds): inside `step` in all; of that, waiting for a step's tokens
+    # to reach the host (with overlap the next step is already queued: the device is busy meanwhile), and in
+    # prefill passes (each waits for its own tokens). The rest of step_s is host work: while the device waits
+    # for it (without overlap, or when it outlasts a step) the device idles.
+    step_s: float = 0.0
+    wait_s: float = 0.0
+    prefill_s: float = 0.0
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
+        for k in ("step_s", "wait_s", "prefill_s"):
+            d[k] = round(d[k], 4)
         d["mean_rows_per_decode_step"] = round(self.decode_rows / self.decode_steps, 3) if self.decode_steps else 0.0
         return d
 
@@ -263,6 +272,13 @@ class Engine:
     def step(self) -> None:
         """Admit + prefill waiting sequences, then one decode step for all running ones (with overlap: queue
         it, then emit the tokens of the step queued before)."""
+        t0 = time.perf_counter()
+        try:
+            self._step()
+        finally:
+            self.stats.step_s += time.perf_counter() - t0
+
+    def _step(self) -> None:
         for i, s in enumerate(self.slots):
             if s is not None and s.cancelled:
                 self._finish(i, "cancelled")
@@ -320,6 +336,7 @@ class Engine:
         return host_to_device(values, dtype, self.device)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
+        t0 = time.perf_counter()
         for seq in seqs:
             self._assign_slot(seq)
         lengths = [len(s.prompt_ids) for s in seqs]
@@ -337,7 +354,9 @@ class Engine:
         self.stats.prompt_tokens += sum(lengths)
         for r, s in enumerate(seqs):
             s.pos = lengths[r]
-        self._emit(_StepTokens(seqs, list(lengths), self._sample(seqs, logits)))
+        step = _StepTokens(seqs, list(lengths), self._sample(seqs, logits))
+        self._emit(step, step.tokens())
+        self.stats.prefill_s += time.perf_counter() - t0
 
     def _decode(self, running: list[int], pending: Optional[_StepTokens]) -> Optional[_StepTokens]:
         """Queue one step for the cache's first B rows (B: the bucket holding the highest running slot) and
@@ -421,9 +440,14 @@ class Engine:
                 picked[index] = out
         return picked
 
-    def _emit(self, step: _StepTokens) -> None:
-        """Hand each sampled token to its sequence; finish those that stop or reach their length."""
-        for s, tok, pos_after in zip(step.seqs, step.tokens(), step.pos_after):
+    def _emit(self, step: _StepTokens, tokens: Optional[list[int]] = None) -> None:
+        """Hand each sampled token to its sequence (`tokens`: the step's, already on the host; else they are
+        waited for here); finish those that stop or reach their length."""
+        if tokens is None:
+            t0 = time.perf_counter()
+            tokens = step.tokens()
+            self.stats.wait_s += time.perf_counter() - t0
+        for s, tok, pos_after in zip(step.seqs, tokens, step.pos_after):
             if s.finished:  # cancelled or stopped while this step was in flight
                 continue
             if s.cancelled:
