@@ -339,6 +339,43 @@ def test_engine_sampling_ops_per_step_do_not_grow_per_seeded_row(model):
     assert eight - two <= 1, (two, eight)  # no op per seeded row
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_engine_step_builds_its_inputs_in_one_host_tensor(model, temperature):
+    """A decode step's host-built indices (ids, positions, the previous step's rows and slots, the sampled
+    rows) reach the device as one tensor, and seeded draws as one more: on a GPU each is a pinned buffer and a
+    copy. Counted as tensors made from host data (aten.lift_fresh), overlapped, with a padding row (7 rows in
+    the 8-row bucket) and a prompt riding along."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    class Count(TorchDispatchMode):
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.made += func is torch.ops.aten.lift_fresh.default
+            return func(*args, **(kwargs or {}))
+
+    engine = Engine(model, max_batch_size=8, max_seq_len=64, decode_buckets=[8], prefill_in_decode=8, overlap=True)
+    inner = engine.decoder.step
+
+    def model_step(*a, **kw):
+        with _disable_current_modes():
+            return inner(*a, **kw)
+
+    engine.decoder.step = model_step
+    done = []
+    cfg = lambda i: SamplingConfig(max_new_tokens=10, temperature=temperature, seed=i, stop_at_eos=False)  # noqa: E731
+    for i in range(6):
+        engine.submit(Sequence(list(range(3, 12 + i)), cfg(i), lambda t: None, lambda r, e: done.append(r)))
+    engine.step()  # one prefill pass, the first step
+    engine.submit(Sequence([5, 6, 7], cfg(9), lambda t: None, lambda r, e: done.append(r)))  # rides along
+    steps0, Count.made = engine.stats.decode_steps, 0
+    with Count():
+        for _ in range(3):
+            engine.step()
+    assert engine.stats.decode_steps - steps0 == 3 and engine.stats.prompts_in_decode == 1
+    assert Count.made == 3 * (1 if temperature == 0 else 2), Count.made
+
+
 def test_engine_runs_the_model_only_through_llama_forward(model):
     """No per-layer code in the engine: every submodule of the model runs inside a `Llama.forward` call."""
     import inspect

@@ -367,36 +367,49 @@ class Engine:
         ids, pos = [0] * B, [0] * B  # idle rows: token 0 at position 0 of their own unused cache row
         for i, s in zip(running, seqs):
             ids[i], pos[i] = s.next_token, s.pos
-        ids_in = self._tensor(ids).view(B, 1)
+        # Rows whose logits give a new token: all but riding prompts before their last token (known before the
+        # step runs, so their indices travel with its inputs).
+        sampled = [i for i, s in zip(running, seqs) if s.prompt_fed < 0 or s.prompt_fed + 1 == len(s.prompt_ids)]
+        on_device = []  # (row of pending, slot): rows whose token is the previous step's, still on the device
         if pending is not None:
             in_step = set(running)
             on_device = [(r, s.slot) for r, s in enumerate(pending.seqs)
                          if s.slot in in_step and self.slots[s.slot] is s]
-            if on_device:
-                rows, slots = (self._tensor(list(x)) for x in zip(*on_device))
-                ids_in[slots, 0] = pending.picked[rows]
+        # One host-to-device copy for all of the step's indices: ids, positions, the rows and slots of the
+        # tokens taken from the previous step, the sampled rows (each copy is a launch and a pinned buffer).
+        pending_rows = [r for r, _ in on_device]
+        all_pending = pending is not None and pending_rows == list(range(len(pending.seqs)))  # picked as it is
+        all_sampled = sampled == list(range(B))  # the logits as they are, no gather
+        packed = self._tensor(ids + pos + ([] if all_pending else pending_rows) + [s for _, s in on_device]
+                              + ([] if all_sampled else sampled))
+        ids_in, pos_in, rest = packed[:B].view(B, 1), packed[B:2 * B].view(B, 1), packed[2 * B:]
+        if on_device:
+            k = len(on_device)
+            if all_pending:
+                ids_in[rest[:k], 0] = pending.picked
+                rest = rest[k:]
+            else:
+                ids_in[rest[k:2 * k], 0] = pending.picked[rest[:k]]
+                rest = rest[2 * k:]
         self._check_cache()
-        logits = self.decoder.step(ids_in, self._tensor(pos).view(B, 1),
-                                   pos=pos[0] if B == 1 else None)
+        logits = self.decoder.step(ids_in, pos_in, pos=pos[0] if B == 1 else None)
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(seqs)
         self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(seqs))
-        sampled = []  # (slot, sequence) of the rows whose logits give a new token
-        for i, s in zip(running, seqs):
+        for s in seqs:
             s.pos += 1
             if s.prompt_fed >= 0:  # riding along: the logits are the prompt's until its last token is in
                 s.prompt_fed += 1
                 if s.prompt_fed < len(s.prompt_ids):
                     s.next_token = s.prompt_ids[s.prompt_fed]
-                    continue
-                s.prompt_fed = -1
-            sampled.append((i, s))
+                else:
+                    s.prompt_fed = -1
         if not sampled:
             return None
-        rows = self._tensor([i for i, _ in sampled])
-        seqs = [s for _, s in sampled]
+        seqs = [self.slots[i] for i in sampled]
         # The logits are consumed (sampled) on the stream before any later step can overwrite them.
-        queued = _StepTokens(seqs, [s.pos for s in seqs], self._sample(seqs, logits[rows].float()))
+        logits = logits if all_sampled else logits[rest]
+        queued = _StepTokens(seqs, [s.pos for s in seqs], self._sample(seqs, logits.float()))
         if self._host_tokens is not None:
             queued.host = self._host_tokens[self._host_turn][: len(seqs)]
             self._host_turn ^= 1
