@@ -284,20 +284,22 @@ def test_engine_rows_joining_and_leaving_equal_generate(model, buckets, prefill_
 
 
 def test_engine_padded_prefill_passes_equal_generate(model):
-    """Prefill passes padded to the length buckets (what a compiled engine does, for its CUDA graphs): the
-    pad tokens after each prompt change no output, with rows joining and leaving as in the staggered run."""
+    """Prefill passes padded to the length and row buckets (what a compiled engine does, for its CUDA graphs):
+    the pad tokens after each prompt and the padding rows (copies of the last row) change no output, with rows
+    joining and leaving as in the staggered run."""
     requests, cancels = _staggered()
     refs = [generate(model, p, cfg) for _, p, cfg in requests]
     engine = Engine(model, max_batch_size=4, max_seq_len=128)
     engine.pad_prefills = True
-    passes = []  # (padded length, longest prompt of the pass)
+    passes = []  # (rows, padded length, longest prompt of the pass)
     prefill = engine.decoder.prefill
-    engine.decoder.prefill = lambda ids, **kw: passes.append((ids.size(1), int(kw["logits_at"].max()) + 1)) \
+    engine.decoder.prefill = lambda ids, **kw: passes.append((*ids.shape, int(kw["logits_at"].max()) + 1)) \
         or prefill(ids, **kw)
     outs, reasons = _run_staggered(engine, requests, cancels)
     assert all(outs[i] == refs[i] for i in set(range(len(requests))) - {3}) and reasons[3] == "cancelled"
-    assert passes and all(n in {16, 32, 64, 128} and n >= longest for n, longest in passes)
-    assert any(n > longest for n, longest in passes)  # padding happened
+    assert passes and all(n in {16, 32, 64, 128} and n >= longest for _, n, longest in passes)
+    assert any(n > longest for _, n, longest in passes)  # padding happened
+    assert {rows for rows, _, _ in passes} <= {1, 2, 4} and passes[0][0] == 4  # step 0's three prompts: 4 rows
 
 
 def test_engine_sampling_ops_per_step_do_not_grow_per_seeded_row(model):

@@ -161,8 +161,9 @@ class Engine:
         self.device = self.decoder.device
         self.compile = self.decoder.compile
         self.prefill_in_decode = (32 if self.compile else 0) if prefill_in_decode is None else prefill_in_decode
-        # Prefill passes padded to lengths 16, 32, ... 256, then multiples of 256 (compiled: `DecodeEngine.prefill`
-        # captures each (rows, length) in a CUDA graph; eager, padding would only cost time)
+        # Prefill passes padded to lengths 16, 32, ... 256, then multiples of 256, and to 1, 2, 4, ... rows
+        # (compiled: `DecodeEngine.prefill` captures each (rows, length) in a CUDA graph; eager, padding would
+        # only cost time)
         self.pad_prefills = self.compile
         self.decoder.max_prefill_graphs = 32  # (rows, padded length) shapes of a busy server
         self.decoder.ensure_cache(max_batch_size, self.max_seq_len)
@@ -203,10 +204,10 @@ class Engine:
 
     @torch.inference_mode()
     def warmup(self) -> float:
-        """Compile and capture every decode bucket and the prefill of one and of two rows now (compile=True),
-        so no request waits for it; returns the seconds spent. Call it with no request running: the steps
-        write position 0 of cache rows, the prefills the first positions of slots 0 and 1, which a request's
-        prefill or first step overwrites before use."""
+        """Compile and capture every decode bucket and the prefill passes of every row count (1, 2, 4, ...
+        max_batch_size) at the first length bucket now (compile=True), so no request waits for it; returns the
+        seconds spent. Call it with no request running: the steps write position 0 of cache rows, the prefills
+        the first positions of the first slots, which a request's prefill or first step overwrites before use."""
         if not self.compile:
             return 0.0
         t0 = time.perf_counter()
@@ -215,7 +216,7 @@ class Engine:
             for _ in range(3):  # reduce-overhead mode records its CUDA graph on a later call than the first
                 self.decoder.step(ids, torch.zeros(B, 1, dtype=torch.long, device=self.device), pos=0 if B == 1 else None)
         T = min(16, self.max_seq_len)  # the first length bucket; other shapes compile (dynamic) on first use
-        for rows in sorted({1, min(2, self.max_batch_size)}):
+        for rows in sorted({self._prefill_rows(n) for n in range(1, self.max_batch_size + 1)}):
             for _ in range(2):  # run, then run + capture
                 self.decoder.prefill(torch.zeros(rows, T, dtype=torch.long, device=self.device),
                                      slots=torch.arange(rows, device=self.device),
@@ -341,14 +342,19 @@ class Engine:
             self._assign_slot(seq)
         lengths = [len(s.prompt_ids) for s in seqs]
         T = max(lengths)
-        if self.pad_prefills:  # a few lengths, so the compiled prefill's CUDA graphs are replayed, not re-captured
+        rows = len(seqs)
+        if self.pad_prefills:  # a few shapes, so the compiled prefill's CUDA graphs are replayed, not re-captured
             T = min(self.max_seq_len, 1 << max(4, (T - 1).bit_length()) if T <= 256 else -(-T // 256) * 256)
+            rows = self._prefill_rows(rows)
         # Right padding: pad tokens sit after each prompt, are never attended to, and are overwritten by decoding.
-        ids = self._tensor([s.prompt_ids + [0] * (T - n) for s, n in zip(seqs, lengths)])
-        slots = self._tensor([s.slot for s in seqs])
-        last = self._tensor([n - 1 for n in lengths])
+        # Padding rows repeat the last row (its tokens, slot and column): they write what it writes, where it does.
+        pad = rows - len(seqs)
+        ids = self._tensor([s.prompt_ids + [0] * (T - n) for s, n in zip(seqs, lengths)] + [seqs[-1].prompt_ids
+                           + [0] * (T - lengths[-1])] * pad)
+        slots = self._tensor([s.slot for s in seqs] + [seqs[-1].slot] * pad)
+        last = self._tensor([n - 1 for n in lengths] + [lengths[-1] - 1] * pad)
         self._check_cache()
-        logits = self.decoder.prefill(ids, slots=slots, logits_at=last).float()
+        logits = self.decoder.prefill(ids, slots=slots, logits_at=last)[: len(seqs)].float()
         self.stats.prefills += 1
         self.stats.prefill_rows += len(seqs)
         self.stats.prompt_tokens += sum(lengths)
@@ -357,6 +363,10 @@ class Engine:
         step = _StepTokens(seqs, list(lengths), self._sample(seqs, logits))
         self._emit(step, step.tokens())
         self.stats.prefill_s += time.perf_counter() - t0
+
+    def _prefill_rows(self, n: int) -> int:
+        """The rows of a padded prefill pass of n prompts: the next power of two, at most max_batch_size."""
+        return min(1 << (n - 1).bit_length(), self.max_batch_size)
 
     def _decode(self, running: list[int], pending: Optional[_StepTokens]) -> Optional[_StepTokens]:
         """Queue one step for the cache's first B rows (B: the bucket holding the highest running slot) and
