@@ -252,6 +252,9 @@ def test_bad_inputs_raise_clear_errors(pair):
         with pytest.raises(GenerationError, match=f"{next(iter(bad))} must be"):
             generate(ours, [1], **bad)
     assert generate(ours, [1, 2], max_new_tokens=0) == []
+    with pytest.raises(GenerationError, match="triton_max_batch=8 sizes the Triton decode step"):
+        DecodeEngine(ours, decode_kernels="torch", triton_max_batch=8)
+    DecodeEngine(ours, decode_kernels="torch", triton_max_batch=0)  # 0: no Triton step, as asked
 
 
 def test_stop_strings_cut_text_and_hold_back_partial_matches():

@@ -247,6 +247,9 @@ class DecodeEngine:
                  prefill_graphs: bool = True, triton_max_batch: Optional[int] = None) -> None:
         if decode_kernels not in ("auto", "triton", "torch"):
             raise GenerationError(f"decode_kernels must be auto, triton or torch, got {decode_kernels!r}")
+        if decode_kernels == "torch" and triton_max_batch:
+            raise GenerationError(f"triton_max_batch={triton_max_batch} sizes the Triton decode step, which "
+                                  "decode_kernels='torch' never runs: drop one of them")
         if fuse:
             model.fuse_projections()
         self.model = model
