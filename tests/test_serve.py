@@ -55,6 +55,31 @@ def test_engine_batched_greedy_equals_one_by_one(model):
     assert engine.running == 0 and engine.stats.finished == len(prompts)
 
 
+def test_mailbox_hands_tokens_over_in_order_and_fails_loudly_on_a_closed_loop():
+    """Engine thread -> event loop: every item reaches its queue in order, however many posts share one
+    callback; on a closed loop the post raises (the engine then drops the sequence) and keeps nothing."""
+    import asyncio
+
+    from tinyllama.serve.app import _Mailbox
+
+    async def run():
+        box, queues = _Mailbox(asyncio.get_running_loop()), [asyncio.Queue(), asyncio.Queue()]
+        posts = threading.Thread(target=lambda: [box.post(queues[i % 2], i) for i in range(1000)])
+        posts.start()
+        got = [[await q.get() for _ in range(500)] for q in queues]
+        posts.join()
+        return got
+
+    even, odd = asyncio.run(run())
+    assert even == list(range(0, 1000, 2)) and odd == list(range(1, 1000, 2))
+    loop = asyncio.new_event_loop()
+    box = _Mailbox(loop)
+    loop.close()
+    with pytest.raises(RuntimeError):
+        box.post(None, "token")
+    assert box.items == []
+
+
 def test_engine_times_its_steps_and_bench_serve_splits_them(model):
     """EngineStats' step/wait/prefill seconds add up, and `bench serve`'s per-step split of two readings."""
     import time as _time

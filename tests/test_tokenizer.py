@@ -128,3 +128,19 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TinyLlamaError, match="no tokenizer.json or tokenizer.model"):
         Tokenizer(tmp_path / "empty")
+
+
+def test_stream_decoder_survives_byte_runs_that_change_emitted_text(tok):
+    """Byte-fallback tokens that formed text ("\\n" is <0x0A>), then stray bytes: DecodeStream refuses the next
+    token (the whole run re-decodes as U+FFFD per byte); the native decoder hands over to the window one and
+    gives its text. A prompt window ending mid-character is not re-emitted."""
+    prompt = tok.encode("Hi", bos=True)
+    ids = [13, 0xF0 + 3, 0x9F + 3] + tok.encode("world")
+    native = tok.stream_decoder(prefix=prompt)
+    assert isinstance(native, NativeStreamDecoder)
+    window = StreamDecoder(tok, prompt)
+    assert "".join(native.put(i) for i in ids) == "".join(window.put(i) for i in ids) == "\n\ufffd\ufffd world"
+    assert native.fallback is not None
+    for prompt in (tok.encode("Say: ꙮꙮꙮ", bos=True)[-8:], tok.encode("Korean: 맙", bos=True) + [0xEC + 3]):
+        dec = tok.stream_decoder(prefix=prompt)
+        assert "".join(dec.put(i) for i in tok.encode("ok fine")) == " ok fine"

@@ -6,6 +6,7 @@ a directory holding one, or a SentencePiece `tokenizer.model` (needs the `senten
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -166,11 +167,14 @@ class Tokenizer:
         """Text pieces for ids as they come, continuing `prefix` (the prompt). With a tokenizer.json tokenizer
         and `tokenizers` >= 0.22, its own incremental decoder (`DecodeStream`, in Rust: ~4 us a token against
         ~22 for decoding a window of ids, which a server pays on its event loop for every token it streams)."""
-        if self._hf is not None:
+        prefix = [int(i) for i in prefix]
+        # A prefix whose text holds an incomplete UTF-8 sequence (a window cut mid-character, a prompt ending in
+        # stray bytes) would be re-emitted by DecodeStream in the first piece: the window decoder then.
+        if self._hf is not None and "\ufffd" not in self.decode(prefix):
             try:
                 from tokenizers.decoders import DecodeStream
 
-                return NativeStreamDecoder(self._hf, DecodeStream(ids=[int(i) for i in prefix], skip_special_tokens=True))
+                return NativeStreamDecoder(self, DecodeStream(ids=prefix, skip_special_tokens=True), prefix)
             except (ImportError, TypeError):  # older tokenizers: no DecodeStream, or none that takes a prefix
                 pass
         return StreamDecoder(self, prefix)
@@ -236,13 +240,32 @@ def _compiled_template(source: str):
 
 
 class NativeStreamDecoder:
-    """`StreamDecoder`'s interface over `tokenizers.decoders.DecodeStream`."""
+    """`StreamDecoder`'s interface over `tokenizers.decoders.DecodeStream`. DecodeStream refuses a token that
+    changes text it already emitted (byte-fallback tokens that formed a character, then a stray byte: the run
+    re-decodes as one U+FFFD per byte); from there on the window decoder takes over, from the recent ids."""
 
-    def __init__(self, hf_tokenizer, stream) -> None:
-        self.hf, self.stream = hf_tokenizer, stream
+    def __init__(self, tokenizer: "Tokenizer", stream, prefix: Sequence[int] = ()) -> None:
+        self.tokenizer, self.hf, self.stream = tokenizer, tokenizer._hf, stream
+        self.recent = collections.deque(prefix, maxlen=StreamDecoder.CONTEXT)  # ids whose text is out
+        self.held: list[int] = []  # ids since the last piece (an incomplete UTF-8 sequence so far)
+        self.fallback: Optional[StreamDecoder] = None
 
     def put(self, token_id: int) -> str:
-        return self.stream.step(self.hf, int(token_id)) or ""  # None: an incomplete UTF-8 sequence so far
+        token_id = int(token_id)
+        if self.fallback is not None:
+            return self.fallback.put(token_id)
+        try:
+            piece = self.stream.step(self.hf, token_id)
+        except Exception:  # "Invalid prefix encountered while decoding stream"
+            # The window decoder continues from the emitted ids and decodes the held ones and this one again.
+            self.fallback = StreamDecoder(self.tokenizer, list(self.recent))
+            return "".join(self.fallback.put(i) for i in self.held + [token_id])
+        self.held.append(token_id)
+        if piece is None:
+            return ""
+        self.recent.extend(self.held)
+        self.held = []
+        return piece
 
 
 class StreamDecoder:

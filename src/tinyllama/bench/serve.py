@@ -182,7 +182,7 @@ def engine_time(before: dict, after: dict, seconds: float) -> dict:
     step, the wall time, the wait for the device's tokens and the host work (the rest of the step: admitting,
     sampling calls, emitting; prefill passes apart), and the share of the run spent in prefill passes and idle."""
     d = {k: after[k] - before[k] for k in ("decode_steps", "step_s", "wait_s", "prefill_s", "prefills")}
-    steps = max(d["decode_steps"], 1)
+    steps, seconds = max(d["decode_steps"], 1), max(seconds, 1e-9)
     return {"decode_steps": d["decode_steps"], "prefills": d["prefills"],
             "wall_ms_per_step": round(seconds / steps * 1e3, 3),
             "wait_ms_per_step": round(d["wait_s"] / steps * 1e3, 3),

@@ -159,7 +159,7 @@ class _Mailbox:
     wake-ups and their GIL hand-overs delay the engine thread's next step (perf/serve_bridge.py measures it)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self.loop = weakref.ref(loop)  # weak: the service's mailboxes are keyed weakly by their loops
         self.items: list = []
         self.lock = threading.Lock()
 
@@ -168,7 +168,15 @@ class _Mailbox:
             self.items.append((queue, item))
             first = len(self.items) == 1
         if first:  # later items ride on the callback already scheduled, until it takes them
-            self.loop.call_soon_threadsafe(self._deliver)
+            loop = self.loop()
+            try:
+                if loop is None:
+                    raise RuntimeError("the request's event loop is gone")
+                loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # loop closed: nothing will deliver; the engine drops the sequence (on_token)
+                with self.lock:
+                    self.items.clear()
+                raise
 
     def _deliver(self) -> None:
         with self.lock:

@@ -113,7 +113,7 @@ class EngineStats:
     errors: int = 0
     # Where the engine thread's time goes (seconds): inside `step` in all; of that, waiting for a step's tokens
     # to reach the host (with overlap the next step is already queued: the device is busy meanwhile), and in
-    # prefill passes (each waits for its own tokens). The rest of step_s is host work: while the device waits
+    # prefill passes (each waits for its own tokens, and so, with overlap, for the step queued before it). The rest of step_s is host work: while the device waits
     # for it (without overlap, or when it outlasts a step) the device idles.
     step_s: float = 0.0
     wait_s: float = 0.0
@@ -338,6 +338,12 @@ class Engine:
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         t0 = time.perf_counter()
+        try:
+            self._prefill_pass(seqs)
+        finally:
+            self.stats.prefill_s += time.perf_counter() - t0
+
+    def _prefill_pass(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             self._assign_slot(seq)
         lengths = [len(s.prompt_ids) for s in seqs]
@@ -362,7 +368,6 @@ class Engine:
             s.pos = lengths[r]
         step = _StepTokens(seqs, list(lengths), self._sample(seqs, logits))
         self._emit(step, step.tokens())
-        self.stats.prefill_s += time.perf_counter() - t0
 
     def _prefill_rows(self, n: int) -> int:
         """The rows of a padded prefill pass of n prompts: the next power of two, at most max_batch_size."""
