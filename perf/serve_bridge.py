@@ -6,8 +6,6 @@ the GIL between them. Compare tokens/s and the wall time per decode step against
 
 PYTHONPATH=src python perf/serve_bridge.py [--step-ms 1.3] [--requests 200] [--clients 16] [--max-tokens 64]"""
 import argparse
-import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -30,15 +28,11 @@ def serve(port: int, step_ms: float, batch: int) -> None:
     engine = Engine(model, max_batch_size=batch, max_seq_len=256, prefill_in_decode=32, overlap=False)
     fake = torch.randn(batch, 512)  # narrow: picking from it costs the host what a GPU launch does, not a CPU argmax
 
-    def step(ids, *a, **k):
+    def stub(ids, *a, **k):  # a decode step or a prefill pass
         time.sleep(step_ms / 1e3)
         return fake[: ids.size(0)]
 
-    def prefill(ids, **k):
-        time.sleep(step_ms / 1e3)
-        return fake[: ids.size(0)]
-
-    engine.decoder.step, engine.decoder.prefill = step, prefill
+    engine.decoder.step = engine.decoder.prefill = stub
     app = create_app(engine, Tokenizer(), "bench", 1 << 20)
     engine.start()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
@@ -54,31 +48,20 @@ def main() -> None:
     args = p.parse_args()
     if args.serve:
         return serve(args.serve, args.step_ms, args.clients)
-    import httpx
+    from tinyllama.bench.serve import _free_port, measure_load, wait_until_up
 
-    from tinyllama.bench.serve import _load
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step-ms", str(args.step_ms),
                              "--clients", str(args.clients)])
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        asyncio.run(_load(url, args.clients, args.clients, 4, 0.0))
-        before = httpx.get(url + "/health").json()["engine"]
-        r = asyncio.run(_load(url, args.requests, args.clients, args.max_tokens, 0.0))
-        after = httpx.get(url + "/health").json()["engine"]
-        steps = after["decode_steps"] - before["decode_steps"]
-        rows = (after["decode_rows"] - before["decode_rows"]) / max(steps, 1)
-        print(f"{r['tokens_per_s']:8.1f} tok/s  {r['seconds'] / max(steps, 1) * 1e3:5.2f} ms per decode step "
-              f"(stub {args.step_ms} ms)  mean batch {rows:5.2f}  p50 {r['p50_s']:.3f} s  failures {r['failures']}")
+        problem = wait_until_up(url, proc)
+        if problem:
+            sys.exit(problem)
+        r = measure_load(url, args.requests, args.clients, args.max_tokens, 0.0)
+        print(f"{r['tokens_per_s']:8.1f} tok/s  {r['engine_time']['wall_ms_per_step']:5.2f} ms per decode step "
+              f"(stub {args.step_ms} ms)  mean batch {r['mean_seqs_per_decode_step']:5.2f}  p50 {r['p50_s']:.3f} s  "
+              f"failures {r['failures']}")
     finally:
         proc.terminate()
         proc.wait(timeout=20)

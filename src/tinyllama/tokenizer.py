@@ -165,7 +165,7 @@ class Tokenizer:
 
     def stream_decoder(self, prefix: Sequence[int] = ()) -> "StreamDecoder":
         """Text pieces for ids as they come, continuing `prefix` (the prompt). With a tokenizer.json tokenizer
-        and `tokenizers` >= 0.22, its own incremental decoder (`DecodeStream`, in Rust: ~4 us a token against
+        and a `tokenizers` whose DecodeStream takes a prefix, its own incremental decoder (`DecodeStream`, in Rust: ~4 us a token against
         ~22 for decoding a window of ids, which a server pays on its event loop for every token it streams)."""
         prefix = [int(i) for i in prefix]
         # A prefix whose text holds an incomplete UTF-8 sequence (a window cut mid-character, a prompt ending in

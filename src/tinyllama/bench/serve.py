@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Optional
 
 from tinyllama.cli import _args as flag
 from tinyllama.errors import TinyLlamaError, pip_extra
@@ -191,10 +192,43 @@ def engine_time(before: dict, after: dict, seconds: float) -> dict:
             "idle_share": round(max(0.0, seconds - d["step_s"]) / seconds, 3)}
 
 
+def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 300) -> Optional[str]:
+    """Poll the server's /health until it answers 200; None, or why it did not come up."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            return f"server exited with {proc.returncode}"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return None
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            return f"server did not come up in {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def measure_load(url: str, requests: int, clients: int, max_tokens: int, temperature: float) -> dict:
+    """A warm-up (one short request per client), then the measured load; its numbers with the engine's mean
+    batch and time split over the measured part (from /health before and after)."""
+    import httpx
+
+    asyncio.run(_load(url, min(clients, requests), clients, 4, temperature))
+    before = httpx.get(url + "/health").json()["engine"]
+    r = asyncio.run(_load(url, requests, clients, max_tokens, temperature))
+    after = httpx.get(url + "/health").json()["engine"]
+    steps = after["decode_steps"] - before["decode_steps"]
+    r["mean_seqs_per_decode_step"] = round((after["decode_rows"] - before["decode_rows"]) / max(steps, 1), 2)
+    r["engine_time"] = engine_time(before, after, r["seconds"])
+    return r
+
+
 def run(args) -> int:
     try:
-        import httpx
-        import openai  # noqa: F401  (imported here so a missing client fails before any server starts)
+        import httpx  # noqa: F401  (both imported here so a missing client fails before any server starts)
+        import openai  # noqa: F401
     except ImportError as e:
         raise TinyLlamaError(f"tinyllama bench serve needs the openai client ({e.name or e} is missing): "
                              f"{pip_extra('bench')}") from None
@@ -216,29 +250,12 @@ def run(args) -> int:
         proc = _start_server(args, batch, port)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.time() + 300
-            while True:
-                if proc.poll() is not None:
-                    print(f"server exited with {proc.returncode}", file=sys.stderr)
-                    return 2
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline:
-                    print("server did not come up in 300 s", file=sys.stderr)
-                    return 2
-                time.sleep(0.2)
-            # warm-up, then the measured run
-            asyncio.run(_load(url, min(args.clients, args.requests), args.clients, 4, args.temperature))
-            before = httpx.get(url + "/health").json()["engine"]
-            r = asyncio.run(_load(url, args.requests, args.clients, args.max_tokens, args.temperature))
-            after = httpx.get(url + "/health").json()["engine"]
-            steps = after["decode_steps"] - before["decode_steps"]
-            r["mean_seqs_per_decode_step"] = round((after["decode_rows"] - before["decode_rows"]) / max(steps, 1), 2)
+            problem = wait_until_up(url, proc)
+            if problem:
+                print(problem, file=sys.stderr)
+                return 2
+            r = measure_load(url, args.requests, args.clients, args.max_tokens, args.temperature)
             r["max_batch_size"] = batch
-            r["engine_time"] = engine_time(before, after, r["seconds"])
             results.append(r)
             save()
             print(f"max_batch_size {batch:3d}: {r['requests_per_s']:7.2f} req/s  {r['tokens_per_s']:8.1f} tok/s  "

@@ -40,6 +40,7 @@ emitted yet, where without overlap it was emitted in that step).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -113,8 +114,9 @@ class EngineStats:
     errors: int = 0
     # Where the engine thread's time goes (seconds): inside `step` in all; of that, waiting for a step's tokens
     # to reach the host (with overlap the next step is already queued: the device is busy meanwhile), and in
-    # prefill passes (each waits for its own tokens, and so, with overlap, for the step queued before it). The rest of step_s is host work: while the device waits
-    # for it (without overlap, or when it outlasts a step) the device idles.
+    # prefill passes (each waits for its own tokens, and so, with overlap, for the step queued before it).
+    # The rest of step_s is host work: while the device waits for it (without overlap, or when it outlasts a
+    # step) the device idles.
     step_s: float = 0.0
     wait_s: float = 0.0
     prefill_s: float = 0.0
@@ -273,11 +275,8 @@ class Engine:
     def step(self) -> None:
         """Admit + prefill waiting sequences, then one decode step for all running ones (with overlap: queue
         it, then emit the tokens of the step queued before)."""
-        t0 = time.perf_counter()
-        try:
+        with self._timed("step_s"):
             self._step()
-        finally:
-            self.stats.step_s += time.perf_counter() - t0
 
     def _step(self) -> None:
         for i, s in enumerate(self.slots):
@@ -336,12 +335,18 @@ class Engine:
         # Every host-built input of a step goes through here: on CUDA it does not wait for the queued steps.
         return host_to_device(values, dtype, self.device)
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    @contextlib.contextmanager
+    def _timed(self, stat: str):
+        """Adds the seconds spent in the block to EngineStats.<stat>, also when it raises."""
         t0 = time.perf_counter()
         try:
-            self._prefill_pass(seqs)
+            yield
         finally:
-            self.stats.prefill_s += time.perf_counter() - t0
+            setattr(self.stats, stat, getattr(self.stats, stat) + time.perf_counter() - t0)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        with self._timed("prefill_s"):
+            self._prefill_pass(seqs)
 
     def _prefill_pass(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -472,9 +477,8 @@ class Engine:
         """Hand each sampled token to its sequence (`tokens`: the step's, already on the host; else they are
         waited for here); finish those that stop or reach their length."""
         if tokens is None:
-            t0 = time.perf_counter()
-            tokens = step.tokens()
-            self.stats.wait_s += time.perf_counter() - t0
+            with self._timed("wait_s"):
+                tokens = step.tokens()
         for s, tok, pos_after in zip(step.seqs, tokens, step.pos_after):
             if s.finished:  # cancelled or stopped while this step was in flight
                 continue
