@@ -198,6 +198,25 @@ def run_bench(names, cfg, mb, seq, steps, warmup, data):
     return out
 
 
+KERNEL_KINDS = (  # first match wins; names as cuBLAS / cuDNN / our Triton kernels / PyTorch spell them
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "wgmma")),
+    ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
+    ("adamw", ("adam",)),
+    ("clip / norms of grads", ("norm_kernel", "foreach_norm", "lpnorm", "multi_tensor_apply")),
+    ("copies / casts", ("copy", "memcpy", "memset", "cast")),
+    ("pytorch pointwise / reductions", ("at::native", "elementwise", "reduce_kernel")),
+)
+TRITON_KIND = "triton (norms, rotary, SwiGLU, CE)"  # our kernels are named by their Python function: _rms_norm_fwd ...
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return TRITON_KIND if name.startswith("_") or "triton" in low else "other"
+
+
 def profile(kernels: KernelConfig, cfg, mb, seq):
     from torch.profiler import ProfilerActivity, profile as prof
 
@@ -218,7 +237,21 @@ def profile(kernels: KernelConfig, cfg, mb, seq):
             break
         except Exception:
             table = None
-    if os.environ.get("OUT"):
+    # GPU time per step by kind of kernel, and the step's span (first kernel start to last kernel end)
+    kernels = [e for e in p.events() if e.device_type.name == "CUDA"]
+    per_kind, per_name = {}, {}
+    for e in kernels:
+        us = e.time_range.elapsed_us() / 2
+        kind = kernel_kind(e.name)
+        per_kind[kind] = per_kind.get(kind, 0.0) + us
+        per_name[e.name] = per_name.get(e.name, 0.0) + us
+    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 2
+    RESULTS["train_profile"] = {
+        "step_span_ms": round(span / 1e3, 2), "kernel_sum_ms": round(sum(per_kind.values()) / 1e3, 2),
+        "per_kind_ms": {k: round(v / 1e3, 2) for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms": {k[:120]: round(v / 1e3, 3) for k, v in sorted(per_name.items(), key=lambda kv: -kv[1])[:40]}}
+    print("train profile, ms per step:", json.dumps(RESULTS["train_profile"], indent=1), flush=True)
+    if os.environ.get("OUT") and os.environ.get("TRACE"):  # tens of MB: only when asked for
         p.export_chrome_trace(os.path.join(os.environ["OUT"], "trace.json"))
     del m, opt, step
     torch._dynamo.reset()

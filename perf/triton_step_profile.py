@@ -51,10 +51,17 @@ def main() -> None:
                 for _ in range(n):
                     eager.step(ids, pos)
                 torch.cuda.synchronize()
-            per_kernel = defaultdict(float)
-            for e in prof.events():
+            per_kernel, per_product = defaultdict(float), defaultdict(float)
+            # the step's products run in a fixed order (TritonDecodeStep._run): label them by their place
+            labels = ["qkv", "o", "gate_up", "down"] * len(model.layers) + ["head"]
+            k = 0
+            for e in sorted(prof.events(), key=lambda e: e.time_range.start):
                 if e.device_type.name == "CUDA":
-                    per_kernel[e.name] += e.time_range.elapsed_us() / n
+                    us = e.time_range.elapsed_us() / n
+                    per_kernel[e.name] += us
+                    if e.name in ("_gemv_kernel", "_rows_kernel"):
+                        per_product[labels[k % len(labels)]] += us
+                        k += 1
             graphed = TritonDecodeStep(model, use_graph=True, batch_size=B, tune=False)
             graphed.configs = eager.configs  # the same tiles as the profiled steps
             for _ in range(3):
@@ -69,11 +76,21 @@ def main() -> None:
             graph_us = start.elapsed_time(end) * 1e3 / 50
         kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1])
         total = sum(per_kernel.values())
+        # weight bytes each product reads per step, for its bandwidth (GB/s = bytes / us / 1e3)
+        weight_bytes = {label: sum(m.weight.numel() * m.weight.element_size() for m in mods) for label, mods in {
+            "qkv": [l.self_attn.qkv_proj for l in model.layers], "o": [l.self_attn.o_proj for l in model.layers],
+            "gate_up": [l.mlp.gate_up_proj for l in model.layers], "down": [l.mlp.down_proj for l in model.layers],
+            "head": [model.lm_head]}.items()}
+        products = {p: {"us": round(us, 1), "TB_per_s": round(weight_bytes[p] / us / 1e6, 2)}
+                    for p, us in per_product.items()}
         report["batches"].append({"batch": B, "graph_step_us": round(graph_us, 1), "kernel_sum_us": round(total, 1),
-                                  "kernels_us": {k: round(v, 1) for k, v in kernels}})
+                                  "tiles": sorted({str(c) for c in eager.configs}),
+                                  "products": products, "kernels_us": {k: round(v, 1) for k, v in kernels}})
         print(f"batch {B}: graph replay {graph_us:.1f} us per step; kernels (eager) sum {total:.1f} us", flush=True)
         for k, v in kernels[:8]:
             print(f"   {v:8.1f} us  {k[:90]}", flush=True)
+        for p, r in products.items():
+            print(f"   {p:>8}: {r['us']:8.1f} us, weights at {r['TB_per_s']:.2f} TB/s", flush=True)
         model.clear_cache()
     with open(a.out, "w") as f:
         json.dump(report, f, indent=1)

@@ -5,7 +5,8 @@
 # buckets now run the Triton steps). Needs .whl/ (see h200_serve_next.sh for how to build it); carry it.
 # Write the output to $OUT (`... > $OUT/log.txt 2>&1`): a call killed at its limit keeps it. Each part is sized
 # for one call of 600 s or less with the others: tests + serve; generate-final alone; serve-overlap + profile.
-# Usage: bash perf/device/h200_batched_triton.sh [rows|profile|kernel-tests|tests|serve-tests|generate|generate-final|serve|serve-overlap]...
+# Usage: bash perf/device/h200_batched_triton.sh [rows|profile|step-profile|train-profile|loss-1b|kernel-tests|tests|serve-tests|generate|generate-final|serve|serve-overlap]...
+#   loss-1b needs .perfdata/tokens.npy (perf/make_tokens.py; carry .perfdata)
 #   (default: tests generate serve)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -21,6 +22,16 @@ for part in $parts; do
   profile)
     echo "== Triton step profile"
     timeout 100 python3 perf/triton_step_profile.py --batches 1,8 --out $OUT/triton_step_profile.json 2>&1 | grep -v -i warn | tail -20 ;;
+  step-profile)  # per product (q/k/v, o, gate/up, down, head) at batch 1 and 32, tuned tiles
+    echo "== Triton step profile, tuned, batch 1 and 32"
+    timeout 200 python3 perf/triton_step_profile.py --batches 1,32 --tune --out $OUT/triton_step_profile.json 2>&1 | grep -v -i warn | tail -30 ;;
+  train-profile)  # the training step (fused blocks, the default) under torch.profiler: ms per step by kind
+    echo "== training step profile"
+    timeout 200 python3 perf/gpu_perf.py --profile ours 2>&1 | grep -v -i warn | tail -70 ;;
+  loss-1b)  # 1.1B loss curve against transformers, three perturbed-transformers seeds for the noise bound
+    echo "== loss curve 1.1B"
+    timeout 330 python3 perf/loss_curve.py --config tinyllama-1.1b --data .perfdata/tokens.npy --steps 100 --perturbed-seeds 3 \
+      --out $OUT/loss_curve_1.1b_hf.json 2>&1 | grep -E "^[a-z].*s, first|within|\"fast\"|bound" | head -20 ;;
   kernel-tests)
     echo "== decode kernel tests"
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py 2>&1 | tail -4 ;;
