@@ -59,7 +59,8 @@ def test_gemv_matches_reference(dtype, variant, rows):
         want_res = torch.randn(out_shape, device=DEVICE).to(dtype)
     want = reference_gemv(x, w, residual=want_res, **kw)
     configs = (GemvConfig(8, 64, 4, 2), GemvConfig(16, 128, 4, 3), GemvConfig(4, 64, 4, 1, rowsum=True)) \
-        if rows == 1 else (GemvConfig(16, 64, 4, 2), GemvConfig(32, 128, 4, 3), GemvConfig(32, 64, 4, 2, swap=True))
+        if rows == 1 else (GemvConfig(16, 64, 4, 2), GemvConfig(32, 128, 4, 3), GemvConfig(32, 64, 4, 2, swap=True),
+                           GemvConfig(16, 64, 4, 2, split_k=2), GemvConfig(32, 64, 4, 2, swap=True, split_k=4))
     for cfg in configs:
         out = want_res.clone() if want_res is not None else torch.empty(out_shape, device=DEVICE, dtype=dtype)
         got = gemv(x, w, out, residual=out if want_res is not None else None, config=cfg, **kw)  # in place
@@ -70,6 +71,35 @@ def test_gemv_matches_reference(dtype, variant, rows):
             torch.testing.assert_close(got.float(), want.float(), atol=4e-2, rtol=4e-2)
         else:
             _close(got, want, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("swap", [False, True])
+def test_split_k_products_are_deterministic_and_reset_their_counters(swap):
+    """Split-K products (each weight tile's columns over several programs, the partial sums added by the
+    tile's last program) give the same bits on every call with one workspace, whichever program finishes
+    last, and leave the arrival counters at zero for the next product; they equal the unsplit product to
+    fp32 rounding."""
+    from tinyllama.kernels.decode import GemvConfig, SplitKWorkspace, gemv
+
+    torch.manual_seed(0)
+    N, K, rows = 72, 300, 5  # 300 columns in splits of 128, 128 and 44
+    w = torch.randn(2 * N, K, device=DEVICE) / K**0.5
+    x = torch.randn(rows, K, device=DEVICE)
+    norm = 1 + 0.1 * torch.randn(K, device=DEVICE)
+    ws = SplitKWorkspace(DEVICE)
+    split = GemvConfig(16, 64, 4, 2, swap=swap, split_k=3)
+    outs = [gemv(x, w, torch.empty(rows, N, device=DEVICE), norm_weight=norm, swiglu=True, config=split,
+                 workspace=ws) for _ in range(3)]
+    assert ws.count.numel() == 5 and int(ws.count.abs().sum()) == 0  # 72 rows: 5 tiles of 16, all reset
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    whole = gemv(x, w, torch.empty(rows, N, device=DEVICE), norm_weight=norm, swiglu=True,
+                 config=GemvConfig(16, 64, 4, 2, swap=swap))
+    torch.testing.assert_close(outs[0], whole, atol=2e-5, rtol=2e-5)
+    # a plain product through the same workspace after the swiglu one (the step's order)
+    got = gemv(x, w[:N].contiguous(), torch.empty(rows, N, device=DEVICE), config=split, workspace=ws)
+    torch.testing.assert_close(got, x @ w[:N].T, atol=2e-5, rtol=2e-5)
+    assert int(ws.count.abs().sum()) == 0
 
 
 @needs_triton
@@ -163,12 +193,13 @@ def test_step_matches_model_forward_fp32():
 
 
 @needs_triton
-@pytest.mark.parametrize("same_position", [False, True])
-def test_batched_step_matches_model_forward_fp32(same_position):
+@pytest.mark.parametrize("same_position,split_k", [(False, 1), (True, 1), (False, 2)])
+def test_batched_step_matches_model_forward_fp32(same_position, split_k):
     """A Triton step of 3 rows on the first 3 rows of a 4-row cache: each row at its own position (the serve
     engine's continuous batch) or all at one (input_pos (1,), `generate_batch`), equal to `Llama.forward`
-    with the same per-row positions; the greedy tokens it computes inside are the logits' argmax."""
-    from tinyllama.kernels.decode import TritonDecodeStep
+    with the same per-row positions; the greedy tokens it computes inside are the logits' argmax. split_k 2:
+    every product split over two programs per weight tile, sharing the step's workspace."""
+    from tinyllama.kernels.decode import GemvConfig, TritonDecodeStep
 
     ref, fused = _models(torch.float32)
     B, lengths = 3, [9, 4, 13] if not same_position else [9, 9, 9]
@@ -180,6 +211,8 @@ def test_batched_step_matches_model_forward_fp32(same_position):
             for m in (ref, fused):
                 m(prompt, input_pos=torch.arange(n, device=DEVICE)[None], slots=torch.tensor([b], device=DEVICE))
         step = TritonDecodeStep(fused, use_graph=False, batch_size=B, tune=False)
+        if split_k > 1:
+            step.configs = [GemvConfig(16, 64, 4, 2, split_k=split_k)] * len(step.configs)
         pos = torch.tensor(lengths, device=DEVICE)
         tok = torch.randint(0, 96, (B, 1), device=DEVICE)
         for _ in range(6):
@@ -372,3 +405,28 @@ def test_graph_replay_equals_eager_steps_cuda(pdl, batch):
         tok = torch.randint(0, 96, (batch, 1), device="cuda")
         assert torch.equal(graphed.step(tok, torch.tensor([7], device="cuda")),
                            eager.step(tok, torch.tensor([7], device="cuda")))
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETED or torch.cuda.is_available(),
+                    reason="needs Triton, not interpreted; on a GPU the other tests compile the kernels for real")
+def test_decode_kernels_compile_for_hopper():
+    """What only Triton's compiler rejects (the interpreter runs the Python), for sm_90, without a GPU: the
+    rows kernel in every flag combination, split-K (counter, barrier, the last program's branch) included,
+    with programmatic dependent launch."""
+    try:
+        from test_kernels import _compile_for_hopper
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    from tinyllama.kernels import decode as D
+
+    bf = "*bf16"
+    ptrs = dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf, PART="*fp32", SS="*fp32", COUNT="*i32")
+    for split in (1, 4):
+        for swap in (False, True):
+            for norm, swiglu, res in ((True, False, False), (True, True, False), (False, False, True)):
+                _compile_for_hopper(D._rows_kernel, ptrs, dict(
+                    HAS_NORM=norm, SWIGLU=swiglu, HAS_RES=res, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
+                    BLOCK_K=256, DOT_FP32=False, SWAP=swap, SPLIT_K=split))
+    _compile_for_hopper(D._gemv_kernel, dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf), dict(
+        HAS_NORM=True, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_N=4, BLOCK_K=2048, ROWSUM=True))

@@ -122,20 +122,21 @@ if triton is not None:
         return acc, acc_up, ss
 
     @triton.jit
-    def _first_weight_tile(W, N, K, SWIGLU: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
-        # This program's BLOCK_N weight rows and their first tile (and the up half's, with SWIGLU). The tile
-        # does not depend on the previous kernel: with programmatic dependent launch (PDL) it is read while
-        # that kernel finishes; gdc_wait then waits for its results (x, residual).
+    def _first_weight_tile(W, N, K, k_start, k_end, SWIGLU: tl.constexpr, PDL: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # This program's BLOCK_N weight rows and their first tile, at column k_start of its columns
+        # [k_start, k_end) (and the up half's, with SWIGLU). The tile does not depend on the previous kernel:
+        # with programmatic dependent launch (PDL) it is read while that kernel finishes; gdc_wait then waits
+        # for its results (x, residual).
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
         w_rows = W + rows[:, None].to(tl.int64) * K
-        m = row_ok[:, None] & (cols < K)[None, :]
-        w = tl.load(w_rows + cols[None, :], mask=m, other=0.0)
+        m = row_ok[:, None] & (k_start + cols < k_end)[None, :]
+        w = tl.load(w_rows + k_start + cols[None, :], mask=m, other=0.0)
         wu = w
         if SWIGLU:
-            wu = tl.load(w_rows + N * K + cols[None, :], mask=m, other=0.0)
+            wu = tl.load(w_rows + N * K + k_start + cols[None, :], mask=m, other=0.0)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()  # the next kernel may start its own weight reads now
@@ -145,7 +146,7 @@ if triton is not None:
     def _gemv_kernel(X, W, OUT, RES, NORM_W, N, K, eps,
                      HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWSUM: tl.constexpr):
-        rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, SWIGLU, PDL, BLOCK_N, BLOCK_K)
+        rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, 0, K, SWIGLU, PDL, BLOCK_N, BLOCK_K)
         dt = OUT.dtype.element_ty
         # One pass over x and W: the norm's 1/rms is a scalar, so it is applied to the sums at the end
         # (the model rounds the normalised x to its dtype first; here it stays fp32 — the only deviation).
@@ -190,12 +191,13 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
-    def _rows_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, M, K, ms, cols,
+    def _rows_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, M, K, k_end, ms, cols,
                          HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr):
-        # one (BLOCK_M, BLOCK_K) tile of the M inputs against the (BLOCK_N, BLOCK_K) weight tile(s), on the
-        # tensor cores in the model dtype (fp32 "ieee" for fp32 models and under the interpreter). SWAP: the
-        # weight tile is the left operand, acc is (BLOCK_N, BLOCK_M) (wide weight tiles, few input rows)
-        k_ok = k0 + cols < K
+        # one (BLOCK_M, BLOCK_K) tile of the M inputs (row stride K; columns up to k_end) against the
+        # (BLOCK_N, BLOCK_K) weight tile(s), on the tensor cores in the model dtype (fp32 "ieee" for fp32 models
+        # and under the interpreter). SWAP: the weight tile is the left operand, acc is (BLOCK_N, BLOCK_M)
+        # (wide weight tiles, few input rows)
+        k_ok = k0 + cols < k_end
         xv = tl.load(X + ms[:, None] * K + k0 + cols[None, :], mask=(ms < M)[:, None] & k_ok[None, :],
                      other=0.0).to(tl.float32)
         if HAS_NORM:
@@ -213,32 +215,10 @@ if triton is not None:
         return acc, acc_up, ss
 
     @triton.jit
-    def _rows_kernel(X, W, OUT, RES, NORM_W, M, N, K, eps,
-                     HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                     SWAP: tl.constexpr):
-        # `_gemv_kernel` for M > 1 input rows (a decode step of M sequences): each program reads its
-        # BLOCK_N weight rows once for all M inputs, so the step still reads every weight once.
-        rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, SWIGLU, PDL, BLOCK_N, BLOCK_K)
-        ms = tl.arange(0, BLOCK_M)
-        m_ok = ms < M
+    def _rows_epilogue(acc, acc_up, ss, OUT, RES, rows, row_ok, ms, m_ok, N, K, eps, HAS_NORM: tl.constexpr,
+                       SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr):
+        # the sums of all K columns, (BLOCK_M, BLOCK_N) -> 1/rms, SwiGLU, residual, written in the model dtype
         dt = OUT.dtype.element_ty
-        if SWAP:
-            zero = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        else:
-            zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc, acc_up, ss = _rows_accumulate(zero, zero, tl.zeros([BLOCK_M], dtype=tl.float32), w, wu, X, NORM_W,
-                                           0, M, K, ms, cols, HAS_NORM, SWIGLU, DOT_FP32, SWAP)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            m = row_ok[:, None] & (k0 + cols < K)[None, :]
-            w = tl.load(w_rows + k0 + cols[None, :], mask=m, other=0.0)
-            if SWIGLU:
-                wu = tl.load(w_rows + N * K + k0 + cols[None, :], mask=m, other=0.0)
-            acc, acc_up, ss = _rows_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, M, K, ms, cols, HAS_NORM,
-                                               SWIGLU, DOT_FP32, SWAP)
-        if SWAP:
-            acc = tl.trans(acc)
-            acc_up = tl.trans(acc_up)
         rstd = tl.full([BLOCK_M], 1.0, tl.float32)
         if HAS_NORM:
             rstd = tl.rsqrt(ss / K + eps)
@@ -251,6 +231,72 @@ if triton is not None:
         if HAS_RES:
             y = tl.load(RES + at, mask=ok, other=0.0).to(tl.float32) + y
         tl.store(OUT + at, y.to(dt), mask=ok)
+
+    @triton.jit
+    def _rows_kernel(X, W, OUT, RES, NORM_W, PART, SS, COUNT, M, N, K, K_SPLIT, eps,
+                     HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                     SWAP: tl.constexpr, SPLIT_K: tl.constexpr):
+        # `_gemv_kernel` for M > 1 input rows (a decode step of M sequences): each program reads its
+        # BLOCK_N weight rows once for all M inputs, so the step still reads every weight once.
+        # SPLIT_K > 1: program (n, s) sums columns [s·K_SPLIT, (s+1)·K_SPLIT) only, so that a product of few
+        # weight rows (q/k/v: 40 tiles of 64) still runs on every SM: one SM alone reads ~25 GB/s, not the
+        # card's 4.3 TB/s. Each writes its fp32 partial sums (and its rows' partial sums of squares) to PART /
+        # SS; the last of a tile's SPLIT_K programs to finish (a counter per tile, COUNT, reset by that
+        # program) adds the partials in the order s = 0, 1, ... (the result does not depend on which
+        # finished last) and runs the epilogue.
+        pid_k = tl.program_id(1)
+        k_start = pid_k * K_SPLIT
+        k_end = tl.minimum(K, k_start + K_SPLIT)
+        rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, k_start, k_end, SWIGLU, PDL, BLOCK_N,
+                                                               BLOCK_K)
+        ms = tl.arange(0, BLOCK_M)
+        m_ok = ms < M
+        if SWAP:
+            zero = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc, acc_up, ss = _rows_accumulate(zero, zero, tl.zeros([BLOCK_M], dtype=tl.float32), w, wu, X, NORM_W,
+                                           k_start, M, K, k_end, ms, cols, HAS_NORM, SWIGLU, DOT_FP32, SWAP)
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
+            m = row_ok[:, None] & (k0 + cols < k_end)[None, :]
+            w = tl.load(w_rows + k0 + cols[None, :], mask=m, other=0.0)
+            if SWIGLU:
+                wu = tl.load(w_rows + N * K + k0 + cols[None, :], mask=m, other=0.0)
+            acc, acc_up, ss = _rows_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, M, K, k_end, ms, cols,
+                                               HAS_NORM, SWIGLU, DOT_FP32, SWAP)
+        if SWAP:
+            acc = tl.trans(acc)
+            acc_up = tl.trans(acc_up)
+        if SPLIT_K == 1:
+            _rows_epilogue(acc, acc_up, ss, OUT, RES, rows, row_ok, ms, m_ok, N, K, eps, HAS_NORM, SWIGLU, HAS_RES,
+                           BLOCK_M)
+        else:
+            pid_n = tl.program_id(0)
+            width = 2 * N if SWIGLU else N  # PART: (SPLIT_K, BLOCK_M, width) fp32, the up sums at column N + n
+            at = ms[:, None] * width + rows[None, :]
+            ok = m_ok[:, None] & row_ok[None, :]
+            slab = BLOCK_M * width
+            tl.store(PART + pid_k * slab + at, acc, mask=ok)
+            if SWIGLU:
+                tl.store(PART + pid_k * slab + N + at, acc_up, mask=ok)
+            if HAS_NORM:
+                tl.store(SS + (pid_n * SPLIT_K + pid_k) * BLOCK_M + ms, ss)
+            tl.debug_barrier()  # every thread's partials stored before the counter says so
+            arrived = tl.atomic_add(COUNT + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                acc_up = acc
+                ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):  # ".cg": from L2, where the other SMs' stores are
+                    acc += tl.load(PART + s * slab + at, mask=ok, other=0.0, cache_modifier=".cg")
+                    if SWIGLU:
+                        acc_up += tl.load(PART + s * slab + N + at, mask=ok, other=0.0, cache_modifier=".cg")
+                    if HAS_NORM:
+                        ss += tl.load(SS + (pid_n * SPLIT_K + s) * BLOCK_M + ms, cache_modifier=".cg")
+                tl.atomic_xchg(COUNT + pid_n, 0)  # ready for the next product (or graph replay)
+                _rows_epilogue(acc, acc_up, ss, OUT, RES, rows, row_ok, ms, m_ok, N, K, eps, HAS_NORM, SWIGLU,
+                               HAS_RES, BLOCK_M)
 
     @triton.jit
     def _rope(x, x_swapped, c, s, sign, dt: tl.constexpr):
@@ -350,6 +396,29 @@ class GemvConfig:
     num_stages: int
     rowsum: bool = False  # the GEMV kernel: reduce each tile to per-row sums at once
     swap: bool = False  # the rows kernel: the weight tile as the left operand of the tensor-core product
+    split_k: int = 1  # the rows kernel: programs per weight tile, each over 1/split_k of the columns
+
+
+class SplitKWorkspace:
+    """The rows kernel's scratch for split-K products: fp32 partial sums, partial sums of squares, and one
+    arrival counter per weight tile (zero between kernels: each tile's last program resets its own). Grows
+    on demand, so a CUDA graph must be captured only after an eager run of the same products (as
+    `TritonDecodeStep` does); the step keeps one for all its products, which run one after the other."""
+
+    def __init__(self, device) -> None:
+        self.device = torch.device(device)
+        self.part = torch.empty(0, dtype=torch.float32, device=self.device)
+        self.ss = torch.empty(0, dtype=torch.float32, device=self.device)
+        self.count = torch.zeros(0, dtype=torch.int32, device=self.device)
+
+    def get(self, part: int, ss: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.part.numel() < part:
+            self.part = torch.empty(part, dtype=torch.float32, device=self.device)
+        if self.ss.numel() < ss:
+            self.ss = torch.empty(ss, dtype=torch.float32, device=self.device)
+        if self.count.numel() < tiles:
+            self.count = torch.zeros(tiles, dtype=torch.int32, device=self.device)
+        return self.part, self.ss, self.count
 
 
 # Candidates timed once per product shape on CUDA (`TritonDecodeStep.tune`); the first is the untimed
@@ -389,6 +458,17 @@ ROWS_CANDIDATES = (
     GemvConfig(16, 128, 4, 6),
     GemvConfig(16, 512, 4, 3),
     GemvConfig(64, 128, 4, 4),
+    # split-K (2026-12-03): in the 32-row step's profile the products of few weight tiles read their weights
+    # slowest (q/k/v, 40 tiles of 64 rows: 0.93 TB/s; o and down, 128 tiles of 16: 1.3 and 1.9; the head's
+    # 500 tiles: 2.9), as too few SMs read
+    GemvConfig(64, 256, 4, 2, swap=True, split_k=2),
+    GemvConfig(64, 256, 4, 2, swap=True, split_k=4),
+    GemvConfig(64, 128, 4, 4, swap=True, split_k=2),
+    GemvConfig(32, 256, 4, 3, swap=True, split_k=2),
+    GemvConfig(32, 256, 4, 3, swap=True, split_k=4),
+    GemvConfig(16, 256, 4, 4, split_k=2),
+    GemvConfig(16, 256, 4, 4, split_k=4),
+    GemvConfig(16, 128, 4, 6, split_k=2),
 )
 # fp32 models (tests): tiles small enough for fp32's shared memory at up to 64 rows (the bf16 first tile needs
 # ~310 KB for an fp32 gate/up product, over Hopper's 227 KB)
@@ -398,12 +478,13 @@ MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accu
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None,
          eps: float = 1e-5, residual: Optional[torch.Tensor] = None, swiglu: bool = False,
-         config: Optional[GemvConfig] = None, pdl: bool = False) -> torch.Tensor:
+         config: Optional[GemvConfig] = None, pdl: bool = False,
+         workspace: Optional[SplitKWorkspace] = None) -> torch.Tensor:
     """The kernel behind `reference_gemv`, written into `out` (N,) or (M, N); `residual` may be `out` itself.
     x (K,) or (1, K) runs the batch-1 kernel, (M, K) with 1 < M <= MAX_ROWS the rows kernel (config: a
     GEMV_CANDIDATES or ROWS_CANDIDATES entry; default the first). pdl: launch with programmatic dependent
     launch (see `pdl_supported`): the first weight tile is read while the previous kernel on the stream
-    finishes."""
+    finishes. workspace: the split-K scratch (config.split_k > 1); None: a new one for this call."""
     n = weight.size(0) // 2 if swiglu else weight.size(0)
     k = weight.size(1)
     rows = x.size(0) if x.dim() == 2 else 1
@@ -419,11 +500,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
             num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
     else:
         config = config or ROWS_CANDIDATES[0]
-        block_n = max(16, config.block_n)  # tensor-core tiles
-        _rows_kernel[(triton.cdiv(n, block_n),)](
-            *args, rows, n, k, eps, **common, BLOCK_M=max(16, triton.next_power_of_2(rows)),
-            BLOCK_N=block_n, BLOCK_K=max(16, config.block_k),
-            DOT_FP32=x.dtype == torch.float32 or _interpreted(), SWAP=config.swap,
+        block_m, block_n, block_k = max(16, triton.next_power_of_2(rows)), max(16, config.block_n), max(16, config.block_k)
+        tiles = triton.cdiv(n, block_n)
+        # columns per split: whole K-blocks; splits that would get no columns are dropped
+        k_split = triton.cdiv(triton.cdiv(k, max(1, config.split_k)), block_k) * block_k
+        split = triton.cdiv(k, k_split)
+        if split > 1:
+            ws = workspace if workspace is not None else SplitKWorkspace(x.device)
+            part, ss, count = ws.get(split * block_m * (2 * n if swiglu else n), tiles * split * block_m, tiles)
+        else:
+            part = ss = count = out  # unused
+        _rows_kernel[(tiles, split)](
+            *args, part, ss, count, rows, n, k, k_split, eps, **common, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k,
+            DOT_FP32=x.dtype == torch.float32 or _interpreted(), SWAP=config.swap, SPLIT_K=split,
             num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
     return out
 
@@ -529,6 +619,7 @@ class TritonDecodeStep:
         self._graph_cache = None  # weakref to the layer-0 KVCache the graph was captured on
         self._next_pos: Optional[int] = None  # what self.pos holds after the last step, if known
         self._tuned = not tune  # tune=False: every product at its first candidate (tests: no compile sweep)
+        self.workspace = SplitKWorkspace(self.device)  # split-K scratch shared by the products (run in turn)
         # Every GEMV of the step: (input, weight, output, kwargs) over the fixed buffers.
         self.products = []
         for layer in model.layers:
@@ -572,7 +663,7 @@ class TritonDecodeStep:
 
                 def run_all(cfg, weights=weights, xs=xs, outs=outs, skw=skw):
                     for w in weights:
-                        gemv(xs, w, outs, config=cfg, pdl=self.pdl, **skw)
+                        gemv(xs, w, outs, config=cfg, pdl=self.pdl, workspace=self.workspace, **skw)
 
                 _TUNED[key] = _fastest(run_all, self.candidates)
             for i in members:
@@ -586,7 +677,7 @@ class TritonDecodeStep:
 
         def product() -> None:
             (x, weight, out, kw), cfg = next(products)
-            gemv(x, weight, out, config=cfg, pdl=self.pdl, **kw)
+            gemv(x, weight, out, config=cfg, pdl=self.pdl, workspace=self.workspace, **kw)
 
         for layer in m.layers:
             a = layer.self_attn
