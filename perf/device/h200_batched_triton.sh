@@ -5,7 +5,7 @@
 # buckets now run the Triton steps). Needs .whl/ (see h200_serve_next.sh for how to build it); carry it.
 # Write the output to $OUT (`... > $OUT/log.txt 2>&1`): a call killed at its limit keeps it. Each part is sized
 # for one call of 600 s or less with the others: tests + serve; generate-final alone; serve-overlap + profile.
-# Usage: bash perf/device/h200_batched_triton.sh [rows|profile|step-profile|train-profile|loss-1b|kernel-tests|tests|serve-tests|generate|generate-final|serve|serve-overlap]...
+# Usage: bash perf/device/h200_batched_triton.sh [rows|rows-sweep|generate-rows|profile|step-profile|train-profile|loss-1b|kernel-tests|tests|serve-tests|generate|generate-final|serve|serve-overlap]...
 #   loss-1b needs .perfdata/tokens.npy (perf/make_tokens.py; carry .perfdata)
 #   (default: tests generate serve)
 set -u
@@ -22,6 +22,14 @@ for part in $parts; do
   profile)
     echo "== Triton step profile"
     timeout 100 python3 perf/triton_step_profile.py --batches 1,8 --out $OUT/triton_step_profile.json 2>&1 | grep -v -i warn | tail -20 ;;
+  rows-sweep)  # the 32-row products: the tuner's tiles and up to 80 more from a wider grid, 45 s per product
+    echo "== rows-kernel sweep at 32 rows vs cuBLAS"
+    timeout 240 python3 perf/rows_gemm.py --batches 32 --products qkv,o,gate_up,down --sweep 80 --budget-s 45 \
+      --out $OUT/rows_sweep.json 2>&1 | grep -v -i warn | tail -8 ;;
+  generate-rows)  # batch 16 and 32: the Triton step (split-K candidates) beside the compiled step, same run
+    echo "== bench generate 16, 32"
+    timeout 220 python3 -m tinyllama bench generate --preset tinyllama-1.1b --device cuda --batch-sizes 16,32 \
+      --triton-max-batch 32 --no-hf --json $OUT/bench_generate_rows.json 2>&1 | grep -v -i warn | tail -8 ;;
   step-profile)  # per product (q/k/v, o, gate/up, down, head) at batch 1 and 32, tuned tiles
     echo "== Triton step profile, tuned, batch 1 and 32"
     timeout 200 python3 perf/triton_step_profile.py --batches 1,32 --tune --out $OUT/triton_step_profile.json 2>&1 | grep -v -i warn | tail -30 ;;
