@@ -76,9 +76,11 @@ def main() -> None:
             if kw.get("res"):
                 gkw["residual"] = out
 
+            ws = decode.SplitKWorkspace(dev)  # one for all calls, as the step keeps one (no allocation in the graph)
+
             def ours(cfg):
                 for w in weights:
-                    decode.gemv(x, w, out, config=cfg, pdl=pdl, **gkw)
+                    decode.gemv(x, w, out, config=cfg, pdl=pdl, workspace=ws, **gkw)
 
             cands = decode.GEMV_CANDIDATES if B == 1 else decode.ROWS_CANDIDATES
             t0 = time.perf_counter()
