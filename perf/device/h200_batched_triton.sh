@@ -24,7 +24,7 @@ for part in $parts; do
     timeout 100 python3 perf/triton_step_profile.py --batches 1,8 --out $OUT/triton_step_profile.json 2>&1 | grep -v -i warn | tail -20 ;;
   rows-sweep)  # the 32-row products: the tuner's tiles and up to 80 more from a wider grid, 45 s per product
     echo "== rows-kernel sweep at 32 rows vs cuBLAS"
-    timeout 240 python3 perf/rows_gemm.py --batches 32 --products qkv,o,gate_up,down --sweep 80 --budget-s 45 \
+    timeout 240 python3 perf/rows_gemm.py --batches 32 --products qkv,o,gate_up,down --sweep 80 --budget-s ${SWEEP_BUDGET:-45} \
       --out $OUT/rows_sweep.json 2>&1 | grep -v -i warn | tail -8 ;;
   generate-rows)  # batch 16 and 32: the Triton step (split-K candidates) beside the compiled step, same run
     echo "== bench generate 16, 32"
