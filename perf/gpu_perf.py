@@ -199,22 +199,25 @@ def run_bench(names, cfg, mb, seq, steps, warmup, data):
 
 
 KERNEL_KINDS = (  # first match wins; names as cuBLAS / cuDNN / our Triton kernels / PyTorch spell them
-    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "wgmma")),
+    # attention first: cuDNN's attention kernels are named ..._sdpa_sm90_flash_fprop_wgmma_...
     ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
-    ("adamw", ("adam",)),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "wgmma")),
+    ("adamw", ("adam", "fusedoptimizer")),
+    # Triton before the rest: our kernels are named by their Python function (_rms_norm_fwd ...), inductor's
+    # triton_red_fused__to_copy_... (the loss), which the copies' "copy" would catch
+    ("triton (norms, rotary, SwiGLU, CE)", ("triton_",)),
     ("clip / norms of grads", ("norm_kernel", "foreach_norm", "lpnorm", "multi_tensor_apply")),
     ("copies / casts", ("copy", "memcpy", "memset", "cast")),
     ("pytorch pointwise / reductions", ("at::native", "elementwise", "reduce_kernel")),
 )
-TRITON_KIND = "triton (norms, rotary, SwiGLU, CE)"  # our kernels are named by their Python function: _rms_norm_fwd ...
 
 
 def kernel_kind(name: str) -> str:
     low = name.lower()
     for kind, keys in KERNEL_KINDS:
-        if any(k in low for k in keys):
+        if any(k in low for k in keys) or (kind.startswith("triton") and name.startswith("_")):
             return kind
-    return TRITON_KIND if name.startswith("_") or "triton" in low else "other"
+    return "other"
 
 
 def profile(kernels: KernelConfig, cfg, mb, seq):
@@ -238,7 +241,8 @@ def profile(kernels: KernelConfig, cfg, mb, seq):
         except Exception:
             table = None
     # GPU time per step by kind of kernel, and the step's span (first kernel start to last kernel end)
-    kernels = [e for e in p.events() if e.device_type.name == "CUDA"]
+    # user annotations (Optimizer.step#AdamW.step) also appear on the GPU timeline, spanning their kernels
+    kernels = [e for e in p.events() if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
     per_kind, per_name = {}, {}
     for e in kernels:
         us = e.time_range.elapsed_us() / 2

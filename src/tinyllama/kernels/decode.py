@@ -240,8 +240,7 @@ if triton is not None:
         # `_gemv_kernel` for M > 1 input rows (a decode step of M sequences): each program reads its
         # BLOCK_N weight rows once for all M inputs, so the step still reads every weight once.
         # SPLIT_K > 1: program (n, s) sums columns [s·K_SPLIT, (s+1)·K_SPLIT) only, so that a product of few
-        # weight rows (q/k/v: 40 tiles of 64) still runs on every SM: one SM alone reads ~25 GB/s, not the
-        # card's 4.3 TB/s. Each writes its fp32 partial sums (and its rows' partial sums of squares) to PART /
+        # weight tiles (q/k/v at 64 rows a tile: 40 programs for 132 SMs) runs more programs. Each writes its fp32 partial sums (and its rows' partial sums of squares) to PART /
         # SS; the last of a tile's SPLIT_K programs to finish (a counter per tile, COUNT, reset by that
         # program) adds the partials in the order s = 0, 1, ... (the result does not depend on which
         # finished last) and runs the epilogue.
@@ -460,7 +459,8 @@ ROWS_CANDIDATES = (
     GemvConfig(64, 128, 4, 4),
     # split-K (2026-12-03): in the 32-row step's profile the products of few weight tiles read their weights
     # slowest (q/k/v, 40 tiles of 64 rows: 0.93 TB/s; o and down, 128 tiles of 16: 1.3 and 1.9; the head's
-    # 500 tiles: 2.9), as too few SMs read
+    # 500 tiles: 2.9). With these the H200 step went 1,500.6 -> 1,382.7 us (q/k/v 247 -> 219, the head 45 ->
+    # 39; o, gate/up and down unchanged: perf/NOTES.md)
     GemvConfig(64, 256, 4, 2, swap=True, split_k=2),
     GemvConfig(64, 256, 4, 2, swap=True, split_k=4),
     GemvConfig(64, 128, 4, 4, swap=True, split_k=2),
