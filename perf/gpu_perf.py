@@ -19,6 +19,7 @@ from tinyllama.config import ModelConfig
 from tinyllama.kernels import KernelConfig, apply_fast_path, causal_attention, linear_cross_entropy
 
 DEV = torch.device("cuda")
+ATTENTION_TIMED = ("auto", "flash", "cudnn", "efficient", "fa4")  # fa4 where flash-attn-4 is importable
 RESULTS: dict = {}
 
 
@@ -103,7 +104,7 @@ def check_attention():
     s = s.masked_fill(torch.ones(1024, 1024, device=DEV, dtype=torch.bool).triu(1), float("-inf"))
     yr = s.softmax(-1) @ vv
     yr.backward(dy.double())
-    for backend in ("auto", "flash", "cudnn", "efficient"):
+    for backend in ATTENTION_TIMED:
         try:
             qq, k2, v2 = (t.clone().requires_grad_() for t in (q, k, v))
             y = causal_attention(qq, k2, v2, backend)
@@ -122,7 +123,7 @@ def sdpa_timing():
     v = torch.randn(B, KV, T, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(B, H, T, D, device=DEV, dtype=torch.bfloat16)
     flops = 4 * B * H * T * T * D / 2 * 3.5  # causal: fwd 2 matmuls, bwd 5 (2.5× fwd)
-    for backend in ("auto", "flash", "cudnn", "efficient"):
+    for backend in ATTENTION_TIMED:
         try:
             def f():
                 y = causal_attention(q, k, v, backend)
@@ -167,6 +168,7 @@ VARIANTS = {
     "ours-triton-cudnn": (dict(compile_blocks=False, triton_kernels=True, attention_backend="cudnn"), "ours"),
     "ours-fused": (dict(fused_blocks=True), "ours"),
     "ours-fused-flash": (dict(fused_blocks=True, attention_backend="flash"), "ours"),
+    "ours-fa4": (dict(attention_backend="fa4"), "ours"),  # the default path with FlashAttention-4's kernels
     "reference": (None, "reference"),
     "hf-eager": (None, "hf-eager"),
     "hf-compile": (None, "hf-compile"),
@@ -307,9 +309,11 @@ def main():
                 RESULTS["model"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"model check {name}:", RESULTS["model"][name], flush=True)
         print(f"[{time.time() - t0:.0f}s]", flush=True)
-    if a.sdpa:
+    if a.sdpa:  # each backend against fp64, then timed
+        RESULTS["attention"] = check_attention()
+        print("attention check:", json.dumps(RESULTS["attention"], indent=1), flush=True)
         RESULTS["sdpa"] = sdpa_timing()
-        print("SDPA fwd+bwd (8×32q/4kv×2048×64):", json.dumps(RESULTS["sdpa"], indent=1), flush=True)
+        print("attention fwd+bwd (8×32q/4kv×2048×64):", json.dumps(RESULTS["sdpa"], indent=1), flush=True)
         print(f"[{time.time() - t0:.0f}s]", flush=True)
     cfg = bt.load_model_config(a.config)
     if a.profile:

@@ -212,6 +212,21 @@ def test_causal_attention_backends_match_reference_cpu():
         assert _rel(causal_attention(q, k, v, backend), ref) < 1e-12
 
 
+def test_fa4_backend_says_what_it_needs():
+    from tinyllama.kernels.attention import fa4_problem
+
+    problem = fa4_problem(on_gpu=torch.cuda.is_available())
+    if problem is None:
+        pytest.skip("flash-attn-4 runs here")
+    with pytest.raises(TinyLlamaError, match="attention_backend 'fa4' .*(flash-attn-4|CUDA|capability)"):
+        apply_fast_path(_tiny(), KernelConfig(compile_blocks=False, attention_backend="fa4"))
+    if importlib.util.find_spec("flash_attn") is None:
+        assert "pip install flash-attn-4" in problem
+    q = torch.randn(1, 4, 9, 8)
+    with pytest.raises(TinyLlamaError, match="'fa4'"):
+        causal_attention(q, q[:, :2], q[:, :2], "fa4")  # CPU tensors
+
+
 # ---- GPU ----------------------------------------------------------------------------------------------------
 
 
@@ -230,20 +245,36 @@ def test_linear_cross_entropy_cuda_bf16_matches_unfused():
     assert _rel(res["fused"][2], res["ref"][2]) < 1e-2
 
 
+def _fa4_skip():
+    from tinyllama.kernels.attention import fa4_problem
+
+    problem = fa4_problem(on_gpu=True)
+    if problem:
+        pytest.skip(f"attention backend fa4 {problem}")
+
+
 @cuda
-@pytest.mark.parametrize("backend", ["auto", "flash", "cudnn", "efficient"])
-def test_causal_attention_backends_cuda(backend):
+@pytest.mark.parametrize("backend,layout", [("auto", "bhtd"), ("flash", "bhtd"), ("cudnn", "bhtd"),
+                                            ("efficient", "bhtd"), ("fa4", "bhtd"), ("fa4", "bthd")])
+def test_causal_attention_backends_cuda(backend, layout):
+    if backend == "fa4":
+        _fa4_skip()
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(2, 8, 256, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(2, 2, 256, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(2, 2, 256, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+
+    def make(heads):  # bthd: (B, H, T, D) views of (B, T, H, D) storage, as the projections write it
+        shape = (2, 256, heads, 64) if layout == "bthd" else (2, heads, 256, 64)
+        t = torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+        return t, (t.transpose(1, 2) if layout == "bthd" else t)
+
+    (q0, q), (k0, k), (v0, v) = make(8), make(2), make(2)
     try:
         y = causal_attention(q, k, v, backend)
     except RuntimeError as e:
         pytest.skip(f"backend {backend} unavailable here: {e}")
+    assert y.shape == q.shape
     dy = torch.randn_like(y)
     y.backward(dy)
-    grads = [t.grad.clone() for t in (q, k, v)]
+    grads = [t.grad.transpose(1, 2) if layout == "bthd" else t.grad for t in (q0, k0, v0)]
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
     yr = causal_attention(qr, kr, vr, "math")
     yr.backward(dy.double())
@@ -513,8 +544,11 @@ def test_fused_block_kernels_interpreted_on_cpu():
 
 @cuda
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
-def test_fast_path_fused_blocks_cuda():
-    out = _reference_and_fast_loss_and_grads_cuda(KernelConfig(fused_blocks=True))
+@pytest.mark.parametrize("attention", ["auto", "fa4"])
+def test_fast_path_fused_blocks_cuda(attention):
+    if attention == "fa4":
+        _fa4_skip()
+    out = _reference_and_fast_loss_and_grads_cuda(KernelConfig(fused_blocks=True, attention_backend=attention))
     assert _rel(out[1][0], out[0][0]) < 1e-3
     assert _rel(out[1][1], out[0][1]) < 5e-2
 

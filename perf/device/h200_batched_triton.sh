@@ -28,7 +28,7 @@ for part in $parts; do
       --out $OUT/rows_sweep.json 2>&1 | grep -v -i warn | tail -8 ;;
   generate-rows)  # batch 16 and 32: the Triton step (split-K candidates) beside the compiled step, same run
     echo "== bench generate 16, 32"
-    timeout 220 python3 -m tinyllama bench generate --preset tinyllama-1.1b --device cuda --batch-sizes 16,32 \
+    timeout 400 python3 -m tinyllama bench generate --preset tinyllama-1.1b --device cuda --batch-sizes 16,32 \
       --triton-max-batch 32 --no-hf --json $OUT/bench_generate_rows.json 2>&1 | grep -v -i warn | tail -8 ;;
   step-profile)  # per product (q/k/v, o, gate/up, down, head) at batch 1 and 32, tuned tiles
     echo "== Triton step profile, tuned, batch 1 and 32"

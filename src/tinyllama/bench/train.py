@@ -395,7 +395,7 @@ def add_arguments(p) -> None:
                    help="prepared tokens: a `tinyllama prepare` directory, LITPKDS .bin, or .npy of ids (default: synthetic)")
     p.add_argument("--device", type=flag.device, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--peak-tflops", type=flag.positive_float, default=H100_BF16_TFLOPS, help="MFU denominator (default 989, H100 bf16 dense)")
-    p.add_argument("--attention-backend", default="auto", help="SDPA backend for ours: auto|flash|cudnn|efficient|math")
+    p.add_argument("--attention-backend", default="auto", help="attention for ours: auto|flash|cudnn|efficient|math (SDPA) or fa4 (flash-attn-4)")
     p.add_argument("--no-compile-blocks", action="store_true", help="ours without per-block torch.compile")
     p.add_argument("--no-fused-ce", action="store_true", help="ours with the plain head + cross-entropy")
     p.add_argument("--triton", action="store_true", help="ours with the eager Triton kernels (implies --no-compile-blocks)")

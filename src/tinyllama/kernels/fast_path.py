@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from tinyllama.config import build_config
 from tinyllama.errors import TinyLlamaError
-from tinyllama.kernels.attention import causal_attention
+from tinyllama.kernels.attention import causal_attention, fa4_problem
 from tinyllama.kernels.cross_entropy import LinearCrossEntropyLoss
 from tinyllama.model import MLP, Attention, Llama, RMSNorm, apply_rope, ensure_unfused
 
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "fa4")
 
 
 @dataclass
@@ -39,7 +39,7 @@ class KernelConfig:
     # Eager Triton RMSNorm/rotary/SwiGLU modules (used when compile_blocks is off and fused_blocks is not
     # on): as fast as the compiled blocks on H100 (69.98 k vs 70.12 k tokens/s), as much memory.
     triton_kernels: bool = False
-    attention_backend: str = "auto"  # SDPA backend: auto | flash | cudnn | efficient | math
+    attention_backend: str = "auto"  # SDPA: auto | flash | cudnn | efficient | math; fa4: flash-attn-4
     # Each block as the fused training block (tinyllama.kernels.fused_block): Triton kernels, q/k/v and
     # gate/up as one GEMM each, residual adds in the GEMM epilogues, and only the activations backward
     # cannot cheaply recompute are kept (~0.66 instead of ~0.97 GB per layer at 8 x 2048 on 1.1B).
@@ -189,6 +189,8 @@ def apply_fast_path(model: Llama, config: Any = None) -> Llama:
                                  "the other block paths; turn one of them off")
     compile_blocks = (on_gpu if cfg.compile_blocks is None else cfg.compile_blocks) and not fused_blocks
     use_triton = (cfg.triton_kernels and not compile_blocks) or (fused_blocks and on_gpu)
+    if cfg.attention_backend == "fa4" and (problem := fa4_problem(on_gpu)):
+        raise TinyLlamaError(f"kernels config: attention_backend 'fa4' {problem}; or choose 'auto'")
     if use_triton and not triton_available():
         which = "fused_blocks" if fused_blocks else "triton_kernels"
         raise TinyLlamaError(f"kernels.{which} is on but Triton is not installed; pip install triton or turn it off")
