@@ -36,12 +36,15 @@ for part in "$@"; do
     timeout 200 python3 perf/gpu_perf.py --sdpa 2>&1 | grep -v -i warn | tail -60 ;;
   adamw)  # torch's fused AdamW against ours on the 1.1B parameter shapes
     timeout 150 python3 perf/adamw_bench.py 2>&1 | grep -v -i warn | tail -12 ;;
-  bench)  # the step variants side by side, same run
-    timeout 420 python3 perf/gpu_perf.py --bench ${BENCH_VARIANTS:-ours,ours-fa4} --steps 15 2>&1 | grep -v -i warn | tail -14 ;;
+  bench)  # the step variants side by side, same run; writes $OUT/best_flags: the bench flags of the fastest
+    timeout 420 python3 perf/gpu_perf.py --bench ${BENCH_VARIANTS:-ours,ours-fa4} --steps 15 2>&1 | grep -v -i warn | tail -14
+    cp $OUT/perf.json $OUT/perf_bench.json
+    python3 perf/device/best_flags.py $OUT/perf_bench.json > $OUT/best_flags; echo "best: $(cat $OUT/best_flags)" ;;
   profile)
     timeout 200 python3 perf/gpu_perf.py --profile ${PROFILE_VARIANT:-ours-fa4} 2>&1 | grep -v -i warn | tail -70 ;;
   train-json)  # the committed bench: ours with the chosen flags beside the fastest baseline
-    timeout 400 python3 -m tinyllama bench train --variants ${TRAIN_VARIANTS:-ours,hf-liger} --steps 15 ${TRAIN_FLAGS:-} \
+    flags=${TRAIN_FLAGS:-$(cat $OUT/best_flags 2>/dev/null)}; echo "ours with: $flags"
+    timeout 400 python3 -m tinyllama bench train --variants ${TRAIN_VARIANTS:-ours,hf-liger} --steps 15 $flags \
       --json $OUT/bench_train.json 2>&1 | grep -v -i warn | tail -12 ;;
   *) echo "unknown part $part"; exit 2 ;;
   esac
