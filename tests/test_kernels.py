@@ -218,10 +218,10 @@ def test_fa4_backend_says_what_it_needs():
     problem = fa4_problem(on_gpu=torch.cuda.is_available())
     if problem is None:
         pytest.skip("flash-attn-4 runs here")
-    with pytest.raises(TinyLlamaError, match="attention_backend 'fa4' .*(flash-attn-4|CUDA|capability)"):
+    with pytest.raises(TinyLlamaError, match="attention_backend 'fa4' .*(FlashAttention-4|CUDA|capability)"):
         apply_fast_path(_tiny(), KernelConfig(compile_blocks=False, attention_backend="fa4"))
     if importlib.util.find_spec("flash_attn") is None:
-        assert "pip install flash-attn-4" in problem
+        assert "[fa4]" in problem
     q = torch.randn(1, 4, 9, 8)
     with pytest.raises(TinyLlamaError, match="'fa4'"):
         causal_attention(q, q[:, :2], q[:, :2], "fa4")  # CPU tensors

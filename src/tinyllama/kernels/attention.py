@@ -13,9 +13,9 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from tinyllama.errors import TinyLlamaError
+from tinyllama.errors import TinyLlamaError, pip_extra
 
-FA4_INSTALL = "pip install flash-attn-4 (Hopper or Blackwell GPUs)"
+FA4_INSTALL = f"{pip_extra('fa4')} (Hopper or Blackwell GPUs)"
 
 
 def _sdpa_backends(name: str):
