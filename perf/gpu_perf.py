@@ -309,9 +309,10 @@ def main():
                 RESULTS["model"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"model check {name}:", RESULTS["model"][name], flush=True)
         print(f"[{time.time() - t0:.0f}s]", flush=True)
-    if a.sdpa:  # each backend against fp64, then timed
-        RESULTS["attention"] = check_attention()
-        print("attention check:", json.dumps(RESULTS["attention"], indent=1), flush=True)
+    if a.sdpa:  # each backend against fp64 (unless --check just did), then timed
+        if "attention" not in RESULTS:
+            RESULTS["attention"] = check_attention()
+            print("attention check:", json.dumps(RESULTS["attention"], indent=1), flush=True)
         RESULTS["sdpa"] = sdpa_timing()
         print("attention fwd+bwd (8×32q/4kv×2048×64):", json.dumps(RESULTS["sdpa"], indent=1), flush=True)
         print(f"[{time.time() - t0:.0f}s]", flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# H200 calls for the training step with FlashAttention-4's CuTe kernels (attention_backend: fa4) and the
-# Triton AdamW (optim.fused_kernel: triton), 2026-12-03, seventh session. Write the output to $OUT
+# H200 calls for the training step with FlashAttention-4's CuTe kernels (attention_backend: fa4),
+# 2026-12-03, seventh session. Write the output to $OUT
 # (`... > $OUT/log.txt 2>&1`).
 #
 # flash-attn-4 needs nvidia-cutlass-dsl, whose CUDA 13 library wheel (92 MB; 63.5 MB as tar.xz) is larger
@@ -13,7 +13,7 @@
 #     nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 apache-tvm-ffi torch-c-dlpack-ext quack-kernels
 #   unzip the libs-cu13 wheel into D; (cd D && tar cf - . | xz -9e) > cu13.tar.xz; split -b 45000000 -d cu13.tar.xz cu13.part
 #   .fa4a/cu13.part00; .fa4b/cu13.part01 + the other wheels
-# Usage: bash perf/device/h200_fa4.sh [stash|install|tests|attention|adamw|bench|profile|train-json]...
+# Usage: bash perf/device/h200_fa4.sh [stash|install|tests|attention|bench|profile|train-json]...
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 SITE=/tmp/site
@@ -30,12 +30,9 @@ for part in "$@"; do
     tar xJf /tmp/cu13.tar.xz -C $SITE && rm /tmp/cu13.tar.xz
     python3 -c "import flash_attn.cute, cutlass; print('flash_attn.cute from', flash_attn.cute.__file__, 'cutlass', cutlass.__version__ if hasattr(cutlass, '__version__') else '')" 2>&1 | tail -3 ;;
   tests)  # the new backends and kernels against their references on the GPU
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "attention or fa4 or fused_blocks" 2>&1 | tail -6
-    if [ -f tests/test_kernels_adamw.py ]; then timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_adamw.py 2>&1 | tail -4; fi ;;
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "attention or fa4 or fused_blocks" 2>&1 | tail -6 ;;
   attention)  # each attention backend against fp64, then fwd+bwd at the training shape
     timeout 200 python3 perf/gpu_perf.py --sdpa 2>&1 | grep -v -i warn | tail -60 ;;
-  adamw)  # torch's fused AdamW against ours on the 1.1B parameter shapes
-    timeout 150 python3 perf/adamw_bench.py 2>&1 | grep -v -i warn | tail -12 ;;
   bench)  # the step variants side by side, same run; writes $OUT/best_flags: the bench flags of the fastest
     timeout 420 python3 perf/gpu_perf.py --bench ${BENCH_VARIANTS:-ours,ours-fa4} --steps 15 2>&1 | grep -v -i warn | tail -14
     cp $OUT/perf.json $OUT/perf_bench.json
