@@ -169,6 +169,8 @@ VARIANTS = {
     "ours-fused": (dict(fused_blocks=True), "ours"),
     "ours-fused-flash": (dict(fused_blocks=True, attention_backend="flash"), "ours"),
     "ours-fa4": (dict(attention_backend="fa4"), "ours"),  # the default path with FlashAttention-4's kernels
+    "ours-graph": (dict(_graph=True), "ours"),  # the step replayed from one CUDA graph (train.cuda_graph)
+    "ours-fa4-graph": (dict(attention_backend="fa4", _graph=True), "ours"),
     "reference": (None, "reference"),
     "hf-eager": (None, "hf-eager"),
     "hf-compile": (None, "hf-compile"),
@@ -181,10 +183,12 @@ def run_bench(names, cfg, mb, seq, steps, warmup, data):
     print(bt.HEADER, flush=True)
     for name in names:
         kw, kind = VARIANTS[name]
+        graph = bool(kw and kw.get("_graph"))
         if kind == "ours":
             def build(kw=dict(kw)):
                 # activation memory budget of the compile partitioner (1.0 = its default): global, so set per variant
                 torch._functorch.config.activation_memory_budget = kw.pop("_amb", 1.0)
+                kw.pop("_graph", None)
                 return bt.build_ours(cfg, DEV, KernelConfig(**kw), fast=True)
 
             loss_of = bt._ours_loss
@@ -193,7 +197,7 @@ def run_bench(names, cfg, mb, seq, steps, warmup, data):
         else:
             build, loss_of = (lambda c=(kind == "hf-compile"): bt.build_hf(cfg, DEV, compile=c)), bt.hf_loss
         r = bt.measure(name, build, loss_of, batches, cfg, DEV, steps, warmup, bt.H100_BF16_TFLOPS,
-                       trainer_step=not kind.startswith("hf"))
+                       trainer_step=not kind.startswith("hf"), cuda_graph=graph)
         out.append(r)
     print()
     print(bt.format_table(out), flush=True)
@@ -222,12 +226,12 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def profile(kernels: KernelConfig, cfg, mb, seq):
+def profile(kernels: KernelConfig, cfg, mb, seq, cuda_graph: bool = False):
     from torch.profiler import ProfilerActivity, profile as prof
 
     m = bt.build_ours(cfg, DEV, kernels, fast=True)
     opt, _ = bt.build_optimizer(m)
-    step = bt.make_train_step(m, opt, bt._ours_loss, DEV, trainer_step=True)
+    step = bt.make_train_step(m, opt, bt._ours_loss, DEV, trainer_step=True, cuda_graph=cuda_graph)
     batches = bt.TokenBatches(cfg.vocab_size, seq, mb)
     for _ in range(3):
         step(batches.next())
@@ -318,7 +322,9 @@ def main():
         print(f"[{time.time() - t0:.0f}s]", flush=True)
     cfg = bt.load_model_config(a.config)
     if a.profile:
-        table = profile(KernelConfig(**VARIANTS[a.profile][0]), cfg, a.micro_batch, a.seq_len)
+        kw = dict(VARIANTS[a.profile][0])
+        graph = bool(kw.pop("_graph", False))
+        table = profile(KernelConfig(**kw), cfg, a.micro_batch, a.seq_len, cuda_graph=graph)
         print(table, flush=True)
         print(f"[{time.time() - t0:.0f}s]", flush=True)
     if a.bench:

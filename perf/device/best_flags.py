@@ -4,7 +4,8 @@ import json
 import sys
 
 # gpu_perf.py variant -> bench train flags (variants not listed here are not candidates)
-FLAGS = {"ours": "", "ours-fa4": "--attention-backend fa4"}
+FLAGS = {"ours": "", "ours-fa4": "--attention-backend fa4", "ours-graph": "--cuda-graph",
+         "ours-fa4-graph": "--attention-backend fa4 --cuda-graph"}
 
 rows = [r for r in json.load(open(sys.argv[1])).get("bench", [])
         if r.get("variant") in FLAGS and not r.get("error") and r.get("tokens_per_s") == r.get("tokens_per_s")]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # H200 calls for the training step with FlashAttention-4's CuTe kernels (attention_backend: fa4),
-# 2026-12-03, seventh session. Write the output to $OUT
+# 2026-12-03, seventh session; the step in a CUDA graph (ours-graph, ours-fa4-graph), eighth session. Write the output to $OUT
 # (`... > $OUT/log.txt 2>&1`).
 #
 # flash-attn-4 needs nvidia-cutlass-dsl, whose CUDA 13 library wheel (92 MB; 63.5 MB as tar.xz) is larger
@@ -30,7 +30,8 @@ for part in "$@"; do
     tar xJf /tmp/cu13.tar.xz -C $SITE && rm /tmp/cu13.tar.xz
     python3 -c "import flash_attn.cute, cutlass; print('flash_attn.cute from', flash_attn.cute.__file__, 'cutlass', cutlass.__version__ if hasattr(cutlass, '__version__') else '')" 2>&1 | tail -3 ;;
   tests)  # the new backends and kernels against their references on the GPU
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "attention or fa4 or fused_blocks" 2>&1 | tail -6 ;;
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "attention or fa4 or fused_blocks" 2>&1 | tail -6
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_train_graph.py 2>&1 | tail -15 ;;
   attention)  # each attention backend against fp64, then fwd+bwd at the training shape
     timeout 200 python3 perf/gpu_perf.py --sdpa 2>&1 | grep -v -i warn | tail -60 ;;
   bench)  # the step variants side by side, same run; writes $OUT/best_flags: the bench flags of the fastest

@@ -152,20 +152,20 @@ def build_optimizer(model: torch.nn.Module, lr: float = 4e-4, warmup_steps: int 
 
 
 def make_train_step(model, optimizer, loss_of: Callable, device: torch.device, grad_clip: float = 1.0,
-                    trainer_step: bool = False):
+                    trainer_step: bool = False, cuda_graph: bool = False):
     """One optimizer step on a (B, T+1) token batch: forward + loss, backward, clip, AdamW, zero grads.
 
     trainer_step: clip the way `tinyllama pretrain` does (`clip_or_step_on_device`: the clip factor goes
     into fused AdamW as its grad_scale, one pass over the gradients less); otherwise `clip_grad_norm_`,
-    as Hugging Face users (and its Trainer) do.
+    as Hugging Face users (and its Trainer) do. cuda_graph (with trainer_step): the step replayed from one
+    CUDA graph after two eager steps (`tinyllama.train.graph`, as `train.cuda_graph` runs it).
     """
     from tinyllama.train.optim import clip_or_step_on_device
 
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def step(batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(device, non_blocking=True)
+    def update(batch: torch.Tensor) -> tuple[torch.Tensor]:
         ids, targets = batch[:, :-1], batch[:, 1:]
         with autocast:
             loss = loss_of(model, ids, targets)
@@ -177,8 +177,20 @@ def make_train_step(model, optimizer, loss_of: Callable, device: torch.device, g
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=device.type == "cuda")
             optimizer.step()
+        return (loss.detach(),)
+
+    if cuda_graph:
+        from tinyllama.train.graph import GraphedStep, graph_problem
+
+        problem = graph_problem(model, optimizer) or (None if trainer_step else "needs the trainer's step")
+        if problem:
+            raise TinyLlamaError(f"--cuda-graph {problem}")
+        update = GraphedStep(update, optimizer)
+
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        (loss,) = update(batch.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
 
     return step
 
@@ -265,6 +277,7 @@ def measure(
     peak_tflops: float,
     log: Callable[[str], None] = print,
     trainer_step: bool = False,
+    cuda_graph: bool = False,
 ) -> BenchResult:
     """Build a model, run warmup + timed steps, return throughput and peak memory (model and optimizer included)."""
     res = BenchResult(name)
@@ -280,7 +293,9 @@ def measure(
             res.error = str(e)
             return res
         opt, _ = build_optimizer(model)
-        step = make_train_step(model, opt, loss_of, device, trainer_step=trainer_step)
+        step = make_train_step(model, opt, loss_of, device, trainer_step=trainer_step, cuda_graph=cuda_graph)
+        if cuda_graph:
+            res.details["cuda_graph"] = True
         batches.reset()
         pool = [batches.next() for _ in range(min(steps + warmup, 16))]
         if device.type == "cuda":
@@ -354,7 +369,9 @@ def run_bench(
     data: Optional[str] = None,
     peak_tflops: float = H100_BF16_TFLOPS,
     log: Callable[[str], None] = print,
+    cuda_graph: bool = False,
 ) -> list[BenchResult]:
+    """cuda_graph: our variants' steps replayed from a CUDA graph (the baselines run as their users run them)."""
     from tinyllama.kernels import KernelConfig
 
     if seq_len > cfg.max_seq_len:
@@ -375,7 +392,7 @@ def run_bench(
     for v in variants:
         build, loss_of = builders[v]
         results.append(measure(v, build, loss_of, batches, cfg, device, steps, warmup, peak_tflops, log=log,
-                               trainer_step=not v.startswith("hf-")))
+                               trainer_step=not v.startswith("hf-"), cuda_graph=cuda_graph and v.startswith("ours")))
     return results
 
 
@@ -406,6 +423,8 @@ def add_arguments(p) -> None:
     p.add_argument("--activation-memory-budget", type=flag.number(**POSITIVE, hi=1), default=1.0,
                    help="ours: compile partitioner's activation budget in (0, 1] (default 1.0)")
     p.add_argument("--ce-chunk-rows", type=flag.positive_int, default=None, help="rows per fused cross-entropy chunk")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="ours: replay each step from one CUDA graph after two eager steps (train.cuda_graph)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -435,15 +454,15 @@ def run(args) -> int:
         f"{args.steps} timed steps after {args.warmup} warm-up, on {name}; torch {torch.__version__}; "
         f"MFU at {args.peak_tflops:g} TFLOP/s, {cfg.flops_per_token(args.seq_len) / 1e9:.2f} GFLOP/token"
     )
-    print(f"ours: {kernels}")
+    print(f"ours: {kernels}" + (", step in a CUDA graph" if args.cuda_graph else ""))
     results = run_bench(cfg, variants, args.micro_batch, args.seq_len, args.steps, args.warmup, device, kernels,
-                        args.data, args.peak_tflops)
+                        args.data, args.peak_tflops, cuda_graph=args.cuda_graph)
     print()
     print(format_table(results))
     if args.json:
         out = {"device": name, "torch": torch.__version__, "config": cfg.name, "micro_batch": args.micro_batch,
                "seq_len": args.seq_len, "steps": args.steps, "kernels": asdict(kernels),
-               "results": [asdict(r) for r in results]}
+               "cuda_graph": args.cuda_graph, "results": [asdict(r) for r in results]}
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=2)

@@ -112,6 +112,9 @@ class TrainConfig(LoopConfig):
     max_tokens: Optional[int] = None  # alternative to max_steps: stop after this many training tokens
     eval_blocks: int = 64  # held-out sequences per evaluation (all ranks together)
     compile: bool = False
+    # Replay each optimizer step from one CUDA graph (train/graph.py): one GPU, one micro-batch per step,
+    # fused AdamW. Cuts the host's launch time out of the step.
+    cuda_graph: bool = False
     activation_checkpointing: bool = False
     fast_kernels: bool = False  # plug in tinyllama.kernels' fused ops when importable
     kernels: Optional[dict] = None  # tinyllama.kernels.KernelConfig fields (None: its defaults)

@@ -151,7 +151,8 @@ class TrainLoop:
     def __init__(self, *, model, optimizer, objective: Objective, info: DistInfo, cfg, max_steps: int, accum: int,
                  lr_at: Callable[[int], float], grad_clip: float, ckpt, metrics, progress,
                  checkpoint_meta: Callable[[TrainerState], dict], grad_sync: Optional[Callable[[], None]] = None,
-                 flops_per_token: Optional[float] = None, peak_flops: Optional[float] = None) -> None:
+                 flops_per_token: Optional[float] = None, peak_flops: Optional[float] = None,
+                 cuda_graph: bool = False) -> None:
         self.model, self.optimizer, self.objective, self.info, self.cfg = model, optimizer, objective, info, cfg
         self.max_steps, self.accum, self.lr_at, self.grad_clip = max_steps, accum, lr_at, grad_clip
         self.ckpt, self.metrics, self.progress = ckpt, metrics, progress
@@ -160,6 +161,30 @@ class TrainLoop:
         self.state = TrainerState()
         self.step_times: list[float] = []
         self.last_val: Optional[dict] = None
+        self.graphed = self._graphed_step() if cuda_graph else None
+
+    def _graphed_step(self):
+        """train.cuda_graph: the step as one replayed CUDA graph (tinyllama.train.graph), where it can be one."""
+        from tinyllama.train.graph import GraphedStep, graph_problem
+
+        problem = graph_problem(self.model, self.optimizer)
+        if problem is None and self.info.is_distributed:
+            problem = "needs one process (FSDP2's collectives are not captured); run without it under torchrun"
+        if problem is None and self.accum != 1:
+            problem = (f"needs one micro-batch per optimizer step (train.global_batch = train.micro_batch × GPUs); "
+                       f"this run accumulates {self.accum}")
+        if problem is None and self.grad_sync is not None:
+            problem = "does not take a gradient sync hook (replicated adapters)"
+        if problem:
+            raise TinyLlamaError(f"train.cuda_graph {problem}")
+
+        def update(batch):
+            sums = self._forward_backward([batch])
+            grad_norm, stepped = clip_or_step_on_device(self.optimizer, self.model, self.grad_clip, sums[0])
+            assert stepped  # fused AdamW: graph_problem checked it
+            return sums, grad_norm
+
+        return GraphedStep(update, self.optimizer)
 
     # ---- resume ----------------------------------------------------------------------------------
     def restore(self, path) -> None:
@@ -228,15 +253,12 @@ class TrainLoop:
         info = self.info
         set_lr(self.optimizer, self.lr_at(self.state.step))
         try:
-            sums = self._forward_backward()
-            # One all-reduce (queued, no wait): the step's metric sums and whether any rank caught a signal (a
-            # signal that arrives after this point is acted on at the end of the next step). The flag is
-            # written by a fill kernel: torch.tensor(..., device=cuda) would copy from the host and wait.
-            synced = all_reduce_(torch.cat([sums, sums.new_full((1,), float(stop.requested))]), info)
-            if self.grad_sync is not None:
-                self.grad_sync()
-            # Fused AdamW (the default on CUDA): clip and skip on the device; the host reads once, below.
-            grad_norm, stepped = clip_or_step_on_device(self.optimizer, self.model, self.grad_clip, synced[0])
+            if self.graphed is not None:  # one process: nothing to all-reduce
+                sums, grad_norm = self.graphed(self.objective.next_batch())
+                synced = torch.cat([sums, sums.new_full((1,), float(stop.requested))])
+                stepped = True
+            else:
+                synced, grad_norm, stepped = self._reduce_and_update(stop)
         except torch.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
             raise TinyLlamaError(OOM_ADVICE) from None
@@ -249,11 +271,27 @@ class TrainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(metrics, stats[n + 1], finite, stats[n] > 0)
 
-    def _forward_backward(self) -> torch.Tensor:
-        """Backward of `accum` micro-batches; returns this rank's weighted metric sums (device)."""
+    def _reduce_and_update(self, stop: StopRequest) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Forward/backward, the queued all-reduce of metrics and stop flag, clip + AdamW: (synced, norm, stepped)."""
+        sums = self._forward_backward()
+        # One all-reduce (queued, no wait): the step's metric sums and whether any rank caught a signal (a
+        # signal that arrives after this point is acted on at the end of the next step). The flag is
+        # written by a fill kernel: torch.tensor(..., device=cuda) would copy from the host and wait.
+        synced = all_reduce_(torch.cat([sums, sums.new_full((1,), float(stop.requested))]), self.info)
+        if self.grad_sync is not None:
+            self.grad_sync()
+        # Fused AdamW (the default on CUDA): clip and skip on the device; the host reads once, in _step.
+        grad_norm, stepped = clip_or_step_on_device(self.optimizer, self.model, self.grad_clip, synced[0])
+        return synced, grad_norm, stepped
+
+    def _forward_backward(self, batches: Optional[list] = None) -> torch.Tensor:
+        """Backward of `accum` micro-batches (or of `batches`); returns this rank's weighted metric sums (device)."""
         obj, accum, dev = self.objective, self.accum, self.info.device
-        batches = [obj.next_batch() for _ in range(accum)]
+        batches = batches if batches is not None else [obj.next_batch() for _ in range(accum)]
         weights = [obj.weight(b) for b in batches]
+        if weights[0] is not None and self.graphed is not None:
+            raise TinyLlamaError("train.cuda_graph: this objective weights its micro-batches (a host copy per step); "
+                                 "turn the graph off")
         if weights[0] is None:
             scales = [1.0 / accum] * accum
         else:  # a micro-batch's share of the global batch: its units over all ranks' units (times world size,

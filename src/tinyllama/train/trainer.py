@@ -244,7 +244,7 @@ class Trainer:
                          lr_at=lambda step: lr_at(t.lr_step_offset + step * t.lr_step_scale, cfg.optim),
                          grad_clip=cfg.optim.grad_clip, ckpt=ckpt, metrics=None, progress=self.progress,
                          checkpoint_meta=self._checkpoint_meta, flops_per_token=self.model_cfg.flops_per_token(self.seq_len),
-                         peak_flops=peak_flops(info.device, t.peak_tflops))
+                         peak_flops=peak_flops(info.device, t.peak_tflops), cuda_graph=t.cuda_graph)
         resumed_from = self._start(loop, ckpt)
         loop.metrics = MetricsLog.for_run(t, info.is_main, loop.state.step if resumed_from else None, cfg.to_dict(),
                                           self.progress.print)
