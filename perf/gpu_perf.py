@@ -171,6 +171,9 @@ VARIANTS = {
     "ours-fa4": (dict(attention_backend="fa4"), "ours"),  # the default path with FlashAttention-4's kernels
     "ours-graph": (dict(_graph=True), "ours"),  # the step replayed from one CUDA graph (train.cuda_graph)
     "ours-fa4-graph": (dict(attention_backend="fa4", _graph=True), "ours"),
+    "ours-tadamw": (dict(_adamw="triton"), "ours"),  # AdamW by tinyllama's Triton kernel (optim.fused_kernel)
+    "ours-fa4-tadamw": (dict(attention_backend="fa4", _adamw="triton"), "ours"),
+    "ours-fa4-graph-tadamw": (dict(attention_backend="fa4", _graph=True, _adamw="triton"), "ours"),
     "reference": (None, "reference"),
     "hf-eager": (None, "hf-eager"),
     "hf-compile": (None, "hf-compile"),
@@ -183,12 +186,12 @@ def run_bench(names, cfg, mb, seq, steps, warmup, data):
     print(bt.HEADER, flush=True)
     for name in names:
         kw, kind = VARIANTS[name]
-        graph = bool(kw and kw.get("_graph"))
+        graph, adamw = bool(kw and kw.get("_graph")), (kw or {}).get("_adamw", "torch")
         if kind == "ours":
             def build(kw=dict(kw)):
                 # activation memory budget of the compile partitioner (1.0 = its default): global, so set per variant
                 torch._functorch.config.activation_memory_budget = kw.pop("_amb", 1.0)
-                kw.pop("_graph", None)
+                kw.pop("_graph", None), kw.pop("_adamw", None)
                 return bt.build_ours(cfg, DEV, KernelConfig(**kw), fast=True)
 
             loss_of = bt._ours_loss
@@ -197,7 +200,7 @@ def run_bench(names, cfg, mb, seq, steps, warmup, data):
         else:
             build, loss_of = (lambda c=(kind == "hf-compile"): bt.build_hf(cfg, DEV, compile=c)), bt.hf_loss
         r = bt.measure(name, build, loss_of, batches, cfg, DEV, steps, warmup, bt.H100_BF16_TFLOPS,
-                       trainer_step=not kind.startswith("hf"), cuda_graph=graph)
+                       trainer_step=not kind.startswith("hf"), cuda_graph=graph, adamw_kernel=adamw)
         out.append(r)
     print()
     print(bt.format_table(out), flush=True)
@@ -208,7 +211,7 @@ KERNEL_KINDS = (  # first match wins; names as cuBLAS / cuDNN / our Triton kerne
     # attention first: cuDNN's attention kernels are named ..._sdpa_sm90_flash_fprop_wgmma_...
     ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "wgmma")),
-    ("adamw", ("adam", "fusedoptimizer")),
+    ("adamw", ("adam", "fusedoptimizer")),  # ours: _adamw_kernel, _adamw_steps_kernel
     # Triton before the rest: our kernels are named by their Python function (_rms_norm_fwd ...), inductor's
     # triton_red_fused__to_copy_... (the loss), which the copies' "copy" would catch
     ("triton (norms, rotary, SwiGLU, CE)", ("triton_",)),
@@ -226,11 +229,11 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def profile(kernels: KernelConfig, cfg, mb, seq, cuda_graph: bool = False):
+def profile(kernels: KernelConfig, cfg, mb, seq, cuda_graph: bool = False, adamw: str = "torch"):
     from torch.profiler import ProfilerActivity, profile as prof
 
     m = bt.build_ours(cfg, DEV, kernels, fast=True)
-    opt, _ = bt.build_optimizer(m)
+    opt, _ = bt.build_optimizer(m, fused_kernel=adamw)
     step = bt.make_train_step(m, opt, bt._ours_loss, DEV, trainer_step=True, cuda_graph=cuda_graph)
     batches = bt.TokenBatches(cfg.vocab_size, seq, mb)
     for _ in range(3):
@@ -323,8 +326,8 @@ def main():
     cfg = bt.load_model_config(a.config)
     if a.profile:
         kw = dict(VARIANTS[a.profile][0])
-        graph = bool(kw.pop("_graph", False))
-        table = profile(KernelConfig(**kw), cfg, a.micro_batch, a.seq_len, cuda_graph=graph)
+        graph, adamw = bool(kw.pop("_graph", False)), kw.pop("_adamw", "torch")
+        table = profile(KernelConfig(**kw), cfg, a.micro_batch, a.seq_len, cuda_graph=graph, adamw=adamw)
         print(table, flush=True)
         print(f"[{time.time() - t0:.0f}s]", flush=True)
     if a.bench:

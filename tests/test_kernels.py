@@ -245,6 +245,25 @@ def test_linear_cross_entropy_cuda_bf16_matches_unfused():
     assert _rel(res["fused"][2], res["ref"][2]) < 1e-2
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_weight_grad_accumulates_in_place_in_fp32(device):
+    """bf16 rows, an fp32 gradient: the product lands in fp32 (on CUDA the GEMM adds into it: no bf16 rounding of
+    the chunk's product, no add pass), the same tensor is returned, and the sum is the fp64 one to fp32 error."""
+    from tinyllama.kernels.matmul import _writes_fp32, weight_grad
+
+    g = torch.Generator().manual_seed(3)
+    dys = [torch.randn(300, 96, generator=g).bfloat16().to(device) for _ in range(3)]
+    xs = [torch.randn(300, 64, generator=g).bfloat16().to(device) for _ in range(3)]
+    acc = weight_grad(dys[0], xs[0], torch.float32)
+    assert acc.dtype == torch.float32 and acc.shape == (96, 64)
+    for dy, x in zip(dys[1:], xs[1:]):
+        assert weight_grad(dy, x, torch.float32, accumulate=acc) is acc
+    want = sum(dy.double().t() @ x.double() for dy, x in zip(dys, xs))
+    assert _rel(acc, want) < 1e-6
+    if device == "cuda":
+        assert _writes_fp32("addmm", acc.device), "torch.addmm(out_dtype=float32) should run on this GPU"
+
+
 def _fa4_skip():
     from tinyllama.kernels.attention import fa4_problem
 

@@ -45,7 +45,7 @@ def test_graphed_step_needs_an_eager_step_first():
 LRS = [1e-3, 4e-3, 0.0, 2e-3, 3e-3, 1e-3, 5e-3]  # lr 0: the weights must not move (decay is lr·wd too)
 
 
-def _pair(attention_backend: str):
+def _pair(attention_backend: str, adamw: str = "torch"):
     from tinyllama.kernels import KernelConfig, apply_fast_path
 
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def _pair(attention_backend: str):
         a = Llama(ModelConfig.from_name("tinyllama-tiny", vocab_size=512))
     apply_fast_path(a, KernelConfig(attention_backend=attention_backend))
     b = copy.deepcopy(a)
-    cfg = OptimConfig(warmup_steps=0, grad_clip=0.5)
+    cfg = OptimConfig(warmup_steps=0, grad_clip=0.5, fused_kernel=adamw)
     return (a, build_optimizer(a, cfg)), (b, build_optimizer(b, cfg))
 
 
@@ -71,8 +71,8 @@ def _assert_same(a, b, tol):
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["math", "auto", "fa4"])
-def test_graphed_step_equals_eager_steps_cuda(backend):
+@pytest.mark.parametrize("backend,adamw", [("math", "torch"), ("auto", "torch"), ("fa4", "torch"), ("math", "triton")])
+def test_graphed_step_equals_eager_steps_cuda(backend, adamw):
     """bench's step (the trainer's clip + fused AdamW) eager and graphed, on changing batches and lrs, with a
     non-finite step in the middle that both must skip (weights, moments and step counts unchanged)."""
     from tinyllama.bench.train import _ours_loss, make_train_step
@@ -80,7 +80,7 @@ def test_graphed_step_equals_eager_steps_cuda(backend):
 
     if backend == "fa4" and fa4_problem(True):
         pytest.skip(f"fa4 {fa4_problem(True)}")
-    (ma, oa), (mb, ob) = _pair(backend)
+    (ma, oa), (mb, ob) = _pair(backend, adamw)
     eager = make_train_step(ma, oa, _ours_loss, torch.device("cuda"), grad_clip=0.5, trainer_step=True)
     graphed = make_train_step(mb, ob, _ours_loss, torch.device("cuda"), grad_clip=0.5, trainer_step=True,
                               cuda_graph=True)
@@ -110,6 +110,8 @@ def test_graphed_step_equals_eager_steps_cuda(backend):
         assert not any(moved) if lr == 0.0 else any(moved), f"step {i}, lr {lr}: the graph used another lr"
     _assert_same(_states(ma, oa), _states(mb, ob), 1e-4 if backend == "math" else 2e-2)
     assert all(float(s["step"]) == len(LRS) - 1 for s in ob.state.values())  # the poisoned step skipped
+    if adamw == "triton":
+        assert ob.kernel_params == sum(p.numel() for p in mb.parameters())  # all through the kernel, in the graph
 
 
 @needs_cuda

@@ -30,12 +30,15 @@ for part in "$@"; do
     tar xJf /tmp/cu13.tar.xz -C $SITE && rm /tmp/cu13.tar.xz
     python3 -c "import flash_attn.cute, cutlass; print('flash_attn.cute from', flash_attn.cute.__file__, 'cutlass', cutlass.__version__ if hasattr(cutlass, '__version__') else '')" 2>&1 | tail -3 ;;
   tests)  # the new backends and kernels against their references on the GPU
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "attention or fa4 or fused_blocks" 2>&1 | tail -6
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_train_graph.py 2>&1 | tail -15 ;;
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "attention or fa4 or fused_blocks or cross_entropy or weight_grad" 2>&1 | tail -6
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_train_graph.py tests/test_kernels_adamw.py 2>&1 | grep -v -i warn | tail -15 ;;
   attention)  # each attention backend against fp64, then fwd+bwd at the training shape
     timeout 200 python3 perf/gpu_perf.py --sdpa 2>&1 | grep -v -i warn | tail -60 ;;
   bench)  # the step variants side by side, same run; writes $OUT/best_flags: the bench flags of the fastest
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+      --format=csv -lms 1000 > $OUT/smi_bench.csv 2>&1 & smi=$!
     timeout 420 python3 perf/gpu_perf.py --bench ${BENCH_VARIANTS:-ours,ours-fa4} --steps 15 2>&1 | grep -v -i warn | tail -14
+    kill $smi
     cp $OUT/perf.json $OUT/perf_bench.json
     python3 perf/device/best_flags.py $OUT/perf_bench.json > $OUT/best_flags; echo "best: $(cat $OUT/best_flags)" ;;
   profile)

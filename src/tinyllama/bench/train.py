@@ -25,6 +25,7 @@ from tinyllama.checks import POSITIVE
 from tinyllama.cli import _args as flag
 from tinyllama.config import ModelConfig
 from tinyllama.errors import TinyLlamaError, pip_extra
+from tinyllama.train.optim import FUSED_KERNELS
 
 # Dense bf16 tensor-core peak of one H100 SXM (the issue's MFU denominator).
 H100_BF16_TFLOPS = 989.0
@@ -138,11 +139,14 @@ class TokenBatches:
 # ---- the step ------------------------------------------------------------------------------------
 
 
-def build_optimizer(model: torch.nn.Module, lr: float = 4e-4, warmup_steps: int = 0, max_steps: Optional[int] = None):
-    """The trainer's AdamW (decay on matrices, fused on CUDA), with its lr schedule helper."""
+def build_optimizer(model: torch.nn.Module, lr: float = 4e-4, warmup_steps: int = 0, max_steps: Optional[int] = None,
+                    fused_kernel: str = "torch"):
+    """The trainer's AdamW (decay on matrices, fused on CUDA, by `fused_kernel` as optim.fused_kernel says),
+    with its lr schedule helper."""
     from tinyllama.train.optim import OptimConfig, build_optimizer as _build, lr_at, set_lr
 
-    cfg = OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=warmup_steps, max_steps=max_steps)
+    cfg = OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=warmup_steps, max_steps=max_steps,
+                      fused_kernel=fused_kernel)
     opt = _build(model, cfg)
 
     def schedule(step: int) -> None:
@@ -278,6 +282,7 @@ def measure(
     log: Callable[[str], None] = print,
     trainer_step: bool = False,
     cuda_graph: bool = False,
+    adamw_kernel: str = "torch",
 ) -> BenchResult:
     """Build a model, run warmup + timed steps, return throughput and peak memory (model and optimizer included)."""
     res = BenchResult(name)
@@ -292,10 +297,12 @@ def measure(
         except MissingBaseline as e:
             res.error = str(e)
             return res
-        opt, _ = build_optimizer(model)
+        opt, _ = build_optimizer(model, fused_kernel=adamw_kernel)
         step = make_train_step(model, opt, loss_of, device, trainer_step=trainer_step, cuda_graph=cuda_graph)
         if cuda_graph:
             res.details["cuda_graph"] = True
+        if adamw_kernel != "torch":
+            res.details["adamw_kernel"] = adamw_kernel
         batches.reset()
         pool = [batches.next() for _ in range(min(steps + warmup, 16))]
         if device.type == "cuda":
@@ -305,11 +312,17 @@ def measure(
         if device.type == "cuda":
             torch.cuda.synchronize()
         res.details["setup_and_warmup_s"] = round(time.perf_counter() - t0, 1)
+        # each step's GPU time too (events between steps, no sync): a drift over the run shows clocks falling
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if device.type == "cuda" else []
         t1 = time.perf_counter()
         for i in range(steps):
+            if events:
+                events[i].record()
             loss = step(pool[(warmup + i) % len(pool)])
         if device.type == "cuda":
+            events[-1].record()
             torch.cuda.synchronize()
+            res.details["step_ms_each"] = [round(a.elapsed_time(b), 1) for a, b in zip(events, events[1:])]
         elapsed = time.perf_counter() - t1
         res.final_loss = float(loss)
         tokens = steps * batches.batch_size * batches.seq_len
@@ -370,8 +383,10 @@ def run_bench(
     peak_tflops: float = H100_BF16_TFLOPS,
     log: Callable[[str], None] = print,
     cuda_graph: bool = False,
+    adamw_kernel: str = "torch",
 ) -> list[BenchResult]:
-    """cuda_graph: our variants' steps replayed from a CUDA graph (the baselines run as their users run them)."""
+    """cuda_graph, adamw_kernel: our variants' steps replayed from a CUDA graph, their fused AdamW by torch or
+    Triton (the baselines run as their users run them: torch's fused AdamW, eager)."""
     from tinyllama.kernels import KernelConfig
 
     if seq_len > cfg.max_seq_len:
@@ -392,7 +407,8 @@ def run_bench(
     for v in variants:
         build, loss_of = builders[v]
         results.append(measure(v, build, loss_of, batches, cfg, device, steps, warmup, peak_tflops, log=log,
-                               trainer_step=not v.startswith("hf-"), cuda_graph=cuda_graph and v.startswith("ours")))
+                               trainer_step=not v.startswith("hf-"), cuda_graph=cuda_graph and v.startswith("ours"),
+                               adamw_kernel=adamw_kernel if v.startswith("ours") else "torch"))
     return results
 
 
@@ -425,6 +441,8 @@ def add_arguments(p) -> None:
     p.add_argument("--ce-chunk-rows", type=flag.positive_int, default=None, help="rows per fused cross-entropy chunk")
     p.add_argument("--cuda-graph", action="store_true",
                    help="ours: replay each step from one CUDA graph after two eager steps (train.cuda_graph)")
+    p.add_argument("--adamw-kernel", choices=FUSED_KERNELS, default="torch",
+                   help="ours: fused AdamW by torch (default) or by tinyllama's Triton kernel (optim.fused_kernel)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -454,15 +472,15 @@ def run(args) -> int:
         f"{args.steps} timed steps after {args.warmup} warm-up, on {name}; torch {torch.__version__}; "
         f"MFU at {args.peak_tflops:g} TFLOP/s, {cfg.flops_per_token(args.seq_len) / 1e9:.2f} GFLOP/token"
     )
-    print(f"ours: {kernels}" + (", step in a CUDA graph" if args.cuda_graph else ""))
+    print(f"ours: {kernels}, AdamW by {args.adamw_kernel}" + (", step in a CUDA graph" if args.cuda_graph else ""))
     results = run_bench(cfg, variants, args.micro_batch, args.seq_len, args.steps, args.warmup, device, kernels,
-                        args.data, args.peak_tflops, cuda_graph=args.cuda_graph)
+                        args.data, args.peak_tflops, cuda_graph=args.cuda_graph, adamw_kernel=args.adamw_kernel)
     print()
     print(format_table(results))
     if args.json:
         out = {"device": name, "torch": torch.__version__, "config": cfg.name, "micro_batch": args.micro_batch,
                "seq_len": args.seq_len, "steps": args.steps, "kernels": asdict(kernels),
-               "cuda_graph": args.cuda_graph, "results": [asdict(r) for r in results]}
+               "cuda_graph": args.cuda_graph, "adamw_kernel": args.adamw_kernel, "results": [asdict(r) for r in results]}
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=2)

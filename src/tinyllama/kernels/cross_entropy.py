@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tinyllama.kernels.matmul import weight_grad
+
 IGNORE_INDEX = -100
 
 
@@ -75,7 +77,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             inv_count = 1.0 / count.clamp(min=1).to(acc_dtype)
             loss = torch.zeros((), dtype=acc_dtype, device=device)
             grad_x = torch.empty_like(x) if need_x_grad else None
-            grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_w_grad else None
+            grad_w = None  # the first chunk's product, then each chunk added by the GEMM itself (fp32, no add pass)
             fn = _chunk_fn(device, use_compile)
             for start in range(0, n, chunk_rows):
                 end = min(start + chunk_rows, n)
@@ -87,8 +89,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_x_grad:
                     grad_x[start:end] = g @ w
                 if need_w_grad:
-                    grad_w += g.t() @ xc
+                    grad_w = weight_grad(g, xc, acc_dtype, accumulate=grad_w)
             loss = loss * inv_count
+            if need_w_grad and grad_w is None:  # no rows
+                grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=device)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if need_w_grad else None)
         return loss
 

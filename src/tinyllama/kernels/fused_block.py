@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyllama.kernels.attention import causal_attention
+from tinyllama.kernels.matmul import weight_grad
 from tinyllama.kernels.triton_ops import _rows
 from tinyllama.model import Block, rotate_half
 
@@ -217,33 +218,6 @@ def swiglu_rows_backward(da: torch.Tensor, gu: torch.Tensor, impl: str = "auto")
     dgu = torch.empty_like(gu)
     a = swiglu_bwd_rows(da, gu[:, :n], gu[:, n:], dgu[:, :n], dgu[:, n:], h_dtype=gu.dtype)
     return dgu, a
-
-
-_MM_OUT_DTYPE: dict = {}  # device -> whether torch.mm(bf16, bf16, out_dtype=torch.float32) works there
-
-
-def _mm_writes_fp32(device: torch.device) -> bool:
-    """Probed once per device on tiny matrices (so that no out-of-memory error is taken for 'unsupported')."""
-    if device not in _MM_OUT_DTYPE:
-        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
-        try:
-            _MM_OUT_DTYPE[device] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE[device] = False
-    return _MM_OUT_DTYPE[device]
-
-
-def weight_grad(dy: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """dy^T @ x for rows dy (N, M), x (N, K): a weight's gradient (M, K) in `dtype`, accumulated in fp32.
-
-    bf16 operands with an fp32 weight: cuBLAS writes fp32 directly (no bf16 rounding, no cast pass)."""
-    if dtype == dy.dtype:
-        return torch.mm(dy.t(), x)
-    if dy.is_cuda:
-        if dtype == torch.float32 and dy.dtype == torch.bfloat16 and _mm_writes_fp32(dy.device):
-            return torch.mm(dy.t(), x, out_dtype=torch.float32)
-        return torch.mm(dy.t(), x).to(dtype)
-    return torch.mm(dy.t().to(dtype), x.to(dtype))  # CPU: the fp32 accumulation the GPU path has
 
 
 def _stack_weights(weights, dtype: torch.dtype) -> torch.Tensor:

@@ -15,6 +15,9 @@ from tinyllama.checks import (
 from tinyllama.errors import TinyLlamaError
 
 
+FUSED_KERNELS = ("torch", "triton")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 4e-4
@@ -27,6 +30,9 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global L2 norm; 0 disables clipping
     fused: Optional[bool] = None  # None = fused on CUDA, plain (for-each) elsewhere
+    # The fused step's kernel: 'torch' (torch's fused AdamW) or 'triton' (tinyllama.kernels.adamw, one
+    # multi-tensor launch; same state_dict). Ignored when not fused.
+    fused_kernel: str = "torch"
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -42,6 +48,9 @@ class OptimConfig:
         betas = self.betas
         if not isinstance(betas, tuple) or len(betas) != 2 or any(number_problem(b, **FRACTION) for b in betas):
             raise TinyLlamaError(f"optim config: field 'betas' must be two numbers in [0, 1), got {self.betas!r}")
+        if self.fused_kernel not in FUSED_KERNELS:
+            raise TinyLlamaError(f"optim config: field 'fused_kernel' is {self.fused_kernel!r}; choose one of "
+                                 f"{', '.join(FUSED_KERNELS)}")
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
@@ -75,11 +84,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     on_cuda = any(p.is_cuda for p in model.parameters())
     fused = cfg.fused if cfg.fused is not None else on_cuda
     kwargs = dict(lr=lr_at(0, cfg), betas=cfg.betas, eps=cfg.eps)
+    groups = param_groups(model, cfg.weight_decay)
+    if fused and cfg.fused_kernel == "triton":
+        from tinyllama.kernels.adamw import TritonAdamW
+
+        return TritonAdamW(groups, **kwargs)  # torch's fused step where Triton or CUDA is missing
     if fused:
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = on_cuda or None
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
