@@ -87,12 +87,19 @@ def test_linear_cross_entropy_bf16_autocast_close_to_fp32():
         loss = linear_cross_entropy(xa, wa, t, chunk_rows=16)
     loss.backward()
     assert xa.grad.dtype == torch.float32 and wa.grad.dtype == torch.float32  # grads in the params' dtype
+    # bf16 rows (the fast path's bf16 residual stream): each chunk's input gradient is written into its slice
+    xb = x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_b = linear_cross_entropy(xb, w.clone().requires_grad_(), t, chunk_rows=16)
+    loss_b.backward()
+    assert xb.grad.dtype == torch.bfloat16
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     ref = reference_linear_cross_entropy(xr, wr, t)
     ref.backward()
     assert abs(loss.item() - ref.item()) / ref.item() < 1e-2
     assert _rel(xa.grad, xr.grad) < 2e-2
     assert _rel(wa.grad, wr.grad) < 2e-2
+    assert abs(loss_b.item() - ref.item()) / ref.item() < 2e-2 and _rel(xb.grad, xr.grad) < 3e-2
 
 
 def test_linear_cross_entropy_rejects_mismatched_targets():

@@ -86,7 +86,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 loss_c, g = fn(logits, targets[start:end], inv_count, ignore_index)
                 loss += loss_c
                 del logits
-                if need_x_grad:
+                if need_x_grad and grad_x.dtype == g.dtype:  # into the row slice (contiguous): no copy pass
+                    torch.mm(g, w, out=grad_x[start:end])
+                elif need_x_grad:  # e.g. fp32 rows under autocast: the product cast on the way in
                     grad_x[start:end] = g @ w
                 if need_w_grad:
                     grad_w = weight_grad(g, xc, acc_dtype, accumulate=grad_w)
