@@ -231,6 +231,24 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+def kernel_sources(p, keys: list[str], depth: int = 4) -> dict:
+    """For the GPU kernels whose names contain one of `keys`: the CPU op chains (innermost first) that
+    launched them, with the innermost op's input shapes, and how often (a step outside a CUDA graph)."""
+    found: dict = {}
+    for e in p.events():
+        names = [k.name for k in getattr(e, "kernels", []) or []]
+        hits = [n for n in names if any(key in n.lower() for key in keys)]
+        if not hits or e.device_type.name != "CPU":
+            continue
+        chain, parent = [], e
+        while parent is not None and len(chain) < depth:
+            chain.append(parent.name)
+            parent = getattr(parent, "cpu_parent", None)
+        label = f"{hits[0][:40]} <- {' <- '.join(chain)} {getattr(e, 'input_shapes', '')}"
+        found[label] = found.get(label, 0) + len(hits)
+    return dict(sorted(found.items(), key=lambda kv: -kv[1])[:25])
+
+
 def profile(kernels: KernelConfig, cfg, mb, seq, cuda_graph: bool = False, adamw: str = "torch"):
     from torch.profiler import ProfilerActivity, profile as prof
 
@@ -241,10 +259,14 @@ def profile(kernels: KernelConfig, cfg, mb, seq, cuda_graph: bool = False, adamw
     for _ in range(3):
         step(batches.next())
     torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+    sources = os.environ.get("KERNEL_SOURCES")  # e.g. "memcpy,copy": which ops launch these kernels
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=bool(sources)) as p:
         for _ in range(2):
             step(batches.next())
         torch.cuda.synchronize()
+    if sources:
+        print("kernel sources (op chain, input shapes -> calls in 2 steps):", flush=True)
+        print(json.dumps(kernel_sources(p, sources.split(",")), indent=1), flush=True)
     for key in ("self_cuda_time_total", "self_device_time_total"):
         try:
             table = p.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90)

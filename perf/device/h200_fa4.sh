@@ -42,10 +42,10 @@ for part in "$@"; do
     cp $OUT/perf.json $OUT/perf_bench.json
     python3 perf/device/best_flags.py $OUT/perf_bench.json > $OUT/best_flags; echo "best: $(cat $OUT/best_flags)" ;;
   profile)
-    timeout 200 python3 perf/gpu_perf.py --profile ${PROFILE_VARIANT:-ours-fa4} 2>&1 | grep -v -i warn | tail -70 ;;
+    timeout 200 python3 perf/gpu_perf.py --profile ${PROFILE_VARIANT:-ours-fa4} 2>&1 | grep -v -i warn | tail -${PROFILE_LINES:-70} ;;
   train-json)  # the committed bench: ours with the chosen flags beside the fastest baseline
     flags=${TRAIN_FLAGS:-$(cat $OUT/best_flags 2>/dev/null)}; echo "ours with: $flags"
-    timeout 400 python3 -m tinyllama bench train --variants ${TRAIN_VARIANTS:-ours,hf-liger} --steps 15 $flags \
+    timeout 540 python3 -m tinyllama bench train --variants ${TRAIN_VARIANTS:-ours,hf-liger} --steps 15 $flags \
       --json $OUT/bench_train.json 2>&1 | grep -v -i warn | tail -12 ;;
   *) echo "unknown part $part"; exit 2 ;;
   esac
