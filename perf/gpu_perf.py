@@ -182,18 +182,24 @@ VARIANTS = {
 }
 
 
+def step_options(kw: dict) -> tuple[dict, bool, str]:
+    """A variant's KernelConfig fields, and its step's pseudo-fields _graph (CUDA graph) and _adamw (kernel)."""
+    kw = dict(kw)
+    return kw, bool(kw.pop("_graph", False)), kw.pop("_adamw", "torch")
+
+
 def run_bench(names, cfg, mb, seq, steps, warmup, data):
     batches = bt.TokenBatches(cfg.vocab_size, seq, mb, data=data)
     out = []
     print(bt.HEADER, flush=True)
     for name in names:
         kw, kind = VARIANTS[name]
-        graph, adamw = bool(kw and kw.get("_graph")), (kw or {}).get("_adamw", "torch")
+        kw, graph, adamw = step_options(kw or {})
         if kind == "ours":
-            def build(kw=dict(kw)):
+            def build(kw=kw):
+                kw = dict(kw)
                 # activation memory budget of the compile partitioner (1.0 = its default): global, so set per variant
                 torch._functorch.config.activation_memory_budget = kw.pop("_amb", 1.0)
-                kw.pop("_graph", None), kw.pop("_adamw", None)
                 return bt.build_ours(cfg, DEV, KernelConfig(**kw), fast=True)
 
             loss_of = bt._ours_loss
@@ -349,8 +355,7 @@ def main():
         print(f"[{time.time() - t0:.0f}s]", flush=True)
     cfg = bt.load_model_config(a.config)
     if a.profile:
-        kw = dict(VARIANTS[a.profile][0])
-        graph, adamw = bool(kw.pop("_graph", False)), kw.pop("_adamw", "torch")
+        kw, graph, adamw = step_options(VARIANTS[a.profile][0])
         table = profile(KernelConfig(**kw), cfg, a.micro_batch, a.seq_len, cuda_graph=graph, adamw=adamw)
         print(table, flush=True)
         print(f"[{time.time() - t0:.0f}s]", flush=True)

@@ -1,9 +1,9 @@
 """A training step replayed from one CUDA graph: forward, loss, backward, clip and fused AdamW in one launch.
 
-Why: the fused step issues ~1,500 kernels a step through autograd and Python. On an H200 at 8 × 2048 the GPU
-runs some stretches of them (the FlashAttention-4 layers, the optimizer's per-group launches) faster than the
-host issues them: the profiled step's host time was close to its GPU time (perf/NOTES.md). A replayed graph
-costs the host one launch.
+Why: the fused step issues ~1,500 kernels a step through autograd and Python; a replayed graph costs the host
+one launch, so the GPU never waits for the host. Measured on an H200 at 8 × 2048 (perf/NOTES.md): the eager
+step was already GPU-bound there, and the graph gained 0.2-0.6 %; it matters where the host is slower than
+the GPU (smaller batches, slower CPUs).
 
 What capture needs, and how the step provides it:
 - fixed addresses: each batch is copied into one static tensor. Gradients are created during the capture (set
@@ -84,7 +84,7 @@ class GraphedStep:
         return out
 
     def _capture(self, batch: torch.Tensor) -> None:
-        self.static_batch = batch.detach().to("cuda", copy=True)
+        self.static_batch = batch.detach().clone()
         self.optimizer.zero_grad(set_to_none=True)  # gradients born in the graph's pool, written by each replay
         groups = self.optimizer.param_groups
         saved = [(g["lr"], g.get("capturable", False)) for g in groups]

@@ -253,10 +253,9 @@ class TrainLoop:
         info = self.info
         set_lr(self.optimizer, self.lr_at(self.state.step))
         try:
-            if self.graphed is not None:  # one process: nothing to all-reduce
+            if self.graphed is not None:
                 sums, grad_norm = self.graphed(self.objective.next_batch())
-                synced = torch.cat([sums, sums.new_full((1,), float(stop.requested))])
-                stepped = True
+                synced, stepped = self._synced(sums, stop), True
             else:
                 synced, grad_norm, stepped = self._reduce_and_update(stop)
         except torch.OutOfMemoryError:
@@ -273,16 +272,18 @@ class TrainLoop:
 
     def _reduce_and_update(self, stop: StopRequest) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Forward/backward, the queued all-reduce of metrics and stop flag, clip + AdamW: (synced, norm, stepped)."""
-        sums = self._forward_backward()
-        # One all-reduce (queued, no wait): the step's metric sums and whether any rank caught a signal (a
-        # signal that arrives after this point is acted on at the end of the next step). The flag is
-        # written by a fill kernel: torch.tensor(..., device=cuda) would copy from the host and wait.
-        synced = all_reduce_(torch.cat([sums, sums.new_full((1,), float(stop.requested))]), self.info)
+        synced = self._synced(self._forward_backward(), stop)
         if self.grad_sync is not None:
             self.grad_sync()
         # Fused AdamW (the default on CUDA): clip and skip on the device; the host reads once, in _step.
         grad_norm, stepped = clip_or_step_on_device(self.optimizer, self.model, self.grad_clip, synced[0])
         return synced, grad_norm, stepped
+
+    def _synced(self, sums: torch.Tensor, stop: StopRequest) -> torch.Tensor:
+        """[metric sums, stop flag] in one all-reduce (queued, no wait; nothing to reduce in one process): whether
+        any rank caught a signal (one that arrives after this point is acted on at the end of the next step).
+        The flag is written by a fill kernel: torch.tensor(..., device=cuda) would copy from the host and wait."""
+        return all_reduce_(torch.cat([sums, sums.new_full((1,), float(stop.requested))]), self.info)
 
     def _forward_backward(self, batches: Optional[list] = None) -> torch.Tensor:
         """Backward of `accum` micro-batches (or of `batches`); returns this rank's weighted metric sums (device)."""
