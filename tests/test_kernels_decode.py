@@ -168,7 +168,10 @@ def _models(dtype):
 
 
 @needs_triton
-def test_step_matches_model_forward_fp32():
+@pytest.mark.parametrize("persistent", [False, True])
+def test_step_matches_model_forward_fp32(persistent):
+    """persistent: the whole step as one kernel (decode_persistent.py), whose counters are all back at zero
+    and error flag unset after every step."""
     from tinyllama.kernels.decode import TritonDecodeStep
 
     ref, fused = _models(torch.float32)
@@ -176,7 +179,7 @@ def test_step_matches_model_forward_fp32():
     with torch.inference_mode():
         for m in (ref, fused):
             m.setup_cache(1, 40)
-        step = TritonDecodeStep(fused, use_graph=False, tune=False)
+        step = TritonDecodeStep(fused, use_graph=False, tune=False, persistent=persistent)
         r = ref(prompt, input_pos=torch.arange(9, device=DEVICE))[:, -1]
         fused(prompt, input_pos=torch.arange(9, device=DEVICE))
         for pos in range(9, 17):
@@ -186,6 +189,9 @@ def test_step_matches_model_forward_fp32():
             assert got.shape == r.shape and got.dtype == r.dtype
             _close(got, r, torch.float32)
             assert torch.equal(got.argmax(-1), r.argmax(-1))
+            assert (step.persistent is not None) == persistent
+            if persistent:
+                assert not step.persistent.failed() and not step.persistent.sync.any()
         # the caches hold the same keys and values
         for a, b in zip(ref.layers, fused.layers):
             _close(b.self_attn.kv_cache.k[:, :, :17], a.self_attn.kv_cache.k[:, :, :17], torch.float32)
@@ -231,8 +237,8 @@ def test_batched_step_matches_model_forward_fp32(same_position, split_k):
 
 
 @needs_triton
-@pytest.mark.parametrize("batch", [1, 3])
-def test_step_bf16_is_as_close_to_fp32_as_the_eager_bf16_step(batch):
+@pytest.mark.parametrize("batch,persistent", [(1, False), (3, False), (1, True)])
+def test_step_bf16_is_as_close_to_fp32_as_the_eager_bf16_step(batch, persistent):
     """bf16 results are not bit-equal to the eager bf16 step (other summation order), so both are measured
     against the fp32 model: the Triton step's error must stay within 1.25x the eager step's on the GPU; 2x
     under the interpreter, whose fp32 -> bf16 conversion truncates instead of rounding (about doubling each
@@ -248,7 +254,7 @@ def test_step_bf16_is_as_close_to_fp32_as_the_eager_bf16_step(batch):
         for m in (ref32, ref, fused):
             m.setup_cache(batch, 40)
             m(prompt, input_pos=torch.arange(9, device=DEVICE))
-        step = TritonDecodeStep(fused, use_graph=False, batch_size=batch, tune=False)
+        step = TritonDecodeStep(fused, use_graph=False, batch_size=batch, tune=False, persistent=persistent)
         errors = []
         for pos in range(9, 17):
             tok = torch.randint(0, 96, (batch, 1), device=DEVICE)
@@ -373,12 +379,13 @@ def test_decode_kernels_interpreted_on_cpu():
 
 
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA")
-@pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_graph_replay_equals_eager_steps_cuda(pdl, batch):
-    """The CUDA-graph replay (with and without programmatic dependent launch) gives the eager kernels'
-    logits bit for bit, and re-captures when the cache is re-allocated. (Both steps tune on their first
-    call and share the choice: with other block shapes the sums would be ordered otherwise.)"""
+@pytest.mark.parametrize("pdl,batch,persistent", [(False, 1, False), (True, 1, False), (False, 3, False),
+                                                  (True, 3, False), (False, 1, True)])
+def test_graph_replay_equals_eager_steps_cuda(pdl, batch, persistent):
+    """The CUDA-graph replay (with and without programmatic dependent launch; of the persistent kernel)
+    gives the eager kernels' logits bit for bit, and re-captures when the cache is re-allocated. (Both steps
+    tune on their first call and share the choice: with other block shapes the sums would be ordered
+    otherwise.)"""
     from tinyllama.kernels.decode import TritonDecodeStep, pdl_supported
 
     if pdl and not pdl_supported("cuda"):
@@ -390,14 +397,17 @@ def test_graph_replay_equals_eager_steps_cuda(pdl, batch):
         for m in (a, b):
             m.setup_cache(batch, 48)
             m(prompt, input_pos=torch.arange(7, device="cuda"))
-        eager = TritonDecodeStep(a, use_graph=False, pdl=pdl, batch_size=batch)
-        graphed = TritonDecodeStep(b, use_graph=True, pdl=pdl, batch_size=batch)
+        eager = TritonDecodeStep(a, use_graph=False, pdl=pdl, batch_size=batch, persistent=persistent or None)
+        graphed = TritonDecodeStep(b, use_graph=True, pdl=pdl, batch_size=batch, persistent=persistent or None)
         for pos in range(7, 30):
             tok = torch.randint(0, 96, (batch, 1), device="cuda")
             want = eager.step(tok, torch.tensor([pos], device="cuda")).clone()
             got = graphed.step(tok, torch.tensor([pos], device="cuda"))
             assert torch.equal(got, want), pos
         assert graphed._graph is not None and graphed.pdl == pdl
+        assert (graphed.persistent is not None) == (eager.persistent is not None) >= persistent
+        if persistent:
+            assert not graphed.persistent.failed() and not graphed.persistent.sync.any()
         b.setup_cache(batch, 48)  # a new cache: the old graph points into freed memory
         b(prompt, input_pos=torch.arange(7, device="cuda"))
         a.setup_cache(batch, 48)
@@ -432,3 +442,105 @@ def test_decode_kernels_compile_for_hopper():
                     BLOCK_K=256, DOT_FP32=False, SWAP=swap, SPLIT_K=split))
     _compile_for_hopper(D._gemv_kernel, dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf), dict(
         HAS_NORM=True, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_N=4, BLOCK_K=2048, ROWSUM=True))
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETED or torch.cuda.is_available(),
+                    reason="needs Triton, not interpreted; on a GPU the other tests compile the kernels for real")
+def test_persistent_decode_kernel_compiles_for_hopper():
+    """The persistent step (spin waits, release/acquire atomics, the last-arriver merge) at the 1.1B's sizes
+    for sm_90, in two of its configurations: without spilling registers to local memory."""
+    try:
+        from test_kernels import _compile_for_hopper
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    from tinyllama.kernels import decode_persistent as P
+
+    bf = "*bf16"
+    ptrs = dict.fromkeys(["X", "QKV", "ATTN", "HIDDEN", "LOGITS", "WBASE", "NORM_F", "HEAD_W"], bf)
+    ptrs.update(OFFSETS="*i64", POS="*i64", COS="*fp32", SIN="*fp32", PART="*fp32", SYNC="*i32", ERR="*i32")
+    for cfg in (P.PERSISTENT_CANDIDATES[0], P.PERSISTENT_CANDIDATES[3]):
+        kernel = _compile_for_hopper(P._decode_step_kernel, ptrs, dict(
+            D=2048, HQ=32, HKV=4, HD=64, F=5632, V=32000, R=cfg.rows, BK=cfg.block_k, BKF=cfg.block_k_ff,
+            BLOCK_G=16, BLOCK_S=cfg.block_s, SPLITS=cfg.splits, DOT_FP32=False, SPIN_LIMIT=P.SPIN_LIMIT),
+            floats=("eps", "scale"))
+        ptx = kernel.asm["ptx"]
+        assert ".local" not in ptx and "atom.global.gpu.acq_rel.add" in ptx and "red.global.gpu.release.add" in ptx
+
+
+def _full_width_models(n_layers=3):
+    """The 1.1B's layer shapes (hidden 2048, 32/4 heads, FFN 5632, vocab 32000), fewer layers: the persistent
+    kernel's tiles and grid at their real sizes. bf16 for the steps, fp32 as the reference."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("tinyllama-1.1b").replace(n_layers=n_layers, max_seq_len=512)
+    ref = Llama(cfg).to(device="cuda").eval()
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(10.0)
+    fused = copy.deepcopy(ref).to(torch.bfloat16).fuse_projections()
+    fused.rope_cos.data, fused.rope_sin.data = ref.rope_cos.float(), ref.rope_sin.float()
+    return ref, fused
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA")
+def test_persistent_step_at_full_width_matches_layered_cuda():
+    """Every persistent configuration, at the 1.1B's widths, over 300 cache slots (several attention blocks
+    per split): as close to the fp32 model as the layered bf16 step is, same greedy tokens, no failed
+    wait, counters back at zero; and the tuned step (persistent or not) says what it timed."""
+    from tinyllama.kernels import decode_persistent as P
+    from tinyllama.kernels.decode import TritonDecodeStep
+
+    ref, fused = _full_width_models()
+    prompt = torch.randint(0, 32000, (1, 290), device="cuda")
+    rms = lambda a, b: (a.float() - b.float()).pow(2).mean().sqrt().item()  # noqa: E731
+    with torch.inference_mode():
+        ref.setup_cache(1, 320)
+        ref(prompt, input_pos=torch.arange(290, device="cuda"))
+        toks = [torch.randint(0, 32000, (1, 1), device="cuda") for _ in range(10)]
+        want = [ref(t, input_pos=torch.tensor([290 + i], device="cuda"))[:, -1] for i, t in enumerate(toks)]
+        results = {}
+        for option in [None, *P.PERSISTENT_CANDIDATES]:
+            fused.setup_cache(1, 320)
+            fused(prompt, input_pos=torch.arange(290, device="cuda"))
+            step = TritonDecodeStep(fused, use_graph=True, tune=False, persistent=option is not None)
+            if option is not None:
+                step.persistent = P.PersistentDecode(fused, option)
+            got = [step.step(t, torch.tensor([290 + i], device="cuda")).clone() for i, t in enumerate(toks)]
+            if option is not None:
+                assert not step.persistent.failed() and not step.persistent.sync.any(), option
+                assert step.persistent.grid >= torch.cuda.get_device_properties(0).multi_processor_count
+            results[option] = got
+        layered = sum(rms(g, w) for g, w in zip(results[None], want))
+        for option, got in results.items():
+            err = sum(rms(g, w) for g, w in zip(got, want))
+            assert 0 < err <= 1.25 * layered, (option, err, layered)
+            assert [g.argmax().item() for g in got] == [w.argmax().item() for w in want], option
+        fused.setup_cache(1, 320)
+        fused(prompt, input_pos=torch.arange(290, device="cuda"))
+        tuned = TritonDecodeStep(fused)  # tunes: layered vs every persistent configuration, graph replays
+        tuned.step(toks[0], torch.tensor([290], device="cuda"))
+        assert "layered" in tuned.step_times and len(tuned.step_times) >= 2, tuned.step_times
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA")
+def test_persistent_step_falls_back_when_its_programs_cannot_all_be_resident_cuda(monkeypatch):
+    """A grid larger than the GPU holds at once: the first programs' waits give up (error flag, no hang);
+    the step warns and runs the layered kernels from then on, with their results."""
+    from tinyllama.kernels import decode_persistent as P
+    from tinyllama.kernels.decode import TritonDecodeStep
+
+    _, a = _models(torch.bfloat16)
+    b = copy.deepcopy(a)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    monkeypatch.setattr(P.PersistentDecode, "_resident_grid", lambda self, kernel: 64 * sms)
+    prompt = torch.randint(0, 96, (1, 7), device="cuda")
+    with torch.inference_mode():
+        for m in (a, b):
+            m.setup_cache(1, 48)
+            m(prompt, input_pos=torch.arange(7, device="cuda"))
+        layered = TritonDecodeStep(a, tune=False)
+        step = TritonDecodeStep(b, tune=False, persistent=True)
+        tok = torch.randint(0, 96, (1, 1), device="cuda")
+        with pytest.warns(UserWarning, match="not all resident"):
+            got = step.step(tok, torch.tensor([7], device="cuda")).clone()
+        assert step.persistent is None
+        assert torch.equal(got, layered.step(tok, torch.tensor([7], device="cuda")))

@@ -164,6 +164,9 @@ def run(args) -> int:
         dec = f", decode only {row['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in row else ""
         print(f"  {name:<34} batch {batch:>3}: {row['tokens_per_s']:>9.1f} tokens/s  ({seconds:.3f} s for {N} new "
               f"tokens/row, prefill included{dec})", flush=True)
+        if "step_kernels" in row:
+            print(f"    decode step: {row['step_kernels']}; whole-step µs when tuned: {row.get('step_us_tuned', '-')}",
+                  flush=True)
         save()
         return row
 
@@ -207,6 +210,13 @@ def run(args) -> int:
         with torch.inference_mode():
             pre, _ = timed(lambda: engine.prefill(ids), repeats=5)
         extra["prefill_ms"] = round(pre * 1e3, 2)
+        step = engine.triton_step(B)
+        if step is not None:  # which kernels ran the step, and the whole-step times its tuning measured
+            from tinyllama.kernels.decode import _step_name
+
+            extra["step_kernels"] = _step_name(step.persistent.config if step.persistent else None)
+            if step.step_times:
+                extra["step_us_tuned"] = step.step_times
         if B == 1:
             match = next((i for i, (a, b) in enumerate(zip(out[0], ours_eager[0])) if a != b), len(out[0]))
             extra["greedy_prefix_equal_to_eager"] = match

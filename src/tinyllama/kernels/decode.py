@@ -32,6 +32,7 @@ TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -583,19 +584,33 @@ class TritonDecodeStep:
     contract as `Llama.forward(ids, input_pos=input_pos.view(B, 1))[:, -1]` (cache rows 0..B-1; input_pos of
     one element: every row at that position, as an unpadded batch with input_pos (1,)). Batch 1 runs the
     GEMV kernels, larger batches (up to MAX_ROWS) the rows kernels: each weight is read once per step either
-    way. On CUDA the first call also picks each product's block shape (`tune`; tune=False keeps the first
-    candidates) and captures the step in a CUDA graph; later calls copy the tokens and positions in (unless they are already there: see
-    `greedy_token` and step's `pos`) and replay it. The returned logits are a fixed buffer, overwritten by
-    the next call.
+    way. At batch 1 the whole step can instead run as one persistent kernel (`persistent`;
+    decode_persistent.py). On CUDA the first call also picks each product's block shape, and whether the
+    persistent kernel (in which configuration) beats the layered ones (`tune`; tune=False keeps the first
+    candidates, layered unless persistent=True), and captures the step in a CUDA graph; later calls copy the
+    tokens and positions in (unless they are already there: see `greedy_token` and step's `pos`) and replay
+    it. The returned logits are a fixed buffer, overwritten by the next call.
     """
 
     def __init__(self, model, use_graph: Optional[bool] = None, pdl: Optional[bool] = None,
-                 batch_size: int = 1, tune: bool = True) -> None:
+                 batch_size: int = 1, tune: bool = True, persistent: Optional[bool] = None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
         if not 1 <= batch_size <= MAX_ROWS:
             raise ValueError(f"the Triton decode step takes batches of 1 to {MAX_ROWS} rows, not {batch_size}")
+        from tinyllama.kernels import decode_persistent
+
+        # The whole step as one persistent kernel (decode_persistent.py): True always, False never, None where
+        # `tune` times it faster than the layered kernels (CUDA, batch 1).
+        self.persistent_mode = persistent
+        self.persistent = None  # the PersistentDecode that runs the step, when it does
+        self.step_times: dict[str, float] = {}  # µs per whole step, per kernel choice (`tune`, CUDA)
+        persistent_reason = decode_persistent.unsupported_reason(model, batch_size)
+        if persistent and persistent_reason is not None:
+            raise ValueError(persistent_reason)
+        if persistent_reason is not None:
+            self.persistent_mode = False
         self.batch_size = B = batch_size
         self.model = model
         c = model.config
@@ -636,6 +651,10 @@ class TritonDecodeStep:
             ROWS_CANDIDATES_FP32 if self.dtype == torch.float32 else ROWS_CANDIDATES
         default = self.candidates[0] if self.device.type == "cuda" else INTERPRETER_CONFIG
         self.configs: list[GemvConfig] = [default] * len(self.products)
+        if persistent:
+            self.persistent = decode_persistent.PersistentDecode(
+                model, decode_persistent.PERSISTENT_CANDIDATES[0] if self.device.type == "cuda"
+                else decode_persistent.INTERPRETER_PERSISTENT)
 
     def tune(self) -> None:
         """On CUDA, pick each product's block shape by timing the candidates on scratch outputs (the live
@@ -668,11 +687,51 @@ class TritonDecodeStep:
                 _TUNED[key] = _fastest(run_all, self.candidates)
             for i in members:
                 self.configs[i] = _TUNED[key]
+        if self.persistent_mode is not False:
+            self._tune_persistent(card)
 
-    # one step, kernel by kernel ---------------------------------------------------------------------
+    def _tune_persistent(self, card: str) -> None:
+        """Time the whole step (embedding -> logits, graph replays at the current position: idempotent) with
+        the layered kernels and with each persistent configuration; keep the fastest. A configuration whose
+        launch flags a failed wait (`PersistentDecode.failed`) is left out."""
+        from tinyllama.kernels import decode_persistent as P
+
+        c = self.config
+        key = (card, "step", self.dtype, self.pdl, self.persistent_mode, c.n_layers, c.hidden_size, c.n_heads,
+               c.n_kv_heads, c.intermediate_size, c.vocab_size)
+        options = ([None] if self.persistent_mode is None else []) + list(P.PERSISTENT_CANDIDATES)
+        if key not in _TUNED_STEP:
+            runners: dict = {}
+
+            def run(option) -> None:
+                if option is None:
+                    self.persistent = None
+                else:
+                    self.persistent = runners.get(option) or runners.setdefault(option, P.PersistentDecode(self.model, option))
+                self._layers()
+                if self.persistent is not None and not torch.cuda.is_current_stream_capturing() \
+                        and self.persistent.failed():
+                    raise RuntimeError(f"persistent decode {option}: a stage wait gave up")
+
+            times = time_candidates(run, options)
+            choice = min(times, key=times.get) if times else options[0]
+            _TUNED_STEP[key] = (choice, {_step_name(o): round(t, 1) for o, t in times.items()})
+        choice, self.step_times = _TUNED_STEP[key]
+        self.persistent = None if choice is None else P.PersistentDecode(self.model, choice)
+
+    # one step: one persistent kernel, or kernel by kernel ----------------------------------------------
     def _run(self) -> None:
+        self._layers()
+        self._advance()
+
+    def _layers(self) -> None:
+        """ids -> logits at the positions in pos (writes each layer's key/value at pos: run twice, it gives the
+        same result)."""
         m, c = self.model, self.config
         torch.index_select(m.embed_tokens.weight, 0, self.ids, out=self.x.view(self.batch_size, -1))
+        if self.persistent is not None:
+            self.persistent.run(self)
+            return
         products = iter(zip(self.products, self.configs))
 
         def product() -> None:
@@ -688,6 +747,8 @@ class TritonDecodeStep:
             product()  # RMSNorm -> gate/up -> SiLU(gate) * up
             product()  # down + residual
         product()  # RMSNorm -> output head
+
+    def _advance(self) -> None:
         # The greedy tokens become the next step's input (ids is read only by the embedding above), and the
         # positions advance: a greedy caller then copies nothing in (`greedy_token`, step's `pos`).
         torch.argmax(self.logits, dim=-1, out=self.ids)
@@ -729,15 +790,22 @@ class TritonDecodeStep:
         if not self._tuned:
             self.tune()  # also without a graph: eager and graphed steps then run the same block shapes
             self._tuned = True
-        if not self.use_graph:
-            self._run()
-            return self.logits
         # `Llama.setup_cache` makes new KVCache modules for every layer at once: layer 0's tells them apart.
-        if self._graph is None or self._graph_cache() is not cache:
-            # First call for this cache: run eagerly (this step's result; compiles the kernels), then capture
-            # the step (capturing runs nothing) for the next calls.
+        if self._graph_cache is None or self._graph_cache() is not cache:
+            # First call for this cache: run eagerly (this step's result; compiles the kernels), check that a
+            # persistent kernel's waits all held (else the layered kernels, from now on), then capture the
+            # step (capturing runs nothing) for the next calls.
             self._graph = None
-            self._run()
+            self._layers()
+            if self.persistent is not None and self.persistent.failed():
+                warnings.warn("the persistent decode kernel's programs were not all resident at once (a stage "
+                              "wait gave up): running the layered Triton kernels instead")
+                self.persistent, self.persistent_mode = None, False
+                self._layers()
+            self._advance()
+            self._graph_cache = weakref.ref(cache)
+            if not self.use_graph:
+                return self.logits
             try:
                 graph = self._capture()
             except RuntimeError:
@@ -746,13 +814,24 @@ class TritonDecodeStep:
                 self.pdl = False  # this driver/runtime cannot capture programmatic launches: plain ones
                 self.tune()
                 graph = self._capture()
-            self._graph, self._graph_cache = graph, weakref.ref(cache)
+            self._graph = graph
+            return self.logits
+        if not self.use_graph:
+            self._run()
             return self.logits
         self._graph.replay()
         return self.logits
 
 
 _TUNED: dict[tuple, GemvConfig] = {}
+_TUNED_STEP: dict[tuple, tuple] = {}  # (card, model shape, ...) -> (persistent config or None, µs per option)
+
+
+def _step_name(option) -> str:
+    if option is None:
+        return "layered"
+    return "persistent r{0.rows} k{0.block_k}/{0.block_k_ff} w{0.num_warps} p{0.programs_per_sm} " \
+           "s{0.splits}".format(option)
 
 
 def time_candidates(run, candidates) -> dict:

@@ -1,0 +1,440 @@
+"""The whole batch-1 decode step in one persistent Triton kernel.
+
+Why: the layered Triton step (`decode.py`: five kernels per layer, 111 for the 1.1B) reads the weights at
+~2.7 TB/s at batch 1 on an H200, where a copy runs at ~4.3 TB/s. Its profile shows why: each kernel pays a
+fixed ~2.5 µs (launch, the first tile's latency, a tail where few programs still run) on top of its bytes,
+and the small ones (q/k/v, o, attention) are mostly that. Here a single launch of programs that stay
+resident (a few per SM) runs every stage of every layer:
+
+  1. RMSNorm -> q/k/v product
+  2. attention, as (kv head, cache split) tasks: rotary, the new key/value written to the cache, an online
+     softmax over the split's slots; the last split of a head to finish merges the partial sums
+  3. o product + residual (in place on the residual stream)
+  4. RMSNorm -> gate/up product -> SiLU(gate) * up
+  5. down product + residual (in place)
+
+and then RMSNorm -> output head. A stage waits for the one before through a counter in global memory
+instead of a kernel boundary, and each program loads its first weight tile of a stage *before* it waits,
+so the weights keep streaming while the previous stage's last programs finish; inside a stage each program
+loads its next tile while it multiplies the current one.
+
+Synchronisation: after its share of a stage every program adds 1 to that stage's counter (a barrier first,
+so all its threads' stores are done, then a release atomic); the next stage spins until the counter equals
+the number of programs (volatile loads, then one acquire) and reads activations with ".cg" loads (from L2:
+never a stale L1 line left by the previous layer's read of the same buffer). Every program must be resident
+at once for this not to deadlock, so the grid is sized from the compiled kernel's registers and shared
+memory (`resident_programs`). A wait that is still unmet after SPIN_LIMIT polls sets an error flag and
+goes on (a wrong result instead of a hang); `TritonDecodeStep` checks the flag after the kernel's first run
+and falls back to the layered kernels. The last program to leave zeroes every counter, so the next launch
+(a CUDA-graph replay) starts clean. Under Triton's interpreter (CPU tests) the kernel runs as one program,
+which meets every wait itself, in order.
+
+Numerics are the layered kernels' (decode.py's docstring): fp32 sums, rounding where the model rounds. The
+attention's online softmax runs per split and the splits are merged in a fixed order, so results agree with
+the layered step to fp32 rounding and are the same bits on every run.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from tinyllama.kernels.decode import _attend_block, _interpreted, _rope, tl, triton
+
+STAGES_PER_LAYER = 8  # counter slots per layer (5 used: q/k/v, attention, o, gate/up, down)
+
+
+@dataclass(frozen=True)
+class PersistentConfig:
+    rows: int = 4  # weight rows per tile
+    block_k: int = 2048  # columns per tile of the products over the hidden size (q/k/v, o, gate/up, head)
+    block_k_ff: int = 2048  # columns per tile of the down product (over the intermediate size; masked)
+    num_warps: int = 4
+    programs_per_sm: int = 2  # at most: fewer if the compiled kernel's registers or shared memory say so
+    splits: int = 16  # cache splits per key/value head (attention tasks per head)
+    block_s: int = 32  # cache slots per attention block
+
+
+# Timed on the first step on CUDA (`TritonDecodeStep.tune`, whole-step graph replays); the first is the
+# untimed default.
+PERSISTENT_CANDIDATES = (
+    PersistentConfig(4, 2048, 2048, 4, 2),
+    PersistentConfig(2, 2048, 2048, 4, 4),
+    PersistentConfig(4, 2048, 2048, 8, 1),
+    PersistentConfig(8, 1024, 1024, 8, 1),
+    PersistentConfig(4, 1024, 1024, 4, 3),
+)
+# Under Triton's interpreter (CPU tests): small tiles, few splits (numpy runs every masked lane).
+INTERPRETER_PERSISTENT = PersistentConfig(rows=8, block_k=128, block_k_ff=64, num_warps=4, programs_per_sm=1,
+                                          splits=4, block_s=16)
+SPIN_LIMIT = 1 << 21  # polls (~1 µs each) before a wait gives up and flags an error
+
+
+if triton is not None:
+
+    @triton.jit
+    def _wait(FLAG, target, ERR, SPIN_LIMIT: tl.constexpr):
+        # spin until every program has arrived at the stage behind FLAG; once any wait has given up, later
+        # ones do not spin (a failed launch ends in seconds, not SPIN_LIMIT polls per stage)
+        polls = tl.where(tl.load(ERR, volatile=True) != 0, SPIN_LIMIT, 0)
+        while (tl.load(FLAG, volatile=True) < target) & (polls < SPIN_LIMIT):
+            polls += 1
+        if tl.load(FLAG, volatile=True) < target:
+            tl.store(ERR, 1)
+        tl.atomic_add(FLAG, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _arrive(FLAG):
+        tl.debug_barrier()  # every thread's stores of this stage are issued before the counter says so
+        tl.atomic_add(FLAG, 1, sem="release", scope="gpu")
+
+    @triton.jit
+    def _tile(W, chunk, kb, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+              SWIGLU: tl.constexpr):
+        # weight rows [chunk·R, chunk·R + R), columns [kb·BK, kb·BK + BK) (and the up half's, with SWIGLU);
+        # a chunk past the last is all masked (a program's tile after its last)
+        rows = chunk * R + tl.arange(0, R)
+        cols = kb * BK + tl.arange(0, BK)
+        m = (rows < N)[:, None] & (cols < K)[None, :]
+        at = W + rows[:, None].to(tl.int64) * K + cols[None, :]
+        w = tl.load(at, mask=m, other=0.0)
+        wu = w
+        if SWIGLU:
+            wu = tl.load(at + N * K, mask=m, other=0.0)
+        return w, wu
+
+    @triton.jit
+    def _first_tile(pid, W, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+                    SWIGLU: tl.constexpr):
+        # read before the stage's wait: weights never depend on the previous stage
+        return _tile(W, pid, 0, N, K, R, BK, SWIGLU)
+
+    @triton.jit
+    def _product(pid, nprog, X, W, OUT, RES, NORM_W, eps, w, wu, N: tl.constexpr, K: tl.constexpr,
+                 HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, R: tl.constexpr,
+                 BK: tl.constexpr):
+        # This program's share of OUT = [RMSNorm](X) @ W.T [SwiGLU] [+ RES]: row chunks pid, pid + nprog, ...,
+        # each in KB column tiles; w/wu hold its first tile, already loaded. Same math as decode._gemv_kernel.
+        dt = OUT.dtype.element_ty
+        KB: tl.constexpr = (K + BK - 1) // BK
+        n_chunks: tl.constexpr = (N + R - 1) // R
+        n_tiles = tl.maximum((n_chunks - pid + nprog - 1) // nprog, 0) * KB
+        r = tl.arange(0, R)
+        cols = tl.arange(0, BK)
+        rstd = 1.0
+        if HAS_NORM:
+            ss = tl.zeros([BK], dtype=tl.float32)
+            for j in tl.static_range(KB):
+                xk = tl.load(X + j * BK + cols, mask=j * BK + cols < K, other=0.0,
+                             cache_modifier=".cg").to(tl.float32)
+                ss += xk * xk
+            rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        x0 = tl.load(X + cols, mask=cols < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if HAS_NORM:
+            x0 = x0 * tl.load(NORM_W + cols, mask=cols < K, other=0.0).to(tl.float32)
+        acc = tl.zeros([R], dtype=tl.float32)
+        acc_up = tl.zeros([R], dtype=tl.float32)
+        for t in range(0, n_tiles):
+            nxt = t + 1
+            w_next, wu_next = _tile(W, pid + (nxt // KB) * nprog, nxt % KB, N, K, R, BK, SWIGLU)
+            kb = t % KB
+            if KB == 1:
+                xv = x0
+            else:
+                k_ok = kb * BK + cols < K
+                xv = tl.load(X + kb * BK + cols, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+                if HAS_NORM:
+                    xv = xv * tl.load(NORM_W + kb * BK + cols, mask=k_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+            if SWIGLU:
+                acc_up += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+            if kb == KB - 1:
+                rows = (pid + (t // KB) * nprog) * R + r
+                row_ok = rows < N
+                y = acc
+                if HAS_NORM:
+                    y = y * rstd
+                y = y.to(dt).to(tl.float32)
+                if SWIGLU:
+                    up = acc_up
+                    if HAS_NORM:
+                        up = up * rstd
+                    up = up.to(dt).to(tl.float32)
+                    y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * up
+                if HAS_RES:
+                    y = tl.load(RES + rows, mask=row_ok, other=0.0, cache_modifier=".cg").to(tl.float32) + y
+                tl.store(OUT + rows, y.to(dt), mask=row_ok)
+                acc = tl.zeros([R], dtype=tl.float32)
+                acc_up = tl.zeros([R], dtype=tl.float32)
+            w = w_next
+            wu = wu_next
+
+    @triton.jit
+    def _attention(pid, nprog, n_rows, QKV, K_CACHE, V_CACHE, ATTN, POS, COS, SIN, PART, HEAD_COUNT, cache_len,
+                   scale, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, DOT_FP32: tl.constexpr):
+        # Tasks (row b, kv head h, split s), s over the slots 0..pos[b] in SPLITS equal spans. The span holding
+        # pos takes the new key/value from registers (rotated, and written to the cache); the others read
+        # cache slots below pos. Each writes its online-softmax state (acc, max, sum) for the head's GROUP
+        # query rows; the head's last split to arrive merges them in split order. decode._decode_attention_kernel
+        # is the same computation in one program per head.
+        dt = ATTN.dtype.element_ty
+        GROUP: tl.constexpr = HQ // HKV
+        HALF: tl.constexpr = HD // 2
+        WIDTH: tl.constexpr = (HQ + 2 * HKV) * HD
+        STATE: tl.constexpr = BLOCK_G * (HD + 2)  # one task's partial: acc (BLOCK_G, HD), max, sum
+        g = tl.arange(0, BLOCK_G)
+        g_ok = g < GROUP
+        d = tl.arange(0, HD)
+        d_swapped = (d + HALF) % HD
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        op = tl.float32 if DOT_FP32 else dt
+        for task in range(pid, n_rows * HKV * SPLITS, nprog):
+            s = task % SPLITS
+            h = (task // SPLITS) % HKV
+            b = task // (SPLITS * HKV)
+            pos = tl.load(POS + b)
+            span = (pos + SPLITS) // SPLITS  # ceil((pos + 1) / SPLITS)
+            start = s * span
+            end = tl.minimum(pos + 1, start + span)
+            row = QKV + b * WIDTH
+            c = tl.load(COS + pos * HD + d).to(dt).to(tl.float32)
+            sn = tl.load(SIN + pos * HD + d).to(dt).to(tl.float32)
+            q_rows = row + (h * GROUP + g)[:, None] * HD
+            q = tl.load(q_rows + d[None, :], mask=g_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+            q_sw = tl.load(q_rows + d_swapped[None, :], mask=g_ok[:, None], other=0.0,
+                           cache_modifier=".cg").to(tl.float32)
+            q = _rope(q, q_sw, c[None, :], sn[None, :], sign[None, :], dt)
+            k_at = row + HQ * HD + h * HD
+            k = _rope(tl.load(k_at + d, cache_modifier=".cg").to(tl.float32),
+                      tl.load(k_at + d_swapped, cache_modifier=".cg").to(tl.float32), c, sn, sign, dt)
+            v = tl.load(row + (HQ + HKV) * HD + h * HD + d, cache_modifier=".cg")
+            kc = K_CACHE + (b.to(tl.int64) * HKV + h) * cache_len * HD
+            vc = V_CACHE + (b.to(tl.int64) * HKV + h) * cache_len * HD
+            has_new = (start <= pos) & (pos < end)
+            new_d = d < tl.where(has_new, HD, 0)  # (a scalar & a vector mask: int32 under the interpreter)
+            tl.store(kc + pos * HD + d, k.to(dt), mask=new_d)
+            tl.store(vc + pos * HD + d, v, mask=new_d)
+            m_new = tl.sum(q * k[None, :], axis=1).to(dt).to(tl.float32) * scale
+            m = tl.where(has_new, m_new, float("-inf"))
+            l = tl.where(has_new, 1.0, 0.0) + tl.zeros([BLOCK_G], dtype=tl.float32)
+            acc = tl.where(has_new, 1.0, 0.0) * v.to(tl.float32)[None, :] + tl.zeros([BLOCK_G, HD], tl.float32)
+            q_op = q.to(dt).to(op)
+            stop = tl.minimum(end, pos)  # the cache's slots: the new one came from registers
+            for blk0 in range(start, stop, BLOCK_S):
+                blk = blk0 + tl.arange(0, BLOCK_S)
+                ok = blk < stop
+                kt = tl.load(kc + blk[None, :] * HD + d[:, None], mask=ok[None, :], other=0.0)  # (HD, S)
+                vv = tl.load(vc + blk[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)  # (S, HD)
+                m, l, acc = _attend_block(q_op, kt, vv, ok, m, l, acc, scale, dt, op, DOT_FP32)
+            state = PART + ((b * HKV + h) * SPLITS + s) * STATE
+            tl.store(state + g[:, None] * HD + d[None, :], acc)
+            tl.store(state + BLOCK_G * HD + g, m)
+            tl.store(state + BLOCK_G * HD + BLOCK_G + g, l)
+            tl.debug_barrier()
+            counter = HEAD_COUNT + b * HKV + h
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLITS - 1:  # the head's last split: merge (an empty split has max -inf, sum 0)
+                first = PART + (b * HKV + h) * SPLITS * STATE
+                top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                for i in tl.static_range(SPLITS):
+                    top = tl.maximum(top, tl.load(first + i * STATE + BLOCK_G * HD + g, cache_modifier=".cg"))
+                total = tl.zeros([BLOCK_G], dtype=tl.float32)
+                out = tl.zeros([BLOCK_G, HD], dtype=tl.float32)
+                for i in tl.static_range(SPLITS):
+                    weight = tl.exp(tl.load(first + i * STATE + BLOCK_G * HD + g, cache_modifier=".cg") - top)
+                    total += weight * tl.load(first + i * STATE + BLOCK_G * HD + BLOCK_G + g, cache_modifier=".cg")
+                    out += weight[:, None] * tl.load(first + i * STATE + g[:, None] * HD + d[None, :],
+                                                     cache_modifier=".cg")
+                dst = ATTN + b * (HQ * HD) + (h * GROUP + g)[:, None] * HD + d[None, :]
+                tl.store(dst, (out / total[:, None]).to(dt), mask=g_ok[:, None])
+                tl.atomic_xchg(counter, 0)  # ready for the next layer
+
+    @triton.jit
+    def _decode_step_kernel(X, QKV, ATTN, HIDDEN, LOGITS, WBASE, OFFSETS, NORM_F, HEAD_W, POS, COS, SIN, PART,
+                            SYNC, ERR, n_layers, cache_len, eps, scale,
+                            D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
+                            F: tl.constexpr, V: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+                            BKF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+                            DOT_FP32: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+        # OFFSETS (n_layers, 8) int64: element offsets from WBASE of a layer's q/k/v, o, gate/up and down
+        # weights, its two norm weights and its key and value caches (all in the model dtype, 16-element
+        # aligned). SYNC: STAGES_PER_LAYER counters per layer, the exit counter, one arrival counter per
+        # (row, kv head); all zero at launch and at exit.
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        NQKV: tl.constexpr = (HQ + 2 * HKV) * HD
+        EXIT = SYNC + 8 * n_layers
+        HEAD_COUNT = EXIT + 1
+        for layer in range(n_layers):
+            at = OFFSETS + layer * 8
+            w_qkv = WBASE + tl.multiple_of(tl.load(at + 0), 16)
+            w_o = WBASE + tl.multiple_of(tl.load(at + 1), 16)
+            w_gate_up = WBASE + tl.multiple_of(tl.load(at + 2), 16)
+            w_down = WBASE + tl.multiple_of(tl.load(at + 3), 16)
+            norm_1 = WBASE + tl.load(at + 4)
+            norm_2 = WBASE + tl.load(at + 5)
+            k_cache = WBASE + tl.multiple_of(tl.load(at + 6), 16)
+            v_cache = WBASE + tl.multiple_of(tl.load(at + 7), 16)
+            flags = SYNC + layer * 8
+            # 1. RMSNorm -> q/k/v (waits for the previous layer's down product)
+            w, wu = _first_tile(pid, w_qkv, NQKV, D, R, BK, False)
+            if layer > 0:
+                _wait(flags - 8 + 4, nprog, ERR, SPIN_LIMIT)
+            _product(pid, nprog, X, w_qkv, QKV, X, norm_1, eps, w, wu, NQKV, D, True, False, False, R, BK)
+            _arrive(flags + 0)
+            # 2. attention
+            _wait(flags + 0, nprog, ERR, SPIN_LIMIT)
+            _attention(pid, nprog, 1, QKV, k_cache, v_cache, ATTN, POS, COS, SIN, PART, HEAD_COUNT, cache_len,
+                       scale, HQ, HKV, HD, BLOCK_G, BLOCK_S, SPLITS, DOT_FP32)
+            _arrive(flags + 1)
+            # 3. o + residual
+            w, wu = _first_tile(pid, w_o, D, HQ * HD, R, BK, False)
+            _wait(flags + 1, nprog, ERR, SPIN_LIMIT)
+            _product(pid, nprog, ATTN, w_o, X, X, norm_1, eps, w, wu, D, HQ * HD, False, False, True, R, BK)
+            _arrive(flags + 2)
+            # 4. RMSNorm -> gate/up -> SiLU(gate) * up
+            w, wu = _first_tile(pid, w_gate_up, F, D, R, BK, True)
+            _wait(flags + 2, nprog, ERR, SPIN_LIMIT)
+            _product(pid, nprog, X, w_gate_up, HIDDEN, X, norm_2, eps, w, wu, F, D, True, True, False, R, BK)
+            _arrive(flags + 3)
+            # 5. down + residual
+            w, wu = _first_tile(pid, w_down, D, F, R, BKF, False)
+            _wait(flags + 3, nprog, ERR, SPIN_LIMIT)
+            _product(pid, nprog, HIDDEN, w_down, X, X, norm_1, eps, w, wu, D, F, False, False, True, R, BKF)
+            _arrive(flags + 4)
+        # RMSNorm -> output head
+        w, wu = _first_tile(pid, HEAD_W, V, D, R, BK, False)
+        _wait(SYNC + (n_layers - 1) * 8 + 4, nprog, ERR, SPIN_LIMIT)
+        _product(pid, nprog, X, HEAD_W, LOGITS, X, NORM_F, eps, w, wu, V, D, True, False, False, R, BK)
+        # the last program out zeroes every counter for the next launch (all others are past their waits)
+        tl.debug_barrier()
+        left = tl.atomic_add(EXIT, 1, sem="acq_rel", scope="gpu")
+        if left == nprog - 1:
+            n_sync = 8 * n_layers + 1 + HKV
+            for i in range(0, n_sync, 128):
+                idx = i + tl.arange(0, 128)
+                tl.atomic_xchg(SYNC + idx, 0, mask=idx < n_sync)
+
+
+def unsupported_reason(model, batch_size: int) -> Optional[str]:
+    """Why the persistent step cannot run this fused model at this batch size, or None."""
+    if triton is None:
+        return "Triton is not installed"
+    if batch_size != 1:
+        return "the persistent decode step runs batch 1 only"
+    c = model.config
+    if c.n_heads % c.n_kv_heads:
+        return "n_heads is not a multiple of n_kv_heads"
+    for p in _weights(model, with_cache=False):
+        if p.data_ptr() % 32:
+            return "a weight is not 32-byte aligned"
+    return None
+
+
+def _weights(model, with_cache: bool = True):
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        yield from (a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight)
+        if with_cache:
+            yield from (a.kv_cache.k, a.kv_cache.v)
+
+
+class PersistentDecode:
+    """The persistent kernel's fixed state for one fused model at batch 1: the offsets table (rebuilt by
+    `bind` whenever the KV cache is re-allocated), the attention partials, the counters and the error flag."""
+
+    def __init__(self, model, config: PersistentConfig) -> None:
+        self.model = model
+        self.config = config
+        c = model.config
+        device = model.embed_tokens.weight.device
+        self.device = device
+        self.base = model.embed_tokens.weight  # every weight and cache is addressed from this pointer
+        self.offsets = torch.zeros(c.n_layers, 8, dtype=torch.int64, device=device)
+        self.block_g = max(16, triton.next_power_of_2(c.n_heads // c.n_kv_heads))
+        self.part = torch.empty(c.n_kv_heads * config.splits * self.block_g * (c.head_dim + 2), dtype=torch.float32,
+                                device=device)
+        self.sync = torch.zeros(8 * c.n_layers + 1 + c.n_kv_heads, dtype=torch.int32, device=device)
+        self.error = torch.zeros(1, dtype=torch.int32, device=device)
+        self.grid = 0  # programs: sized at the first run
+        self.registers = None  # per thread, of the compiled kernel (CUDA)
+        self._bound = None
+
+    def bind(self) -> None:
+        """Point the offsets table at the current KV caches (and weights)."""
+        m = self.model
+        cache = m.layers[0].self_attn.kv_cache
+        if self._bound is not None and self._bound() is cache:
+            return
+
+        size = self.base.element_size()
+        base = self.base.data_ptr()
+        rows = []
+        for layer in m.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            ts = (a.qkv_proj.weight, a.o_proj.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight,
+                  layer.input_layernorm.weight, layer.post_attention_layernorm.weight, a.kv_cache.k, a.kv_cache.v)
+            row = []
+            for i, t in enumerate(ts):
+                if t.dtype != self.base.dtype or not t.is_contiguous():
+                    raise ValueError(f"persistent decode: {t.dtype} or non-contiguous tensor in layer weights")
+                delta = t.data_ptr() - base
+                assert delta % size == 0
+                off = delta // size
+                if i not in (4, 5) and off % 16:
+                    raise ValueError("persistent decode: a weight or cache is not 16-element aligned")
+                row.append(off)
+            rows.append(row)
+        self.offsets.copy_(torch.tensor(rows, dtype=torch.int64))
+        self._bound = weakref.ref(cache)
+
+    def _arguments(self, step) -> tuple[tuple, dict]:
+        m, c, cfg = self.model, self.model.config, self.config
+        cache = m.layers[0].self_attn.kv_cache
+        args = (step.x, step.qkv, step.attn, step.hidden, step.logits, self.base, self.offsets, m.norm.weight,
+                m.lm_head.weight, step.pos, m.rope_cos, m.rope_sin, self.part, self.sync, self.error, c.n_layers,
+                cache.k.size(2), m.norm.eps, c.head_dim**-0.5)
+        kwargs = dict(D=c.hidden_size, HQ=c.n_heads, HKV=c.n_kv_heads, HD=c.head_dim, F=c.intermediate_size,
+                      V=c.vocab_size, R=cfg.rows, BK=cfg.block_k, BKF=cfg.block_k_ff, BLOCK_G=self.block_g,
+                      BLOCK_S=cfg.block_s, SPLITS=cfg.splits, DOT_FP32=step.dtype == torch.float32 or _interpreted(),
+                      SPIN_LIMIT=SPIN_LIMIT, num_warps=cfg.num_warps, num_stages=1)
+        return args, kwargs
+
+    def _resident_grid(self, kernel) -> int:
+        """Programs that fit on the GPU at once: the SM count times the fewest of the wanted programs per SM
+        and what the compiled kernel's registers, shared memory and threads allow."""
+        cfg = self.config
+        props = torch.cuda.get_device_properties(self.device)
+        threads = 32 * cfg.num_warps
+        regs_per_warp = -(-kernel.n_regs * 32 // 256) * 256  # allocated per warp in units of 256
+        by_regs = props.regs_per_multiprocessor // (regs_per_warp * cfg.num_warps)
+        shared = kernel.metadata.shared
+        by_shared = props.shared_memory_per_multiprocessor // (shared + 1024) if shared else 32
+        by_threads = props.max_threads_per_multi_processor // threads
+        per_sm = max(0, min(cfg.programs_per_sm, by_regs, by_shared, by_threads, 32))
+        if per_sm == 0:
+            raise RuntimeError(f"persistent decode: {kernel.n_regs} registers x {threads} threads do not fit on an SM")
+        return props.multi_processor_count * per_sm
+
+    def run(self, step) -> None:
+        """One decode step: step.x (the embedded tokens) -> step.logits, through every layer."""
+        self.bind()
+        args, kwargs = self._arguments(step)
+        if self.grid == 0:  # first run: compile without launching, and size the grid from the kernel's resources
+            if self.device.type == "cuda" and not _interpreted():
+                kernel = _decode_step_kernel.warmup(*args, grid=(1,), **kwargs)
+                kernel._init_handles()
+                self.grid = self._resident_grid(kernel)
+                self.registers = kernel.n_regs
+            else:
+                self.grid = 1
+        _decode_step_kernel[(self.grid,)](*args, **kwargs)
+
+    def failed(self) -> bool:
+        """Whether a wait gave up (reads the flag: synchronises with the GPU)."""
+        return bool(self.error.item())
