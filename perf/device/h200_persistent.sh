@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# H200 call for the persistent batch-1 decode kernel (kernels/decode_persistent.py), 2026-12-06, ninth
+# session: its CUDA tests (graph replay == eager, every configuration at the 1.1B's widths vs the layered
+# step and the fp32 model, the fallback when its programs cannot all be resident), then `bench generate`
+# batch 1 and 32, where the step's tuning times the layered kernels and each persistent configuration
+# as whole-step graph replays in the same process. nvidia-smi is polled through the bench (clocks, power).
+# Carry .whl (zstandard). Usage: bash perf/device/h200_persistent.sh [tests|bench]...
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader
+for part in "$@"; do
+  echo "-- $(date -u +%H:%M:%S) $part"
+  case $part in
+  tests)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py -k "cuda" 2>&1 | grep -v -i warn | tail -15 ;;
+  bench)
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+      --format=csv -lms 500 > $OUT/smi_generate.csv 2>&1 & smi=$!
+    timeout ${BENCH_TIMEOUT:-240} python3 -m tinyllama bench generate --batch-sizes ${BATCHES:-1,32} --time-budget 180 \
+      --json $OUT/bench_generate.json 2>&1 | grep -v -i warn | tail -25
+    kill $smi ;;
+  *) echo "unknown part $part"; exit 2 ;;
+  esac
+done
+echo "-- $(date -u +%H:%M:%S) done"
