@@ -168,18 +168,26 @@ def _models(dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("persistent", [False, True])
-def test_step_matches_model_forward_fp32(persistent):
-    """persistent: the whole step as one kernel (decode_persistent.py), whose counters are all back at zero
-    and error flag unset after every step."""
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_step_matches_model_forward_fp32(depth):
+    """depth > 0: the whole step as one persistent kernel (decode_persistent.py) loading `depth` weight
+    tiles ahead, whose arrival counters are all back at zero, launch counter (epoch) advanced and error flag
+    unset after every step."""
+    import dataclasses
+
+    from tinyllama.kernels import decode_persistent as P
     from tinyllama.kernels.decode import TritonDecodeStep
 
+    persistent = depth > 0
     ref, fused = _models(torch.float32)
     prompt = torch.randint(0, 96, (1, 9), device=DEVICE)
     with torch.inference_mode():
         for m in (ref, fused):
             m.setup_cache(1, 40)
         step = TritonDecodeStep(fused, use_graph=False, tune=False, persistent=persistent)
+        if persistent:
+            cfg = step.persistent.config if DEVICE == "cuda" else P.INTERPRETER_PERSISTENT
+            step.persistent = P.PersistentDecode(fused, dataclasses.replace(cfg, depth=depth))
         r = ref(prompt, input_pos=torch.arange(9, device=DEVICE))[:, -1]
         fused(prompt, input_pos=torch.arange(9, device=DEVICE))
         for pos in range(9, 17):
@@ -191,7 +199,8 @@ def test_step_matches_model_forward_fp32(persistent):
             assert torch.equal(got.argmax(-1), r.argmax(-1))
             assert (step.persistent is not None) == persistent
             if persistent:
-                assert not step.persistent.failed() and not step.persistent.sync.any()
+                assert not step.persistent.failed() and not step.persistent.sync[:-1].any()
+                assert step.persistent.sync[-1].item() == pos - 8  # one launch per step
         # the caches hold the same keys and values
         for a, b in zip(ref.layers, fused.layers):
             _close(b.self_attn.kv_cache.k[:, :, :17], a.self_attn.kv_cache.k[:, :, :17], torch.float32)
@@ -407,7 +416,7 @@ def test_graph_replay_equals_eager_steps_cuda(pdl, batch, persistent):
         assert graphed._graph is not None and graphed.pdl == pdl
         assert (graphed.persistent is not None) == (eager.persistent is not None) >= persistent
         if persistent:
-            assert not graphed.persistent.failed() and not graphed.persistent.sync.any()
+            assert not graphed.persistent.failed() and not graphed.persistent.sync[:-1].any()
         b.setup_cache(batch, 48)  # a new cache: the old graph points into freed memory
         b(prompt, input_pos=torch.arange(7, device="cuda"))
         a.setup_cache(batch, 48)
@@ -458,14 +467,18 @@ def test_persistent_decode_kernel_compiles_for_hopper():
 
     bf = "*bf16"
     ptrs = dict.fromkeys(["X", "QKV", "ATTN", "HIDDEN", "LOGITS", "WBASE", "NORM_F", "HEAD_W"], bf)
-    ptrs.update(OFFSETS="*i64", POS="*i64", COS="*fp32", SIN="*fp32", PART="*fp32", SYNC="*i32", ERR="*i32")
-    for cfg in (P.PERSISTENT_CANDIDATES[0], P.PERSISTENT_CANDIDATES[3]):
+    ptrs.update(OFFSETS="*i64", POS="*i64", COS="*fp32", SIN="*fp32", PART="*fp32", SYNC="*i32", GO="*i32",
+                ERR="*i32", TIMES="*i64")
+    depth_1 = next(c for c in P.PERSISTENT_CANDIDATES if c.depth == 1)
+    depth_2 = next(c for c in P.PERSISTENT_CANDIDATES if c.depth == 2)
+    for cfg, timing in ((depth_1, False), (depth_2, True)):  # timing: the clock stamps' inline assembly
         kernel = _compile_for_hopper(P._decode_step_kernel, ptrs, dict(
             D=2048, HQ=32, HKV=4, HD=64, F=5632, V=32000, R=cfg.rows, BK=cfg.block_k, BKF=cfg.block_k_ff,
-            BLOCK_G=16, BLOCK_S=cfg.block_s, SPLITS=cfg.splits, DOT_FP32=False, SPIN_LIMIT=P.SPIN_LIMIT),
-            floats=("eps", "scale"))
+            BLOCK_G=16, BLOCK_S=cfg.block_s, SPLITS=cfg.splits, DEPTH=cfg.depth, DOT_FP32=False,
+            SPIN_LIMIT=P.SPIN_LIMIT, LANES=P.GO_LANES, TIMING=timing), floats=("eps", "scale"))
         ptx = kernel.asm["ptx"]
-        assert ".local" not in ptx and "atom.global.gpu.acq_rel.add" in ptx and "red.global.gpu.release.add" in ptx
+        assert ".local" not in ptx and "atom.global.gpu.acq_rel.add" in ptx and "ld.global.gpu.acquire" in ptx
+        assert ("globaltimer" in ptx) == timing
 
 
 def _full_width_models(n_layers=3):
@@ -506,7 +519,7 @@ def test_persistent_step_at_full_width_matches_layered_cuda():
                 step.persistent = P.PersistentDecode(fused, option)
             got = [step.step(t, torch.tensor([290 + i], device="cuda")).clone() for i, t in enumerate(toks)]
             if option is not None:
-                assert not step.persistent.failed() and not step.persistent.sync.any(), option
+                assert not step.persistent.failed() and not step.persistent.sync[:-1].any(), option
                 assert step.persistent.grid >= torch.cuda.get_device_properties(0).multi_processor_count
             results[option] = got
         layered = sum(rms(g, w) for g, w in zip(results[None], want))

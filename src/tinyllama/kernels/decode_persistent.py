@@ -13,21 +13,24 @@ resident (a few per SM) runs every stage of every layer:
   4. RMSNorm -> gate/up product -> SiLU(gate) * up
   5. down product + residual (in place)
 
-and then RMSNorm -> output head. A stage waits for the one before through a counter in global memory
-instead of a kernel boundary, and each program loads its first weight tile of a stage *before* it waits,
-so the weights keep streaming while the previous stage's last programs finish; inside a stage each program
-loads its next tile while it multiplies the current one.
+and then RMSNorm -> output head. A stage waits for the one before through flags in global memory instead
+of a kernel boundary, and each program loads its first weight tiles of a stage (`depth`) *before* it
+waits, so the weights keep streaming while the previous stage's last programs finish; inside a stage each
+program loads `depth` tiles ahead of the one it multiplies.
 
 Synchronisation: after its share of a stage every program adds 1 to that stage's counter (a barrier first,
-so all its threads' stores are done, then a release atomic); the next stage spins until the counter equals
-the number of programs (volatile loads, then one acquire) and reads activations with ".cg" loads (from L2:
-never a stale L1 line left by the previous layer's read of the same buffer). Every program must be resident
-at once for this not to deadlock, so the grid is sized from the compiled kernel's registers and shared
-memory (`resident_programs`). A wait that is still unmet after SPIN_LIMIT polls sets an error flag and
-goes on (a wrong result instead of a hang); `TritonDecodeStep` checks the flag after the kernel's first run
-and falls back to the layered kernels. The last program to leave zeroes every counter, so the next launch
-(a CUDA-graph replay) starts clean. Under Triton's interpreter (CPU tests) the kernel runs as one program,
-which meets every wait itself, in order.
+so all its threads' stores are done, then an acquire-release atomic). The program that brings the counter
+to the number of programs resets it and stores the launch's epoch + 1 into the stage's GO_LANES "go"
+flags (release), 128 bytes apart: the waiting programs spin on one lane each (volatile loads, then one
+acquire), so polls from hundreds of warps do not queue at one address behind the arrivals. Activations
+are read with ".cg" loads (from L2: never a stale L1 line left by the previous layer's read of the same
+buffer). The flags are never reset: the last program to leave advances the epoch, so the next launch (a
+CUDA-graph replay) waits for new values. Every program must be resident at once for this not to deadlock,
+so the grid is sized from the compiled kernel's registers and shared memory (`_resident_grid`). A wait
+still unmet after SPIN_LIMIT polls sets an error flag and goes on (a wrong result instead of a hang);
+`TritonDecodeStep` checks the flag after the kernel's first run and falls back to the layered kernels.
+Under Triton's interpreter (CPU tests) the kernel runs as one program, which meets every wait itself, in
+order. `PersistentDecode.profile` stamps the GPU clock around every stage of every program.
 
 Numerics are the layered kernels' (decode.py's docstring): fp32 sums, rounding where the model rounds. The
 attention's online softmax runs per split and the splits are merged in a fixed order, so results agree with
@@ -56,17 +59,20 @@ class PersistentConfig:
     programs_per_sm: int = 2  # at most: fewer if the compiled kernel's registers or shared memory say so
     splits: int = 16  # cache splits per key/value head (attention tasks per head)
     block_s: int = 32  # cache slots per attention block
+    depth: int = 1  # weight tiles each program loads ahead (1 or 2), the first ones before a stage's wait
 
 
 # Timed on the first step on CUDA (`TritonDecodeStep.tune`, whole-step graph replays); the first is the
 # untimed default.
 PERSISTENT_CANDIDATES = (
     PersistentConfig(4, 2048, 2048, 4, 2),
+    PersistentConfig(2, 2048, 2048, 4, 3, depth=2),
+    PersistentConfig(2, 2048, 2048, 4, 4, depth=2),
+    PersistentConfig(4, 2048, 2048, 4, 2, depth=2),
+    PersistentConfig(4, 1024, 1024, 4, 3, depth=2),
     PersistentConfig(2, 2048, 2048, 4, 4),
-    PersistentConfig(4, 2048, 2048, 8, 1),
-    PersistentConfig(8, 1024, 1024, 8, 1),
-    PersistentConfig(4, 1024, 1024, 4, 3),
 )
+GO_LANES = 16  # copies of each stage's "go" flag, 128 bytes apart: the programs poll GO_LANES addresses, not one
 # Under Triton's interpreter (CPU tests): small tiles, few splits (numpy runs every masked lane).
 INTERPRETER_PERSISTENT = PersistentConfig(rows=8, block_k=128, block_k_ff=64, num_warps=4, programs_per_sm=1,
                                           splits=4, block_s=16)
@@ -76,21 +82,37 @@ SPIN_LIMIT = 1 << 21  # polls (~1 µs each) before a wait gives up and flags an 
 if triton is not None:
 
     @triton.jit
-    def _wait(FLAG, target, ERR, SPIN_LIMIT: tl.constexpr):
-        # spin until every program has arrived at the stage behind FLAG; once any wait has given up, later
-        # ones do not spin (a failed launch ends in seconds, not SPIN_LIMIT polls per stage)
+    def _wait(GO, pid, go_value, ERR, SPIN_LIMIT: tl.constexpr, LANES: tl.constexpr):
+        # spin until the stage behind GO is done (its last program stored go_value in every lane); once any
+        # wait has given up, later ones do not spin (a failed launch ends in seconds, not SPIN_LIMIT polls each)
+        lane = GO + (pid % LANES) * 32
         polls = tl.where(tl.load(ERR, volatile=True) != 0, SPIN_LIMIT, 0)
-        while (tl.load(FLAG, volatile=True) < target) & (polls < SPIN_LIMIT):
+        while (tl.load(lane, volatile=True) != go_value) & (polls < SPIN_LIMIT):
             polls += 1
-        if tl.load(FLAG, volatile=True) < target:
+        if tl.load(lane, volatile=True) != go_value:
             tl.store(ERR, 1)
-        tl.atomic_add(FLAG, 0, sem="acquire", scope="gpu")
+        tl.atomic_add(lane, 0, sem="acquire", scope="gpu")
         tl.debug_barrier()
 
     @triton.jit
-    def _arrive(FLAG):
+    def _arrive(COUNT, GO, nprog, go_value, LANES: tl.constexpr):
+        # count this program in; the stage's last program (which acquires every other's release through the
+        # counter) resets the counter and releases the go flag's lanes
         tl.debug_barrier()  # every thread's stores of this stage are issued before the counter says so
-        tl.atomic_add(FLAG, 1, sem="release", scope="gpu")
+        arrived = tl.atomic_add(COUNT, 1, sem="acq_rel", scope="gpu")
+        if arrived == nprog - 1:
+            tl.atomic_xchg(COUNT, 0, sem="relaxed", scope="gpu")
+            tl.debug_barrier()  # the other threads' release below is ordered after this thread's acquire
+            lanes = tl.arange(0, LANES) * 32
+            tl.atomic_xchg(GO + lanes, tl.full([LANES], 0, tl.int32) + go_value, sem="release", scope="gpu")
+
+    @triton.jit
+    def _stamp(TIMES, slot, TIMING: tl.constexpr):
+        # profiling (TIMING): the GPU's nanosecond clock at this point of this program
+        if TIMING:
+            t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                          pack=1)
+            tl.store(TIMES + slot, t)
 
     @triton.jit
     def _tile(W, chunk, kb, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
@@ -108,17 +130,31 @@ if triton is not None:
         return w, wu
 
     @triton.jit
-    def _first_tile(pid, W, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
-                    SWIGLU: tl.constexpr):
-        # read before the stage's wait: weights never depend on the previous stage
-        return _tile(W, pid, 0, N, K, R, BK, SWIGLU)
+    def _tile_at(W, pid, nprog, t, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+                 SWIGLU: tl.constexpr):
+        # the program's t-th tile: row chunk pid + (t // KB)·nprog, column tile t % KB
+        KB: tl.constexpr = (K + BK - 1) // BK
+        return _tile(W, pid + (t // KB) * nprog, t % KB, N, K, R, BK, SWIGLU)
 
     @triton.jit
-    def _product(pid, nprog, X, W, OUT, RES, NORM_W, eps, w, wu, N: tl.constexpr, K: tl.constexpr,
+    def _first_tiles(pid, nprog, W, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+                     SWIGLU: tl.constexpr, DEPTH: tl.constexpr):
+        # read before the stage's wait (weights never depend on the previous stage): tile 0, and tile 1 with
+        # DEPTH 2 (else tile 0 again: the same values, no second read)
+        w, wu = _tile_at(W, pid, nprog, 0, N, K, R, BK, SWIGLU)
+        w1, wu1 = w, wu
+        if DEPTH == 2:
+            w1, wu1 = _tile_at(W, pid, nprog, 1, N, K, R, BK, SWIGLU)
+        return w, wu, w1, wu1
+
+    @triton.jit
+    def _product(pid, nprog, X, W, OUT, RES, NORM_W, eps, tiles, N: tl.constexpr, K: tl.constexpr,
                  HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, R: tl.constexpr,
-                 BK: tl.constexpr):
+                 BK: tl.constexpr, DEPTH: tl.constexpr):
         # This program's share of OUT = [RMSNorm](X) @ W.T [SwiGLU] [+ RES]: row chunks pid, pid + nprog, ...,
-        # each in KB column tiles; w/wu hold its first tile, already loaded. Same math as decode._gemv_kernel.
+        # each in KB column tiles; `tiles` holds its first DEPTH tiles, already loaded (_first_tiles). Same
+        # math as decode._gemv_kernel.
+        w, wu, w1, wu1 = tiles
         dt = OUT.dtype.element_ty
         KB: tl.constexpr = (K + BK - 1) // BK
         n_chunks: tl.constexpr = (N + R - 1) // R
@@ -139,8 +175,7 @@ if triton is not None:
         acc = tl.zeros([R], dtype=tl.float32)
         acc_up = tl.zeros([R], dtype=tl.float32)
         for t in range(0, n_tiles):
-            nxt = t + 1
-            w_next, wu_next = _tile(W, pid + (nxt // KB) * nprog, nxt % KB, N, K, R, BK, SWIGLU)
+            w_next, wu_next = _tile_at(W, pid, nprog, t + DEPTH, N, K, R, BK, SWIGLU)
             kb = t % KB
             if KB == 1:
                 xv = x0
@@ -170,8 +205,11 @@ if triton is not None:
                 tl.store(OUT + rows, y.to(dt), mask=row_ok)
                 acc = tl.zeros([R], dtype=tl.float32)
                 acc_up = tl.zeros([R], dtype=tl.float32)
-            w = w_next
-            wu = wu_next
+            if DEPTH == 2:
+                w, wu = w1, wu1
+                w1, wu1 = w_next, wu_next
+            else:
+                w, wu = w_next, wu_next
 
     @triton.jit
     def _attention(pid, nprog, n_rows, QKV, K_CACHE, V_CACHE, ATTN, POS, COS, SIN, PART, HEAD_COUNT, cache_len,
@@ -256,20 +294,27 @@ if triton is not None:
 
     @triton.jit
     def _decode_step_kernel(X, QKV, ATTN, HIDDEN, LOGITS, WBASE, OFFSETS, NORM_F, HEAD_W, POS, COS, SIN, PART,
-                            SYNC, ERR, n_layers, cache_len, eps, scale,
+                            SYNC, GO, ERR, TIMES, n_layers, cache_len, eps, scale,
                             D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
                             F: tl.constexpr, V: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
                             BKF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
-                            DOT_FP32: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+                            DEPTH: tl.constexpr, DOT_FP32: tl.constexpr, SPIN_LIMIT: tl.constexpr,
+                            LANES: tl.constexpr, TIMING: tl.constexpr):
         # OFFSETS (n_layers, 8) int64: element offsets from WBASE of a layer's q/k/v, o, gate/up and down
         # weights, its two norm weights and its key and value caches (all in the model dtype, 16-element
-        # aligned). SYNC: STAGES_PER_LAYER counters per layer, the exit counter, one arrival counter per
-        # (row, kv head); all zero at launch and at exit.
+        # aligned). SYNC: STAGES_PER_LAYER arrival counters per layer, the exit counter, one arrival counter
+        # per (row, kv head), all zero at launch and at exit; then the launch counter (the epoch). GO: per
+        # stage, LANES flags 32 ints apart, each holding the epoch + 1 of the last launch that finished that
+        # stage (so they are never reset: a stale value is the previous epoch's). TIMES (TIMING): per stage
+        # and program, the clock after its wait and before its arrival.
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         NQKV: tl.constexpr = (HQ + 2 * HKV) * HD
         EXIT = SYNC + 8 * n_layers
         HEAD_COUNT = EXIT + 1
+        EPOCH = HEAD_COUNT + HKV
+        go_value = tl.load(EPOCH, volatile=True) + 1
+        STRIDE: tl.constexpr = 32 * LANES  # one stage's go lanes
         for layer in range(n_layers):
             at = OFFSETS + layer * 8
             w_qkv = WBASE + tl.multiple_of(tl.load(at + 0), 16)
@@ -281,44 +326,61 @@ if triton is not None:
             k_cache = WBASE + tl.multiple_of(tl.load(at + 6), 16)
             v_cache = WBASE + tl.multiple_of(tl.load(at + 7), 16)
             flags = SYNC + layer * 8
+            go = GO + layer * 8 * STRIDE
+            stamp = (layer * 5 * nprog + pid) * 2
             # 1. RMSNorm -> q/k/v (waits for the previous layer's down product)
-            w, wu = _first_tile(pid, w_qkv, NQKV, D, R, BK, False)
+            tiles = _first_tiles(pid, nprog, w_qkv, NQKV, D, R, BK, False, DEPTH)
             if layer > 0:
-                _wait(flags - 8 + 4, nprog, ERR, SPIN_LIMIT)
-            _product(pid, nprog, X, w_qkv, QKV, X, norm_1, eps, w, wu, NQKV, D, True, False, False, R, BK)
-            _arrive(flags + 0)
+                _wait(go - 8 * STRIDE + 4 * STRIDE, pid, go_value, ERR, SPIN_LIMIT, LANES)
+            _stamp(TIMES, stamp, TIMING)
+            _product(pid, nprog, X, w_qkv, QKV, X, norm_1, eps, tiles, NQKV, D, True, False, False, R, BK, DEPTH)
+            _stamp(TIMES, stamp + 1, TIMING)
+            _arrive(flags + 0, go + 0 * STRIDE, nprog, go_value, LANES)
             # 2. attention
-            _wait(flags + 0, nprog, ERR, SPIN_LIMIT)
+            _wait(go + 0 * STRIDE, pid, go_value, ERR, SPIN_LIMIT, LANES)
+            _stamp(TIMES, stamp + 2 * nprog, TIMING)
             _attention(pid, nprog, 1, QKV, k_cache, v_cache, ATTN, POS, COS, SIN, PART, HEAD_COUNT, cache_len,
                        scale, HQ, HKV, HD, BLOCK_G, BLOCK_S, SPLITS, DOT_FP32)
-            _arrive(flags + 1)
+            _stamp(TIMES, stamp + 2 * nprog + 1, TIMING)
+            _arrive(flags + 1, go + 1 * STRIDE, nprog, go_value, LANES)
             # 3. o + residual
-            w, wu = _first_tile(pid, w_o, D, HQ * HD, R, BK, False)
-            _wait(flags + 1, nprog, ERR, SPIN_LIMIT)
-            _product(pid, nprog, ATTN, w_o, X, X, norm_1, eps, w, wu, D, HQ * HD, False, False, True, R, BK)
-            _arrive(flags + 2)
+            tiles = _first_tiles(pid, nprog, w_o, D, HQ * HD, R, BK, False, DEPTH)
+            _wait(go + 1 * STRIDE, pid, go_value, ERR, SPIN_LIMIT, LANES)
+            _stamp(TIMES, stamp + 4 * nprog, TIMING)
+            _product(pid, nprog, ATTN, w_o, X, X, norm_1, eps, tiles, D, HQ * HD, False, False, True, R, BK, DEPTH)
+            _stamp(TIMES, stamp + 4 * nprog + 1, TIMING)
+            _arrive(flags + 2, go + 2 * STRIDE, nprog, go_value, LANES)
             # 4. RMSNorm -> gate/up -> SiLU(gate) * up
-            w, wu = _first_tile(pid, w_gate_up, F, D, R, BK, True)
-            _wait(flags + 2, nprog, ERR, SPIN_LIMIT)
-            _product(pid, nprog, X, w_gate_up, HIDDEN, X, norm_2, eps, w, wu, F, D, True, True, False, R, BK)
-            _arrive(flags + 3)
+            tiles = _first_tiles(pid, nprog, w_gate_up, F, D, R, BK, True, DEPTH)
+            _wait(go + 2 * STRIDE, pid, go_value, ERR, SPIN_LIMIT, LANES)
+            _stamp(TIMES, stamp + 6 * nprog, TIMING)
+            _product(pid, nprog, X, w_gate_up, HIDDEN, X, norm_2, eps, tiles, F, D, True, True, False, R, BK, DEPTH)
+            _stamp(TIMES, stamp + 6 * nprog + 1, TIMING)
+            _arrive(flags + 3, go + 3 * STRIDE, nprog, go_value, LANES)
             # 5. down + residual
-            w, wu = _first_tile(pid, w_down, D, F, R, BKF, False)
-            _wait(flags + 3, nprog, ERR, SPIN_LIMIT)
-            _product(pid, nprog, HIDDEN, w_down, X, X, norm_1, eps, w, wu, D, F, False, False, True, R, BKF)
-            _arrive(flags + 4)
+            tiles = _first_tiles(pid, nprog, w_down, D, F, R, BKF, False, DEPTH)
+            _wait(go + 3 * STRIDE, pid, go_value, ERR, SPIN_LIMIT, LANES)
+            _stamp(TIMES, stamp + 8 * nprog, TIMING)
+            _product(pid, nprog, HIDDEN, w_down, X, X, norm_1, eps, tiles, D, F, False, False, True, R, BKF, DEPTH)
+            _stamp(TIMES, stamp + 8 * nprog + 1, TIMING)
+            _arrive(flags + 4, go + 4 * STRIDE, nprog, go_value, LANES)
         # RMSNorm -> output head
-        w, wu = _first_tile(pid, HEAD_W, V, D, R, BK, False)
-        _wait(SYNC + (n_layers - 1) * 8 + 4, nprog, ERR, SPIN_LIMIT)
-        _product(pid, nprog, X, HEAD_W, LOGITS, X, NORM_F, eps, w, wu, V, D, True, False, False, R, BK)
-        # the last program out zeroes every counter for the next launch (all others are past their waits)
+        tiles = _first_tiles(pid, nprog, HEAD_W, V, D, R, BK, False, DEPTH)
+        _wait(GO + ((n_layers - 1) * 8 + 4) * STRIDE, pid, go_value, ERR, SPIN_LIMIT, LANES)
+        stamp = (n_layers * 5 * nprog + pid) * 2
+        _stamp(TIMES, stamp, TIMING)
+        _product(pid, nprog, X, HEAD_W, LOGITS, X, NORM_F, eps, tiles, V, D, True, False, False, R, BK, DEPTH)
+        _stamp(TIMES, stamp + 1, TIMING)
+        # the last program out zeroes the head counters (each merger reset its own; this covers a failed
+        # launch) and the exit counter, then advances the epoch for the next launch (a CUDA-graph replay)
         tl.debug_barrier()
         left = tl.atomic_add(EXIT, 1, sem="acq_rel", scope="gpu")
         if left == nprog - 1:
+            idx = tl.arange(0, 128)
             n_sync = 8 * n_layers + 1 + HKV
             for i in range(0, n_sync, 128):
-                idx = i + tl.arange(0, 128)
-                tl.atomic_xchg(SYNC + idx, 0, mask=idx < n_sync)
+                tl.atomic_xchg(SYNC + i + idx, 0, mask=i + idx < n_sync)
+            tl.atomic_add(EPOCH, 1, sem="release", scope="gpu")
 
 
 def unsupported_reason(model, batch_size: int) -> Optional[str]:
@@ -359,10 +421,14 @@ class PersistentDecode:
         self.block_g = max(16, triton.next_power_of_2(c.n_heads // c.n_kv_heads))
         self.part = torch.empty(c.n_kv_heads * config.splits * self.block_g * (c.head_dim + 2), dtype=torch.float32,
                                 device=device)
-        self.sync = torch.zeros(8 * c.n_layers + 1 + c.n_kv_heads, dtype=torch.int32, device=device)
+        self.sync = torch.zeros(8 * c.n_layers + 1 + c.n_kv_heads + 1, dtype=torch.int32, device=device)
+        self.go = torch.zeros((8 * c.n_layers) * 32 * GO_LANES, dtype=torch.int32, device=device)
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
+        self.times = torch.zeros(1, dtype=torch.int64, device=device)  # (stages, grid, 2) when profiling
+        self.timing = False
         self.grid = 0  # programs: sized at the first run
         self.registers = None  # per thread, of the compiled kernel (CUDA)
+        self.spilled = None  # registers spilled to local memory
         self._bound = None
 
     def bind(self) -> None:
@@ -397,12 +463,13 @@ class PersistentDecode:
         m, c, cfg = self.model, self.model.config, self.config
         cache = m.layers[0].self_attn.kv_cache
         args = (step.x, step.qkv, step.attn, step.hidden, step.logits, self.base, self.offsets, m.norm.weight,
-                m.lm_head.weight, step.pos, m.rope_cos, m.rope_sin, self.part, self.sync, self.error, c.n_layers,
-                cache.k.size(2), m.norm.eps, c.head_dim**-0.5)
+                m.lm_head.weight, step.pos, m.rope_cos, m.rope_sin, self.part, self.sync, self.go, self.error,
+                self.times, c.n_layers, cache.k.size(2), m.norm.eps, c.head_dim**-0.5)
         kwargs = dict(D=c.hidden_size, HQ=c.n_heads, HKV=c.n_kv_heads, HD=c.head_dim, F=c.intermediate_size,
                       V=c.vocab_size, R=cfg.rows, BK=cfg.block_k, BKF=cfg.block_k_ff, BLOCK_G=self.block_g,
-                      BLOCK_S=cfg.block_s, SPLITS=cfg.splits, DOT_FP32=step.dtype == torch.float32 or _interpreted(),
-                      SPIN_LIMIT=SPIN_LIMIT, num_warps=cfg.num_warps, num_stages=1)
+                      BLOCK_S=cfg.block_s, SPLITS=cfg.splits, DEPTH=cfg.depth,
+                      DOT_FP32=step.dtype == torch.float32 or _interpreted(), SPIN_LIMIT=SPIN_LIMIT, LANES=GO_LANES,
+                      TIMING=self.timing, num_warps=cfg.num_warps, num_stages=1)
         return args, kwargs
 
     def _resident_grid(self, kernel) -> int:
@@ -431,9 +498,41 @@ class PersistentDecode:
                 kernel._init_handles()
                 self.grid = self._resident_grid(kernel)
                 self.registers = kernel.n_regs
+                self.spilled = kernel.n_spills
             else:
                 self.grid = 1
         _decode_step_kernel[(self.grid,)](*args, **kwargs)
+
+    def profile(self, run_step) -> dict:
+        """Run the step (`run_step()`: a TritonDecodeStep's `_layers` with this as its persistent kernel) with
+        clock stamps (CUDA) and say where its time goes, per stage kind, summed over the layers, in µs: `work`
+        from the first program's start of a stage (its wait met) to the last one's end, `sync` from that end
+        to the next stage's first start (the barrier), and the step's span."""
+        c = self.model.config
+        n_stages = 5 * c.n_layers + 1
+        most = torch.cuda.get_device_properties(self.device).multi_processor_count * 32  # programs, at most
+        self.timing = True
+        try:
+            self.times = torch.zeros(n_stages * most * 2, dtype=torch.int64, device=self.device)
+            run_step()  # compiles the timing kernel (and sizes the grid) on its first call
+            run_step()
+            torch.cuda.synchronize(self.device)
+            t = self.times[: n_stages * self.grid * 2].view(n_stages, self.grid, 2).double()
+        finally:
+            self.timing = False
+            self.times = torch.zeros(1, dtype=torch.int64, device=self.device)
+        first_start, last_end = t[:, :, 0].min(1).values, t[:, :, 1].max(1).values
+        names = ["qkv", "attention", "o", "gate_up", "down"] * c.n_layers + ["head"]
+        report: dict = {}
+        for i, name in enumerate(names):
+            r = report.setdefault(name, {"work_us": 0.0, "sync_us": 0.0})
+            r["work_us"] += float(last_end[i] - first_start[i]) / 1e3
+            if i + 1 < n_stages:
+                r["sync_us"] += float(first_start[i + 1] - last_end[i]) / 1e3
+        report = {k: {kk: round(vv, 1) for kk, vv in v.items()} for k, v in report.items()}
+        report["span_us"] = round(float(last_end[-1] - first_start[0]) / 1e3, 1)
+        report["programs"] = self.grid
+        return report
 
     def failed(self) -> bool:
         """Whether a wait gave up (reads the flag: synchronises with the GPU)."""
