@@ -831,7 +831,7 @@ def _step_name(option) -> str:
     if option is None:
         return "layered"
     return "persistent r{0.rows} k{0.block_k}/{0.block_k_ff} w{0.num_warps} p{0.programs_per_sm} " \
-           "s{0.splits}".format(option)
+           "s{0.splits} d{0.depth}".format(option)
 
 
 def time_candidates(run, candidates) -> dict:

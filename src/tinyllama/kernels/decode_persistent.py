@@ -66,11 +66,13 @@ class PersistentConfig:
 # untimed default.
 PERSISTENT_CANDIDATES = (
     PersistentConfig(4, 2048, 2048, 4, 2),
+    PersistentConfig(4, 2048, 2048, 4, 2, splits=4),
+    PersistentConfig(4, 2048, 2048, 8, 2, splits=8),
+    PersistentConfig(8, 2048, 2048, 8, 2, splits=8),
+    PersistentConfig(4, 2048, 2048, 16, 1, splits=8),
+    PersistentConfig(8, 2048, 2048, 16, 1, splits=8),
+    PersistentConfig(2, 2048, 2048, 8, 2, splits=8),
     PersistentConfig(2, 2048, 2048, 4, 3, depth=2),
-    PersistentConfig(2, 2048, 2048, 4, 4, depth=2),
-    PersistentConfig(4, 2048, 2048, 4, 2, depth=2),
-    PersistentConfig(4, 1024, 1024, 4, 3, depth=2),
-    PersistentConfig(2, 2048, 2048, 4, 4),
 )
 GO_LANES = 16  # copies of each stage's "go" flag, 128 bytes apart: the programs poll GO_LANES addresses, not one
 # Under Triton's interpreter (CPU tests): small tiles, few splits (numpy runs every masked lane).
