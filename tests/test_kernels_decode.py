@@ -208,6 +208,41 @@ def test_step_matches_model_forward_fp32(depth):
 
 
 @needs_triton
+def test_persistent_attention_splits_of_several_blocks_fp32():
+    """Cache splits longer than one attention block (the online softmax runs over several blocks per split,
+    the last one part-masked) and splits that hold no slot yet: the persistent step equals the model."""
+    import dataclasses
+
+    from tinyllama.kernels import decode_persistent as P
+    from tinyllama.kernels.decode import TritonDecodeStep
+
+    ref, fused = _models(torch.float32)
+    prompt = torch.randint(0, 96, (1, 37), device=DEVICE)
+    with torch.inference_mode():
+        for m in (ref, fused):
+            m.setup_cache(1, 64)
+        r = ref(prompt, input_pos=torch.arange(37, device=DEVICE))[:, -1]
+        fused(prompt, input_pos=torch.arange(37, device=DEVICE))
+        step = TritonDecodeStep(fused, use_graph=False, tune=False, persistent=True)
+        base = step.persistent.config if DEVICE == "cuda" else P.INTERPRETER_PERSISTENT
+        step.persistent = P.PersistentDecode(fused, dataclasses.replace(base, splits=2, block_s=16))
+        for pos in range(37, 41):  # spans of 19-21 slots: two blocks of 16 per split
+            tok = r.argmax(-1, keepdim=True)
+            r = ref(tok, input_pos=torch.tensor([pos], device=DEVICE))[:, -1]
+            _close(step.step(tok, torch.tensor([pos], device=DEVICE)), r, torch.float32)
+        ref.setup_cache(1, 64)
+        fused.setup_cache(1, 64)
+        step.persistent = P.PersistentDecode(fused, dataclasses.replace(base, splits=8, block_s=16))
+        r = ref(prompt[:, :2], input_pos=torch.arange(2, device=DEVICE))[:, -1]
+        fused(prompt[:, :2], input_pos=torch.arange(2, device=DEVICE))
+        for pos in range(2, 5):  # 3-5 slots over 8 splits: most splits empty
+            tok = r.argmax(-1, keepdim=True)
+            r = ref(tok, input_pos=torch.tensor([pos], device=DEVICE))[:, -1]
+            _close(step.step(tok, torch.tensor([pos], device=DEVICE)), r, torch.float32)
+        assert not step.persistent.failed()
+
+
+@needs_triton
 @pytest.mark.parametrize("same_position,split_k", [(False, 1), (True, 1), (False, 2)])
 def test_batched_step_matches_model_forward_fp32(same_position, split_k):
     """A Triton step of 3 rows on the first 3 rows of a 4-row cache: each row at its own position (the serve
@@ -526,7 +561,12 @@ def test_persistent_step_at_full_width_matches_layered_cuda():
         for option, got in results.items():
             err = sum(rms(g, w) for g, w in zip(got, want))
             assert 0 < err <= 1.25 * layered, (option, err, layered)
-            assert [g.argmax().item() for g in got] == [w.argmax().item() for w in want], option
+            # greedy tokens agree wherever the fp32 model's top two logits are further apart than bf16
+            # rounding of the step can move them (an H100 run of splits=4 flipped one near-tie)
+            for g, w in zip(got, want):
+                top2 = w.float().topk(2, dim=-1).values[0]
+                if top2[0] - top2[1] > 8 * rms(g, w):
+                    assert g.argmax().item() == w.argmax().item(), option
         fused.setup_cache(1, 320)
         fused(prompt, input_pos=torch.arange(290, device="cuda"))
         tuned = TritonDecodeStep(fused)  # tunes: layered vs every persistent configuration, graph replays

@@ -45,7 +45,7 @@ from typing import Optional
 
 import torch
 
-from tinyllama.kernels.decode import _attend_block, _interpreted, _rope, tl, triton
+from tinyllama.kernels.decode_math import _attend_block, _interpreted, _rope, tl, triton
 
 STAGES_PER_LAYER = 8  # counter slots per layer (5 used: q/k/v, attention, o, gate/up, down)
 
