@@ -40,7 +40,7 @@ def main() -> None:
     pos = torch.full((1,), a.pos, dtype=torch.long, device=dev)
     report = {"device": torch.cuda.get_device_name(dev), "pos": a.pos, "weight_bytes": weight_bytes}
     with torch.inference_mode():
-        step = TritonDecodeStep(model, use_graph=False)  # tunes on its first step: layered vs persistent
+        step = TritonDecodeStep(model, use_graph=False, persistent=None)  # tunes: layered vs persistent
         step.step(ids, pos)
         report["step_us"] = step.step_times
         report["chosen"] = _step_name(step.persistent.config if step.persistent else None)

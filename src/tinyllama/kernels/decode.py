@@ -548,16 +548,16 @@ class TritonDecodeStep:
     contract as `Llama.forward(ids, input_pos=input_pos.view(B, 1))[:, -1]` (cache rows 0..B-1; input_pos of
     one element: every row at that position, as an unpadded batch with input_pos (1,)). Batch 1 runs the
     GEMV kernels, larger batches (up to MAX_ROWS) the rows kernels: each weight is read once per step either
-    way. At batch 1 the whole step can instead run as one persistent kernel (`persistent`;
-    decode_persistent.py). On CUDA the first call also picks each product's block shape, and whether the
-    persistent kernel (in which configuration) beats the layered ones (`tune`; tune=False keeps the first
-    candidates, layered unless persistent=True), and captures the step in a CUDA graph; later calls copy the
-    tokens and positions in (unless they are already there: see `greedy_token` and step's `pos`) and replay
-    it. The returned logits are a fixed buffer, overwritten by the next call.
+    way. At batch 1 the whole step can instead run as one persistent kernel (persistent=True, or None to
+    let `tune` time it against the layered kernels; decode_persistent.py). On CUDA the first call also picks
+    each product's block shape (and with persistent=None, whether and in which configuration the persistent
+    kernel runs; `tune`; tune=False keeps the first candidates), and captures the step in a CUDA graph; later
+    calls copy the tokens and positions in (unless they are already there: see `greedy_token` and step's
+    `pos`) and replay it. The returned logits are a fixed buffer, overwritten by the next call.
     """
 
     def __init__(self, model, use_graph: Optional[bool] = None, pdl: Optional[bool] = None,
-                 batch_size: int = 1, tune: bool = True, persistent: Optional[bool] = None) -> None:
+                 batch_size: int = 1, tune: bool = True, persistent: Optional[bool] = False) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
@@ -566,7 +566,9 @@ class TritonDecodeStep:
         from tinyllama.kernels import decode_persistent
 
         # The whole step as one persistent kernel (decode_persistent.py): True always, False never, None where
-        # `tune` times it faster than the layered kernels (CUDA, batch 1).
+        # `tune` times it faster than the layered kernels (CUDA, batch 1). Off by default: on an H100 it ran
+        # 1.15-1.3 ms per step against the layered kernels' 0.89-0.95 (perf/NOTES.md), and timing its
+        # configurations would add their compiles to every engine's start.
         self.persistent_mode = persistent
         self.persistent = None  # the PersistentDecode that runs the step, when it does
         self.step_times: dict[str, float] = {}  # µs per whole step, per kernel choice (`tune`, CUDA)
