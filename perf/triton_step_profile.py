@@ -63,7 +63,8 @@ def main() -> None:
                         per_product[labels[k % len(labels)]] += us
                         k += 1
             graphed = TritonDecodeStep(model, use_graph=True, batch_size=B, tune=False)
-            graphed.configs = eager.configs  # the same tiles as the profiled steps
+            graphed.configs = eager.configs  # the same tiles (and attention splits) as the profiled steps
+            graphed.attention_config = eager.attention_config
             for _ in range(3):
                 graphed.step(ids, pos)
             torch.cuda.synchronize()

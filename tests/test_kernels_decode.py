@@ -105,7 +105,8 @@ def test_split_k_products_are_deterministic_and_reset_their_counters(swap):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pos", [0, 1, 37])
-def test_decode_attention_matches_reference(dtype, pos):
+@pytest.mark.parametrize("splits", [1, 3])  # 3: spans of 1-13 slots (pos 37: one of two blocks), empty ones at pos 0/1
+def test_decode_attention_matches_reference(dtype, pos, splits):
     from tinyllama.kernels.decode import decode_attention, reference_decode_attention
     from tinyllama.model import rope_cache
 
@@ -119,7 +120,7 @@ def test_decode_attention_matches_reference(dtype, pos):
     want = reference_decode_attention(qkv, k_ref, v_ref, pos, cos[pos], sin[pos], H, KV)
     out = torch.empty(H * D, device=DEVICE, dtype=dtype)
     got = decode_attention(qkv, k_cache, v_cache, torch.tensor([pos], device=DEVICE), cos, sin, out, H, KV,
-                           block_s=16)
+                           block_s=8 if splits > 1 else 16, splits=splits)
     _close(got, want, dtype)
     # the new key and value are in slot pos, everything else untouched. The rotated key agrees with the
     # model's to a rounding step: fp32 on the GPU fuses x*cos + y*sin into one FMA (1 ulp); bf16 differed by
@@ -132,10 +133,12 @@ def test_decode_attention_matches_reference(dtype, pos):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_batched_rows_at_their_own_positions(dtype):
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_batched_rows_at_their_own_positions(dtype, splits):
     """B rows, each at its own position in its own cache row, equal the batch-1 reference row by row; the
-    cache's rows past B are not touched."""
-    from tinyllama.kernels.decode import decode_attention, reference_decode_attention
+    cache's rows past B are not touched. Split over the cache: the same bits again with the same workspace
+    (its arrival counters back at zero)."""
+    from tinyllama.kernels.decode import SplitKWorkspace, decode_attention, reference_decode_attention
     from tinyllama.model import rope_cache
 
     torch.manual_seed(5)
@@ -149,13 +152,19 @@ def test_decode_attention_batched_rows_at_their_own_positions(dtype):
     want = torch.stack([reference_decode_attention(qkv[b], k_ref[b:b + 1], v_ref[b:b + 1], p, cos[p], sin[p], H, KV)
                         for b, p in enumerate(positions)])
     out = torch.empty(B, H * D, device=DEVICE, dtype=dtype)
+    workspace = SplitKWorkspace(DEVICE)
     got = decode_attention(qkv, k_cache, v_cache, torch.tensor(positions, device=DEVICE), cos, sin, out, H, KV,
-                           block_s=16)
+                           block_s=16, splits=splits, workspace=workspace)
     _close(got, want, dtype)
     torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=0)
     tol = 1e-6 if dtype == torch.float32 else 2.0**-6
     torch.testing.assert_close(k_cache, k_ref, atol=tol, rtol=tol)
     assert torch.equal(k_cache[B], k_ref[B])
+    if splits > 1:
+        assert not workspace.count.any()
+        again = decode_attention(qkv, k_cache, v_cache, torch.tensor(positions, device=DEVICE), cos, sin,
+                                 torch.empty_like(out), H, KV, block_s=16, splits=splits, workspace=workspace)
+        assert torch.equal(again, got)
 
 
 def _models(dtype):
@@ -243,12 +252,13 @@ def test_persistent_attention_splits_of_several_blocks_fp32():
 
 
 @needs_triton
-@pytest.mark.parametrize("same_position,split_k", [(False, 1), (True, 1), (False, 2)])
+@pytest.mark.parametrize("same_position,split_k", [(False, 1), (True, 1), (False, 2), (False, 3)])
 def test_batched_step_matches_model_forward_fp32(same_position, split_k):
     """A Triton step of 3 rows on the first 3 rows of a 4-row cache: each row at its own position (the serve
     engine's continuous batch) or all at one (input_pos (1,), `generate_batch`), equal to `Llama.forward`
-    with the same per-row positions; the greedy tokens it computes inside are the logits' argmax. split_k 2:
-    every product split over two programs per weight tile, sharing the step's workspace."""
+    with the same per-row positions; the greedy tokens it computes inside are the logits' argmax. split_k 2
+    or 3: every product split over that many programs per weight tile and the attention over that many
+    cache spans, sharing the step's workspace."""
     from tinyllama.kernels.decode import GemvConfig, TritonDecodeStep
 
     ref, fused = _models(torch.float32)
@@ -261,8 +271,9 @@ def test_batched_step_matches_model_forward_fp32(same_position, split_k):
             for m in (ref, fused):
                 m(prompt, input_pos=torch.arange(n, device=DEVICE)[None], slots=torch.tensor([b], device=DEVICE))
         step = TritonDecodeStep(fused, use_graph=False, batch_size=B, tune=False)
-        if split_k > 1:
+        if split_k > 1:  # every product split over split_k programs per tile, the attention over split_k spans
             step.configs = [GemvConfig(16, 64, 4, 2, split_k=split_k)] * len(step.configs)
+            step.attention_config = (split_k, 8)
         pos = torch.tensor(lengths, device=DEVICE)
         tok = torch.randint(0, 96, (B, 1), device=DEVICE)
         for _ in range(6):
@@ -466,7 +477,7 @@ def test_graph_replay_equals_eager_steps_cuda(pdl, batch, persistent):
 def test_decode_kernels_compile_for_hopper():
     """What only Triton's compiler rejects (the interpreter runs the Python), for sm_90, without a GPU: the
     rows kernel in every flag combination, split-K (counter, barrier, the last program's branch) included,
-    with programmatic dependent launch."""
+    with programmatic dependent launch; the attention over cache splits."""
     try:
         from test_kernels import _compile_for_hopper
         from triton.compiler import ASTSource  # noqa: F401
@@ -486,6 +497,11 @@ def test_decode_kernels_compile_for_hopper():
                     BLOCK_K=256, DOT_FP32=False, SWAP=swap, SPLIT_K=split))
     _compile_for_hopper(D._gemv_kernel, dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf), dict(
         HAS_NORM=True, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_N=4, BLOCK_K=2048, ROWSUM=True))
+    attention_ptrs = dict.fromkeys(["QKV", "K_CACHE", "V_CACHE", "OUT"], bf)
+    attention_ptrs.update(POS="*i64", COS="*fp32", SIN="*fp32", PART="*fp32", COUNT="*i32")
+    _compile_for_hopper(D._split_attention_kernel, attention_ptrs, dict(
+        N_HEADS=32, N_KV=4, HEAD_DIM=64, BLOCK_G=16, BLOCK_S=32, SPLITS=8, DOT_FP32=False, PDL=True),
+        floats=("scale",))
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED or torch.cuda.is_available(),

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyllama.kernels.decode_math import _attend_block, _interpreted, _rope, tl, triton
+from tinyllama.kernels.decode_math import _attend_block, _attention, _interpreted, _rope, tl, triton
 
 try:  # programmatic dependent launch (Hopper+): Triton >= 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -352,6 +352,21 @@ if triton is not None:
         tl.store(out_rows + d[None, :], (acc / l[:, None]).to(dt), mask=g_ok[:, None])
 
 
+    @triton.jit
+    def _split_attention_kernel(QKV, K_CACHE, V_CACHE, OUT, POS, COS, SIN, PART, COUNT, n_rows, cache_len, scale,
+                                N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+                                DOT_FP32: tl.constexpr, PDL: tl.constexpr):
+        # The same attention over SPLITS spans of each row's cache: one program per (row, kv head, split),
+        # each head's last split to finish merging the partial softmax states (decode_math._attention), so
+        # a short batch keeps more than N_KV SMs reading.
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        _attention(tl.program_id(0), tl.num_programs(0), n_rows, QKV, K_CACHE, V_CACHE, OUT, POS, COS, SIN, PART,
+                   COUNT, cache_len, scale, N_HEADS, N_KV, HEAD_DIM, BLOCK_G, BLOCK_S, SPLITS, DOT_FP32)
+
+
 @dataclass(frozen=True)
 class GemvConfig:
     block_n: int
@@ -438,6 +453,9 @@ ROWS_CANDIDATES = (
 # fp32 models (tests): tiles small enough for fp32's shared memory at up to 64 rows (the bf16 first tile needs
 # ~310 KB for an fp32 gate/up product, over Hopper's 227 KB)
 ROWS_CANDIDATES_FP32 = (GemvConfig(16, 128, 4, 3), GemvConfig(16, 128, 4, 2), GemvConfig(32, 64, 4, 3))
+# (splits, block_s) of the step's attention, timed on the first step on CUDA over every layer's cache at the
+# step's positions (`TritonDecodeStep.tune`); the first is the untimed default: one program per (row, kv head).
+ATTENTION_CANDIDATES = ((1, 128), (4, 32), (8, 32), (16, 32), (8, 64))
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 
 
@@ -495,17 +513,30 @@ def _pdl_launch(pdl: bool) -> dict:
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      cos_table: torch.Tensor, sin_table: torch.Tensor, out: torch.Tensor, n_heads: int,
-                     n_kv_heads: int, block_s: int = 128, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
+                     n_kv_heads: int, block_s: int = 128, num_warps: int = 4, pdl: bool = False, splits: int = 1,
+                     workspace: Optional["SplitKWorkspace"] = None) -> torch.Tensor:
     """The kernel behind `reference_decode_attention`, for B rows at once: row b's token (qkv[b], of
     (B, H·D + 2·KV·D) or, for B = 1, flat) at cache position pos[b] of cache row b. pos is a (B,) integer
     tensor (so a CUDA graph can replay it for any positions), the caches (>= B, KV, S, D), cos/sin the full
-    (max_len, D) fp32 tables; writes `out` (B, H·D) or, for B = 1, flat."""
+    (max_len, D) fp32 tables; writes `out` (B, H·D) or, for B = 1, flat. splits > 1: each (row, kv head) over
+    that many spans of its cache in parallel, merged in a fixed order (same result on every call), with the
+    partial states and arrival counters in `workspace` (a SplitKWorkspace; a new one if None)."""
     head_dim = k_cache.size(-1)
     batch = pos.numel()
     assert k_cache.size(0) >= batch and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert qkv.is_contiguous() and qkv.numel() == batch * (n_heads + 2 * n_kv_heads) * head_dim
     assert out.is_contiguous() and out.numel() == batch * n_heads * head_dim
     block_g = max(16, triton.next_power_of_2(n_heads // n_kv_heads))
+    if splits > 1:
+        workspace = workspace if workspace is not None else SplitKWorkspace(qkv.device)
+        part, _, count = workspace.get(batch * n_kv_heads * splits * block_g * (head_dim + 2), 0,
+                                       batch * n_kv_heads)
+        _split_attention_kernel[(batch * n_kv_heads * splits,)](
+            qkv, k_cache, v_cache, out, pos, cos_table, sin_table, part, count, batch, k_cache.size(2),
+            head_dim**-0.5, N_HEADS=n_heads, N_KV=n_kv_heads, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_S=block_s,
+            SPLITS=splits, DOT_FP32=qkv.dtype == torch.float32 or _interpreted(), PDL=pdl, num_warps=num_warps,
+            **_pdl_launch(pdl))
+        return out
     _decode_attention_kernel[(n_kv_heads, batch)](
         qkv, k_cache, v_cache, out, pos, cos_table, sin_table, k_cache.size(2), head_dim**-0.5, N_HEADS=n_heads,
         N_KV=n_kv_heads, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_S=block_s, PDL=pdl,
@@ -617,6 +648,7 @@ class TritonDecodeStep:
             ROWS_CANDIDATES_FP32 if self.dtype == torch.float32 else ROWS_CANDIDATES
         default = self.candidates[0] if self.device.type == "cuda" else INTERPRETER_CONFIG
         self.configs: list[GemvConfig] = [default] * len(self.products)
+        self.attention_config = ATTENTION_CANDIDATES[0]  # (splits, block_s)
         if persistent:
             self.persistent = decode_persistent.PersistentDecode(
                 model, decode_persistent.PERSISTENT_CANDIDATES[0] if self.device.type == "cuda"
@@ -653,8 +685,28 @@ class TritonDecodeStep:
                 _TUNED[key] = _fastest(run_all, self.candidates)
             for i in members:
                 self.configs[i] = _TUNED[key]
+        self._tune_attention(card)
         if self.persistent_mode is not False:
             self._tune_persistent(card)
+
+    def _tune_attention(self, card: str) -> None:
+        """Pick the attention's cache splits by timing each candidate over every layer's cache at the rows'
+        current positions, on scratch queries and outputs. (It writes scratch keys and values into each cache
+        at those positions, which the step's own run overwrites before anything reads them.) Kept per card,
+        batch size and head shape for the process: the first step's context length decides."""
+        m, c = self.model, self.config
+        key = (card, "attention", self.batch_size, self.dtype, self.pdl, c.n_heads, c.n_kv_heads, c.head_dim)
+        if key not in _TUNED:
+            qkv, out = torch.randn_like(self.qkv), torch.empty_like(self.attn)
+            caches = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v) for layer in m.layers]
+
+            def run_all(cfg) -> None:
+                for k, v in caches:
+                    decode_attention(qkv, k, v, self.pos, m.rope_cos, m.rope_sin, out, c.n_heads, c.n_kv_heads,
+                                     splits=cfg[0], block_s=cfg[1], pdl=self.pdl, workspace=self.workspace)
+
+            _TUNED[key] = _fastest(run_all, ATTENTION_CANDIDATES)
+        self.attention_config = _TUNED[key]
 
     def _tune_persistent(self, card: str) -> None:
         """Time the whole step (embedding -> logits, graph replays at the current position: idempotent) with
@@ -708,7 +760,8 @@ class TritonDecodeStep:
             a = layer.self_attn
             product()  # RMSNorm -> q/k/v
             decode_attention(self.qkv, a.kv_cache.k, a.kv_cache.v, self.pos, m.rope_cos, m.rope_sin, self.attn,
-                             c.n_heads, c.n_kv_heads, pdl=self.pdl)
+                             c.n_heads, c.n_kv_heads, pdl=self.pdl, splits=self.attention_config[0],
+                             block_s=self.attention_config[1], workspace=self.workspace)
             product()  # o + residual
             product()  # RMSNorm -> gate/up -> SiLU(gate) * up
             product()  # down + residual
@@ -789,7 +842,7 @@ class TritonDecodeStep:
         return self.logits
 
 
-_TUNED: dict[tuple, GemvConfig] = {}
+_TUNED: dict[tuple, object] = {}  # (card, shape, ...) -> a product's GemvConfig or the attention's (splits, block_s)
 _TUNED_STEP: dict[tuple, tuple] = {}  # (card, model shape, ...) -> (persistent config or None, µs per option)
 
 
