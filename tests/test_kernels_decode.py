@@ -217,6 +217,44 @@ def test_step_matches_model_forward_fp32(depth):
 
 
 @needs_triton
+def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kernel(monkeypatch):
+    """The step's attention tuning first runs every (splits, block) candidate on one layer's cache and keeps
+    for timing only those whose output agrees with the one-program-per-head kernel on this device; the
+    choice is then used by the step, which still matches the model."""
+    from tinyllama.kernels import decode as D
+
+    ref, fused = _models(torch.float32)
+    prompt = torch.randint(0, 96, (1, 21), device=DEVICE)
+    real = D.decode_attention
+
+    def broken_for_4(*a, splits=1, **kw):  # a candidate that computes the wrong thing
+        out = real(*a, splits=splits, **kw)
+        if splits == 4:
+            out.mul_(2.0)
+        return out
+
+    timed = []
+    monkeypatch.setattr(D, "decode_attention", broken_for_4)
+    monkeypatch.setattr(D, "ATTENTION_CANDIDATES", ((1, 16), (4, 8), (2, 8)))
+    monkeypatch.setattr(D, "_fastest", lambda run, cands: timed.extend(cands) or cands[-1])
+    monkeypatch.setattr(D, "_TUNED", {})
+    with torch.inference_mode():
+        for m in (ref, fused):
+            m.setup_cache(1, 40)
+        r = ref(prompt, input_pos=torch.arange(21, device=DEVICE))[:, -1]
+        fused(prompt, input_pos=torch.arange(21, device=DEVICE))
+        step = D.TritonDecodeStep(fused, use_graph=False, tune=False)
+        step.pos.fill_(21)
+        with pytest.warns(UserWarning, match=r"\(4, 8\) disagrees"):
+            step._tune_attention("test card")
+        assert timed == [(1, 16), (2, 8)] and step.attention_config == (2, 8)
+        monkeypatch.setattr(D, "decode_attention", real)
+        tok = r.argmax(-1, keepdim=True)
+        want = ref(tok, input_pos=torch.tensor([21], device=DEVICE))[:, -1]
+        _close(step.step(tok, torch.tensor([21], device=DEVICE)), want, torch.float32)
+
+
+@needs_triton
 def test_persistent_attention_splits_of_several_blocks_fp32():
     """Cache splits longer than one attention block (the online softmax runs over several blocks per split,
     the last one part-masked) and splits that hold no slot yet: the persistent step equals the model."""
