@@ -214,6 +214,22 @@ if triton is not None:
                 w, wu = w_next, wu_next
 
     @triton.jit
+    def _product_stage(pid, nprog, X, W, OUT, RES, NORM_W, eps, WAIT_GO, wait, COUNT, GO, go_value, ERR, TIMES,
+                       stamp, N: tl.constexpr, K: tl.constexpr, HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                       HAS_RES: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, DEPTH: tl.constexpr,
+                       SPIN_LIMIT: tl.constexpr, LANES: tl.constexpr, TIMING: tl.constexpr, ARRIVE: tl.constexpr):
+        # One product stage: its first weight tiles read, then (if `wait`) the wait for the stage behind
+        # WAIT_GO, this program's share of the product between two clock stamps, and (ARRIVE) its arrival
+        tiles = _first_tiles(pid, nprog, W, N, K, R, BK, SWIGLU, DEPTH)
+        if wait:
+            _wait(WAIT_GO, pid, go_value, ERR, SPIN_LIMIT, LANES)
+        _stamp(TIMES, stamp, TIMING)
+        _product(pid, nprog, X, W, OUT, RES, NORM_W, eps, tiles, N, K, HAS_NORM, SWIGLU, HAS_RES, R, BK, DEPTH)
+        _stamp(TIMES, stamp + 1, TIMING)
+        if ARRIVE:
+            _arrive(COUNT, GO, nprog, go_value, LANES)
+
+    @triton.jit
     def _decode_step_kernel(X, QKV, ATTN, HIDDEN, LOGITS, WBASE, OFFSETS, NORM_F, HEAD_W, POS, COS, SIN, PART,
                             SYNC, GO, ERR, TIMES, n_layers, cache_len, eps, scale,
                             D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
@@ -250,13 +266,9 @@ if triton is not None:
             go = GO + layer * 8 * STRIDE
             stamp = (layer * 5 * nprog + pid) * 2
             # 1. RMSNorm -> q/k/v (waits for the previous layer's down product)
-            tiles = _first_tiles(pid, nprog, w_qkv, NQKV, D, R, BK, False, DEPTH)
-            if layer > 0:
-                _wait(go - 8 * STRIDE + 4 * STRIDE, pid, go_value, ERR, SPIN_LIMIT, LANES)
-            _stamp(TIMES, stamp, TIMING)
-            _product(pid, nprog, X, w_qkv, QKV, X, norm_1, eps, tiles, NQKV, D, True, False, False, R, BK, DEPTH)
-            _stamp(TIMES, stamp + 1, TIMING)
-            _arrive(flags + 0, go + 0 * STRIDE, nprog, go_value, LANES)
+            _product_stage(pid, nprog, X, w_qkv, QKV, X, norm_1, eps, go - 4 * STRIDE, layer > 0, flags + 0, go,
+                           go_value, ERR, TIMES, stamp, NQKV, D, True, False, False, R, BK, DEPTH, SPIN_LIMIT,
+                           LANES, TIMING, True)
             # 2. attention
             _wait(go + 0 * STRIDE, pid, go_value, ERR, SPIN_LIMIT, LANES)
             _stamp(TIMES, stamp + 2 * nprog, TIMING)
@@ -265,33 +277,21 @@ if triton is not None:
             _stamp(TIMES, stamp + 2 * nprog + 1, TIMING)
             _arrive(flags + 1, go + 1 * STRIDE, nprog, go_value, LANES)
             # 3. o + residual
-            tiles = _first_tiles(pid, nprog, w_o, D, HQ * HD, R, BK, False, DEPTH)
-            _wait(go + 1 * STRIDE, pid, go_value, ERR, SPIN_LIMIT, LANES)
-            _stamp(TIMES, stamp + 4 * nprog, TIMING)
-            _product(pid, nprog, ATTN, w_o, X, X, norm_1, eps, tiles, D, HQ * HD, False, False, True, R, BK, DEPTH)
-            _stamp(TIMES, stamp + 4 * nprog + 1, TIMING)
-            _arrive(flags + 2, go + 2 * STRIDE, nprog, go_value, LANES)
+            _product_stage(pid, nprog, ATTN, w_o, X, X, norm_1, eps, go + 1 * STRIDE, True, flags + 2,
+                           go + 2 * STRIDE, go_value, ERR, TIMES, stamp + 4 * nprog, D, HQ * HD, False, False, True,
+                           R, BK, DEPTH, SPIN_LIMIT, LANES, TIMING, True)
             # 4. RMSNorm -> gate/up -> SiLU(gate) * up
-            tiles = _first_tiles(pid, nprog, w_gate_up, F, D, R, BK, True, DEPTH)
-            _wait(go + 2 * STRIDE, pid, go_value, ERR, SPIN_LIMIT, LANES)
-            _stamp(TIMES, stamp + 6 * nprog, TIMING)
-            _product(pid, nprog, X, w_gate_up, HIDDEN, X, norm_2, eps, tiles, F, D, True, True, False, R, BK, DEPTH)
-            _stamp(TIMES, stamp + 6 * nprog + 1, TIMING)
-            _arrive(flags + 3, go + 3 * STRIDE, nprog, go_value, LANES)
+            _product_stage(pid, nprog, X, w_gate_up, HIDDEN, X, norm_2, eps, go + 2 * STRIDE, True, flags + 3,
+                           go + 3 * STRIDE, go_value, ERR, TIMES, stamp + 6 * nprog, F, D, True, True, False, R, BK,
+                           DEPTH, SPIN_LIMIT, LANES, TIMING, True)
             # 5. down + residual
-            tiles = _first_tiles(pid, nprog, w_down, D, F, R, BKF, False, DEPTH)
-            _wait(go + 3 * STRIDE, pid, go_value, ERR, SPIN_LIMIT, LANES)
-            _stamp(TIMES, stamp + 8 * nprog, TIMING)
-            _product(pid, nprog, HIDDEN, w_down, X, X, norm_1, eps, tiles, D, F, False, False, True, R, BKF, DEPTH)
-            _stamp(TIMES, stamp + 8 * nprog + 1, TIMING)
-            _arrive(flags + 4, go + 4 * STRIDE, nprog, go_value, LANES)
-        # RMSNorm -> output head
-        tiles = _first_tiles(pid, nprog, HEAD_W, V, D, R, BK, False, DEPTH)
-        _wait(GO + ((n_layers - 1) * 8 + 4) * STRIDE, pid, go_value, ERR, SPIN_LIMIT, LANES)
-        stamp = (n_layers * 5 * nprog + pid) * 2
-        _stamp(TIMES, stamp, TIMING)
-        _product(pid, nprog, X, HEAD_W, LOGITS, X, NORM_F, eps, tiles, V, D, True, False, False, R, BK, DEPTH)
-        _stamp(TIMES, stamp + 1, TIMING)
+            _product_stage(pid, nprog, HIDDEN, w_down, X, X, norm_1, eps, go + 3 * STRIDE, True, flags + 4,
+                           go + 4 * STRIDE, go_value, ERR, TIMES, stamp + 8 * nprog, D, F, False, False, True, R,
+                           BKF, DEPTH, SPIN_LIMIT, LANES, TIMING, True)
+        # RMSNorm -> output head (no arrival: the exit counter below)
+        _product_stage(pid, nprog, X, HEAD_W, LOGITS, X, NORM_F, eps, GO + ((n_layers - 1) * 8 + 4) * STRIDE, True,
+                       SYNC, GO, go_value, ERR, TIMES, (n_layers * 5 * nprog + pid) * 2, V, D, True, False, False,
+                       R, BK, DEPTH, SPIN_LIMIT, LANES, TIMING, False)
         # the last program out zeroes the head counters (each merger reset its own; this covers a failed
         # launch) and the exit counter, then advances the epoch for the next launch (a CUDA-graph replay)
         tl.debug_barrier()
@@ -313,18 +313,12 @@ def unsupported_reason(model, batch_size: int) -> Optional[str]:
     c = model.config
     if c.n_heads % c.n_kv_heads:
         return "n_heads is not a multiple of n_kv_heads"
-    for p in _weights(model, with_cache=False):
-        if p.data_ptr() % 32:
-            return "a weight is not 32-byte aligned"
-    return None
-
-
-def _weights(model, with_cache: bool = True):
     for layer in model.layers:
         a, m = layer.self_attn, layer.mlp
-        yield from (a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight)
-        if with_cache:
-            yield from (a.kv_cache.k, a.kv_cache.v)
+        for p in (a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight):
+            if p.data_ptr() % 32:
+                return "a weight is not 32-byte aligned"
+    return None
 
 
 class PersistentDecode:
