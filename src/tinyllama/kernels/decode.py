@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinyllama.kernels import decode_persistent
 from tinyllama.kernels.decode_math import _attend_block, _attention, _interpreted, _rope, tl, triton
 
 try:  # programmatic dependent launch (Hopper+): Triton >= 3.4
@@ -594,8 +595,6 @@ class TritonDecodeStep:
             raise ValueError(reason)
         if not 1 <= batch_size <= MAX_ROWS:
             raise ValueError(f"the Triton decode step takes batches of 1 to {MAX_ROWS} rows, not {batch_size}")
-        from tinyllama.kernels import decode_persistent
-
         # The whole step as one persistent kernel (decode_persistent.py): True always, False never, None where
         # `tune` times it faster than the layered kernels (CUDA, batch 1). Off by default: on an H100 it ran
         # 1.15-1.3 ms per step against the layered kernels' 0.89-0.95 (perf/NOTES.md), and timing its
@@ -710,8 +709,8 @@ class TritonDecodeStep:
             run(ATTENTION_CANDIDATES[0], caches[:1])
             want = out.float().clone()
             tol = 1e-4 if self.dtype == torch.float32 else 3e-2
-            agreeing = []
-            for cfg in ATTENTION_CANDIDATES:
+            agreeing = [ATTENTION_CANDIDATES[0]]
+            for cfg in ATTENTION_CANDIDATES[1:]:
                 run(cfg, caches[:1])
                 if torch.allclose(out.float(), want, atol=tol, rtol=tol):
                     agreeing.append(cfg)
@@ -724,12 +723,10 @@ class TritonDecodeStep:
         """Time the whole step (embedding -> logits, graph replays at the current position: idempotent) with
         the layered kernels and with each persistent configuration; keep the fastest. A configuration whose
         launch flags a failed wait (`PersistentDecode.failed`) is left out."""
-        from tinyllama.kernels import decode_persistent as P
-
         c = self.config
         key = (card, "step", self.dtype, self.pdl, self.persistent_mode, c.n_layers, c.hidden_size, c.n_heads,
                c.n_kv_heads, c.intermediate_size, c.vocab_size)
-        options = ([None] if self.persistent_mode is None else []) + list(P.PERSISTENT_CANDIDATES)
+        options = ([None] if self.persistent_mode is None else []) + list(decode_persistent.PERSISTENT_CANDIDATES)
         if key not in _TUNED_STEP:
             runners: dict = {}
 
@@ -737,7 +734,9 @@ class TritonDecodeStep:
                 if option is None:
                     self.persistent = None
                 else:
-                    self.persistent = runners.get(option) or runners.setdefault(option, P.PersistentDecode(self.model, option))
+                    if option not in runners:
+                        runners[option] = decode_persistent.PersistentDecode(self.model, option)
+                    self.persistent = runners[option]
                 self._layers()
                 if self.persistent is not None and not torch.cuda.is_current_stream_capturing() \
                         and self.persistent.failed():
@@ -747,7 +746,7 @@ class TritonDecodeStep:
             choice = min(times, key=times.get) if times else options[0]
             _TUNED_STEP[key] = (choice, {_step_name(o): round(t, 1) for o, t in times.items()})
         choice, self.step_times = _TUNED_STEP[key]
-        self.persistent = None if choice is None else P.PersistentDecode(self.model, choice)
+        self.persistent = None if choice is None else decode_persistent.PersistentDecode(self.model, choice)
 
     # one step: one persistent kernel, or kernel by kernel ----------------------------------------------
     def _run(self) -> None:
