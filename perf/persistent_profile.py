@@ -17,10 +17,10 @@ import os
 
 import torch
 
-from tinyllama.config import ModelConfig
+from triton_step_profile import random_decode_model  # perf/ is on the path when run as a script
+
 from tinyllama.kernels import decode_persistent as P
 from tinyllama.kernels.decode import TritonDecodeStep, _step_name
-from tinyllama.model import Llama
 
 
 def main() -> None:
@@ -29,11 +29,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "persistent_profile.json"))
     a = ap.parse_args()
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = Llama(ModelConfig.from_name("tinyllama-1.1b"))
-    model = model.to(torch.bfloat16).eval().fuse_projections()
-    model.rope_cos.data, model.rope_sin.data = model.rope_cos.float(), model.rope_sin.float()
+    model = random_decode_model(dev)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
     model.setup_cache(1, 512)
     ids = torch.zeros(1, 1, dtype=torch.long, device=dev)

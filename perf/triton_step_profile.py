@@ -23,6 +23,17 @@ from tinyllama.kernels.decode import TritonDecodeStep
 from tinyllama.model import Llama
 
 
+def random_decode_model(dev: torch.device) -> Llama:
+    """A random-weight TinyLlama-1.1B in bf16 with fused projections and fp32 rotary tables, as the Triton
+    decode step runs it (speed does not depend on weight values)."""
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Llama(ModelConfig.from_name("tinyllama-1.1b"))
+    model = model.to(torch.bfloat16).eval().fuse_projections()
+    model.rope_cos.data, model.rope_sin.data = model.rope_cos.float(), model.rope_sin.float()
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8")
@@ -31,11 +42,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "triton_step_profile.json"))
     a = ap.parse_args()
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = Llama(ModelConfig.from_name("tinyllama-1.1b"))
-    model = model.to(torch.bfloat16).eval().fuse_projections()
-    model.rope_cos.data, model.rope_sin.data = model.rope_cos.float(), model.rope_sin.float()
+    model = random_decode_model(dev)
     report = {"device": torch.cuda.get_device_name(dev), "pos": a.pos, "batches": []}
     for B in [int(b) for b in a.batches.split(",")]:
         model.setup_cache(B, 512)
