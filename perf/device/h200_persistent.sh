@@ -4,7 +4,7 @@
 # step and the fp32 model, the fallback when its programs cannot all be resident), then `bench generate`
 # batch 1 and 32, where the step's tuning times the layered kernels and each persistent configuration
 # as whole-step graph replays in the same process. nvidia-smi is polled through the bench (clocks, power).
-# Carry .whl (zstandard). Usage: bash perf/device/h200_persistent.sh [tests|profile|layered|bench]...
+# Carry .whl (zstandard). Usage: bash perf/device/h200_persistent.sh [tests|profile|layered|sweep|bench]...
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
@@ -18,6 +18,8 @@ for part in "$@"; do
     timeout 150 python3 perf/persistent_profile.py 2>&1 | grep -v -i warn | tail -80 ;;
   layered)  # the layered step kernel by kernel, tuned (products' tiles, the attention's cache splits)
     timeout 150 python3 perf/triton_step_profile.py --batches 1,32 --tune 2>&1 | grep -v -i warn | tail -30 ;;
+  sweep)  # one product of 32 rows: cuBLAS vs our rows kernel vs a plain pipelined / TMA Triton GEMM
+    timeout 330 python3 perf/rows_product_sweep.py --rows ${ROWS:-1,32} 2>&1 | grep -v -i warn | tail -14 ;;
   bench)
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
       --format=csv -lms 500 > $OUT/smi_generate.csv 2>&1 & smi=$!
