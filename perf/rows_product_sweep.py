@@ -11,7 +11,8 @@ bf16, no norm or residual) reach with (at 1 row too: the batch-1 step reads gate
              tile; else the rows kernel, every ROWS_CANDIDATES tile;
   plain      a minimal Triton GEMM (pointer loads, the weight tile as the left operand, num_stages
              pipelined), tiles x stages x split-K (split-K: fp32 atomics into a zeroed buffer);
-  tma        the same with the weight tiles loaded through TMA tensor descriptors.
+  tma        the same with the weight tiles loaded through TMA tensor descriptors;
+  tma_gemv   at 1 row: TMA-loaded weight tiles times x on the CUDA cores (plain and tma are left out there).
 Each variant runs over 22 different matrices of each shape in turn (as the step does; one matrix would sit in
 L2), as CUDA-graph replays; the table gives µs per matrix and the weights' TB/s, best tile per variant.
 """
@@ -78,6 +79,25 @@ def _tma_kernel(X, w_desc, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N
         tl.atomic_add(OUT + at, acc, mask=ok, sem="relaxed")
     else:
         tl.store(OUT + at, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _tma_gemv_kernel(X, w_desc, OUT, N, K, K_SPLIT, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     ATOMIC: tl.constexpr, STAGES: tl.constexpr):
+    # one row on the CUDA cores: TMA-loaded (BLOCK_N, BLOCK_K) weight tiles times x, summed per row at once
+    pid_n = tl.program_id(0)
+    k_start = tl.program_id(1) * K_SPLIT
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(k_start, k_start + K_SPLIT, BLOCK_K, num_stages=STAGES):
+        w = w_desc.load([pid_n * BLOCK_N, k0])
+        x = tl.load(X + k0 + cols).to(tl.float32)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    if ATOMIC:
+        tl.atomic_add(OUT + rows, acc, mask=rows < N, sem="relaxed")
+    else:
+        tl.store(OUT + rows, acc.to(OUT.dtype.element_ty), mask=rows < N)
 
 
 def main() -> None:
@@ -148,18 +168,17 @@ def main() -> None:
                 x, operand, dst, M, N, K, k_split, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, ATOMIC=atomic,
                 STAGES=stages, num_warps=warps)
 
-        grid = [c for c in itertools.product((64, 128), (64, 128, 256), (4,), (3, 4), (1, 2, 4))
-                if c[0] * c[1] * 2 * c[3] <= 160 * 1024]
+        grid = [c for c in itertools.product((64, 128), (128, 256), (4,), (3, 4), (1, 2, 4))
+                if c[0] * c[1] * 2 * c[3] <= 160 * 1024] if M > 1 else []  # 1 row: tma_gemv below
 
         def run_plain(cfg):
             for w in ws:
                 plain_launch(_plain_kernel, w, cfg)
-        times = time_candidates(run_plain, grid)
-
         def check_plain(cfg):
             run_plain(cfg)
             result["y"] = out32 if cfg[4] > 1 else out
-        record("plain", times, check_plain)
+        if grid:
+            record("plain", time_candidates(run_plain, grid), check_plain)
 
         if TensorDescriptor is not None:
             descs = {}
@@ -171,12 +190,33 @@ def main() -> None:
                     if d is None:
                         d = descs[(i, bn, bk)] = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk])
                     plain_launch(_tma_kernel, d, cfg)
-            times = time_candidates(run_tma, grid)
-
             def check_tma(cfg):
                 run_tma(cfg)
                 result["y"] = out32 if cfg[4] > 1 else out
-            record("tma", times, check_tma)
+            if grid:
+                record("tma", time_candidates(run_tma, grid), check_tma)
+            if M == 1:  # the same loads on the CUDA cores (no padding of the one row to 16)
+                def run_tma_gemv(cfg):
+                    bn, bk, warps, stages, split = cfg
+                    k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+                    dst = out32 if split > 1 else out
+                    if split > 1:
+                        dst.zero_()
+                    for i, w in enumerate(ws):
+                        d = descs.get((i, bn, bk))
+                        if d is None:
+                            d = descs[(i, bn, bk)] = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk])
+                        _tma_gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(K, k_split))](
+                            x, d, dst, N, K, k_split, BLOCK_N=bn, BLOCK_K=bk, ATOMIC=split > 1, STAGES=stages,
+                            num_warps=warps)
+                gemv_grid = [c for c in itertools.product((8, 16, 32, 64), (128, 256), (4,), (3, 6), (1, 2))
+                             if c[0] * c[1] * 2 * c[3] <= 160 * 1024]
+                times = time_candidates(run_tma_gemv, gemv_grid)
+
+                def check_tma_gemv(cfg):
+                    run_tma_gemv(cfg)
+                    result["y"] = out32 if cfg[4] > 1 else out
+                record("tma_gemv", times, check_tma_gemv)
         report["products"][f"{name} x{M}"] = rows
         line = "  ".join(f"{v} {r['us']:.1f} ({r['tb_s']:.2f}) {r['config']}" if "us" in r else f"{v} -"
                          for v, r in rows.items())
