@@ -105,7 +105,7 @@ def test_split_k_products_are_deterministic_and_reset_their_counters(swap):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pos", [0, 1, 37])
-@pytest.mark.parametrize("splits", [1, 3])  # 3: spans of 1-13 slots (pos 37: one of two blocks), empty ones at pos 0/1
+@pytest.mark.parametrize("splits", [1, 2, 3])  # 2: spans of 19 slots at pos 37 (two blocks); 3: empty spans at pos 0/1
 def test_decode_attention_matches_reference(dtype, pos, splits):
     from tinyllama.kernels.decode import decode_attention, reference_decode_attention
     from tinyllama.model import rope_cache
@@ -120,7 +120,7 @@ def test_decode_attention_matches_reference(dtype, pos, splits):
     want = reference_decode_attention(qkv, k_ref, v_ref, pos, cos[pos], sin[pos], H, KV)
     out = torch.empty(H * D, device=DEVICE, dtype=dtype)
     got = decode_attention(qkv, k_cache, v_cache, torch.tensor([pos], device=DEVICE), cos, sin, out, H, KV,
-                           block_s=8 if splits > 1 else 16, splits=splits)
+                           block_s=16, splits=splits)
     _close(got, want, dtype)
     # the new key and value are in slot pos, everything else untouched. The rotated key agrees with the
     # model's to a rounding step: fp32 on the GPU fuses x*cos + y*sin into one FMA (1 ulp); bf16 differed by
@@ -129,6 +129,20 @@ def test_decode_attention_matches_reference(dtype, pos, splits):
     tol = 1e-6 if dtype == torch.float32 else 2.0**-6
     torch.testing.assert_close(k_cache, k_ref, atol=tol, rtol=tol)
     assert torch.equal(k_cache[:, :, torch.arange(S) != pos], k_ref[:, :, torch.arange(S) != pos])
+
+
+@pytest.mark.parametrize("block_s", [8, 24, 0])
+def test_decode_attention_refuses_cache_blocks_the_tensor_cores_cannot_take(block_s):
+    """A cache block below 16 slots (or not a power of two) is refused with a clear error before any launch:
+    Triton's interpreter runs blocks of 8, its GPU compiler does not (the probabilities x values product
+    needs K >= 16), so a test or caller using them would pass on CPU and fail on the GPU."""
+    from tinyllama.kernels.decode import decode_attention
+
+    H, KV, D, S = 8, 2, 16, 48
+    cache = torch.zeros(1, KV, S, D)
+    with pytest.raises(ValueError, match=f"block_s={block_s}: use a power of two >= 16"):
+        decode_attention(torch.zeros((H + 2 * KV) * D), cache, cache.clone(), torch.tensor([3]), torch.ones(S, D),
+                         torch.zeros(S, D), torch.empty(H * D), H, KV, block_s=block_s, splits=2)
 
 
 @needs_triton
@@ -235,7 +249,7 @@ def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kern
 
     timed = []
     monkeypatch.setattr(D, "decode_attention", broken_for_4)
-    monkeypatch.setattr(D, "ATTENTION_CANDIDATES", ((1, 16), (4, 8), (2, 8)))
+    monkeypatch.setattr(D, "ATTENTION_CANDIDATES", ((1, 16), (4, 16), (2, 16)))
     monkeypatch.setattr(D, "_fastest", lambda run, cands: timed.extend(cands) or cands[-1])
     monkeypatch.setattr(D, "_TUNED", {})
     with torch.inference_mode():
@@ -245,9 +259,9 @@ def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kern
         fused(prompt, input_pos=torch.arange(21, device=DEVICE))
         step = D.TritonDecodeStep(fused, use_graph=False, tune=False)
         step.pos.fill_(21)
-        with pytest.warns(UserWarning, match=r"\(4, 8\) disagrees"):
+        with pytest.warns(UserWarning, match=r"\(4, 16\) disagrees"):
             step._tune_attention("test card")
-        assert timed == [(1, 16), (2, 8)] and step.attention_config == (2, 8)
+        assert timed == [(1, 16), (2, 16)] and step.attention_config == (2, 16)
         monkeypatch.setattr(D, "decode_attention", real)
         tok = r.argmax(-1, keepdim=True)
         want = ref(tok, input_pos=torch.tensor([21], device=DEVICE))[:, -1]
@@ -311,7 +325,7 @@ def test_batched_step_matches_model_forward_fp32(same_position, split_k):
         step = TritonDecodeStep(fused, use_graph=False, batch_size=B, tune=False)
         if split_k > 1:  # every product split over split_k programs per tile, the attention over split_k spans
             step.configs = [GemvConfig(16, 64, 4, 2, split_k=split_k)] * len(step.configs)
-            step.attention_config = (split_k, 8)
+            step.attention_config = (split_k, 16)
         pos = torch.tensor(lengths, device=DEVICE)
         tok = torch.randint(0, 96, (B, 1), device=DEVICE)
         for _ in range(6):
@@ -537,9 +551,13 @@ def test_decode_kernels_compile_for_hopper():
         HAS_NORM=True, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_N=4, BLOCK_K=2048, ROWSUM=True))
     attention_ptrs = dict.fromkeys(["QKV", "K_CACHE", "V_CACHE", "OUT"], bf)
     attention_ptrs.update(POS="*i64", COS="*fp32", SIN="*fp32", PART="*fp32", COUNT="*i32")
-    _compile_for_hopper(D._split_attention_kernel, attention_ptrs, dict(
-        N_HEADS=32, N_KV=4, HEAD_DIM=64, BLOCK_G=16, BLOCK_S=32, SPLITS=8, DOT_FP32=False, PDL=True),
-        floats=("scale",))
+    # every split candidate the step tunes over, at the 1.1B's widths, and the small one the GPU tests use
+    # (an H100 run found cache blocks of 8 compiling under the interpreter only: the tensor cores need K >= 16)
+    shapes = {(32, 4, 64, splits, block) for splits, block in D.ATTENTION_CANDIDATES if splits > 1}
+    for n_heads, n_kv, head_dim, splits, block in sorted(shapes | {(8, 2, 16, 3, D.MIN_BLOCK_S)}):
+        _compile_for_hopper(D._split_attention_kernel, attention_ptrs, dict(
+            N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=head_dim, BLOCK_G=16, BLOCK_S=block, SPLITS=splits,
+            DOT_FP32=False, PDL=True), floats=("scale",))
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED or torch.cuda.is_available(),

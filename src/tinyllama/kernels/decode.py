@@ -457,6 +457,7 @@ ROWS_CANDIDATES_FP32 = (GemvConfig(16, 128, 4, 3), GemvConfig(16, 128, 4, 2), Ge
 # (splits, block_s) of the step's attention, timed on the first step on CUDA over every layer's cache at the
 # step's positions (`TritonDecodeStep.tune`); the first is the untimed default: one program per (row, kv head).
 ATTENTION_CANDIDATES = ((1, 128), (4, 32), (8, 32), (16, 32), (8, 64))
+MIN_BLOCK_S = 16  # the smallest cache block: the inner dimension of a tensor-core product (K >= 16)
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 
 
@@ -524,6 +525,10 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     partial states and arrival counters in `workspace` (a SplitKWorkspace; a new one if None)."""
     head_dim = k_cache.size(-1)
     batch = pos.numel()
+    if block_s < MIN_BLOCK_S or block_s & (block_s - 1):
+        # the cache block is the inner dimension of the probabilities x values product: Triton's tensor-core
+        # dot needs >= 16 there on a GPU (the interpreter accepts less; an H100 run of 8 failed to compile)
+        raise ValueError(f"decode_attention: block_s={block_s}: use a power of two >= {MIN_BLOCK_S}")
     assert k_cache.size(0) >= batch and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert qkv.is_contiguous() and qkv.numel() == batch * (n_heads + 2 * n_kv_heads) * head_dim
     assert out.is_contiguous() and out.numel() == batch * n_heads * head_dim
