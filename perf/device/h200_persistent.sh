@@ -13,7 +13,10 @@ for part in "$@"; do
   echo "-- $(date -u +%H:%M:%S) $part"
   case $part in
   tests)
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py 2>&1 | grep -v -i warn | tail -15 ;;
+    # one line per test as it ends (an H100 call of 2026-12-06 hit the timeout before pytest's summary, so
+    # the failures had no names), then the summary; the first line of each failure's traceback
+    timeout ${TEST_TIMEOUT:-420} python3 -m pytest -v --tb=line -p no:cacheprovider tests/test_kernels_decode.py 2>&1 \
+      | grep -E "(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|^E |Error" | sed 's/^tests\/test_kernels_decode.py:://' | head -120 ;;
   profile)  # whole-step times (layered vs persistent configurations) and the persistent stages' breakdown
     timeout 150 python3 perf/persistent_profile.py 2>&1 | grep -v -i warn | tail -80 ;;
   layered)  # the layered step kernel by kernel, tuned (products' tiles, the attention's cache splits)
