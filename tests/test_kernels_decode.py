@@ -233,15 +233,17 @@ def test_step_matches_model_forward_fp32(depth):
 @needs_triton
 def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kernel(monkeypatch):
     """The step's attention tuning first runs every (splits, block) candidate on one layer's cache and keeps
-    for timing only those whose output agrees with the one-program-per-head kernel on this device; the
-    choice is then used by the step, which still matches the model."""
+    for timing only those that run and whose output agrees with the one-program-per-head kernel on this
+    device; the choice is then used by the step, which still matches the model."""
     from tinyllama.kernels import decode as D
 
     ref, fused = _models(torch.float32)
     prompt = torch.randint(0, 96, (1, 21), device=DEVICE)
     real = D.decode_attention
 
-    def broken_for_4(*a, splits=1, **kw):  # a candidate that computes the wrong thing
+    def broken_for_4(*a, splits=1, **kw):  # a candidate that computes the wrong thing, one that cannot run
+        if splits == 8:
+            raise RuntimeError("out of shared memory")
         out = real(*a, splits=splits, **kw)
         if splits == 4:
             out.mul_(2.0)
@@ -249,7 +251,7 @@ def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kern
 
     timed = []
     monkeypatch.setattr(D, "decode_attention", broken_for_4)
-    monkeypatch.setattr(D, "ATTENTION_CANDIDATES", ((1, 16), (4, 16), (2, 16)))
+    monkeypatch.setattr(D, "ATTENTION_CANDIDATES", ((1, 16), (4, 16), (8, 16), (2, 16)))
     monkeypatch.setattr(D, "_fastest", lambda run, cands: timed.extend(cands) or cands[-1])
     monkeypatch.setattr(D, "_TUNED", {})
     with torch.inference_mode():
@@ -259,8 +261,11 @@ def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kern
         fused(prompt, input_pos=torch.arange(21, device=DEVICE))
         step = D.TritonDecodeStep(fused, use_graph=False, tune=False)
         step.pos.fill_(21)
-        with pytest.warns(UserWarning, match=r"\(4, 16\) disagrees"):
+        with pytest.warns(UserWarning) as warned:
             step._tune_attention("test card")
+        messages = [str(w.message) for w in warned]
+        assert any("(4, 16) disagrees" in m for m in messages), messages
+        assert any("(8, 16) fails on this GPU (RuntimeError)" in m for m in messages), messages
         assert timed == [(1, 16), (2, 16)] and step.attention_config == (2, 16)
         monkeypatch.setattr(D, "decode_attention", real)
         tok = r.argmax(-1, keepdim=True)
