@@ -241,7 +241,7 @@ def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kern
     prompt = torch.randint(0, 96, (1, 21), device=DEVICE)
     real = D.decode_attention
 
-    def broken_for_4(*a, splits=1, **kw):  # a candidate that computes the wrong thing, one that cannot run
+    def broken_candidates(*a, splits=1, **kw):  # splits 4 computes the wrong thing, splits 8 cannot run
         if splits == 8:
             raise RuntimeError("out of shared memory")
         out = real(*a, splits=splits, **kw)
@@ -250,7 +250,7 @@ def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kern
         return out
 
     timed = []
-    monkeypatch.setattr(D, "decode_attention", broken_for_4)
+    monkeypatch.setattr(D, "decode_attention", broken_candidates)
     monkeypatch.setattr(D, "ATTENTION_CANDIDATES", ((1, 16), (4, 16), (8, 16), (2, 16)))
     monkeypatch.setattr(D, "_fastest", lambda run, cands: timed.extend(cands) or cands[-1])
     monkeypatch.setattr(D, "_TUNED", {})
