@@ -15,8 +15,8 @@ for part in "$@"; do
   tests)
     # one line per test as it ends (an H100 call of 2026-12-06 hit the timeout before pytest's summary, so
     # the failures had no names), then the summary; the first line of each failure's traceback
-    timeout ${TEST_TIMEOUT:-420} python3 -m pytest -v --tb=line -p no:cacheprovider tests/test_kernels_decode.py 2>&1 \
-      | grep -E "(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|^E |Error" | sed 's/^tests\/test_kernels_decode.py:://' | head -120 ;;
+    timeout ${TEST_TIMEOUT:-420} python3 -m pytest -v --tb=line --durations=12 -p no:cacheprovider tests/test_kernels_decode.py 2>&1 \
+      | grep -E "(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|^E |Error|[0-9.]+s (call|setup)" | sed 's/^tests\/test_kernels_decode.py:://' | head -120 ;;
   profile)  # whole-step times (layered vs persistent configurations) and the persistent stages' breakdown
     timeout 150 python3 perf/persistent_profile.py 2>&1 | grep -v -i warn | tail -80 ;;
   layered)  # the layered step kernel by kernel, tuned (products' tiles, the attention's cache splits)
