@@ -146,6 +146,26 @@ def test_decode_attention_refuses_cache_blocks_the_tensor_cores_cannot_take(bloc
 
 
 @needs_triton
+def test_persistent_step_refuses_cache_blocks_below_16():
+    """The persistent step's attention shares decode_math._attention, whose static assert refuses a cache block
+    of 8 when the kernel is built, in the interpreter as on the GPU (where tl.dot itself would refuse it)."""
+    import dataclasses
+
+    from tinyllama.kernels import decode_persistent as P
+    from tinyllama.kernels.decode import TritonDecodeStep
+
+    _, fused = _models(torch.float32)
+    with torch.inference_mode():
+        fused.setup_cache(1, 64)
+        fused(torch.randint(0, 96, (1, 5), device=DEVICE), input_pos=torch.arange(5, device=DEVICE))
+        step = TritonDecodeStep(fused, use_graph=False, tune=False, persistent=True)
+        base = step.persistent.config if DEVICE == "cuda" else P.INTERPRETER_PERSISTENT
+        step.persistent = P.PersistentDecode(fused, dataclasses.replace(base, block_s=8))
+        with pytest.raises(Exception, match="at least 16 slots"):
+            step.step(torch.tensor([[3]], device=DEVICE), torch.tensor([5], device=DEVICE))
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [1, 4])
 def test_decode_attention_batched_rows_at_their_own_positions(dtype, splits):

@@ -58,6 +58,9 @@ if triton is not None:
         # query rows; the head's last split to arrive merges them in split order. decode._decode_attention_kernel
         # is the same computation in one program per head. Used by the persistent step (a share of its
         # programs) and by decode._split_attention_kernel (one program per task).
+        # the block is the inner dimension of the probabilities x values product: the GPU compiler needs >= 16
+        # (the interpreter takes less, so CI would not notice)
+        tl.static_assert(BLOCK_S >= 16, "cache blocks (BLOCK_S) must be at least 16 slots")
         dt = ATTN.dtype.element_ty
         GROUP: tl.constexpr = HQ // HKV
         HALF: tl.constexpr = HD // 2
