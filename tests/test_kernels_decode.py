@@ -272,7 +272,8 @@ def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kern
     timed = []
     monkeypatch.setattr(D, "decode_attention", broken_candidates)
     monkeypatch.setattr(D, "ATTENTION_CANDIDATES", ((1, 16), (4, 16), (8, 16), (2, 16)))
-    monkeypatch.setattr(D, "_fastest", lambda run, cands: timed.extend(cands) or cands[-1])
+    monkeypatch.setattr(D, "time_candidates", lambda run, cands: timed.extend(cands)
+                        or {c: 1.0 if c == cands[-1] else 2.0 for c in cands})
     monkeypatch.setattr(D, "_TUNED", {})
     with torch.inference_mode():
         for m in (ref, fused):
@@ -287,6 +288,7 @@ def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kern
         assert any("(4, 16) disagrees" in m for m in messages), messages
         assert any("(8, 16) fails on this GPU (RuntimeError)" in m for m in messages), messages
         assert timed == [(1, 16), (2, 16)] and step.attention_config == (2, 16)
+        assert step.attention_times == {(1, 16): 2.0, (2, 16): 1.0}  # what bench generate reports
         monkeypatch.setattr(D, "decode_attention", real)
         tok = r.argmax(-1, keepdim=True)
         want = ref(tok, input_pos=torch.tensor([21], device=DEVICE))[:, -1]

@@ -8,6 +8,8 @@
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
+# drop warning lines, except the tuning's "decode attention ... not used" (a candidate this card refused)
+quiet() { awk '!/[Ww]arn/ || /decode attention/'; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader
 for part in "$@"; do
   echo "-- $(date -u +%H:%M:%S) $part"
@@ -18,16 +20,16 @@ for part in "$@"; do
     timeout ${TEST_TIMEOUT:-420} python3 -m pytest -v --tb=line --durations=12 -p no:cacheprovider tests/test_kernels_decode.py 2>&1 \
       | grep -E "(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|^E |Error|[0-9.]+s (call|setup)" | sed 's/^tests\/test_kernels_decode.py:://' | head -120 ;;
   profile)  # whole-step times (layered vs persistent configurations) and the persistent stages' breakdown
-    timeout 150 python3 perf/persistent_profile.py 2>&1 | grep -v -i warn | tail -80 ;;
+    timeout 150 python3 perf/persistent_profile.py 2>&1 | quiet | tail -80 ;;
   layered)  # the layered step kernel by kernel, tuned (products' tiles, the attention's cache splits)
-    timeout 150 python3 perf/triton_step_profile.py --batches 1,32 --tune 2>&1 | grep -v -i warn | tail -30 ;;
+    timeout 150 python3 perf/triton_step_profile.py --batches 1,32 --tune 2>&1 | quiet | tail -30 ;;
   sweep)  # one product of 32 rows: cuBLAS vs our rows kernel vs a plain pipelined / TMA Triton GEMM
-    timeout 330 python3 perf/rows_product_sweep.py --rows ${ROWS:-1,32} 2>&1 | grep -v -i warn | tail -14 ;;
+    timeout 330 python3 perf/rows_product_sweep.py --rows ${ROWS:-1,32} 2>&1 | quiet | tail -14 ;;
   bench)
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
       --format=csv -lms 500 > $OUT/smi_generate.csv 2>&1 & smi=$!
     timeout ${BENCH_TIMEOUT:-240} python3 -m tinyllama bench generate --batch-sizes ${BATCHES:-1,32} --time-budget 180 \
-      --json $OUT/bench_generate.json 2>&1 | grep -v -i warn | tail -25
+      --json $OUT/bench_generate.json 2>&1 | quiet | tail -25
     kill $smi ;;
   *) echo "unknown part $part"; exit 2 ;;
   esac

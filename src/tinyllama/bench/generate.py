@@ -167,6 +167,8 @@ def run(args) -> int:
         if "step_kernels" in row:
             print(f"    decode step: {row['step_kernels']}; whole-step µs when tuned: {row.get('step_us_tuned', '-')}",
                   flush=True)
+            print(f"    attention (splits x block): {row['attention_splits_block']}; µs over all layers when tuned: "
+                  f"{row.get('attention_us_tuned', '-')}", flush=True)
         save()
         return row
 
@@ -217,6 +219,10 @@ def run(args) -> int:
             extra["step_kernels"] = _step_name(step.persistent.config if step.persistent else None)
             if step.step_times:
                 extra["step_us_tuned"] = step.step_times
+            # the attention's cache (splits, block) and, when tuned, each candidate's µs over all layers
+            extra["attention_splits_block"] = list(step.attention_config)
+            if step.attention_times:
+                extra["attention_us_tuned"] = {f"{s}x{b}": round(t, 1) for (s, b), t in step.attention_times.items()}
         if B == 1:
             match = next((i for i, (a, b) in enumerate(zip(out[0], ours_eager[0])) if a != b), len(out[0]))
             extra["greedy_prefix_equal_to_eager"] = match

@@ -653,6 +653,7 @@ class TritonDecodeStep:
         default = self.candidates[0] if self.device.type == "cuda" else INTERPRETER_CONFIG
         self.configs: list[GemvConfig] = [default] * len(self.products)
         self.attention_config = ATTENTION_CANDIDATES[0]  # (splits, block_s)
+        self.attention_times: dict[tuple, float] = {}  # µs for all layers' attention, per candidate (`tune`, CUDA)
         if persistent:
             self.persistent = decode_persistent.PersistentDecode(
                 model, decode_persistent.PERSISTENT_CANDIDATES[0] if self.device.type == "cuda"
@@ -726,8 +727,9 @@ class TritonDecodeStep:
                     agreeing.append(cfg)
                 else:
                     warnings.warn(f"decode attention {cfg} disagrees with the unsplit kernel on this GPU: not used")
-            _TUNED[key] = _fastest(run, agreeing)
-        self.attention_config = _TUNED[key]
+            times = time_candidates(run, agreeing)
+            _TUNED[key] = (min(times, key=times.get) if times else agreeing[0], times)
+        self.attention_config, self.attention_times = _TUNED[key]
 
     def _tune_persistent(self, card: str) -> None:
         """Time the whole step (embedding -> logits, graph replays at the current position: idempotent) with
