@@ -5,6 +5,8 @@
 # batch 1 and 32, where the step's tuning times the layered kernels and each persistent configuration
 # as whole-step graph replays in the same process. nvidia-smi is polled through the bench (clocks, power).
 # Carry .whl (zstandard). Usage: bash perf/device/h200_persistent.sh [tests|profile|layered|sweep|bench]...
+# Env: TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_BUDGET (bench generate --time-budget; 180 s was spent on the batch-1
+# rows and baselines before batch 32 in the eleventh session), BATCHES, ROWS.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
@@ -28,7 +30,7 @@ for part in "$@"; do
   bench)
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
       --format=csv -lms 500 > $OUT/smi_generate.csv 2>&1 & smi=$!
-    timeout ${BENCH_TIMEOUT:-240} python3 -m tinyllama bench generate --batch-sizes ${BATCHES:-1,32} --time-budget 180 \
+    timeout ${BENCH_TIMEOUT:-240} python3 -m tinyllama bench generate --batch-sizes ${BATCHES:-1,32} --time-budget ${BENCH_BUDGET:-180} \
       --json $OUT/bench_generate.json 2>&1 | quiet | tail -25
     kill $smi ;;
   *) echo "unknown part $part"; exit 2 ;;
