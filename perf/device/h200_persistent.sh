@@ -4,7 +4,7 @@
 # step and the fp32 model, the fallback when its programs cannot all be resident), then `bench generate`
 # batch 1 and 32, where the step's tuning times the layered kernels and each persistent configuration
 # as whole-step graph replays in the same process. nvidia-smi is polled through the bench (clocks, power).
-# Carry .whl (zstandard). Usage: bash perf/device/h200_persistent.sh [tests|profile|layered|sweep|bench]...
+# Carry .whl (zstandard). Usage: bash perf/device/h200_persistent.sh [tests|profile|layered|attention|sweep|bench]...
 # Env: TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_BUDGET (bench generate --time-budget; 180 s was spent on the batch-1
 # rows and baselines before batch 32 in the eleventh session), BATCHES, ROWS.
 set -u
@@ -25,6 +25,8 @@ for part in "$@"; do
     timeout 150 python3 perf/persistent_profile.py 2>&1 | quiet | tail -80 ;;
   layered)  # the layered step kernel by kernel, tuned (products' tiles, the attention's cache splits)
     timeout 150 python3 perf/triton_step_profile.py --batches 1,32 --tune 2>&1 | quiet | tail -30 ;;
+  attention)  # every cache-split candidate at several cache lengths, 1 and 32 rows (does the split pay when long?)
+    timeout 150 python3 perf/attention_splits.py --out $OUT/attention_splits.json 2>&1 | quiet | tail -14 ;;
   sweep)  # one product of 32 rows: cuBLAS vs our rows kernel vs a plain pipelined / TMA Triton GEMM
     timeout 330 python3 perf/rows_product_sweep.py --rows ${ROWS:-1,32} 2>&1 | quiet | tail -14 ;;
   bench)
