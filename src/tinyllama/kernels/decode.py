@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyllama.kernels import decode_persistent
-from tinyllama.kernels.decode_math import _attend_block, _attention, _interpreted, _rope, tl, triton
+from tinyllama.kernels.decode_math import MIN_BLOCK_S, _attend_block, _attention, _interpreted, _rope, tl, triton
 
 try:  # programmatic dependent launch (Hopper+): Triton >= 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -457,7 +457,6 @@ ROWS_CANDIDATES_FP32 = (GemvConfig(16, 128, 4, 3), GemvConfig(16, 128, 4, 2), Ge
 # (splits, block_s) of the step's attention, timed on the first step on CUDA over every layer's cache at the
 # step's positions (`TritonDecodeStep.tune`); the first is the untimed default: one program per (row, kv head).
 ATTENTION_CANDIDATES = ((1, 128), (4, 32), (8, 32), (16, 32), (8, 64))
-MIN_BLOCK_S = 16  # the smallest cache block: the inner dimension of a tensor-core product (K >= 16)
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 
 
@@ -525,9 +524,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     partial states and arrival counters in `workspace` (a SplitKWorkspace; a new one if None)."""
     head_dim = k_cache.size(-1)
     batch = pos.numel()
-    if block_s < MIN_BLOCK_S or block_s & (block_s - 1):
-        # the cache block is the inner dimension of the probabilities x values product: Triton's tensor-core
-        # dot needs >= 16 there on a GPU (the interpreter accepts less; an H100 run of 8 failed to compile)
+    if block_s < MIN_BLOCK_S or block_s & (block_s - 1):  # (an H100 run of blocks of 8 failed to compile)
         raise ValueError(f"decode_attention: block_s={block_s}: use a power of two >= {MIN_BLOCK_S}")
     assert k_cache.size(0) >= batch and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert qkv.is_contiguous() and qkv.numel() == batch * (n_heads + 2 * n_kv_heads) * head_dim
@@ -687,7 +684,7 @@ class TritonDecodeStep:
                     for w in weights:
                         gemv(xs, w, outs, config=cfg, pdl=self.pdl, workspace=self.workspace, **skw)
 
-                _TUNED[key] = _fastest(run_all, self.candidates)
+                _TUNED[key] = _fastest(run_all, self.candidates)[0]
             for i in members:
                 self.configs[i] = _TUNED[key]
         self._tune_attention(card)
@@ -727,8 +724,7 @@ class TritonDecodeStep:
                     agreeing.append(cfg)
                 else:
                     warnings.warn(f"decode attention {cfg} disagrees with the unsplit kernel on this GPU: not used")
-            times = time_candidates(run, agreeing)
-            _TUNED[key] = (min(times, key=times.get) if times else agreeing[0], times)
+            _TUNED[key] = _fastest(run, agreeing)
         self.attention_config, self.attention_times = _TUNED[key]
 
     def _tune_persistent(self, card: str) -> None:
@@ -754,8 +750,7 @@ class TritonDecodeStep:
                         and self.persistent.failed():
                     raise RuntimeError(f"persistent decode {option}: a stage wait gave up")
 
-            times = time_candidates(run, options)
-            choice = min(times, key=times.get) if times else options[0]
+            choice, times = _fastest(run, options)
             _TUNED_STEP[key] = (choice, {_step_name(o): round(t, 1) for o, t in times.items()})
         choice, self.step_times = _TUNED_STEP[key]
         self.persistent = None if choice is None else decode_persistent.PersistentDecode(self.model, choice)
@@ -904,6 +899,7 @@ def time_candidates(run, candidates) -> dict:
     return times
 
 
-def _fastest(run, candidates=GEMV_CANDIDATES) -> GemvConfig:
+def _fastest(run, candidates) -> tuple:
+    """The candidate with the least `time_candidates` time (the first if none ran), and all the times."""
     times = time_candidates(run, candidates)
-    return min(times, key=times.get) if times else candidates[0]
+    return (min(times, key=times.get) if times else candidates[0]), times

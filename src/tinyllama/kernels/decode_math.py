@@ -19,7 +19,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# The smallest cache block of the attention: the block is the inner dimension (K) of the probabilities x values
+# tensor-core product, which Triton's GPU compiler refuses below 16 (its interpreter, which CI runs, takes less).
+MIN_BLOCK_S = 16
+
 if triton is not None:
+    _MIN_BLOCK_S = tl.constexpr(MIN_BLOCK_S)  # as a kernel may read a global
 
     @triton.jit
     def _rope(x, x_swapped, c, s, sign, dt: tl.constexpr):
@@ -58,9 +63,7 @@ if triton is not None:
         # query rows; the head's last split to arrive merges them in split order. decode._decode_attention_kernel
         # is the same computation in one program per head. Used by the persistent step (a share of its
         # programs) and by decode._split_attention_kernel (one program per task).
-        # the block is the inner dimension of the probabilities x values product: the GPU compiler needs >= 16
-        # (the interpreter takes less, so CI would not notice)
-        tl.static_assert(BLOCK_S >= 16, "cache blocks (BLOCK_S) must be at least 16 slots")
+        tl.static_assert(BLOCK_S >= _MIN_BLOCK_S, "cache blocks (BLOCK_S) must be at least 16 slots (MIN_BLOCK_S)")
         dt = ATTN.dtype.element_ty
         GROUP: tl.constexpr = HQ // HKV
         HALF: tl.constexpr = HD // 2
