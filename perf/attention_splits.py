@@ -18,19 +18,17 @@ import json
 
 import torch
 
+from tinyllama.checks import POSITIVE_INT
+from tinyllama.cli._args import number_list
 from tinyllama.kernels.decode import ATTENTION_CANDIDATES, SplitKWorkspace, decode_attention, time_candidates
 
 LAYERS = 22
 
 
-def ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=ints, default=[1, 32])
-    ap.add_argument("--positions", type=ints, default=[128, 384, 1024, 2000])
+    ap.add_argument("--rows", type=number_list(**POSITIVE_INT), default=[1, 32])
+    ap.add_argument("--positions", type=number_list(**POSITIVE_INT), default=[128, 384, 1024, 2000])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
