@@ -16,6 +16,8 @@ bf16, no norm or residual) reach with (at 1 row too: the batch-1 step reads gate
   tma_gemv   at 1 row: the same kernel's TMA loads times x on the CUDA cores (plain and tma left out there).
 Each variant runs over 22 different matrices of each shape in turn (as the step does; one matrix would sit in
 L2), as CUDA-graph replays; the table gives µs per matrix and the weights' TB/s, best tile per variant.
+Each (rows, shape) runs in its own process and prints each variant as it ends: on the H200 (2026-12-06) a
+`plain` candidate hit an illegal memory access, which kills the CUDA context, and took the whole table with it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import argparse
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import torch
 import triton
@@ -84,11 +88,29 @@ def main() -> None:
     ap.add_argument("--rows", default="1,32")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "rows_product_sweep.json"))
+    ap.add_argument("--one", action="store_true", help="(internal) run the one --rows x --shapes given here")
     a = ap.parse_args()
+    if not a.one:  # one process per (rows, shape): a crash loses that product's remaining variants only
+        report = {"device": torch.cuda.get_device_name(), "layers": LAYERS, "products": {}}
+        print(f"{report['device']}, {LAYERS} matrices per shape, CUDA-graph replays; µs per matrix (TB/s)")
+        for M, name in itertools.product(a.rows.split(","), a.shapes.split(",")):
+            part = f"{a.out}.{name}x{M}.json"
+            done = subprocess.run([sys.executable, __file__, "--one", "--rows", M, "--shapes", name, "--out", part],
+                                  stderr=subprocess.PIPE, text=True)
+            if os.path.exists(part):
+                with open(part) as f:
+                    report["products"].update(json.load(f)["products"])
+                os.remove(part)
+            if done.returncode:
+                last = (done.stderr.strip().splitlines() or ["?"])[-1]
+                report["products"].setdefault(f"{name} x{M}", {})["crash"] = last
+                print(f"{int(M):2d} rows {name:8s} crashed: {last}", flush=True)
+        with open(a.out, "w") as f:
+            json.dump(report, f, indent=1)
+        return
     dev = torch.device("cuda")
     torch.manual_seed(0)
     report = {"device": torch.cuda.get_device_name(dev), "layers": LAYERS, "products": {}}
-    print(f"{report['device']}, {LAYERS} matrices per shape, CUDA-graph replays; µs per matrix (TB/s)")
     for M, name in itertools.product([int(r) for r in a.rows.split(",")], a.shapes.split(",")):
         block_m = max(16, triton.next_power_of_2(M))
         N, K = SHAPES[name]
@@ -104,8 +126,10 @@ def main() -> None:
             # time run(cfg) for each candidate; output(cfg): the tensor the fastest one wrote for the last
             # matrix, compared with the fp32 product (None: not a plain product, not compared)
             times = time_candidates(run, candidates)
+            failed = len(candidates) - len(times)
             if not times:
                 rows[variant] = {"error": "no candidate ran"}
+                print(f"{M:2d} rows {name:8s} {variant}: no candidate ran", flush=True)
                 return
             cfg = min(times, key=times.get)
             us = times[cfg] / LAYERS
@@ -114,7 +138,13 @@ def main() -> None:
                 run(cfg)
                 err = ((output(cfg).float() - ref).abs().max() / ref.abs().max()).item()
             rows[variant] = {"us": us, "tb_s": bytes_per / us / 1e6, "config": str(cfg), "rel_err": err,
+                             "failed": failed,
                              "candidates": {str(c): t / LAYERS for c, t in sorted(times.items(), key=lambda kv: kv[1])[:6]}}
+            print(f"{M:2d} rows {name:8s} {N}x{K} {variant:9s} {us:7.2f} µs ({rows[variant]['tb_s']:.2f} TB/s) {cfg}"
+                  f"  err {err if err is None else f'{err:.1e}'}, {failed} of {len(candidates)} failed", flush=True)
+            report["products"][f"{name} x{M}"] = rows
+            with open(a.out, "w") as f:  # what has run so far survives a crash in the next variant
+                json.dump(report, f, indent=1)
 
         def written(_):
             return out
@@ -166,20 +196,16 @@ def main() -> None:
         def split_output(cfg):
             return out32 if cfg[4] > 1 else out
 
-        if M > 1:
+        if M > 1:  # TMA first: the plain variant is the one that crashed on the H200 (2026-12-06)
             grid = [c for c in itertools.product((64, 128), (128, 256), (4,), (3, 4), (1, 2, 4))
                     if c[0] * c[1] * 2 * c[3] <= 160 * 1024]
-            record("plain", launcher(False, True), grid, split_output)
             if TensorDescriptor is not None:
                 record("tma", launcher(True, True), grid, split_output)
+            record("plain", launcher(False, True), grid, split_output)
         elif TensorDescriptor is not None:  # one row: the TMA loads on the CUDA cores (no padding to 16 rows)
             gemv_grid = [c for c in itertools.product((8, 16, 32, 64), (128, 256), (4,), (3, 6), (1, 2))
                          if c[0] * c[1] * 2 * c[3] <= 160 * 1024]
             record("tma_gemv", launcher(True, False), gemv_grid, split_output)
-        report["products"][f"{name} x{M}"] = rows
-        line = "  ".join(f"{v} {r['us']:.1f} ({r['tb_s']:.2f}) {r['config']}" if "us" in r else f"{v} -"
-                         for v, r in rows.items())
-        print(f"{M:2d} rows {name:8s} {N}x{K}: {line}", flush=True)
         del ws
         torch.cuda.empty_cache()
     with open(a.out, "w") as f:

@@ -5,7 +5,7 @@
 # batch 1 and 32, where the step's tuning times the layered kernels and each persistent configuration
 # as whole-step graph replays in the same process. nvidia-smi is polled through the bench (clocks, power).
 # Carry .whl (zstandard). Usage: bash perf/device/h200_persistent.sh [tests|profile|layered|attention|sweep|bench]...
-# Env: TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_BUDGET (bench generate --time-budget; 180 s was spent on the batch-1
+# Env: TEST_TIMEOUT, BENCH_TIMEOUT, SWEEP_TIMEOUT (s), BENCH_BUDGET (bench generate --time-budget; 180 s was spent on the batch-1
 # rows and baselines before batch 32 in the eleventh session), BATCHES, ROWS.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -28,7 +28,7 @@ for part in "$@"; do
   attention)  # every cache-split candidate at several cache lengths, 1 and 32 rows (does the split pay when long?)
     timeout 150 python3 perf/attention_splits.py --out $OUT/attention_splits.json 2>&1 | quiet | tail -14 ;;
   sweep)  # one product of 32 rows: cuBLAS vs our rows kernel vs a plain pipelined / TMA Triton GEMM
-    timeout 330 python3 perf/rows_product_sweep.py --rows ${ROWS:-1,32} 2>&1 | quiet | tail -14 ;;
+    timeout ${SWEEP_TIMEOUT:-330} python3 perf/rows_product_sweep.py --rows ${ROWS:-1,32} 2>&1 | quiet | tail -60 ;;
   bench)
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
       --format=csv -lms 500 > $OUT/smi_generate.csv 2>&1 & smi=$!
