@@ -83,7 +83,7 @@ def test_split_k_products_are_deterministic_and_reset_their_counters(swap):
     from tinyllama.kernels.decode import GemvConfig, SplitKWorkspace, gemv
 
     torch.manual_seed(0)
-    N, K, rows = 72, 300, 5  # 300 columns in splits of 128, 128 and 44
+    N, K, rows = 72, 300, 5  # 300 columns = 5 blocks of 64 (the last 44 wide), in splits of 1, 2 and 2 blocks
     w = torch.randn(2 * N, K, device=DEVICE) / K**0.5
     x = torch.randn(rows, K, device=DEVICE)
     norm = 1 + 0.1 * torch.randn(K, device=DEVICE)
@@ -96,6 +96,11 @@ def test_split_k_products_are_deterministic_and_reset_their_counters(swap):
     whole = gemv(x, w, torch.empty(rows, N, device=DEVICE), norm_weight=norm, swiglu=True,
                  config=GemvConfig(16, 64, 4, 2, swap=swap))
     torch.testing.assert_close(outs[0], whole, atol=2e-5, rtol=2e-5)
+    # more splits than K-blocks: one block each (5 programs per tile), none empty
+    more = gemv(x, w, torch.empty(rows, N, device=DEVICE), norm_weight=norm, swiglu=True,
+                config=GemvConfig(16, 64, 4, 2, swap=swap, split_k=8), workspace=ws)
+    torch.testing.assert_close(more, whole, atol=2e-5, rtol=2e-5)
+    assert int(ws.count.abs().sum()) == 0
     # a plain product through the same workspace after the swiglu one (the step's order)
     got = gemv(x, w[:N].contiguous(), torch.empty(rows, N, device=DEVICE), config=split, workspace=ws)
     torch.testing.assert_close(got, x @ w[:N].T, atol=2e-5, rtol=2e-5)

@@ -226,20 +226,22 @@ if triton is not None:
         tl.store(OUT + at, y.to(dt), mask=ok)
 
     @triton.jit
-    def _rows_kernel(X, W, OUT, RES, NORM_W, PART, SS, COUNT, M, N, K, K_SPLIT, eps,
+    def _rows_kernel(X, W, OUT, RES, NORM_W, PART, SS, COUNT, M, N, K, eps,
                      HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
                      SWAP: tl.constexpr, SPLIT_K: tl.constexpr):
         # `_gemv_kernel` for M > 1 input rows (a decode step of M sequences): each program reads its
         # BLOCK_N weight rows once for all M inputs, so the step still reads every weight once.
-        # SPLIT_K > 1: program (n, s) sums columns [s·K_SPLIT, (s+1)·K_SPLIT) only, so that a product of few
-        # weight tiles (q/k/v at 64 rows a tile: 40 programs for 132 SMs) runs more programs. Each writes its fp32 partial sums (and its rows' partial sums of squares) to PART /
-        # SS; the last of a tile's SPLIT_K programs to finish (a counter per tile, COUNT, reset by that
+        # SPLIT_K > 1: program (n, s) sums only the s-th of SPLIT_K near-equal runs of whole K-blocks (their
+        # counts differ by at most one: 16 blocks in 3 splits are 5, 5, 6, not 6, 6, 4), so that a product of
+        # few weight tiles (gate/up at 64 rows a tile: 88 programs for 132 SMs) runs more programs. Each
+        # writes its fp32 partial sums (and its rows' partial sums of squares) to PART / SS; the last of a tile's SPLIT_K programs to finish (a counter per tile, COUNT, reset by that
         # program) adds the partials in the order s = 0, 1, ... (the result does not depend on which
         # finished last) and runs the epilogue.
         pid_k = tl.program_id(1)
-        k_start = pid_k * K_SPLIT
-        k_end = tl.minimum(K, k_start + K_SPLIT)
+        k_blocks = tl.cdiv(K, BLOCK_K)
+        k_start = (pid_k * k_blocks // SPLIT_K) * BLOCK_K
+        k_end = tl.minimum(K, ((pid_k + 1) * k_blocks // SPLIT_K) * BLOCK_K)
         rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, k_start, k_end, SWIGLU, PDL, BLOCK_N,
                                                                BLOCK_K)
         ms = tl.arange(0, BLOCK_M)
@@ -450,6 +452,15 @@ ROWS_CANDIDATES = (
     GemvConfig(16, 256, 4, 4, split_k=2),
     GemvConfig(16, 256, 4, 4, split_k=4),
     GemvConfig(16, 128, 4, 6, split_k=2),
+    # 3 splits (2026-12-06, twelfth session), now that splits are balanced to a K-block: gate/up's 88 tiles of
+    # 64 rows become 264 programs (2 per SM on 132), q/k/v's 40 become 120; the narrower K-blocks keep more
+    # stages in flight per SM (the 2-stage 64 x 256 gate/up tile has one 64 KB stage in flight)
+    GemvConfig(64, 256, 4, 2, swap=True, split_k=3),
+    GemvConfig(64, 128, 4, 2, swap=True, split_k=3),
+    GemvConfig(64, 128, 4, 4, swap=True, split_k=3),
+    GemvConfig(64, 64, 4, 6, swap=True, split_k=3),
+    GemvConfig(32, 256, 4, 3, swap=True, split_k=3),
+    GemvConfig(64, 128, 4, 4, swap=True),
 )
 # fp32 models (tests): tiles small enough for fp32's shared memory at up to 64 rows (the bf16 first tile needs
 # ~310 KB for an fp32 gate/up product, over Hopper's 227 KB)
@@ -486,16 +497,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
         config = config or ROWS_CANDIDATES[0]
         block_m, block_n, block_k = max(16, triton.next_power_of_2(rows)), max(16, config.block_n), max(16, config.block_k)
         tiles = triton.cdiv(n, block_n)
-        # columns per split: whole K-blocks; splits that would get no columns are dropped
-        k_split = triton.cdiv(triton.cdiv(k, max(1, config.split_k)), block_k) * block_k
-        split = triton.cdiv(k, k_split)
+        split = min(max(1, config.split_k), triton.cdiv(k, block_k))  # every split gets one K-block or more
         if split > 1:
             ws = workspace if workspace is not None else SplitKWorkspace(x.device)
             part, ss, count = ws.get(split * block_m * (2 * n if swiglu else n), tiles * split * block_m, tiles)
         else:
             part = ss = count = out  # unused
         _rows_kernel[(tiles, split)](
-            *args, part, ss, count, rows, n, k, k_split, eps, **common, BLOCK_M=block_m,
+            *args, part, ss, count, rows, n, k, eps, **common, BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_K=block_k,
             DOT_FP32=x.dtype == torch.float32 or _interpreted(), SWAP=config.swap, SPLIT_K=split,
             num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
