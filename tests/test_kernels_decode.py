@@ -60,7 +60,11 @@ def test_gemv_matches_reference(dtype, variant, rows):
     want = reference_gemv(x, w, residual=want_res, **kw)
     configs = (GemvConfig(8, 64, 4, 2), GemvConfig(16, 128, 4, 3), GemvConfig(4, 64, 4, 1, rowsum=True)) \
         if rows == 1 else (GemvConfig(16, 64, 4, 2), GemvConfig(32, 128, 4, 3), GemvConfig(32, 64, 4, 2, swap=True),
-                           GemvConfig(16, 64, 4, 2, split_k=2), GemvConfig(32, 64, 4, 2, swap=True, split_k=4))
+                           GemvConfig(16, 64, 4, 2, split_k=2), GemvConfig(32, 64, 4, 2, swap=True, split_k=4),
+                           # every tile through the loop's pipeline; the norm as a kernel of its own first
+                           GemvConfig(32, 64, 4, 2, swap=True, prefetch=False),
+                           GemvConfig(16, 64, 4, 2, split_k=3, prefetch=False, prenorm=True),
+                           GemvConfig(32, 64, 4, 2, swap=True, prenorm=True))
     for cfg in configs:
         out = want_res.clone() if want_res is not None else torch.empty(out_shape, device=DEVICE, dtype=dtype)
         got = gemv(x, w, out, residual=out if want_res is not None else None, config=cfg, **kw)  # in place
@@ -348,13 +352,14 @@ def test_persistent_attention_splits_of_several_blocks_fp32():
 
 
 @needs_triton
-@pytest.mark.parametrize("same_position,split_k", [(False, 1), (True, 1), (False, 2), (False, 3)])
+@pytest.mark.parametrize("same_position,split_k", [(False, 1), (True, 1), (False, 2), (False, 3), (False, "prenorm")])
 def test_batched_step_matches_model_forward_fp32(same_position, split_k):
     """A Triton step of 3 rows on the first 3 rows of a 4-row cache: each row at its own position (the serve
     engine's continuous batch) or all at one (input_pos (1,), `generate_batch`), equal to `Llama.forward`
     with the same per-row positions; the greedy tokens it computes inside are the logits' argmax. split_k 2
     or 3: every product split over that many programs per weight tile and the attention over that many
-    cache spans, sharing the step's workspace."""
+    cache spans, sharing the step's workspace. "prenorm": every norm as a kernel of its own before its
+    product (into the workspace), the tiles read through the loop's pipeline only, split-K."""
     from tinyllama.kernels.decode import GemvConfig, TritonDecodeStep
 
     ref, fused = _models(torch.float32)
@@ -367,7 +372,10 @@ def test_batched_step_matches_model_forward_fp32(same_position, split_k):
             for m in (ref, fused):
                 m(prompt, input_pos=torch.arange(n, device=DEVICE)[None], slots=torch.tensor([b], device=DEVICE))
         step = TritonDecodeStep(fused, use_graph=False, batch_size=B, tune=False)
-        if split_k > 1:  # every product split over split_k programs per tile, the attention over split_k spans
+        if split_k == "prenorm":
+            step.configs = [GemvConfig(32, 64, 4, 2, swap=True, split_k=2, prefetch=False, prenorm=True)] \
+                * len(step.configs)
+        elif split_k > 1:  # every product split over split_k programs per tile, the attention over split_k spans
             step.configs = [GemvConfig(16, 64, 4, 2, split_k=split_k)] * len(step.configs)
             step.attention_config = (split_k, 16)
         pos = torch.tensor(lengths, device=DEVICE)
@@ -590,7 +598,8 @@ def test_decode_kernels_compile_for_hopper():
             for norm, swiglu, res in flag_sets:
                 _compile_for_hopper(D._rows_kernel, ptrs, dict(
                     HAS_NORM=norm, SWIGLU=swiglu, HAS_RES=res, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
-                    BLOCK_K=256, DOT_FP32=False, SWAP=swap, SPLIT_K=split))
+                    BLOCK_K=256, DOT_FP32=False, SWAP=swap, SPLIT_K=split,
+                    PREFETCH=not (swap and split > 1)))  # both ways of reading the first weight tile
     _compile_for_hopper(D._gemv_kernel, dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf), dict(
         HAS_NORM=True, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_N=4, BLOCK_K=2048, ROWSUM=True))
     attention_ptrs = dict.fromkeys(["QKV", "K_CACHE", "V_CACHE", "OUT"], bf)

@@ -6,7 +6,8 @@
 # as whole-step graph replays in the same process. nvidia-smi is polled through the bench (clocks, power).
 # Carry .whl (zstandard). Usage: bash perf/device/h200_persistent.sh [tests|profile|layered|attention|sweep|bench]...
 # Env: TEST_TIMEOUT, BENCH_TIMEOUT, SWEEP_TIMEOUT (s), BENCH_BUDGET (bench generate --time-budget; 180 s was spent on the batch-1
-# rows and baselines before batch 32 in the eleventh session), BATCHES, ROWS.
+# rows and baselines before batch 32 in the eleventh session), BATCHES, ROWS, TESTS_K (pytest -k), LAYERED_BATCHES,
+# LAYERED_TIMEOUT (its tuning compiles every candidate: ~30 at 32 rows).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
@@ -19,12 +20,12 @@ for part in "$@"; do
   tests)
     # one line per test as it ends (an H100 call of 2026-12-06 hit the timeout before pytest's summary, so
     # the failures had no names), then the summary; the first line of each failure's traceback
-    timeout ${TEST_TIMEOUT:-420} python3 -m pytest -v --tb=line --durations=12 -p no:cacheprovider tests/test_kernels_decode.py 2>&1 \
+    timeout ${TEST_TIMEOUT:-420} python3 -m pytest -v --tb=line --durations=12 -p no:cacheprovider tests/test_kernels_decode.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
       | grep -E "(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|^E |Error|[0-9.]+s (call|setup)" | sed 's/^tests\/test_kernels_decode.py:://' | head -120 ;;
   profile)  # whole-step times (layered vs persistent configurations) and the persistent stages' breakdown
     timeout 150 python3 perf/persistent_profile.py 2>&1 | quiet | tail -80 ;;
   layered)  # the layered step kernel by kernel, tuned (products' tiles, the attention's cache splits)
-    timeout 150 python3 perf/triton_step_profile.py --batches 1,32 --tune 2>&1 | quiet | tail -30 ;;
+    timeout ${LAYERED_TIMEOUT:-150} python3 perf/triton_step_profile.py --batches ${LAYERED_BATCHES:-1,32} --tune 2>&1 | quiet | tail -30 ;;
   attention)  # every cache-split candidate at several cache lengths, 1 and 32 rows (does the split pay when long?)
     timeout 150 python3 perf/attention_splits.py --out $OUT/attention_splits.json 2>&1 | quiet | tail -14 ;;
   sweep)  # one product of 32 rows: cuBLAS vs our rows kernel vs a plain pipelined / TMA Triton GEMM

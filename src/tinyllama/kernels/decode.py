@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyllama.kernels import decode_persistent
+from tinyllama.kernels import triton_ops
 from tinyllama.kernels.decode_math import MIN_BLOCK_S, _attend_block, _attention, _interpreted, _rope, tl, triton
 
 try:  # programmatic dependent launch (Hopper+): Triton >= 3.4
@@ -115,24 +116,33 @@ if triton is not None:
         return acc, acc_up, ss
 
     @triton.jit
+    def _weight_rows(W, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # this program's BLOCK_N weight rows: their indices, which exist, a K-block's columns, their pointers
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        return rows, rows < N, cols, W + rows[:, None].to(tl.int64) * K
+
+    @triton.jit
+    def _wait_for_previous_kernel(PDL: tl.constexpr):
+        # with programmatic dependent launch (PDL): wait for the previous kernel's results (x, residual), then
+        # let the next kernel start its own weight reads
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
     def _first_weight_tile(W, N, K, k_start, k_end, SWIGLU: tl.constexpr, PDL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # This program's BLOCK_N weight rows and their first tile, at column k_start of its columns
         # [k_start, k_end) (and the up half's, with SWIGLU). The tile does not depend on the previous kernel:
-        # with programmatic dependent launch (PDL) it is read while that kernel finishes; gdc_wait then waits
-        # for its results (x, residual).
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        cols = tl.arange(0, BLOCK_K)
-        w_rows = W + rows[:, None].to(tl.int64) * K
+        # with PDL it is read while that kernel finishes, before the wait for its results.
+        rows, row_ok, cols, w_rows = _weight_rows(W, N, K, BLOCK_N, BLOCK_K)
         m = row_ok[:, None] & (k_start + cols < k_end)[None, :]
         w = tl.load(w_rows + k_start + cols[None, :], mask=m, other=0.0)
         wu = w
         if SWIGLU:
             wu = tl.load(w_rows + N * K + k_start + cols[None, :], mask=m, other=0.0)
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()  # the next kernel may start its own weight reads now
+        _wait_for_previous_kernel(PDL)
         return rows, row_ok, cols, w_rows, w, wu
 
     @triton.jit
@@ -191,12 +201,12 @@ if triton is not None:
         # and under the interpreter). SWAP: the weight tile is the left operand, acc is (BLOCK_N, BLOCK_M)
         # (wide weight tiles, few input rows)
         k_ok = k0 + cols < k_end
-        xv = tl.load(X + ms[:, None] * K + k0 + cols[None, :], mask=(ms < M)[:, None] & k_ok[None, :],
-                     other=0.0).to(tl.float32)
-        if HAS_NORM:
+        xo = tl.load(X + ms[:, None] * K + k0 + cols[None, :], mask=(ms < M)[:, None] & k_ok[None, :], other=0.0)
+        if HAS_NORM:  # the tensor cores' input: x * norm weight in the model dtype (with DOT_FP32 widened again
+            # in _mma, its rounding kept); without a norm, x as loaded goes straight to them
+            xv = xo.to(tl.float32)
             ss += tl.sum(xv * xv, axis=1)
-            xv = xv * tl.load(NORM_W + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        xo = xv.to(w.dtype)  # the tensor cores' input; with DOT_FP32 widened again in _mma (bf16 rounding kept)
+            xo = (xv * tl.load(NORM_W + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
         if SWAP:
             acc += _mma(w, tl.trans(xo), DOT_FP32)
             if SWIGLU:
@@ -229,7 +239,7 @@ if triton is not None:
     def _rows_kernel(X, W, OUT, RES, NORM_W, PART, SS, COUNT, M, N, K, eps,
                      HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                     SWAP: tl.constexpr, SPLIT_K: tl.constexpr):
+                     SWAP: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
         # `_gemv_kernel` for M > 1 input rows (a decode step of M sequences): each program reads its
         # BLOCK_N weight rows once for all M inputs, so the step still reads every weight once.
         # SPLIT_K > 1: program (n, s) sums only the s-th of SPLIT_K near-equal runs of whole K-blocks (their
@@ -237,24 +247,34 @@ if triton is not None:
         # few weight tiles (gate/up at 64 rows a tile: 88 programs for 132 SMs) runs more programs. Each
         # writes its fp32 partial sums (and its rows' partial sums of squares) to PART / SS; the last of a tile's SPLIT_K programs to finish (a counter per tile, COUNT, reset by that
         # program) adds the partials in the order s = 0, 1, ... (the result does not depend on which
-        # finished last) and runs the epilogue.
+        # finished last) and runs the epilogue. PREFETCH: the first weight tile is read before the wait for the
+        # previous kernel (PDL), outside the loop; else every tile goes through the loop's pipeline.
         pid_k = tl.program_id(1)
         k_blocks = tl.cdiv(K, BLOCK_K)
         k_start = (pid_k * k_blocks // SPLIT_K) * BLOCK_K
         k_end = tl.minimum(K, ((pid_k + 1) * k_blocks // SPLIT_K) * BLOCK_K)
-        rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, k_start, k_end, SWIGLU, PDL, BLOCK_N,
-                                                               BLOCK_K)
         ms = tl.arange(0, BLOCK_M)
         m_ok = ms < M
         if SWAP:
             zero = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
             zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc, acc_up, ss = _rows_accumulate(zero, zero, tl.zeros([BLOCK_M], dtype=tl.float32), w, wu, X, NORM_W,
-                                           k_start, M, K, k_end, ms, cols, HAS_NORM, SWIGLU, DOT_FP32, SWAP)
-        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
+        if PREFETCH:
+            rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, k_start, k_end, SWIGLU, PDL, BLOCK_N,
+                                                                   BLOCK_K)
+            acc, acc_up, ss = _rows_accumulate(zero, zero, tl.zeros([BLOCK_M], dtype=tl.float32), w, wu, X,
+                                               NORM_W, k_start, M, K, k_end, ms, cols, HAS_NORM, SWIGLU, DOT_FP32,
+                                               SWAP)
+            k_loop = k_start + BLOCK_K
+        else:
+            rows, row_ok, cols, w_rows = _weight_rows(W, N, K, BLOCK_N, BLOCK_K)
+            _wait_for_previous_kernel(PDL)
+            acc, acc_up, ss = zero, zero, tl.zeros([BLOCK_M], dtype=tl.float32)
+            k_loop = k_start
+        for k0 in range(k_loop, k_end, BLOCK_K):
             m = row_ok[:, None] & (k0 + cols < k_end)[None, :]
             w = tl.load(w_rows + k0 + cols[None, :], mask=m, other=0.0)
+            wu = w
             if SWIGLU:
                 wu = tl.load(w_rows + N * K + k0 + cols[None, :], mask=m, other=0.0)
             acc, acc_up, ss = _rows_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, M, K, k_end, ms, cols,
@@ -379,11 +399,18 @@ class GemvConfig:
     rowsum: bool = False  # the GEMV kernel: reduce each tile to per-row sums at once
     swap: bool = False  # the rows kernel: the weight tile as the left operand of the tensor-core product
     split_k: int = 1  # the rows kernel: programs per weight tile, each over 1/split_k of the columns
+    # the rows kernel: read the first weight tile before waiting for the previous kernel (PDL), outside the
+    # loop's pipeline (else every tile through the pipeline)
+    prefetch: bool = True
+    # the rows kernel, products with an RMSNorm: normalise x in a kernel of its own first (as the model does,
+    # rounded to its dtype), so that the product's x tiles go straight from memory to the tensor cores
+    prenorm: bool = False
 
 
 class SplitKWorkspace:
-    """The rows kernel's scratch for split-K products: fp32 partial sums, partial sums of squares, and one
-    arrival counter per weight tile (zero between kernels: each tile's last program resets its own). Grows
+    """The rows kernel's scratch: for split-K products fp32 partial sums, partial sums of squares, and one
+    arrival counter per weight tile (zero between kernels: each tile's last program resets its own); for
+    `prenorm` products the normalised input. Grows
     on demand, so a CUDA graph must be captured only after an eager run of the same products (as
     `TritonDecodeStep` does); the step keeps one for all its products, which run one after the other."""
 
@@ -392,6 +419,19 @@ class SplitKWorkspace:
         self.part = torch.empty(0, dtype=torch.float32, device=self.device)
         self.ss = torch.empty(0, dtype=torch.float32, device=self.device)
         self.count = torch.zeros(0, dtype=torch.int32, device=self.device)
+        self.x_normed = torch.empty(0, device=self.device)
+        self.x_rstd = torch.empty(0, device=self.device)
+
+    def normed(self, rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, k) for the normalised input of a `prenorm` product."""
+        if self.x_normed.numel() < rows * k or self.x_normed.dtype != dtype:
+            self.x_normed = torch.empty(rows * k, dtype=dtype, device=self.device)
+        return self.x_normed[:rows * k].view(rows, k)
+
+    def rstd(self, rows: int) -> torch.Tensor:
+        if self.x_rstd.numel() < rows:
+            self.x_rstd = torch.empty(rows, dtype=torch.float32, device=self.device)
+        return self.x_rstd[:rows]
 
     def get(self, part: int, ss: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.part.numel() < part:
@@ -452,15 +492,22 @@ ROWS_CANDIDATES = (
     GemvConfig(16, 256, 4, 4, split_k=2),
     GemvConfig(16, 256, 4, 4, split_k=4),
     GemvConfig(16, 128, 4, 6, split_k=2),
-    # 3 splits (2026-12-06, twelfth session), now that splits are balanced to a K-block: gate/up's 88 tiles of
-    # 64 rows become 264 programs (2 per SM on 132), q/k/v's 40 become 120; the narrower K-blocks keep more
-    # stages in flight per SM (the 2-stage 64 x 256 gate/up tile has one 64 KB stage in flight)
-    GemvConfig(64, 256, 4, 2, swap=True, split_k=3),
-    GemvConfig(64, 128, 4, 2, swap=True, split_k=3),
-    GemvConfig(64, 128, 4, 4, swap=True, split_k=3),
-    GemvConfig(64, 64, 4, 6, swap=True, split_k=3),
-    GemvConfig(32, 256, 4, 3, swap=True, split_k=3),
-    GemvConfig(64, 128, 4, 4, swap=True),
+    # Twelfth session (2026-12-07), from an H100 sweep of the 32-row products (perf/rows_product_sweep.py):
+    # a minimal pipelined Triton GEMM (64 x 128 weight tiles, x straight from memory, no tile read ahead of
+    # the loop) beat these candidates by 15-45 %, and by most where the norm prologue runs (q/k/v 6.4 vs
+    # 11.8 us, gate/up 18.6 vs 24.8). Its shapes here, with the first tile in the loop's pipeline
+    # (prefetch=False), split-K balanced to a K-block, and the norm as a kernel of its own (prenorm=True;
+    # timed with that kernel, for products with a norm only).
+    GemvConfig(64, 64, 4, 6, swap=True, split_k=3),  # chosen for one product of the H100's 32-row step
+    GemvConfig(64, 128, 4, 4, swap=True, split_k=4),
+    GemvConfig(64, 128, 4, 4, swap=True, split_k=4, prefetch=False),
+    GemvConfig(64, 128, 4, 4, swap=True, split_k=2, prefetch=False),
+    GemvConfig(64, 128, 4, 3, swap=True, prefetch=False),
+    GemvConfig(64, 128, 4, 3, swap=True, prenorm=True),
+    GemvConfig(64, 128, 4, 3, swap=True, prefetch=False, prenorm=True),
+    GemvConfig(64, 128, 4, 4, swap=True, split_k=2, prefetch=False, prenorm=True),
+    GemvConfig(64, 128, 4, 4, swap=True, split_k=4, prefetch=False, prenorm=True),
+    GemvConfig(64, 256, 4, 4, swap=True, split_k=2, prefetch=False, prenorm=True),
 )
 # fp32 models (tests): tiles small enough for fp32's shared memory at up to 64 rows (the bf16 first tile needs
 # ~310 KB for an fp32 gate/up product, over Hopper's 227 KB)
@@ -498,8 +545,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
         block_m, block_n, block_k = max(16, triton.next_power_of_2(rows)), max(16, config.block_n), max(16, config.block_k)
         tiles = triton.cdiv(n, block_n)
         split = min(max(1, config.split_k), triton.cdiv(k, block_k))  # every split gets one K-block or more
+        ws = workspace if workspace is not None or (split == 1 and not config.prenorm) else SplitKWorkspace(x.device)
+        if config.prenorm and norm_weight is not None:  # RMSNorm(x) * weight first, then a plain product
+            normed = ws.normed(rows, k, x.dtype)
+            triton_ops.rms_norm_fwd_rows(x.view(rows, k), norm_weight, eps, x.dtype, out=normed, rstd=ws.rstd(rows))
+            args = (normed, *args[1:])
+            common["HAS_NORM"] = False
         if split > 1:
-            ws = workspace if workspace is not None else SplitKWorkspace(x.device)
             part, ss, count = ws.get(split * block_m * (2 * n if swiglu else n), tiles * split * block_m, tiles)
         else:
             part = ss = count = out  # unused
@@ -507,7 +559,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
             *args, part, ss, count, rows, n, k, eps, **common, BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_K=block_k,
             DOT_FP32=x.dtype == torch.float32 or _interpreted(), SWAP=config.swap, SPLIT_K=split,
-            num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
+            PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages,
+            **_pdl_launch(pdl))
     return out
 
 
@@ -693,7 +746,9 @@ class TritonDecodeStep:
                     for w in weights:
                         gemv(xs, w, outs, config=cfg, pdl=self.pdl, workspace=self.workspace, **skw)
 
-                _TUNED[key] = _fastest(run_all, self.candidates)[0]
+                # a prenorm candidate differs from its twin only where there is a norm to take out
+                candidates = [c for c in self.candidates if "norm_weight" in kw or not c.prenorm]
+                _TUNED[key] = _fastest(run_all, candidates)[0]
             for i in members:
                 self.configs[i] = _TUNED[key]
         self._tune_attention(card)

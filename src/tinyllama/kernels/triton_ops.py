@@ -88,11 +88,13 @@ if triton is not None:
     def _norm_warps(block: int) -> int:
         return min(16, max(1, block // 256))
 
-    def rms_norm_fwd_rows(x2: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
-        """(y, rstd) for rows x2 (N, C) with unit column stride: y = RMSNorm(x2)·weight in out_dtype."""
+    def rms_norm_fwd_rows(x2: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
+                          out: Optional[torch.Tensor] = None, rstd: Optional[torch.Tensor] = None):
+        """(y, rstd) for rows x2 (N, C) with unit column stride: y = RMSNorm(x2)·weight in out_dtype (into
+        `out` (N, C) and `rstd` (N,) fp32 if given: the decode step's fixed buffers)."""
         n_rows, n_cols = x2.shape
-        y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+        y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device) if out is None else out
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device) if rstd is None else rstd
         block = triton.next_power_of_2(n_cols)
         _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, BLOCK=block,
                                  num_warps=_norm_warps(block))
