@@ -538,14 +538,16 @@ def test_decode_kernels_interpreted_on_cpu():
 
 
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA")
-@pytest.mark.parametrize("pdl,batch,persistent", [(False, 1, False), (True, 1, False), (False, 3, False),
-                                                  (True, 3, False), (False, 1, True)])
-def test_graph_replay_equals_eager_steps_cuda(pdl, batch, persistent):
+@pytest.mark.parametrize("pdl,batch,persistent,prenorm", [(False, 1, False, False), (True, 1, False, False),
+                                                          (False, 3, False, False), (True, 3, False, False),
+                                                          (True, 3, False, True), (False, 1, True, False)])
+def test_graph_replay_equals_eager_steps_cuda(pdl, batch, persistent, prenorm):
     """The CUDA-graph replay (with and without programmatic dependent launch; of the persistent kernel)
     gives the eager kernels' logits bit for bit, and re-captures when the cache is re-allocated. (Both steps
     tune on their first call and share the choice: with other block shapes the sums would be ordered
-    otherwise.)"""
-    from tinyllama.kernels.decode import TritonDecodeStep, pdl_supported
+    otherwise.) prenorm: every product's tile set, untuned, to a split-K one whose norm runs as a kernel of
+    its own (a launch without PDL between two with it) and whose tiles all go through the loop's pipeline."""
+    from tinyllama.kernels.decode import GemvConfig, TritonDecodeStep, pdl_supported
 
     if pdl and not pdl_supported("cuda"):
         pytest.skip("programmatic dependent launch needs Hopper or newer")
@@ -556,8 +558,13 @@ def test_graph_replay_equals_eager_steps_cuda(pdl, batch, persistent):
         for m in (a, b):
             m.setup_cache(batch, 48)
             m(prompt, input_pos=torch.arange(7, device="cuda"))
-        eager = TritonDecodeStep(a, use_graph=False, pdl=pdl, batch_size=batch, persistent=persistent)
-        graphed = TritonDecodeStep(b, use_graph=True, pdl=pdl, batch_size=batch, persistent=persistent)
+        eager = TritonDecodeStep(a, use_graph=False, pdl=pdl, batch_size=batch, persistent=persistent,
+                                 tune=not prenorm)
+        graphed = TritonDecodeStep(b, use_graph=True, pdl=pdl, batch_size=batch, persistent=persistent,
+                                   tune=not prenorm)
+        if prenorm:
+            tile = GemvConfig(32, 64, 4, 2, swap=True, split_k=2, prefetch=False, prenorm=True)
+            eager.configs = graphed.configs = [tile] * len(eager.configs)
         for pos in range(7, 30):
             tok = torch.randint(0, 96, (batch, 1), device="cuda")
             want = eager.step(tok, torch.tensor([pos], device="cuda")).clone()

@@ -245,10 +245,11 @@ if triton is not None:
         # SPLIT_K > 1: program (n, s) sums only the s-th of SPLIT_K near-equal runs of whole K-blocks (their
         # counts differ by at most one: 16 blocks in 3 splits are 5, 5, 6, not 6, 6, 4), so that a product of
         # few weight tiles (gate/up at 64 rows a tile: 88 programs for 132 SMs) runs more programs. Each
-        # writes its fp32 partial sums (and its rows' partial sums of squares) to PART / SS; the last of a tile's SPLIT_K programs to finish (a counter per tile, COUNT, reset by that
-        # program) adds the partials in the order s = 0, 1, ... (the result does not depend on which
-        # finished last) and runs the epilogue. PREFETCH: the first weight tile is read before the wait for the
-        # previous kernel (PDL), outside the loop; else every tile goes through the loop's pipeline.
+        # writes its fp32 partial sums (and its rows' partial sums of squares) to PART / SS; the last of a
+        # tile's SPLIT_K programs to finish (a counter per tile, COUNT, reset by that program) adds the
+        # partials in the order s = 0, 1, ... (the result does not depend on which finished last) and runs
+        # the epilogue. PREFETCH: the first weight tile is read before the wait for the previous kernel
+        # (PDL), outside the loop; else every tile goes through the loop's pipeline.
         pid_k = tl.program_id(1)
         k_blocks = tl.cdiv(K, BLOCK_K)
         k_start = (pid_k * k_blocks // SPLIT_K) * BLOCK_K
@@ -410,9 +411,9 @@ class GemvConfig:
 class SplitKWorkspace:
     """The rows kernel's scratch: for split-K products fp32 partial sums, partial sums of squares, and one
     arrival counter per weight tile (zero between kernels: each tile's last program resets its own); for
-    `prenorm` products the normalised input. Grows
-    on demand, so a CUDA graph must be captured only after an eager run of the same products (as
-    `TritonDecodeStep` does); the step keeps one for all its products, which run one after the other."""
+    `prenorm` products the normalised input. Grows on demand, so a CUDA graph must be captured only after an
+    eager run of the same products (as `TritonDecodeStep` does); the step keeps one for all its products,
+    which run one after the other."""
 
     def __init__(self, device) -> None:
         self.device = torch.device(device)
@@ -498,7 +499,9 @@ ROWS_CANDIDATES = (
     # 11.8 us, gate/up 18.6 vs 24.8). Its shapes here, with the first tile in the loop's pipeline
     # (prefetch=False), split-K balanced to a K-block, and the norm as a kernel of its own (prenorm=True;
     # timed with that kernel, for products with a norm only).
-    GemvConfig(64, 64, 4, 6, swap=True, split_k=3),  # chosen for one product of the H100's 32-row step
+    # Tuned on the H100 (perf/NOTES.md, twelfth session): q/k/v took the first of these, gate/up and the head
+    # a prenorm tile, down the 4-split tile without prefetch; o kept its 16 x 256 tile. Step 1,577.6 -> 1,374.8 us.
+    GemvConfig(64, 64, 4, 6, swap=True, split_k=3),
     GemvConfig(64, 128, 4, 4, swap=True, split_k=4),
     GemvConfig(64, 128, 4, 4, swap=True, split_k=4, prefetch=False),
     GemvConfig(64, 128, 4, 4, swap=True, split_k=2, prefetch=False),
@@ -526,7 +529,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
     x (K,) or (1, K) runs the batch-1 kernel, (M, K) with 1 < M <= MAX_ROWS the rows kernel (config: a
     GEMV_CANDIDATES or ROWS_CANDIDATES entry; default the first). pdl: launch with programmatic dependent
     launch (see `pdl_supported`): the first weight tile is read while the previous kernel on the stream
-    finishes. workspace: the split-K scratch (config.split_k > 1); None: a new one for this call."""
+    finishes. workspace: the scratch of split-K and prenorm products; None: a new one for this call."""
     n = weight.size(0) // 2 if swiglu else weight.size(0)
     k = weight.size(1)
     rows = x.size(0) if x.dim() == 2 else 1
