@@ -387,6 +387,7 @@ def test_batched_step_matches_model_forward_fp32(same_position, split_k):
             _close(got, want, torch.float32)
             assert torch.equal(step.greedy_token().view(B), got.argmax(-1))
             tok, pos = want.argmax(-1, keepdim=True), pos + 1
+        assert step.replay_us() is None  # no captured graph to time
         for a, b in zip(ref.layers, fused.layers):
             _close(b.self_attn.kv_cache.k[:B], a.self_attn.kv_cache.k[:B], torch.float32)
             _close(b.self_attn.kv_cache.v[:B], a.self_attn.kv_cache.v[:B], torch.float32)
@@ -574,6 +575,13 @@ def test_graph_replay_equals_eager_steps_cuda(pdl, batch, persistent, prenorm):
         assert (graphed.persistent is not None) == (eager.persistent is not None) == persistent
         if persistent:
             assert not graphed.persistent.failed() and not graphed.persistent.sync[:-1].any()
+        # the bench's back-to-back replays: positions put back, and the slots they wrote past them are
+        # overwritten before they are read (the next step still equals the eager one)
+        pos_before = graphed.pos.clone()
+        assert graphed.replay_us(5) > 0 and torch.equal(graphed.pos, pos_before)
+        tok = torch.randint(0, 96, (batch, 1), device="cuda")
+        assert torch.equal(graphed.step(tok, torch.tensor([30], device="cuda")),
+                           eager.step(tok, torch.tensor([30], device="cuda")))
         b.setup_cache(batch, 48)  # a new cache: the old graph points into freed memory
         b(prompt, input_pos=torch.arange(7, device="cuda"))
         a.setup_cache(batch, 48)

@@ -165,8 +165,9 @@ def run(args) -> int:
         print(f"  {name:<34} batch {batch:>3}: {row['tokens_per_s']:>9.1f} tokens/s  ({seconds:.3f} s for {N} new "
               f"tokens/row, prefill included{dec})", flush=True)
         if "step_kernels" in row:
-            print(f"    decode step: {row['step_kernels']}; whole-step µs when tuned: {row.get('step_us_tuned', '-')}",
-                  flush=True)
+            print(f"    decode step: {row['step_kernels']}; whole-step µs when tuned: {row.get('step_us_tuned', '-')}; "
+                  f"replayed alone {row.get('step_graph_us', '-')} µs, the generate loop adds "
+                  f"{row.get('loop_us_per_step', '-')} µs a step", flush=True)
             print(f"    attention (splits x block): {row['attention_splits_block']}; µs over all layers when tuned: "
                   f"{row.get('attention_us_tuned', '-')}", flush=True)
         save()
@@ -217,6 +218,12 @@ def run(args) -> int:
             from tinyllama.kernels.decode import _step_name
 
             extra["step_kernels"] = _step_name(step.persistent.config if step.persistent else None)
+            # the step alone, replayed back to back: the decode-only rate's time per step minus this is what
+            # the generate loop adds (host work, the per-token sync)
+            replay = step.replay_us()
+            if replay is not None:
+                extra["step_graph_us"] = round(replay, 1)
+                extra["loop_us_per_step"] = round(B * 1e6 / extra["decode_tokens_per_s"] - replay, 1)
             if step.step_times:
                 extra["step_us_tuned"] = step.step_times
             # the attention's cache (splits, block) and, when tuned, each candidate's µs over all layers

@@ -870,6 +870,30 @@ class TritonDecodeStep:
         self._graph = self._graph_cache = None
         self._next_pos = None
 
+    @torch.inference_mode()
+    def replay_us(self, replays: int = 20) -> Optional[float]:
+        """µs per step of up to `replays` back-to-back replays of the captured step, on from the rows' current
+        positions (what a decode loop's host work and syncs add per step is the difference to the loop's
+        own rate); None without a captured graph or with no cache slot left after the positions. The
+        positions are put back afterwards; the replays write keys/values only into slots past them, which
+        the next steps overwrite before reading. Synchronizes (a benchmark's method)."""
+        cache = self.model.layers[0].self_attn.kv_cache
+        if self._graph is None or cache is None or self._graph_cache() is not cache:
+            return None
+        start = self.pos.clone()
+        n = min(replays, cache.k.size(2) - 1 - int(start.max()))  # every replayed position inside the cache
+        if n < 1:
+            return None
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(n):
+            self._graph.replay()
+        end.record()
+        end.synchronize()
+        self.pos.copy_(start)
+        self._next_pos = None  # the next step copies its positions in
+        return begin.elapsed_time(end) * 1e3 / n
+
     def greedy_token(self) -> torch.Tensor:
         """(B, 1): the argmax of the last step's logits, computed inside the step. It is the step's own input
         buffer: passed back as the next `ids`, it needs no copy."""
