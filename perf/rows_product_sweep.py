@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tinyllama.kernels.decode import GEMV_CANDIDATES, ROWS_CANDIDATES, gemv, time_candidates
+from tinyllama.kernels.decode import GEMV_CANDIDATES, ROWS_CANDIDATES, candidates_for, gemv, time_candidates
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -158,12 +158,11 @@ def main() -> None:
         record("cublas", run_cublas, ["cublas"], written)
 
         step_candidates = GEMV_CANDIDATES if M == 1 else ROWS_CANDIDATES
-        plain_candidates = [c for c in step_candidates if not c.prenorm]  # prenorm: the same without a norm
 
         def run_ours(cfg):
             for w in ws:
                 gemv(x, w, out, config=cfg)
-        record("ours", run_ours, plain_candidates, written)
+        record("ours", run_ours, candidates_for(step_candidates, has_norm=False), written)
 
         # the same kernel with the step's prologue / epilogue for this product (q/k/v: RMSNorm; gate/up:
         # RMSNorm and SwiGLU; o, down: residual add in place): what the norm prologue, which every program
@@ -176,7 +175,7 @@ def main() -> None:
         def run_ours_step(cfg):
             for w in ws:
                 gemv(x, w, step_out, config=cfg, **flags)
-        record("ours_step", run_ours_step, step_candidates if "norm_weight" in flags else plain_candidates)
+        record("ours_step", run_ours_step, candidates_for(step_candidates, "norm_weight" in flags))
 
         descs = {}  # (matrix, tile) -> its TMA descriptor, made once (outside the captured graphs' replays)
 

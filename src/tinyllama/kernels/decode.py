@@ -423,25 +423,24 @@ class SplitKWorkspace:
         self.x_normed = torch.empty(0, device=self.device)
         self.x_rstd = torch.empty(0, device=self.device)
 
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype, zeros: bool = False) -> torch.Tensor:
+        # the scratch tensor `name`, made anew (zeroed, for counters) when it is smaller or of another dtype
+        buf = getattr(self, name)
+        if buf.numel() < numel or buf.dtype != dtype:
+            buf = (torch.zeros if zeros else torch.empty)(numel, dtype=dtype, device=self.device)
+            setattr(self, name, buf)
+        return buf
+
     def normed(self, rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
         """(rows, k) for the normalised input of a `prenorm` product."""
-        if self.x_normed.numel() < rows * k or self.x_normed.dtype != dtype:
-            self.x_normed = torch.empty(rows * k, dtype=dtype, device=self.device)
-        return self.x_normed[:rows * k].view(rows, k)
+        return self._buffer("x_normed", rows * k, dtype)[:rows * k].view(rows, k)
 
     def rstd(self, rows: int) -> torch.Tensor:
-        if self.x_rstd.numel() < rows:
-            self.x_rstd = torch.empty(rows, dtype=torch.float32, device=self.device)
-        return self.x_rstd[:rows]
+        return self._buffer("x_rstd", rows, torch.float32)[:rows]
 
     def get(self, part: int, ss: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.part.numel() < part:
-            self.part = torch.empty(part, dtype=torch.float32, device=self.device)
-        if self.ss.numel() < ss:
-            self.ss = torch.empty(ss, dtype=torch.float32, device=self.device)
-        if self.count.numel() < tiles:
-            self.count = torch.zeros(tiles, dtype=torch.int32, device=self.device)
-        return self.part, self.ss, self.count
+        return (self._buffer("part", part, torch.float32), self._buffer("ss", ss, torch.float32),
+                self._buffer("count", tiles, torch.int32, zeros=True))
 
 
 # Candidates timed once per product shape on CUDA (`TritonDecodeStep.tune`); the first is the untimed
@@ -521,6 +520,12 @@ ATTENTION_CANDIDATES = ((1, 128), (4, 32), (8, 32), (16, 32), (8, 64))
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 
 
+def candidates_for(candidates, has_norm: bool) -> list:
+    """The tiles worth timing for a product with or without an RMSNorm: a prenorm tile differs from its twin
+    only where there is a norm to take out."""
+    return [c for c in candidates if has_norm or not c.prenorm]
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None,
          eps: float = 1e-5, residual: Optional[torch.Tensor] = None, swiglu: bool = False,
          config: Optional[GemvConfig] = None, pdl: bool = False,
@@ -548,14 +553,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
         block_m, block_n, block_k = max(16, triton.next_power_of_2(rows)), max(16, config.block_n), max(16, config.block_k)
         tiles = triton.cdiv(n, block_n)
         split = min(max(1, config.split_k), triton.cdiv(k, block_k))  # every split gets one K-block or more
-        ws = workspace if workspace is not None or (split == 1 and not config.prenorm) else SplitKWorkspace(x.device)
-        if config.prenorm and norm_weight is not None:  # RMSNorm(x) * weight first, then a plain product
-            normed = ws.normed(rows, k, x.dtype)
-            triton_ops.rms_norm_fwd_rows(x.view(rows, k), norm_weight, eps, x.dtype, out=normed, rstd=ws.rstd(rows))
+        prenorm = config.prenorm and norm_weight is not None
+        if workspace is None and (split > 1 or prenorm):
+            workspace = SplitKWorkspace(x.device)
+        if prenorm:  # RMSNorm(x) * weight first, then a plain product
+            normed = workspace.normed(rows, k, x.dtype)
+            triton_ops.rms_norm_fwd_rows(x.view(rows, k), norm_weight, eps, x.dtype, out=normed,
+                                         rstd=workspace.rstd(rows))
             args = (normed, *args[1:])
             common["HAS_NORM"] = False
         if split > 1:
-            part, ss, count = ws.get(split * block_m * (2 * n if swiglu else n), tiles * split * block_m, tiles)
+            part, ss, count = workspace.get(split * block_m * (2 * n if swiglu else n), tiles * split * block_m,
+                                            tiles)
         else:
             part = ss = count = out  # unused
         _rows_kernel[(tiles, split)](
@@ -749,9 +758,7 @@ class TritonDecodeStep:
                     for w in weights:
                         gemv(xs, w, outs, config=cfg, pdl=self.pdl, workspace=self.workspace, **skw)
 
-                # a prenorm candidate differs from its twin only where there is a norm to take out
-                candidates = [c for c in self.candidates if "norm_weight" in kw or not c.prenorm]
-                _TUNED[key] = _fastest(run_all, candidates)[0]
+                _TUNED[key] = _fastest(run_all, candidates_for(self.candidates, "norm_weight" in kw))[0]
             for i in members:
                 self.configs[i] = _TUNED[key]
         self._tune_attention(card)
