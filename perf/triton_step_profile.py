@@ -97,9 +97,9 @@ def main() -> None:
         print(f"batch {B}: graph replay {graph_us:.1f} us per step; kernels (eager) sum {total:.1f} us", flush=True)
         for k, v in kernels[:8]:
             print(f"   {v:8.1f} us  {k[:90]}", flush=True)
-        first_layer = dict(zip(["qkv", "o", "gate_up", "down"], eager.configs[:4]), head=eager.configs[-1])
+        tile = dict(zip(labels, eager.configs))  # one per product kind (the tuning keys on the shape)
         for p, r in products.items():
-            print(f"   {p:>8}: {r['us']:8.1f} us, weights at {r['TB_per_s']:.2f} TB/s  {first_layer[p]}", flush=True)
+            print(f"   {p:>8}: {r['us']:8.1f} us, weights at {r['TB_per_s']:.2f} TB/s  {tile[p]}", flush=True)
         print(f"   attention {eager.attention_config}", flush=True)
         model.clear_cache()
     with open(a.out, "w") as f:
