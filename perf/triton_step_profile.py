@@ -34,6 +34,66 @@ def random_decode_model(dev: torch.device) -> Llama:
     return model
 
 
+def _profile_step(model, eager, B, ids, pos, report, chosen: bool) -> None:
+    """Profile `eager`'s step kernel by kernel, then time a graphed step with the same tiles; append to
+    report["batches"] and print."""
+    for _ in range(3):
+        eager.step(ids, pos)
+    torch.cuda.synchronize()
+    n = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            eager.step(ids, pos)
+        torch.cuda.synchronize()
+    per_kernel, per_product = defaultdict(float), defaultdict(float)
+    # the step's products run in a fixed order (TritonDecodeStep._layers): label them by their place
+    labels = ["qkv", "o", "gate_up", "down"] * len(model.layers) + ["head"]
+    k = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        if e.device_type.name == "CUDA":
+            us = e.time_range.elapsed_us() / n
+            per_kernel[e.name] += us
+            if e.name in ("_gemv_kernel", "_rows_kernel"):
+                per_product[labels[k % len(labels)]] += us
+                k += 1
+    graphed = TritonDecodeStep(model, use_graph=True, batch_size=B, tune=False)
+    # the same tiles, attention splits and merging of split-K sums as the profiled steps
+    graphed.configs, graphed.deferred_configs = eager.configs, eager.deferred_configs
+    graphed.deferred, graphed.attention_config = eager.deferred, eager.attention_config
+    for _ in range(3):
+        graphed.step(ids, pos)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        graphed.step(ids, pos)
+    end.record()
+    end.synchronize()
+    graph_us = start.elapsed_time(end) * 1e3 / 50
+    kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1])
+    total = sum(per_kernel.values())
+    # weight bytes each product reads per step, for its bandwidth (GB/s = bytes / us / 1e3)
+    weight_bytes = {label: sum(m.weight.numel() * m.weight.element_size() for m in mods) for label, mods in {
+        "qkv": [l.self_attn.qkv_proj for l in model.layers], "o": [l.self_attn.o_proj for l in model.layers],
+        "gate_up": [l.mlp.gate_up_proj for l in model.layers], "down": [l.mlp.down_proj for l in model.layers],
+        "head": [model.lm_head]}.items()}
+    products = {p: {"us": round(us, 1), "TB_per_s": round(weight_bytes[p] / us / 1e6, 2)}
+                for p, us in per_product.items()}
+    configs = eager.deferred_configs if eager.deferred else eager.configs
+    report["batches"].append({"batch": B, "deferred": eager.deferred, "chosen": chosen,
+                              "step_us_tuned": eager.step_times, "graph_step_us": round(graph_us, 1),
+                              "kernel_sum_us": round(total, 1), "tiles": sorted({str(c) for c in configs}),
+                              "products": products, "kernels_us": {k: round(v, 1) for k, v in kernels}})
+    print(f"batch {B}{', deferred sums' if eager.deferred else ''}{' (chosen)' if chosen else ''}: graph replay "
+          f"{graph_us:.1f} us per step; kernels (eager) sum {total:.1f} us; tuned {eager.step_times}", flush=True)
+    for k, v in kernels[:8]:
+        print(f"   {v:8.1f} us  {k[:90]}", flush=True)
+    tile = dict(zip(labels, configs))  # one per product kind (the tuning keys on the shape)
+    for p, r in products.items():
+        print(f"   {p:>8}: {r['us']:8.1f} us, weights at {r['TB_per_s']:.2f} TB/s  {tile[p]}", flush=True)
+    print(f"   attention {eager.attention_config}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8")
@@ -50,57 +110,13 @@ def main() -> None:
         pos = torch.full((B,), a.pos, dtype=torch.long, device=dev)
         with torch.inference_mode():
             eager = TritonDecodeStep(model, use_graph=False, batch_size=B, tune=a.tune)
-            for _ in range(3):
-                eager.step(ids, pos)
-            torch.cuda.synchronize()
-            n = 5
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(n):
-                    eager.step(ids, pos)
-                torch.cuda.synchronize()
-            per_kernel, per_product = defaultdict(float), defaultdict(float)
-            # the step's products run in a fixed order (TritonDecodeStep._run): label them by their place
-            labels = ["qkv", "o", "gate_up", "down"] * len(model.layers) + ["head"]
-            k = 0
-            for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-                if e.device_type.name == "CUDA":
-                    us = e.time_range.elapsed_us() / n
-                    per_kernel[e.name] += us
-                    if e.name in ("_gemv_kernel", "_rows_kernel"):
-                        per_product[labels[k % len(labels)]] += us
-                        k += 1
-            graphed = TritonDecodeStep(model, use_graph=True, batch_size=B, tune=False)
-            graphed.configs = eager.configs  # the same tiles (and attention splits) as the profiled steps
-            graphed.attention_config = eager.attention_config
-            for _ in range(3):
-                graphed.step(ids, pos)
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(50):
-                graphed.step(ids, pos)
-            end.record()
-            end.synchronize()
-            graph_us = start.elapsed_time(end) * 1e3 / 50
-        kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1])
-        total = sum(per_kernel.values())
-        # weight bytes each product reads per step, for its bandwidth (GB/s = bytes / us / 1e3)
-        weight_bytes = {label: sum(m.weight.numel() * m.weight.element_size() for m in mods) for label, mods in {
-            "qkv": [l.self_attn.qkv_proj for l in model.layers], "o": [l.self_attn.o_proj for l in model.layers],
-            "gate_up": [l.mlp.gate_up_proj for l in model.layers], "down": [l.mlp.down_proj for l in model.layers],
-            "head": [model.lm_head]}.items()}
-        products = {p: {"us": round(us, 1), "TB_per_s": round(weight_bytes[p] / us / 1e6, 2)}
-                    for p, us in per_product.items()}
-        report["batches"].append({"batch": B, "graph_step_us": round(graph_us, 1), "kernel_sum_us": round(total, 1),
-                                  "tiles": sorted({str(c) for c in eager.configs}),
-                                  "products": products, "kernels_us": {k: round(v, 1) for k, v in kernels}})
-        print(f"batch {B}: graph replay {graph_us:.1f} us per step; kernels (eager) sum {total:.1f} us", flush=True)
-        for k, v in kernels[:8]:
-            print(f"   {v:8.1f} us  {k[:90]}", flush=True)
-        tile = dict(zip(labels, eager.configs))  # one per product kind (the tuning keys on the shape)
-        for p, r in products.items():
-            print(f"   {p:>8}: {r['us']:8.1f} us, weights at {r['TB_per_s']:.2f} TB/s  {tile[p]}", flush=True)
-        print(f"   attention {eager.attention_config}", flush=True)
+            eager.step(ids, pos)  # tunes (both ways of merging split-K sums at 2+ rows)
+            chosen = eager.deferred
+            # at 2+ rows both steps, the one the tuning chose first: split-K sums merged by the product's last
+            # program, or deferred to the next kernel (TritonDecodeStep.deferred)
+            for deferred in ([chosen, not chosen] if B > 1 and a.tune else [chosen]):
+                eager.deferred = deferred
+                _profile_step(model, eager, B, ids, pos, report, chosen=deferred == chosen)
         model.clear_cache()
     with open(a.out, "w") as f:
         json.dump(report, f, indent=1)

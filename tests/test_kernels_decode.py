@@ -113,6 +113,71 @@ def test_split_k_products_are_deterministic_and_reset_their_counters(swap):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deferred_split_k_sums_equal_the_products_own_merge(dtype):
+    """A deferred split-K product (its partial sums left to the next kernel) followed by the kernel that adds
+    them gives the bits of the product merging its own sums, twice over: o -> gate/up (the residual stream
+    completed by gate/up's norm kernel, and written back) and q/k/v -> attention (q/k/v from the sums;
+    the cache's new key and value too)."""
+    from tinyllama.kernels.decode import GemvConfig, PartialSums, SplitKWorkspace, decode_attention, gemv
+    from tinyllama.model import rope_cache
+
+    torch.manual_seed(1)
+    rows, K, N = 3, 200, 40  # K: 4 blocks of 64 in 3 splits (1, 1, 2), the last block 8 wide
+    ws = SplitKWorkspace(DEVICE)
+    split = GemvConfig(16, 64, 4, 2, split_k=3)
+    prenorm = GemvConfig(16, 64, 4, 2, prenorm=True)
+    a = torch.randn(rows, K, device=DEVICE).to(dtype)
+    w_o = (torch.randn(K, K, device=DEVICE) / K**0.5).to(dtype)
+    w_gu = (torch.randn(2 * N, K, device=DEVICE) / K**0.5).to(dtype)
+    norm = (1 + 0.1 * torch.randn(K, device=DEVICE)).to(dtype)
+    x0 = torch.randn(rows, K, device=DEVICE).to(dtype)
+
+    # o (+ residual) then gate/up, merged in the o product...
+    x_want = x0.clone()
+    gemv(a, w_o, x_want, residual=x_want, config=split, workspace=ws)
+    h_want = gemv(x_want, w_gu, torch.empty(rows, N, device=DEVICE, dtype=dtype), norm_weight=norm, swiglu=True,
+                  config=prenorm, workspace=ws)
+    # ...and deferred to gate/up's norm kernel
+    x = x0.clone()
+    sums = gemv(a, w_o, x, residual=x, config=split, workspace=ws, defer=True)
+    assert isinstance(sums, PartialSums) and sums.splits == 3 and torch.equal(x, x0)  # x not written yet
+    h = gemv(x, w_gu, torch.empty(rows, N, device=DEVICE, dtype=dtype), norm_weight=norm, swiglu=True,
+             config=prenorm, workspace=ws, merge=sums)
+    assert torch.equal(x, x_want) and torch.equal(h, h_want)
+
+    # q/k/v then attention: the rows at their own positions
+    H, KV, D, S = 8, 2, 16, 48
+    w_qkv = (torch.randn((H + 2 * KV) * D, K, device=DEVICE) / K**0.5).to(dtype)
+    cos, sin = rope_cache(S, D, 10000.0, device=DEVICE)
+    pos = torch.tensor([0, 37, 5], device=DEVICE)
+    caches = [torch.randn(rows, KV, S, D, device=DEVICE).to(dtype) for _ in range(2)]
+    outs = []
+    for deferred in (False, True):
+        k_cache, v_cache = (c.clone() for c in caches)
+        qkv = torch.empty(rows, (H + 2 * KV) * D, device=DEVICE, dtype=dtype)
+        got = gemv(x, w_qkv, qkv, norm_weight=norm, config=GemvConfig(16, 64, 4, 2, split_k=3, prenorm=True),
+                   workspace=ws, defer=deferred)
+        out = torch.empty(rows, H * D, device=DEVICE, dtype=dtype)
+        decode_attention(qkv, k_cache, v_cache, pos, cos, sin, out, H, KV, block_s=16, workspace=ws,
+                         qkv_sums=got if deferred else None)
+        outs.append((out, k_cache, v_cache))
+    for want, got in zip(*outs):
+        assert torch.equal(got, want)
+    # what each side refuses, with the reason
+    with pytest.raises(ValueError, match="defer: a split-K tile"):
+        gemv(a, w_o, x, residual=x, config=GemvConfig(16, 64, 4, 2), defer=True)
+    with pytest.raises(ValueError, match="defer: a split-K tile"):  # a norm inside the product
+        gemv(x, w_qkv, qkv, norm_weight=norm, config=split, defer=True)
+    with pytest.raises(ValueError, match="merge: the sums are added by the norm kernel of a prenorm tile"):
+        gemv(x, w_gu, h, norm_weight=norm, swiglu=True, config=split, merge=sums)
+    with pytest.raises(ValueError, match="rows kernel"):
+        gemv(x[0], w_o, x[0].clone(), config=split, defer=True)
+    with pytest.raises(ValueError, match="unsplit attention"):
+        decode_attention(qkv, *caches, pos, cos, sin, out, H, KV, block_s=16, splits=2, qkv_sums=got)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pos", [0, 1, 37])
 @pytest.mark.parametrize("splits", [1, 2, 3])  # 2: spans of 19 slots at pos 37 (two blocks); 3: empty spans at pos 0/1
 def test_decode_attention_matches_reference(dtype, pos, splits):
@@ -352,14 +417,16 @@ def test_persistent_attention_splits_of_several_blocks_fp32():
 
 
 @needs_triton
-@pytest.mark.parametrize("same_position,split_k", [(False, 1), (True, 1), (False, 2), (False, 3), (False, "prenorm")])
+@pytest.mark.parametrize("same_position,split_k", [(False, 1), (True, 1), (False, 2), (False, 3), (False, "prenorm"),
+                                                   (False, "deferred"), (True, "deferred")])
 def test_batched_step_matches_model_forward_fp32(same_position, split_k):
     """A Triton step of 3 rows on the first 3 rows of a 4-row cache: each row at its own position (the serve
     engine's continuous batch) or all at one (input_pos (1,), `generate_batch`), equal to `Llama.forward`
     with the same per-row positions; the greedy tokens it computes inside are the logits' argmax. split_k 2
     or 3: every product split over that many programs per weight tile and the attention over that many
     cache spans, sharing the step's workspace. "prenorm": every norm as a kernel of its own before its
-    product (into the workspace), the tiles read through the loop's pipeline only, split-K."""
+    product (into the workspace), the tiles read through the loop's pipeline only, split-K. "deferred": the
+    same tiles, with the q/k/v, o and down products' sums added by the kernel after each."""
     from tinyllama.kernels.decode import GemvConfig, TritonDecodeStep
 
     ref, fused = _models(torch.float32)
@@ -372,9 +439,11 @@ def test_batched_step_matches_model_forward_fp32(same_position, split_k):
             for m in (ref, fused):
                 m(prompt, input_pos=torch.arange(n, device=DEVICE)[None], slots=torch.tensor([b], device=DEVICE))
         step = TritonDecodeStep(fused, use_graph=False, batch_size=B, tune=False)
-        if split_k == "prenorm":
+        if split_k in ("prenorm", "deferred"):
             step.configs = [GemvConfig(32, 64, 4, 2, swap=True, split_k=2, prefetch=False, prenorm=True)] \
                 * len(step.configs)
+            step.deferred_configs = step.configs
+            step.deferred = split_k == "deferred"
         elif split_k > 1:  # every product split over split_k programs per tile, the attention over split_k spans
             step.configs = [GemvConfig(16, 64, 4, 2, split_k=split_k)] * len(step.configs)
             step.attention_config = (split_k, 16)
@@ -394,6 +463,24 @@ def test_batched_step_matches_model_forward_fp32(same_position, split_k):
             assert torch.equal(b.self_attn.kv_cache.k[B], torch.zeros_like(b.self_attn.kv_cache.k[B]))  # row 4 untouched
     with pytest.raises(ValueError, match="1 to 64 rows"):
         TritonDecodeStep(fused, batch_size=65)
+
+
+def test_deferred_step_tiles_and_products():
+    """Which tiles a deferred step times, and which products defer: q/k/v, o and down leave their sums to
+    the next kernel (split-K tiles only; q/k/v's norm as a kernel of its own), gate/up and the head add the
+    sums owed to their input in their norm kernel (prenorm tiles only)."""
+    from tinyllama.kernels.decode import ROWS_CANDIDATES, TritonDecodeStep, candidates_for
+
+    for has_norm in (False, True):
+        assert candidates_for(ROWS_CANDIDATES, has_norm) == [c for c in ROWS_CANDIDATES if has_norm or not c.prenorm]
+    qkv = candidates_for(ROWS_CANDIDATES, True, deferred=True, defer=True)
+    residual = candidates_for(ROWS_CANDIDATES, False, deferred=True, defer=True)
+    merging = candidates_for(ROWS_CANDIDATES, True, deferred=True)
+    assert qkv and all(c.split_k > 1 and c.prenorm for c in qkv) and len(set(qkv)) == len(qkv)
+    assert residual and all(c.split_k > 1 and not c.prenorm for c in residual)
+    assert merging and all(c.prenorm for c in merging)
+    deferring = TritonDecodeStep._deferring(type("Step", (), {"products": [None] * (4 * 3 + 1)})())
+    assert deferring == [0, 1, 3, 4, 5, 7, 8, 9, 11]  # 3 layers: all but gate/up (2, 6, 10) and the head (12)
 
 
 @needs_triton
@@ -539,40 +626,54 @@ def test_decode_kernels_interpreted_on_cpu():
 
 
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA")
-@pytest.mark.parametrize("pdl,batch,persistent,prenorm", [(False, 1, False, False), (True, 1, False, False),
-                                                          (False, 3, False, False), (True, 3, False, False),
-                                                          (True, 3, False, True), (False, 1, True, False)])
-def test_graph_replay_equals_eager_steps_cuda(pdl, batch, persistent, prenorm):
+@pytest.mark.parametrize("pdl,batch,persistent,tiles", [(False, 1, False, None), (True, 1, False, None),
+                                                        (False, 3, False, None), (True, 3, False, None),
+                                                        (True, 3, False, "prenorm"), (True, 3, False, "deferred"),
+                                                        (False, 1, True, None)])
+def test_graph_replay_equals_eager_steps_cuda(pdl, batch, persistent, tiles):
     """The CUDA-graph replay (with and without programmatic dependent launch; of the persistent kernel)
     gives the eager kernels' logits bit for bit, and re-captures when the cache is re-allocated. (Both steps
     tune on their first call and share the choice: with other block shapes the sums would be ordered
-    otherwise.) prenorm: every product's tile set, untuned, to a split-K one whose norm runs as a kernel of
-    its own (a launch without PDL between two with it) and whose tiles all go through the loop's pipeline."""
+    otherwise.) tiles "prenorm": every product's tile set, untuned, to a split-K one whose norm runs as a
+    kernel of its own (a launch without PDL between two with it) and whose tiles all go through the loop's
+    pipeline; "deferred": the same tiles with the q/k/v, o and down sums added by the next kernel, which
+    also equals a step with the products' own merges bit for bit."""
     from tinyllama.kernels.decode import GemvConfig, TritonDecodeStep, pdl_supported
 
     if pdl and not pdl_supported("cuda"):
         pytest.skip("programmatic dependent launch needs Hopper or newer")
     _, a = _models(torch.bfloat16)
-    b = copy.deepcopy(a)
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
     prompt = torch.randint(0, 96, (batch, 7), device="cuda")
     with torch.inference_mode():
-        for m in (a, b):
+        for m in (a, b, c):
             m.setup_cache(batch, 48)
             m(prompt, input_pos=torch.arange(7, device="cuda"))
         eager = TritonDecodeStep(a, use_graph=False, pdl=pdl, batch_size=batch, persistent=persistent,
-                                 tune=not prenorm)
+                                 tune=tiles is None)
         graphed = TritonDecodeStep(b, use_graph=True, pdl=pdl, batch_size=batch, persistent=persistent,
-                                   tune=not prenorm)
-        if prenorm:
+                                   tune=tiles is None)
+        merged = None
+        if tiles is not None:
             tile = GemvConfig(32, 64, 4, 2, swap=True, split_k=2, prefetch=False, prenorm=True)
-            eager.configs = graphed.configs = [tile] * len(eager.configs)
+            eager.configs = graphed.configs = eager.deferred_configs = graphed.deferred_configs = \
+                [tile] * len(eager.configs)
+            eager.deferred = graphed.deferred = tiles == "deferred"
+            if tiles == "deferred":  # the same tiles, each product merging its own sums
+                merged = TritonDecodeStep(c, use_graph=False, pdl=pdl, batch_size=batch, tune=False)
+                merged.configs = eager.configs
         for pos in range(7, 30):
             tok = torch.randint(0, 96, (batch, 1), device="cuda")
             want = eager.step(tok, torch.tensor([pos], device="cuda")).clone()
             got = graphed.step(tok, torch.tensor([pos], device="cuda"))
             assert torch.equal(got, want), pos
+            if merged is not None:
+                assert torch.equal(merged.step(tok, torch.tensor([pos], device="cuda")), want), pos
         assert graphed._graph is not None and graphed.pdl == pdl
         assert (graphed.persistent is not None) == (eager.persistent is not None) == persistent
+        if batch > 1 and tiles is None and eager.attention_config[0] == 1:  # both steps timed whole, one kept
+            assert set(eager.step_times) == {"layered", "layered, split-K sums deferred"}
+            assert eager.deferred == graphed.deferred == (min(eager.step_times, key=eager.step_times.get) != "layered")
         if persistent:
             assert not graphed.persistent.failed() and not graphed.persistent.sync[:-1].any()
         # the bench's back-to-back replays: positions put back, and the slots they wrote past them are
@@ -614,7 +715,11 @@ def test_decode_kernels_compile_for_hopper():
                 _compile_for_hopper(D._rows_kernel, ptrs, dict(
                     HAS_NORM=norm, SWIGLU=swiglu, HAS_RES=res, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
                     BLOCK_K=256, DOT_FP32=False, SWAP=swap, SPLIT_K=split,
-                    PREFETCH=not (swap and split > 1)))  # both ways of reading the first weight tile
+                    PREFETCH=not (swap and split > 1), DEFER=False))  # both ways of reading the first tile
+            if split > 1:  # the deferred product: partial sums only
+                _compile_for_hopper(D._rows_kernel, ptrs, dict(
+                    HAS_NORM=False, SWIGLU=False, HAS_RES=False, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
+                    BLOCK_K=128, DOT_FP32=False, SWAP=swap, SPLIT_K=split, PREFETCH=False, DEFER=True))
     _compile_for_hopper(D._gemv_kernel, dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf), dict(
         HAS_NORM=True, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_N=4, BLOCK_K=2048, ROWSUM=True))
     attention_ptrs = dict.fromkeys(["QKV", "K_CACHE", "V_CACHE", "OUT"], bf)
@@ -626,6 +731,10 @@ def test_decode_kernels_compile_for_hopper():
         _compile_for_hopper(D._split_attention_kernel, attention_ptrs, dict(
             N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=head_dim, BLOCK_G=16, BLOCK_S=block, SPLITS=splits,
             DOT_FP32=False, PDL=True), floats=("scale",))
+    for qkv_splits in (0, 3):  # the unsplit attention, reading q/k/v or a deferred product's sums
+        _compile_for_hopper(D._decode_attention_kernel, {**attention_ptrs, "QKV": bf if qkv_splits == 0 else "*fp32"},
+                            dict(N_HEADS=32, N_KV=4, HEAD_DIM=64, BLOCK_G=16, BLOCK_S=128, DOT_FP32=False, PDL=True,
+                                 QKV_SPLITS=qkv_splits), floats=("scale",))
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED or torch.cuda.is_available(),

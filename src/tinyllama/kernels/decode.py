@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -239,7 +239,7 @@ if triton is not None:
     def _rows_kernel(X, W, OUT, RES, NORM_W, PART, SS, COUNT, M, N, K, eps,
                      HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                     SWAP: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
+                     SWAP: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr):
         # `_gemv_kernel` for M > 1 input rows (a decode step of M sequences): each program reads its
         # BLOCK_N weight rows once for all M inputs, so the step still reads every weight once.
         # SPLIT_K > 1: program (n, s) sums only the s-th of SPLIT_K near-equal runs of whole K-blocks (their
@@ -249,7 +249,9 @@ if triton is not None:
         # tile's SPLIT_K programs to finish (a counter per tile, COUNT, reset by that program) adds the
         # partials in the order s = 0, 1, ... (the result does not depend on which finished last) and runs
         # the epilogue. PREFETCH: the first weight tile is read before the wait for the previous kernel
-        # (PDL), outside the loop; else every tile goes through the loop's pipeline.
+        # (PDL), outside the loop; else every tile goes through the loop's pipeline. DEFER (SPLIT_K > 1, no
+        # norm or SwiGLU here): only the partial sums are written, (SPLIT_K, BLOCK_M, N); the next kernel adds
+        # them up in the same order as it reads them (`PartialSums`), so no program waits for the others.
         pid_k = tl.program_id(1)
         k_blocks = tl.cdiv(K, BLOCK_K)
         k_start = (pid_k * k_blocks // SPLIT_K) * BLOCK_K
@@ -297,30 +299,43 @@ if triton is not None:
                 tl.store(PART + pid_k * slab + N + at, acc_up, mask=ok)
             if HAS_NORM:
                 tl.store(SS + (pid_n * SPLIT_K + pid_k) * BLOCK_M + ms, ss)
-            tl.debug_barrier()  # every thread's partials stored before the counter says so
-            arrived = tl.atomic_add(COUNT + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                acc_up = acc
-                ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-                for s in tl.static_range(SPLIT_K):  # ".cg": from L2, where the other SMs' stores are
-                    acc += tl.load(PART + s * slab + at, mask=ok, other=0.0, cache_modifier=".cg")
-                    if SWIGLU:
-                        acc_up += tl.load(PART + s * slab + N + at, mask=ok, other=0.0, cache_modifier=".cg")
-                    if HAS_NORM:
-                        ss += tl.load(SS + (pid_n * SPLIT_K + s) * BLOCK_M + ms, cache_modifier=".cg")
-                tl.atomic_xchg(COUNT + pid_n, 0)  # ready for the next product (or graph replay)
-                _rows_epilogue(acc, acc_up, ss, OUT, RES, rows, row_ok, ms, m_ok, N, K, eps, HAS_NORM, SWIGLU,
-                               HAS_RES, BLOCK_M)
+            if not DEFER:
+                tl.debug_barrier()  # every thread's partials stored before the counter says so
+                arrived = tl.atomic_add(COUNT + pid_n, 1, sem="acq_rel", scope="gpu")
+                if arrived == SPLIT_K - 1:
+                    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                    acc_up = acc
+                    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+                    for s in tl.static_range(SPLIT_K):  # ".cg": from L2, where the other SMs' stores are
+                        acc += tl.load(PART + s * slab + at, mask=ok, other=0.0, cache_modifier=".cg")
+                        if SWIGLU:
+                            acc_up += tl.load(PART + s * slab + N + at, mask=ok, other=0.0, cache_modifier=".cg")
+                        if HAS_NORM:
+                            ss += tl.load(SS + (pid_n * SPLIT_K + s) * BLOCK_M + ms, cache_modifier=".cg")
+                    tl.atomic_xchg(COUNT + pid_n, 0)  # ready for the next product (or graph replay)
+                    _rows_epilogue(acc, acc_up, ss, OUT, RES, rows, row_ok, ms, m_ok, N, K, eps, HAS_NORM, SWIGLU,
+                                   HAS_RES, BLOCK_M)
 
     @triton.jit
-    def _decode_attention_kernel(QKV, K_CACHE, V_CACHE, OUT, POS, COS, SIN, cache_len, scale,
+    def _load_sums(at, mask, QKV_SPLITS: tl.constexpr, split_stride, dt: tl.constexpr):
+        # q/k/v values at `at`: from the product's output (QKV_SPLITS 0), or the sum of its QKV_SPLITS fp32
+        # partial sums (`split_stride` apart), added in split order and rounded as its epilogue would
+        if QKV_SPLITS == 0:
+            return tl.load(at, mask=mask, other=0.0)
+        sums = tl.zeros(at.shape, dtype=tl.float32)
+        for s in tl.static_range(QKV_SPLITS):
+            sums += tl.load(at + s * split_stride, mask=mask, other=0.0)
+        return sums.to(dt)
+
+    @triton.jit
+    def _decode_attention_kernel(QKV, K_CACHE, V_CACHE, OUT, POS, COS, SIN, cache_len, scale, split_stride,
                                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr,
-                                 PDL: tl.constexpr):
+                                 PDL: tl.constexpr, QKV_SPLITS: tl.constexpr):
         # One program per key/value head and its GROUP query heads (rows of the tile, padded to BLOCK_G >=
         # 16 for the tensor-core products) and per batch row b (at its own position, in cache row b): each
-        # cache block is read once for the whole group.
+        # cache block is read once for the whole group. QKV_SPLITS > 0: QKV holds the q/k/v product's
+        # split-K partial sums (`PartialSums`), not its output.
         kv_head = tl.program_id(0)
         b = tl.program_id(1)
         QKV = QKV + b * ((N_HEADS + 2 * N_KV) * HEAD_DIM)
@@ -348,12 +363,14 @@ if triton is not None:
             gdc_wait()
             gdc_launch_dependents()
         q_rows = QKV + (kv_head * GROUP + g)[:, None] * HEAD_DIM
-        q = tl.load(q_rows + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-        q_sw = tl.load(q_rows + d_swapped[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q = _load_sums(q_rows + d[None, :], g_ok[:, None], QKV_SPLITS, split_stride, dt).to(tl.float32)
+        q_sw = _load_sums(q_rows + d_swapped[None, :], g_ok[:, None], QKV_SPLITS, split_stride, dt).to(tl.float32)
         q = _rope(q, q_sw, c[None, :], s[None, :], sign[None, :], dt)
         k_at = QKV + N_HEADS * HEAD_DIM + kv_head * HEAD_DIM
-        k = _rope(tl.load(k_at + d).to(tl.float32), tl.load(k_at + d_swapped).to(tl.float32), c, s, sign, dt)
-        v = tl.load(QKV + (N_HEADS + N_KV) * HEAD_DIM + kv_head * HEAD_DIM + d)
+        k = _rope(_load_sums(k_at + d, d >= 0, QKV_SPLITS, split_stride, dt).to(tl.float32),
+                  _load_sums(k_at + d_swapped, d >= 0, QKV_SPLITS, split_stride, dt).to(tl.float32), c, s, sign, dt)
+        v = _load_sums(QKV + (N_HEADS + N_KV) * HEAD_DIM + kv_head * HEAD_DIM + d, d >= 0, QKV_SPLITS,
+                       split_stride, dt)
         tl.store(kc + pos * HEAD_DIM + d, k.to(dt))
         tl.store(vc + pos * HEAD_DIM + d, v)
         # Online softmax, seeded with the new position (from registers: no read-after-write on the cache).
@@ -408,10 +425,22 @@ class GemvConfig:
     prenorm: bool = False
 
 
+@dataclass(frozen=True)
+class PartialSums:
+    """A split-K product's result still in pieces (`gemv(..., defer=True)`): `splits` fp32 partial sums of
+    its (rows, N) output, `stride` elements apart in `part`, rows of N. The kernel that reads the result adds
+    them up in split order and rounds as the product's epilogue would (the attention its q/k/v, a prenorm
+    product's norm kernel the residual stream: `gemv(..., merge=)`), bit for bit what the product would have
+    written. The product's programs then never wait for one another (no arrival counter, no merge tail)."""
+    part: torch.Tensor
+    splits: int
+    stride: int
+
+
 class SplitKWorkspace:
     """The rows kernel's scratch: for split-K products fp32 partial sums, partial sums of squares, and one
     arrival counter per weight tile (zero between kernels: each tile's last program resets its own); for
-    `prenorm` products the normalised input. Grows on demand, so a CUDA graph must be captured only after an
+    deferred products their partial sums; for `prenorm` products the normalised input. Grows on demand, so a CUDA graph must be captured only after an
     eager run of the same products (as `TritonDecodeStep` does); the step keeps one for all its products,
     which run one after the other."""
 
@@ -422,6 +451,7 @@ class SplitKWorkspace:
         self.count = torch.zeros(0, dtype=torch.int32, device=self.device)
         self.x_normed = torch.empty(0, device=self.device)
         self.x_rstd = torch.empty(0, device=self.device)
+        self.deferred_part = torch.empty(0, dtype=torch.float32, device=self.device)
 
     def _buffer(self, name: str, numel: int, dtype: torch.dtype, zeros: bool = False) -> torch.Tensor:
         # the scratch tensor `name`, made anew (zeroed, for counters) when it is smaller or of another dtype
@@ -437,6 +467,11 @@ class SplitKWorkspace:
 
     def rstd(self, rows: int) -> torch.Tensor:
         return self._buffer("x_rstd", rows, torch.float32)[:rows]
+
+    def deferred(self, numel: int) -> torch.Tensor:
+        """The partial sums of a deferred product (`PartialSums`): one at a time, since each is read by the
+        next kernel, which finishes before any later product writes (stream order; with PDL, after its wait)."""
+        return self._buffer("deferred_part", numel, torch.float32)
 
     def get(self, part: int, ss: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (self._buffer("part", part, torch.float32), self._buffer("ss", ss, torch.float32),
@@ -520,21 +555,32 @@ ATTENTION_CANDIDATES = ((1, 128), (4, 32), (8, 32), (16, 32), (8, 64))
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 
 
-def candidates_for(candidates, has_norm: bool) -> list:
+def candidates_for(candidates, has_norm: bool, deferred: bool = False, defer: bool = False) -> list:
     """The tiles worth timing for a product with or without an RMSNorm: a prenorm tile differs from its twin
-    only where there is a norm to take out."""
-    return [c for c in candidates if has_norm or not c.prenorm]
+    only where there is a norm to take out. In a deferred step (`TritonDecodeStep.deferred`) a product with
+    a norm runs it as a kernel of its own (which adds the sums its input still lacks), so only prenorm tiles;
+    one that defers its sums (`defer`) only split-K tiles (q/k/v's made prenorm)."""
+    if not deferred:
+        return [c for c in candidates if has_norm or not c.prenorm]
+    if defer:
+        tiles = [replace(c, prenorm=has_norm) for c in candidates if c.split_k > 1]
+        return list(dict.fromkeys(tiles))  # without the twins that differed only in prenorm
+    return [c for c in candidates if c.prenorm or not has_norm]
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None,
          eps: float = 1e-5, residual: Optional[torch.Tensor] = None, swiglu: bool = False,
          config: Optional[GemvConfig] = None, pdl: bool = False,
-         workspace: Optional[SplitKWorkspace] = None) -> torch.Tensor:
+         workspace: Optional[SplitKWorkspace] = None, merge: Optional[PartialSums] = None,
+         defer: bool = False):
     """The kernel behind `reference_gemv`, written into `out` (N,) or (M, N); `residual` may be `out` itself.
     x (K,) or (1, K) runs the batch-1 kernel, (M, K) with 1 < M <= MAX_ROWS the rows kernel (config: a
     GEMV_CANDIDATES or ROWS_CANDIDATES entry; default the first). pdl: launch with programmatic dependent
     launch (see `pdl_supported`): the first weight tile is read while the previous kernel on the stream
-    finishes. workspace: the scratch of split-K and prenorm products; None: a new one for this call."""
+    finishes. workspace: the scratch of split-K and prenorm products; None: a new one for this call.
+    Rows kernel only: `defer` (a split-K tile, no norm in the kernel, no SwiGLU; the residual, if any, is
+    `out`) returns the partial sums (`PartialSums`) instead of writing `out`; `merge` (a prenorm product
+    whose x is the `out` of a deferred product with a residual) adds those sums into x first."""
     n = weight.size(0) // 2 if swiglu else weight.size(0)
     k = weight.size(1)
     rows = x.size(0) if x.dim() == 2 else 1
@@ -544,6 +590,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
     common = dict(HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RES=residual is not None, PDL=pdl)
     args = (x, weight, out, residual if residual is not None else out, norm_weight if norm_weight is not None else x)
     if rows == 1:
+        if defer or merge is not None:
+            raise ValueError("deferred split-K sums are the rows kernel's (2 or more rows), not the GEMV's")
         config = config or GEMV_CANDIDATES[0]
         _gemv_kernel[(triton.cdiv(n, config.block_n),)](
             *args, n, k, eps, **common, BLOCK_N=config.block_n, BLOCK_K=config.block_k, ROWSUM=config.rowsum,
@@ -554,15 +602,26 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
         tiles = triton.cdiv(n, block_n)
         split = min(max(1, config.split_k), triton.cdiv(k, block_k))  # every split gets one K-block or more
         prenorm = config.prenorm and norm_weight is not None
+        if merge is not None and not prenorm:
+            raise ValueError("merge: the sums are added by the norm kernel of a prenorm tile (a product with a "
+                             f"norm), not with {config}")
+        if defer and (split < 2 or swiglu or (norm_weight is not None and not prenorm)
+                      or (residual is not None and residual.data_ptr() != out.data_ptr())):
+            raise ValueError(f"defer: a split-K tile without a norm in the kernel or SwiGLU, the residual being "
+                             f"out, not {config} (swiglu={swiglu})")
         if workspace is None and (split > 1 or prenorm):
             workspace = SplitKWorkspace(x.device)
-        if prenorm:  # RMSNorm(x) * weight first, then a plain product
+        if prenorm:  # RMSNorm(x) * weight first (x + the sums it lacks, if any, written back), then a product
             normed = workspace.normed(rows, k, x.dtype)
             triton_ops.rms_norm_fwd_rows(x.view(rows, k), norm_weight, eps, x.dtype, out=normed,
-                                         rstd=workspace.rstd(rows))
+                                         rstd=workspace.rstd(rows), **({} if merge is None else dict(
+                                             partials=merge.part, splits=merge.splits, split_stride=merge.stride)))
             args = (normed, *args[1:])
             common["HAS_NORM"] = False
-        if split > 1:
+        if defer:  # the epilogue never runs: the residual is added by whichever kernel adds the sums
+            part = ss = count = workspace.deferred(split * block_m * n)
+            common["HAS_RES"] = False
+        elif split > 1:
             part, ss, count = workspace.get(split * block_m * (2 * n if swiglu else n), tiles * split * block_m,
                                             tiles)
         else:
@@ -571,8 +630,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
             *args, part, ss, count, rows, n, k, eps, **common, BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_K=block_k,
             DOT_FP32=x.dtype == torch.float32 or _interpreted(), SWAP=config.swap, SPLIT_K=split,
-            PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages,
+            PREFETCH=config.prefetch, DEFER=defer, num_warps=config.num_warps, num_stages=config.num_stages,
             **_pdl_launch(pdl))
+        if defer:
+            return PartialSums(part, split, block_m * n)
     return out
 
 
@@ -589,13 +650,15 @@ def _pdl_launch(pdl: bool) -> dict:
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      cos_table: torch.Tensor, sin_table: torch.Tensor, out: torch.Tensor, n_heads: int,
                      n_kv_heads: int, block_s: int = 128, num_warps: int = 4, pdl: bool = False, splits: int = 1,
-                     workspace: Optional["SplitKWorkspace"] = None) -> torch.Tensor:
+                     workspace: Optional["SplitKWorkspace"] = None,
+                     qkv_sums: Optional[PartialSums] = None) -> torch.Tensor:
     """The kernel behind `reference_decode_attention`, for B rows at once: row b's token (qkv[b], of
     (B, H·D + 2·KV·D) or, for B = 1, flat) at cache position pos[b] of cache row b. pos is a (B,) integer
     tensor (so a CUDA graph can replay it for any positions), the caches (>= B, KV, S, D), cos/sin the full
     (max_len, D) fp32 tables; writes `out` (B, H·D) or, for B = 1, flat. splits > 1: each (row, kv head) over
     that many spans of its cache in parallel, merged in a fixed order (same result on every call), with the
-    partial states and arrival counters in `workspace` (a SplitKWorkspace; a new one if None)."""
+    partial states and arrival counters in `workspace` (a SplitKWorkspace; a new one if None). qkv_sums: the
+    q/k/v product was deferred (`gemv(..., defer=True)`); its partial sums are read instead of qkv (splits 1)."""
     head_dim = k_cache.size(-1)
     batch = pos.numel()
     if block_s < MIN_BLOCK_S or block_s & (block_s - 1):  # (an H100 run of blocks of 8 failed to compile)
@@ -605,6 +668,8 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     assert out.is_contiguous() and out.numel() == batch * n_heads * head_dim
     block_g = max(16, triton.next_power_of_2(n_heads // n_kv_heads))
     if splits > 1:
+        if qkv_sums is not None:
+            raise ValueError("qkv_sums: deferred q/k/v sums are read by the unsplit attention (splits=1)")
         workspace = workspace if workspace is not None else SplitKWorkspace(qkv.device)
         part, _, count = workspace.get(batch * n_kv_heads * splits * block_g * (head_dim + 2), 0,
                                        batch * n_kv_heads)
@@ -615,9 +680,11 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
             **_pdl_launch(pdl))
         return out
     _decode_attention_kernel[(n_kv_heads, batch)](
-        qkv, k_cache, v_cache, out, pos, cos_table, sin_table, k_cache.size(2), head_dim**-0.5, N_HEADS=n_heads,
+        qkv if qkv_sums is None else qkv_sums.part, k_cache, v_cache, out, pos, cos_table, sin_table,
+        k_cache.size(2), head_dim**-0.5, 0 if qkv_sums is None else qkv_sums.stride, N_HEADS=n_heads,
         N_KV=n_kv_heads, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_S=block_s, PDL=pdl,
-        DOT_FP32=qkv.dtype == torch.float32 or _interpreted(), num_warps=num_warps, **_pdl_launch(pdl))
+        DOT_FP32=qkv.dtype == torch.float32 or _interpreted(), QKV_SPLITS=0 if qkv_sums is None else qkv_sums.splits,
+        num_warps=num_warps, **_pdl_launch(pdl))
     return out
 
 
@@ -723,6 +790,11 @@ class TritonDecodeStep:
             ROWS_CANDIDATES_FP32 if self.dtype == torch.float32 else ROWS_CANDIDATES
         default = self.candidates[0] if self.device.type == "cuda" else INTERPRETER_CONFIG
         self.configs: list[GemvConfig] = [default] * len(self.products)
+        # The deferred step (rows kernel): q/k/v, o and down write split-K partial sums that the next kernel
+        # adds up as it reads them (the attention; the norm kernel of gate/up, of the next layer's q/k/v, of
+        # the head), with their own tiles; `tune` times it against the step above and keeps the faster.
+        self.deferred = False
+        self.deferred_configs: list[GemvConfig] = list(self.configs)
         self.attention_config = ATTENTION_CANDIDATES[0]  # (splits, block_s)
         self.attention_times: dict[tuple, float] = {}  # µs for all layers' attention, per candidate (`tune`, CUDA)
         if persistent:
@@ -743,27 +815,39 @@ class TritonDecodeStep:
             key = (card, self.batch_size, tuple(weight.shape), "norm_weight" in kw, "residual" in kw,
                    kw.get("swiglu", False), self.pdl)
             groups.setdefault(key, []).append(i)
+        deferring = set(self._deferring())
+        # the deferred step's tiles too where it can run: 2+ rows (the rows kernel), split-K tiles to try
+        modes = (False, True) if self.batch_size > 1 and any(c.split_k > 1 for c in self.candidates) else (False,)
         for key, members in groups.items():
-            if key not in _TUNED:
-                x, _, out, kw = self.products[members[0]]
-                xs, outs = torch.randn_like(x), torch.zeros_like(out)
-                skw = dict(kw)
-                if "residual" in skw:
-                    skw["residual"] = outs
-                if "norm_weight" in skw:
-                    skw["norm_weight"] = torch.ones_like(skw["norm_weight"])
-                weights = [self.products[i][1] for i in members]
+            x, _, out, kw = self.products[members[0]]
+            for deferred in modes:
+                defer = deferred and members[0] in deferring
+                mode_key = key + (("deferred", defer),) if deferred else key
+                if mode_key not in _TUNED:
+                    xs, outs = torch.randn_like(x), torch.zeros_like(out)
+                    skw = dict(kw)
+                    if "residual" in skw:
+                        skw["residual"] = outs
+                    if "norm_weight" in skw:
+                        skw["norm_weight"] = torch.ones_like(skw["norm_weight"])
+                    weights = [self.products[i][1] for i in members]
 
-                def run_all(cfg, weights=weights, xs=xs, outs=outs, skw=skw):
-                    for w in weights:
-                        gemv(xs, w, outs, config=cfg, pdl=self.pdl, workspace=self.workspace, **skw)
+                    def run_all(cfg, weights=weights, xs=xs, outs=outs, skw=skw, defer=defer):
+                        for w in weights:
+                            gemv(xs, w, outs, config=cfg, pdl=self.pdl, workspace=self.workspace, defer=defer, **skw)
 
-                _TUNED[key] = _fastest(run_all, candidates_for(self.candidates, "norm_weight" in kw))[0]
-            for i in members:
-                self.configs[i] = _TUNED[key]
+                    _TUNED[mode_key] = _fastest(run_all, candidates_for(self.candidates, "norm_weight" in kw,
+                                                                        deferred, defer))[0]
+                for i in members:
+                    (self.deferred_configs if deferred else self.configs)[i] = _TUNED[mode_key]
         self._tune_attention(card)
+        options: list = []
         if self.persistent_mode is not False:
-            self._tune_persistent(card)
+            options = ([None] if self.persistent_mode is None else []) + list(decode_persistent.PERSISTENT_CANDIDATES)
+        elif len(modes) == 2 and self.attention_config[0] == 1:  # deferred q/k/v sums: the unsplit attention
+            options = [None, DEFERRED]
+        if options:
+            self._tune_step(card, options)
 
     def _tune_attention(self, card: str) -> None:
         """Pick the attention's cache splits by timing each candidate over every layer's cache at the rows'
@@ -801,24 +885,36 @@ class TritonDecodeStep:
             _TUNED[key] = _fastest(run, agreeing)
         self.attention_config, self.attention_times = _TUNED[key]
 
-    def _tune_persistent(self, card: str) -> None:
+    def _deferring(self) -> list[int]:
+        """The products whose sums a deferred step leaves to the next kernel: each layer's q/k/v, o and down."""
+        return [i for i in range(len(self.products) - 1) if i % 4 != 2]
+
+    def _use(self, option, runners: Optional[dict] = None) -> None:
+        # run the step as `option` says: None the layered kernels, DEFERRED those with deferred split-K sums,
+        # else a persistent configuration (its PersistentDecode from `runners` when given, else a new one)
+        self.deferred = option == DEFERRED
+        if option is None or option == DEFERRED:
+            self.persistent = None
+        elif runners is None:
+            self.persistent = decode_persistent.PersistentDecode(self.model, option)
+        else:
+            if option not in runners:
+                runners[option] = decode_persistent.PersistentDecode(self.model, option)
+            self.persistent = runners[option]
+
+    def _tune_step(self, card: str, options: list) -> None:
         """Time the whole step (embedding -> logits, graph replays at the current position: idempotent) with
-        the layered kernels and with each persistent configuration; keep the fastest. A configuration whose
-        launch flags a failed wait (`PersistentDecode.failed`) is left out."""
+        each option (`_use`); keep the fastest. A persistent configuration whose launch flags a failed wait
+        (`PersistentDecode.failed`) is left out."""
         c = self.config
-        key = (card, "step", self.dtype, self.pdl, self.persistent_mode, c.n_layers, c.hidden_size, c.n_heads,
-               c.n_kv_heads, c.intermediate_size, c.vocab_size)
-        options = ([None] if self.persistent_mode is None else []) + list(decode_persistent.PERSISTENT_CANDIDATES)
+        key = (card, "step", self.batch_size, self.dtype, self.pdl, tuple(map(_step_name, options)),
+               tuple(self.configs), tuple(self.deferred_configs), self.attention_config, c.n_layers,
+               c.hidden_size, c.n_heads, c.n_kv_heads, c.intermediate_size, c.vocab_size)
         if key not in _TUNED_STEP:
             runners: dict = {}
 
             def run(option) -> None:
-                if option is None:
-                    self.persistent = None
-                else:
-                    if option not in runners:
-                        runners[option] = decode_persistent.PersistentDecode(self.model, option)
-                    self.persistent = runners[option]
+                self._use(option, runners)
                 self._layers()
                 if self.persistent is not None and not torch.cuda.is_current_stream_capturing() \
                         and self.persistent.failed():
@@ -827,7 +923,7 @@ class TritonDecodeStep:
             choice, times = _fastest(run, options)
             _TUNED_STEP[key] = (choice, {_step_name(o): round(t, 1) for o, t in times.items()})
         choice, self.step_times = _TUNED_STEP[key]
-        self.persistent = None if choice is None else decode_persistent.PersistentDecode(self.model, choice)
+        self._use(choice)
 
     # one step: one persistent kernel, or kernel by kernel ----------------------------------------------
     def _run(self) -> None:
@@ -842,22 +938,26 @@ class TritonDecodeStep:
         if self.persistent is not None:
             self.persistent.run(self)
             return
-        products = iter(zip(self.products, self.configs))
+        deferred = self.deferred
+        products = iter(zip(self.products, self.deferred_configs if deferred else self.configs))
 
-        def product() -> None:
+        def product(merge: Optional[PartialSums] = None, defer: bool = False) -> Optional[PartialSums]:
             (x, weight, out, kw), cfg = next(products)
-            gemv(x, weight, out, config=cfg, pdl=self.pdl, workspace=self.workspace, **kw)
+            sums = gemv(x, weight, out, config=cfg, pdl=self.pdl, workspace=self.workspace, merge=merge,
+                        defer=defer, **kw)
+            return sums if defer else None
 
+        owed = None  # deferred: the sums the residual stream x still lacks (of o or down)
         for layer in m.layers:
             a = layer.self_attn
-            product()  # RMSNorm -> q/k/v
+            qkv_sums = product(merge=owed, defer=deferred)  # RMSNorm -> q/k/v
             decode_attention(self.qkv, a.kv_cache.k, a.kv_cache.v, self.pos, m.rope_cos, m.rope_sin, self.attn,
                              c.n_heads, c.n_kv_heads, pdl=self.pdl, splits=self.attention_config[0],
-                             block_s=self.attention_config[1], workspace=self.workspace)
-            product()  # o + residual
-            product()  # RMSNorm -> gate/up -> SiLU(gate) * up
-            product()  # down + residual
-        product()  # RMSNorm -> output head
+                             block_s=self.attention_config[1], workspace=self.workspace, qkv_sums=qkv_sums)
+            owed = product(defer=deferred)  # o + residual
+            product(merge=owed)  # RMSNorm -> gate/up -> SiLU(gate) * up
+            owed = product(defer=deferred)  # down + residual
+        product(merge=owed)  # RMSNorm -> output head
 
     def _advance(self) -> None:
         # The greedy tokens become the next step's input (ids is read only by the embedding above), and the
@@ -962,9 +1062,14 @@ _TUNED: dict[tuple, object] = {}  # (card, shape, ...) -> a product's GemvConfig
 _TUNED_STEP: dict[tuple, tuple] = {}  # (card, model shape, ...) -> (persistent config or None, µs per option)
 
 
+DEFERRED = "deferred"  # a whole-step option of `TritonDecodeStep._tune_step` (see its `deferred`)
+
+
 def _step_name(option) -> str:
     if option is None:
         return "layered"
+    if option == DEFERRED:
+        return "layered, split-K sums deferred"
     return "persistent r{0.rows} k{0.block_k}/{0.block_k_ff} w{0.num_warps} p{0.programs_per_sm} " \
            "s{0.splits} d{0.depth}".format(option)
 

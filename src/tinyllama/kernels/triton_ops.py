@@ -43,11 +43,22 @@ if triton is not None:
     # ---- RMSNorm -----------------------------------------------------------------------------------
 
     @triton.jit
-    def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
+    def _rms_norm_fwd(X, W, Y, RSTD, PART, stride_x, stride_y, n_cols, split_stride, eps, BLOCK: tl.constexpr,
+                      SPLITS: tl.constexpr = 0):
+        # SPLITS > 0 (the decode step): x first gets the sums of a product still missing from it (SPLITS fp32
+        # partial sums of each column, `split_stride` apart, rows of n_cols), added in split order and
+        # rounded to x's dtype, then x's own add rounded, as the product's epilogue would; x is written back.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if SPLITS > 0:
+            sums = tl.zeros([BLOCK], dtype=tl.float32)
+            for s in tl.static_range(SPLITS):
+                sums += tl.load(PART + s * split_stride + row * n_cols + cols, mask=mask, other=0.0)
+            x = (x + sums.to(X.dtype.element_ty).to(tl.float32)).to(X.dtype.element_ty)
+            tl.store(X + row * stride_x + cols, x, mask=mask)
+            x = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         # Round the normalised value to x's dtype before scaling, as the reference (and HF) do.
         xn = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
@@ -89,15 +100,19 @@ if triton is not None:
         return min(16, max(1, block // 256))
 
     def rms_norm_fwd_rows(x2: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
-                          out: Optional[torch.Tensor] = None, rstd: Optional[torch.Tensor] = None):
+                          out: Optional[torch.Tensor] = None, rstd: Optional[torch.Tensor] = None,
+                          partials: Optional[torch.Tensor] = None, splits: int = 0, split_stride: int = 0):
         """(y, rstd) for rows x2 (N, C) with unit column stride: y = RMSNorm(x2)·weight in out_dtype (into
-        `out` (N, C) and `rstd` (N,) fp32 if given: the decode step's fixed buffers)."""
+        `out` (N, C) and `rstd` (N,) fp32 if given: the decode step's fixed buffers). partials (the decode
+        step): fp32 split-K sums still to be added to x2, `splits` of them `split_stride` elements apart,
+        rows of C; x2 becomes x2 + their sum (rounded as a product's epilogue rounds) in place first."""
         n_rows, n_cols = x2.shape
         y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device) if out is None else out
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device) if rstd is None else rstd
         block = triton.next_power_of_2(n_cols)
-        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, BLOCK=block,
-                                 num_warps=_norm_warps(block))
+        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2 if partials is None else partials, x2.stride(0),
+                                 y.stride(0), n_cols, split_stride, eps, BLOCK=block,
+                                 SPLITS=splits if partials is not None else 0, num_warps=_norm_warps(block))
         return y, rstd
 
     def rms_norm_bwd_rows(dy2: torch.Tensor, x2: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
