@@ -25,7 +25,7 @@ for part in "$@"; do
   profile)  # whole-step times (layered vs persistent configurations) and the persistent stages' breakdown
     timeout 150 python3 perf/persistent_profile.py 2>&1 | quiet | tail -80 ;;
   layered)  # the layered step kernel by kernel, tuned (products' tiles, the attention's cache splits)
-    timeout ${LAYERED_TIMEOUT:-150} python3 perf/triton_step_profile.py --batches ${LAYERED_BATCHES:-1,32} --tune 2>&1 | quiet | tail -30 ;;
+    timeout ${LAYERED_TIMEOUT:-150} python3 perf/triton_step_profile.py --batches ${LAYERED_BATCHES:-1,32} --tune 2>&1 | quiet | tail -60 ;;
   attention)  # every cache-split candidate at several cache lengths, 1 and 32 rows (does the split pay when long?)
     timeout 150 python3 perf/attention_splits.py --out $OUT/attention_splits.json 2>&1 | quiet | tail -14 ;;
   sweep)  # one product of 32 rows: cuBLAS vs our rows kernel vs a plain pipelined / TMA Triton GEMM
