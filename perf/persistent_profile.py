@@ -39,7 +39,7 @@ def main() -> None:
         step = TritonDecodeStep(model, use_graph=False, persistent=None)  # tunes: layered vs persistent
         step.step(ids, pos)
         report["step_us"] = step.step_times
-        report["chosen"] = _step_name(step.persistent.config if step.persistent else None)
+        report["chosen"] = step.kernels
         print(f"{report['device']}: whole step, graph replays (µs); chosen: {report['chosen']}")
         for name, us in sorted(step.step_times.items(), key=lambda kv: kv[1]):
             print(f"  {name:<44} {us:8.1f} µs  {weight_bytes / us / 1e6:6.2f} TB/s of weights")

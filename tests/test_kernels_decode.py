@@ -457,6 +457,7 @@ def test_batched_step_matches_model_forward_fp32(same_position, split_k):
             assert torch.equal(step.greedy_token().view(B), got.argmax(-1))
             tok, pos = want.argmax(-1, keepdim=True), pos + 1
         assert step.replay_us() is None  # no captured graph to time
+        assert step.kernels == ("layered, split-K sums deferred" if split_k == "deferred" else "layered")
         for a, b in zip(ref.layers, fused.layers):
             _close(b.self_attn.kv_cache.k[:B], a.self_attn.kv_cache.k[:B], torch.float32)
             _close(b.self_attn.kv_cache.v[:B], a.self_attn.kv_cache.v[:B], torch.float32)

@@ -215,9 +215,7 @@ def run(args) -> int:
         extra["prefill_ms"] = round(pre * 1e3, 2)
         step = engine.triton_step(B)
         if step is not None:  # which kernels ran the step, and the whole-step times its tuning measured
-            from tinyllama.kernels.decode import _step_name
-
-            extra["step_kernels"] = _step_name(step.persistent.config if step.persistent else None)
+            extra["step_kernels"] = step.kernels
             # the step alone, replayed back to back: the decode-only rate's time per step minus this is what
             # the generate loop adds (host work, the per-token sync)
             replay = step.replay_us()

@@ -902,6 +902,12 @@ class TritonDecodeStep:
                 runners[option] = decode_persistent.PersistentDecode(self.model, option)
             self.persistent = runners[option]
 
+    @property
+    def kernels(self) -> str:
+        """Which kernels run the step: "layered", "layered, split-K sums deferred" or a persistent configuration."""
+        return _step_name(self.persistent.config if self.persistent is not None else
+                          DEFERRED if self.deferred else None)
+
     def _tune_step(self, card: str, options: list) -> None:
         """Time the whole step (embedding -> logits, graph replays at the current position: idempotent) with
         each option (`_use`); keep the fastest. A persistent configuration whose launch flags a failed wait
