@@ -732,9 +732,10 @@ def test_decode_kernels_compile_for_hopper():
         _compile_for_hopper(D._split_attention_kernel, attention_ptrs, dict(
             N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=head_dim, BLOCK_G=16, BLOCK_S=block, SPLITS=splits,
             DOT_FP32=False, PDL=True), floats=("scale",))
-    for qkv_splits in (0, 3):  # the unsplit attention, reading q/k/v or a deferred product's sums
+    # the unsplit attention's candidates, reading q/k/v or a deferred product's sums
+    for (_, block), qkv_splits in [(c, 0) for c in D.ATTENTION_CANDIDATES if c[0] == 1] + [((1, 128), 3)]:
         _compile_for_hopper(D._decode_attention_kernel, {**attention_ptrs, "QKV": bf if qkv_splits == 0 else "*fp32"},
-                            dict(N_HEADS=32, N_KV=4, HEAD_DIM=64, BLOCK_G=16, BLOCK_S=128, DOT_FP32=False, PDL=True,
+                            dict(N_HEADS=32, N_KV=4, HEAD_DIM=64, BLOCK_G=16, BLOCK_S=block, DOT_FP32=False, PDL=True,
                                  QKV_SPLITS=qkv_splits), floats=("scale",))
 
 
