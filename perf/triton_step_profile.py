@@ -109,8 +109,10 @@ def main() -> None:
         ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
         pos = torch.full((B,), a.pos, dtype=torch.long, device=dev)
         with torch.inference_mode():
-            eager = TritonDecodeStep(model, use_graph=False, batch_size=B, tune=a.tune)
-            eager.step(ids, pos)  # tunes (both ways of merging split-K sums at 2+ rows)
+            # with --tune at 2+ rows both ways of adding split-K sums are tuned and timed (deferred=None)
+            eager = TritonDecodeStep(model, use_graph=False, batch_size=B, tune=a.tune,
+                                     deferred=None if B > 1 and a.tune else False)
+            eager.step(ids, pos)
             chosen = eager.deferred
             # at 2+ rows both steps, the one the tuning chose first: split-K sums merged by the product's last
             # program, or deferred to the next kernel (TritonDecodeStep.deferred)

@@ -163,11 +163,21 @@ def test_deferred_split_k_sums_equal_the_products_own_merge(dtype):
         outs.append((out, k_cache, v_cache))
     for want, got in zip(*outs):
         assert torch.equal(got, want)
+    # an unsplit tile defers its epilogue alone (one "partial")
+    unsplit = GemvConfig(16, 64, 4, 2)
+    x_whole = x0.clone()
+    gemv(a, w_o, x_whole, residual=x_whole, config=unsplit, workspace=ws)
+    x = x0.clone()
+    whole = gemv(a, w_o, x, residual=x, config=unsplit, workspace=ws, defer=True)
+    assert whole.splits == 1
+    h = gemv(x, w_gu, torch.empty(rows, N, device=DEVICE, dtype=dtype), norm_weight=norm, swiglu=True,
+             config=prenorm, workspace=ws, merge=whole)
+    assert torch.equal(x, x_whole)
     # what each side refuses, with the reason
-    with pytest.raises(ValueError, match="defer: a split-K tile"):
-        gemv(a, w_o, x, residual=x, config=GemvConfig(16, 64, 4, 2), defer=True)
-    with pytest.raises(ValueError, match="defer: a split-K tile"):  # a norm inside the product
+    with pytest.raises(ValueError, match="defer: a product without a norm in the kernel"):
         gemv(x, w_qkv, qkv, norm_weight=norm, config=split, defer=True)
+    with pytest.raises(ValueError, match="defer: a product without a norm in the kernel"):
+        gemv(x, w_gu, h, norm_weight=norm, swiglu=True, config=prenorm, defer=True)
     with pytest.raises(ValueError, match="merge: the sums are added by the norm kernel of a prenorm tile"):
         gemv(x, w_gu, h, norm_weight=norm, swiglu=True, config=split, merge=sums)
     with pytest.raises(ValueError, match="rows kernel"):
@@ -438,13 +448,15 @@ def test_batched_step_matches_model_forward_fp32(same_position, split_k):
             prompt = torch.randint(0, 96, (1, n), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(b))
             for m in (ref, fused):
                 m(prompt, input_pos=torch.arange(n, device=DEVICE)[None], slots=torch.tensor([b], device=DEVICE))
-        step = TritonDecodeStep(fused, use_graph=False, batch_size=B, tune=False)
-        if split_k in ("prenorm", "deferred"):
+        step = TritonDecodeStep(fused, use_graph=False, batch_size=B, tune=False,
+                                deferred=split_k == "deferred" and same_position)  # its own untuned tiles
+        if split_k == "prenorm" or split_k == "deferred" and not same_position:
             step.configs = [GemvConfig(32, 64, 4, 2, swap=True, split_k=2, prefetch=False, prenorm=True)] \
                 * len(step.configs)
             step.deferred_configs = step.configs
             step.deferred = split_k == "deferred"
-        elif split_k > 1:  # every product split over split_k programs per tile, the attention over split_k spans
+        elif isinstance(split_k, int) and split_k > 1:  # every product split over split_k programs per tile,
+            # the attention over split_k spans
             step.configs = [GemvConfig(16, 64, 4, 2, split_k=split_k)] * len(step.configs)
             step.attention_config = (split_k, 16)
         pos = torch.tensor(lengths, device=DEVICE)
@@ -464,12 +476,16 @@ def test_batched_step_matches_model_forward_fp32(same_position, split_k):
             assert torch.equal(b.self_attn.kv_cache.k[B], torch.zeros_like(b.self_attn.kv_cache.k[B]))  # row 4 untouched
     with pytest.raises(ValueError, match="1 to 64 rows"):
         TritonDecodeStep(fused, batch_size=65)
+    with pytest.raises(ValueError, match="deferred split-K sums need 2 or more rows"):
+        TritonDecodeStep(fused, batch_size=1, deferred=True)
 
 
 def test_deferred_step_tiles_and_products():
     """Which tiles a deferred step times, and which products defer: q/k/v, o and down leave their sums to
-    the next kernel (split-K tiles only; q/k/v's norm as a kernel of its own), gate/up and the head add the
-    sums owed to their input in their norm kernel (prenorm tiles only)."""
+    the next kernel (q/k/v's norm as a kernel of its own), gate/up and the head add the sums owed to their
+    input in their norm kernel (prenorm tiles only)."""
+    import dataclasses
+
     from tinyllama.kernels.decode import ROWS_CANDIDATES, TritonDecodeStep, candidates_for
 
     for has_norm in (False, True):
@@ -477,8 +493,9 @@ def test_deferred_step_tiles_and_products():
     qkv = candidates_for(ROWS_CANDIDATES, True, deferred=True, defer=True)
     residual = candidates_for(ROWS_CANDIDATES, False, deferred=True, defer=True)
     merging = candidates_for(ROWS_CANDIDATES, True, deferred=True)
-    assert qkv and all(c.split_k > 1 and c.prenorm for c in qkv) and len(set(qkv)) == len(qkv)
-    assert residual and all(c.split_k > 1 and not c.prenorm for c in residual)
+    assert all(c.prenorm for c in qkv) and len(set(qkv)) == len(qkv)  # every tile once, made prenorm
+    assert {dataclasses.replace(c, prenorm=True) for c in ROWS_CANDIDATES} == set(qkv)
+    assert residual and not any(c.prenorm for c in residual) and len(set(residual)) == len(residual)
     assert merging and all(c.prenorm for c in merging)
     deferring = TritonDecodeStep._deferring(type("Step", (), {"products": [None] * (4 * 3 + 1)})())
     assert deferring == [0, 1, 3, 4, 5, 7, 8, 9, 11]  # 3 layers: all but gate/up (2, 6, 10) and the head (12)
@@ -650,10 +667,11 @@ def test_graph_replay_equals_eager_steps_cuda(pdl, batch, persistent, tiles):
         for m in (a, b, c):
             m.setup_cache(batch, 48)
             m(prompt, input_pos=torch.arange(7, device="cuda"))
+        deferred = None if batch > 1 else False  # at 3 rows the tuning times both ways of adding split-K sums
         eager = TritonDecodeStep(a, use_graph=False, pdl=pdl, batch_size=batch, persistent=persistent,
-                                 tune=tiles is None)
+                                 tune=tiles is None, deferred=deferred)
         graphed = TritonDecodeStep(b, use_graph=True, pdl=pdl, batch_size=batch, persistent=persistent,
-                                   tune=tiles is None)
+                                   tune=tiles is None, deferred=deferred)
         merged = None
         if tiles is not None:
             tile = GemvConfig(32, 64, 4, 2, swap=True, split_k=2, prefetch=False, prenorm=True)
@@ -717,7 +735,7 @@ def test_decode_kernels_compile_for_hopper():
                     HAS_NORM=norm, SWIGLU=swiglu, HAS_RES=res, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
                     BLOCK_K=256, DOT_FP32=False, SWAP=swap, SPLIT_K=split,
                     PREFETCH=not (swap and split > 1), DEFER=False))  # both ways of reading the first tile
-            if split > 1:  # the deferred product: partial sums only
+            if swap or split > 1:  # the deferred product: partial sums only (one when unsplit)
                 _compile_for_hopper(D._rows_kernel, ptrs, dict(
                     HAS_NORM=False, SWIGLU=False, HAS_RES=False, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
                     BLOCK_K=128, DOT_FP32=False, SWAP=swap, SPLIT_K=split, PREFETCH=False, DEFER=True))

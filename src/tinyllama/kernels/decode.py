@@ -249,9 +249,9 @@ if triton is not None:
         # tile's SPLIT_K programs to finish (a counter per tile, COUNT, reset by that program) adds the
         # partials in the order s = 0, 1, ... (the result does not depend on which finished last) and runs
         # the epilogue. PREFETCH: the first weight tile is read before the wait for the previous kernel
-        # (PDL), outside the loop; else every tile goes through the loop's pipeline. DEFER (SPLIT_K > 1, no
-        # norm or SwiGLU here): only the partial sums are written, (SPLIT_K, BLOCK_M, N); the next kernel adds
-        # them up in the same order as it reads them (`PartialSums`), so no program waits for the others.
+        # (PDL), outside the loop; else every tile goes through the loop's pipeline. DEFER (no norm or SwiGLU
+        # here): only the partial sums are written, (SPLIT_K, BLOCK_M, N); the next kernel adds them up in the
+        # same order as it reads them (`PartialSums`), so no program waits for the others.
         pid_k = tl.program_id(1)
         k_blocks = tl.cdiv(K, BLOCK_K)
         k_start = (pid_k * k_blocks // SPLIT_K) * BLOCK_K
@@ -285,7 +285,7 @@ if triton is not None:
         if SWAP:
             acc = tl.trans(acc)
             acc_up = tl.trans(acc_up)
-        if SPLIT_K == 1:
+        if SPLIT_K == 1 and not DEFER:
             _rows_epilogue(acc, acc_up, ss, OUT, RES, rows, row_ok, ms, m_ok, N, K, eps, HAS_NORM, SWIGLU, HAS_RES,
                            BLOCK_M)
         else:
@@ -560,12 +560,12 @@ MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accu
 def candidates_for(candidates, has_norm: bool, deferred: bool = False, defer: bool = False) -> list:
     """The tiles worth timing for a product with or without an RMSNorm: a prenorm tile differs from its twin
     only where there is a norm to take out. In a deferred step (`TritonDecodeStep.deferred`) a product with
-    a norm runs it as a kernel of its own (which adds the sums its input still lacks), so only prenorm tiles;
-    one that defers its sums (`defer`) only split-K tiles (q/k/v's made prenorm)."""
+    a norm runs it as a kernel of its own (which adds the sums its input still lacks), so only prenorm tiles
+    (those that defer their sums too: every tile made prenorm)."""
     if not deferred:
         return [c for c in candidates if has_norm or not c.prenorm]
     if defer:
-        tiles = [replace(c, prenorm=has_norm) for c in candidates if c.split_k > 1]
+        tiles = [replace(c, prenorm=has_norm) for c in candidates]
         return list(dict.fromkeys(tiles))  # without the twins that differed only in prenorm
     return [c for c in candidates if c.prenorm or not has_norm]
 
@@ -580,9 +580,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
     GEMV_CANDIDATES or ROWS_CANDIDATES entry; default the first). pdl: launch with programmatic dependent
     launch (see `pdl_supported`): the first weight tile is read while the previous kernel on the stream
     finishes. workspace: the scratch of split-K and prenorm products; None: a new one for this call.
-    Rows kernel only: `defer` (a split-K tile, no norm in the kernel, no SwiGLU; the residual, if any, is
-    `out`) returns the partial sums (`PartialSums`) instead of writing `out`; `merge` (a prenorm product
-    whose x is the `out` of a deferred product with a residual) adds those sums into x first."""
+    Rows kernel only: `defer` (no norm in the kernel, no SwiGLU; the residual, if any, is `out`) returns the
+    partial sums (`PartialSums`; one "partial" for an unsplit tile) instead of writing `out`; `merge` (a
+    prenorm product whose x is the `out` of a deferred product with a residual) adds those sums into x first."""
     n = weight.size(0) // 2 if swiglu else weight.size(0)
     k = weight.size(1)
     rows = x.size(0) if x.dim() == 2 else 1
@@ -607,11 +607,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
         if merge is not None and not prenorm:
             raise ValueError("merge: the sums are added by the norm kernel of a prenorm tile (a product with a "
                              f"norm), not with {config}")
-        if defer and (split < 2 or swiglu or (norm_weight is not None and not prenorm)
+        if defer and (swiglu or (norm_weight is not None and not prenorm)
                       or (residual is not None and residual.data_ptr() != out.data_ptr())):
-            raise ValueError(f"defer: a split-K tile without a norm in the kernel or SwiGLU, the residual being "
-                             f"out, not {config} (swiglu={swiglu})")
-        if workspace is None and (split > 1 or prenorm):
+            raise ValueError(f"defer: a product without a norm in the kernel (a prenorm tile) or SwiGLU, the "
+                             f"residual being out; not {config} (swiglu={swiglu})")
+        if workspace is None and (split > 1 or prenorm or defer):
             workspace = SplitKWorkspace(x.device)
         if prenorm:  # RMSNorm(x) * weight first (x + the sums it lacks, if any, written back), then a product
             normed = workspace.normed(rows, k, x.dtype)
@@ -734,12 +734,15 @@ class TritonDecodeStep:
     """
 
     def __init__(self, model, use_graph: Optional[bool] = None, pdl: Optional[bool] = None,
-                 batch_size: int = 1, tune: bool = True, persistent: Optional[bool] = False) -> None:
+                 batch_size: int = 1, tune: bool = True, persistent: Optional[bool] = False,
+                 deferred: Optional[bool] = False) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
         if not 1 <= batch_size <= MAX_ROWS:
             raise ValueError(f"the Triton decode step takes batches of 1 to {MAX_ROWS} rows, not {batch_size}")
+        if deferred and batch_size == 1:
+            raise ValueError("deferred split-K sums need 2 or more rows (the rows kernel): batch_size=1")
         # The whole step as one persistent kernel (decode_persistent.py): True always, False never, None where
         # `tune` times it faster than the layered kernels (CUDA, batch 1). Off by default: on an H100 it ran
         # 1.15-1.3 ms per step against the layered kernels' 0.89-0.95 (perf/NOTES.md), and timing its
@@ -794,9 +797,12 @@ class TritonDecodeStep:
         self.configs: list[GemvConfig] = [default] * len(self.products)
         # The deferred step (rows kernel): q/k/v, o and down write split-K partial sums that the next kernel
         # adds up as it reads them (the attention; the norm kernel of gate/up, of the next layer's q/k/v, of
-        # the head), with their own tiles; `tune` times it against the step above and keeps the faster.
-        self.deferred = False
-        self.deferred_configs: list[GemvConfig] = list(self.configs)
+        # the head), with tiles of its own (untuned: the default, its norm as a kernel of its own).
+        # deferred=True always, False never, None: `tune` times both steps and keeps the faster. Off by
+        # default until measured on a GPU (perf/NOTES.md, thirteenth session).
+        self.deferred_mode = deferred if batch_size > 1 else False
+        self.deferred = bool(deferred)
+        self.deferred_configs: list[GemvConfig] = [replace(default, prenorm=True)] * len(self.products)
         self.attention_config = ATTENTION_CANDIDATES[0]  # (splits, block_s)
         self.attention_times: dict[tuple, float] = {}  # µs for all layers' attention, per candidate (`tune`, CUDA)
         if persistent:
@@ -818,8 +824,7 @@ class TritonDecodeStep:
                    kw.get("swiglu", False), self.pdl)
             groups.setdefault(key, []).append(i)
         deferring = set(self._deferring())
-        # the deferred step's tiles too where it can run: 2+ rows (the rows kernel), split-K tiles to try
-        modes = (False, True) if self.batch_size > 1 and any(c.split_k > 1 for c in self.candidates) else (False,)
+        modes = (False, True) if self.deferred_mode is not False else (False,)  # the deferred step's tiles too
         for key, members in groups.items():
             x, _, out, kw = self.products[members[0]]
             for deferred in modes:
@@ -846,10 +851,12 @@ class TritonDecodeStep:
         options: list = []
         if self.persistent_mode is not False:
             options = ([None] if self.persistent_mode is None else []) + list(decode_persistent.PERSISTENT_CANDIDATES)
-        elif len(modes) == 2 and self.attention_config[0] == 1:  # deferred q/k/v sums: the unsplit attention
-            options = [None, DEFERRED]
+        elif self.deferred_mode is None and len(modes) == 2 and self.attention_config[0] == 1:
+            options = [None, DEFERRED]  # (deferred q/k/v sums are read by the unsplit attention only)
         if options:
             self._tune_step(card, options)
+        elif self.deferred and self.attention_config[0] > 1:
+            self.attention_config = (1, self.attention_config[1])  # deferred=True: the unsplit attention
 
     def _tune_attention(self, card: str) -> None:
         """Pick the attention's cache splits by timing each candidate over every layer's cache at the rows'
