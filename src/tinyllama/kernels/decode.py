@@ -814,7 +814,8 @@ class TritonDecodeStep:
         """On CUDA, pick each product's block shape by timing the candidates on scratch outputs (the live
         buffers are never written). Each candidate runs over all the layers' matrices of that shape in turn,
         as the step does, so the small ones are not timed from L2 (50 MB on an H100 would hold one layer's
-        q/k/v and o). Kept per card and shape for the process."""
+        q/k/v and o). Kept per card and shape for the process. Unless deferred=False, also the deferred
+        step's tiles (`candidates_for`); with deferred=None then both whole steps (`_tune_step`)."""
         if self.device.type != "cuda":
             return
         card = torch.cuda.get_device_name(self.device)
@@ -851,7 +852,7 @@ class TritonDecodeStep:
         options: list = []
         if self.persistent_mode is not False:
             options = ([None] if self.persistent_mode is None else []) + list(decode_persistent.PERSISTENT_CANDIDATES)
-        elif self.deferred_mode is None and len(modes) == 2 and self.attention_config[0] == 1:
+        elif self.deferred_mode is None and self.attention_config[0] == 1:
             options = [None, DEFERRED]  # (deferred q/k/v sums are read by the unsplit attention only)
         if options:
             self._tune_step(card, options)

@@ -45,9 +45,9 @@ if triton is not None:
     @triton.jit
     def _rms_norm_fwd(X, W, Y, RSTD, PART, stride_x, stride_y, n_cols, split_stride, eps, BLOCK: tl.constexpr,
                       SPLITS: tl.constexpr = 0):
-        # SPLITS > 0 (the decode step): x first gets the sums of a product still missing from it (SPLITS fp32
-        # partial sums of each column, `split_stride` apart, rows of n_cols), added in split order and
-        # rounded to x's dtype, then x's own add rounded, as the product's epilogue would; x is written back.
+        # SPLITS > 0 (the decode step): x first gets a product's output it still lacks, from SPLITS fp32
+        # partial sums (`split_stride` apart, rows of n_cols) added in split order: x + round(sum), rounded,
+        # as the product's epilogue adds its residual; that x is written back, then normalised.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
