@@ -440,9 +440,9 @@ class PartialSums:
 class SplitKWorkspace:
     """The rows kernel's scratch: for split-K products fp32 partial sums, partial sums of squares, and one
     arrival counter per weight tile (zero between kernels: each tile's last program resets its own); for
-    deferred products their partial sums; for `prenorm` products the normalised input. Grows on demand, so a CUDA graph must be captured only after an
-    eager run of the same products (as `TritonDecodeStep` does); the step keeps one for all its products,
-    which run one after the other."""
+    deferred products their partial sums; for `prenorm` products the normalised input. Grows on demand, so
+    a CUDA graph must be captured only after an eager run of the same products (as `TritonDecodeStep` does);
+    the step keeps one for all its products, which run one after the other."""
 
     def __init__(self, device) -> None:
         self.device = torch.device(device)
@@ -802,6 +802,7 @@ class TritonDecodeStep:
         # default until measured on a GPU (perf/NOTES.md, thirteenth session).
         self.deferred_mode = deferred if batch_size > 1 else False
         self.deferred = bool(deferred)
+        self.deferring = frozenset(self._deferring())
         self.deferred_configs: list[GemvConfig] = [replace(default, prenorm=True)] * len(self.products)
         self.attention_config = ATTENTION_CANDIDATES[0]  # (splits, block_s)
         self.attention_times: dict[tuple, float] = {}  # µs for all layers' attention, per candidate (`tune`, CUDA)
@@ -824,12 +825,11 @@ class TritonDecodeStep:
             key = (card, self.batch_size, tuple(weight.shape), "norm_weight" in kw, "residual" in kw,
                    kw.get("swiglu", False), self.pdl)
             groups.setdefault(key, []).append(i)
-        deferring = set(self._deferring())
         modes = (False, True) if self.deferred_mode is not False else (False,)  # the deferred step's tiles too
         for key, members in groups.items():
             x, _, out, kw = self.products[members[0]]
             for deferred in modes:
-                defer = deferred and members[0] in deferring
+                defer = deferred and members[0] in self.deferring
                 mode_key = key + (("deferred", defer),) if deferred else key
                 if mode_key not in _TUNED:
                     xs, outs = torch.randn_like(x), torch.zeros_like(out)
@@ -856,16 +856,17 @@ class TritonDecodeStep:
             options = [None, DEFERRED]  # (deferred q/k/v sums are read by the unsplit attention only)
         if options:
             self._tune_step(card, options)
-        elif self.deferred and self.attention_config[0] > 1:
-            self.attention_config = (1, self.attention_config[1])  # deferred=True: the unsplit attention
 
     def _tune_attention(self, card: str) -> None:
         """Pick the attention's cache splits by timing each candidate over every layer's cache at the rows'
         current positions, on scratch queries and outputs. (It writes scratch keys and values into each cache
         at those positions, which the step's own run overwrites before anything reads them.) Kept per card,
-        batch size and head shape for the process: the first step's context length decides."""
+        batch size and head shape for the process: the first step's context length decides. deferred=True:
+        the unsplit candidates only (they read the deferred q/k/v sums)."""
         m, c = self.model, self.config
-        key = (card, "attention", self.batch_size, self.dtype, self.pdl, c.n_heads, c.n_kv_heads, c.head_dim)
+        candidates = [cfg for cfg in ATTENTION_CANDIDATES if cfg[0] == 1 or self.deferred_mode is not True]
+        key = (card, "attention", self.batch_size, self.dtype, self.pdl, c.n_heads, c.n_kv_heads, c.head_dim,
+               tuple(candidates))
         if key not in _TUNED:
             qkv, out = torch.randn_like(self.qkv), torch.empty_like(self.attn)
             caches = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v) for layer in m.layers]
@@ -878,11 +879,11 @@ class TritonDecodeStep:
             # A candidate is timed only if it runs and agrees here, on this card, with the one-program-per-head
             # kernel (same inputs; the split sums differ only in order). One this card's compiler or memory
             # refuses is left out too, as `time_candidates` leaves out a product's tile.
-            run(ATTENTION_CANDIDATES[0], caches[:1])
+            run(candidates[0], caches[:1])
             want = out.float().clone()
             tol = 1e-4 if self.dtype == torch.float32 else 3e-2
-            agreeing = [ATTENTION_CANDIDATES[0]]
-            for cfg in ATTENTION_CANDIDATES[1:]:
+            agreeing = [candidates[0]]
+            for cfg in candidates[1:]:
                 try:
                     run(cfg, caches[:1])
                 except Exception as err:  # noqa: BLE001 - compile/launch errors differ by Triton version
@@ -905,12 +906,11 @@ class TritonDecodeStep:
         self.deferred = option == DEFERRED
         if option is None or option == DEFERRED:
             self.persistent = None
-        elif runners is None:
-            self.persistent = decode_persistent.PersistentDecode(self.model, option)
-        else:
-            if option not in runners:
-                runners[option] = decode_persistent.PersistentDecode(self.model, option)
-            self.persistent = runners[option]
+            return
+        runners = {} if runners is None else runners
+        if option not in runners:
+            runners[option] = decode_persistent.PersistentDecode(self.model, option)
+        self.persistent = runners[option]
 
     @property
     def kernels(self) -> str:
@@ -954,25 +954,26 @@ class TritonDecodeStep:
         if self.persistent is not None:
             self.persistent.run(self)
             return
-        deferred = self.deferred
-        products = iter(zip(self.products, self.deferred_configs if deferred else self.configs))
+        deferring = self.deferring if self.deferred else frozenset()
+        products = iter(enumerate(zip(self.products, self.deferred_configs if self.deferred else self.configs)))
 
-        def product(merge: Optional[PartialSums] = None, defer: bool = False) -> Optional[PartialSums]:
-            (x, weight, out, kw), cfg = next(products)
+        def product(merge: Optional[PartialSums] = None) -> Optional[PartialSums]:
+            # the next product; the sums it leaves to the next kernel if it defers them, else None
+            i, ((x, weight, out, kw), cfg) = next(products)
             sums = gemv(x, weight, out, config=cfg, pdl=self.pdl, workspace=self.workspace, merge=merge,
-                        defer=defer, **kw)
-            return sums if defer else None
+                        defer=i in deferring, **kw)
+            return sums if i in deferring else None
 
         owed = None  # deferred: the sums the residual stream x still lacks (of o or down)
         for layer in m.layers:
             a = layer.self_attn
-            qkv_sums = product(merge=owed, defer=deferred)  # RMSNorm -> q/k/v
+            qkv_sums = product(merge=owed)  # RMSNorm -> q/k/v
             decode_attention(self.qkv, a.kv_cache.k, a.kv_cache.v, self.pos, m.rope_cos, m.rope_sin, self.attn,
                              c.n_heads, c.n_kv_heads, pdl=self.pdl, splits=self.attention_config[0],
                              block_s=self.attention_config[1], workspace=self.workspace, qkv_sums=qkv_sums)
-            owed = product(defer=deferred)  # o + residual
+            owed = product()  # o + residual
             product(merge=owed)  # RMSNorm -> gate/up -> SiLU(gate) * up
-            owed = product(defer=deferred)  # down + residual
+            owed = product()  # down + residual
         product(merge=owed)  # RMSNorm -> output head
 
     def _advance(self) -> None:
@@ -1075,7 +1076,7 @@ class TritonDecodeStep:
 
 
 _TUNED: dict[tuple, object] = {}  # (card, shape, ...) -> a product's GemvConfig or the attention's (splits, block_s)
-_TUNED_STEP: dict[tuple, tuple] = {}  # (card, model shape, ...) -> (persistent config or None, µs per option)
+_TUNED_STEP: dict[tuple, tuple] = {}  # (card, model shape, ...) -> (step option: `_use`, µs per option)
 
 
 DEFERRED = "deferred"  # a whole-step option of `TritonDecodeStep._tune_step` (see its `deferred`)
