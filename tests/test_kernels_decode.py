@@ -569,6 +569,23 @@ def test_engine_uses_triton_step_and_matches_eager():
 
 
 @needs_triton
+def test_engine_triton_deferred_reaches_the_rows_step():
+    """DecodeEngine(triton_deferred=True) runs its steps of 2+ rows with deferred split-K sums (batch 1 keeps
+    the GEMV step, which has none); greedy tokens of 3 rows equal the eager model's."""
+    from tinyllama.generate import DecodeEngine, SamplingConfig, generate_batch
+
+    ref, fused = _models(torch.float32)
+    engine = DecodeEngine(fused, decode_kernels="triton", triton_deferred=True)
+    assert engine.triton_step(1).deferred is False and engine.triton_step(3).deferred is True
+    assert engine.triton_step(3).kernels == "layered, split-K sums deferred"
+    prompt = torch.randint(0, 96, (7,)).tolist()
+    same = [prompt, prompt[::-1], prompt[1:] + prompt[:1]]
+    cfg = SamplingConfig(max_new_tokens=5, stop_at_eos=False)
+    assert generate_batch(fused, same, cfg, engine=engine) == generate_batch(ref, same, cfg)
+    assert DecodeEngine(copy.deepcopy(fused), decode_kernels="triton").triton_step(3).deferred is False  # off by default
+
+
+@needs_triton
 def test_serve_engine_runs_decode_steps_on_the_triton_step():
     """The serve engine's decode buckets run the Triton steps: two rows at different positions (batch 2), then
     slot 0 alone (row 0 of a 3-row cache, batch 1) after the other left; tokens equal one-by-one generate."""

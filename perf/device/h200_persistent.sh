@@ -6,7 +6,7 @@
 # as whole-step graph replays in the same process. nvidia-smi is polled through the bench (clocks, power).
 # Carry .whl (zstandard). Usage: bash perf/device/h200_persistent.sh [tests|profile|layered|attention|sweep|bench]...
 # Env: TEST_TIMEOUT, BENCH_TIMEOUT, SWEEP_TIMEOUT (s), BENCH_BUDGET (bench generate --time-budget; 180 s was spent on the batch-1
-# rows and baselines before batch 32 in the eleventh session), BATCHES, ROWS, TESTS_K (pytest -k), LAYERED_BATCHES,
+# rows and baselines before batch 32 in the eleventh session), BENCH_ARGS (more bench generate flags), BATCHES, ROWS, TESTS_K (pytest -k), LAYERED_BATCHES,
 # LAYERED_TIMEOUT (its tuning compiles every candidate: ~30 at 32 rows).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -33,7 +33,7 @@ for part in "$@"; do
   bench)
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
       --format=csv -lms 500 > $OUT/smi_generate.csv 2>&1 & smi=$!
-    timeout ${BENCH_TIMEOUT:-240} python3 -m tinyllama bench generate --batch-sizes ${BATCHES:-1,32} --time-budget ${BENCH_BUDGET:-180} \
+    timeout ${BENCH_TIMEOUT:-240} python3 -m tinyllama bench generate --batch-sizes ${BATCHES:-1,32} --time-budget ${BENCH_BUDGET:-180} ${BENCH_ARGS:-} \
       --json $OUT/bench_generate.json 2>&1 | quiet | tail -25
     kill $smi ;;
   *) echo "unknown part $part"; exit 2 ;;

@@ -234,6 +234,9 @@ class DecodeEngine:
     TRITON_INTERPRET=1, for tests); "torch": never. Larger or padded (rope_pos / key_mask) batches run the
     compiled step.
 
+    triton_deferred: the Triton step's deferred split-K sums at 2+ rows (`TritonDecodeStep(deferred=)`): False
+    (default) never, True always, None: its tuning times both whole steps and keeps the faster.
+
     prefill_graphs=True (with compile): an unpadded prefill is also captured in a CUDA graph per (batch,
     length) once that shape comes a second time, and replayed for the next prompts of that shape (the
     compiled prefill alone spends ~6-10 ms launching its kernels for 128 tokens on an H100, the graph
@@ -244,7 +247,8 @@ class DecodeEngine:
 
     def __init__(self, model: Llama, compile: bool = False, cache_dtype: Optional[torch.dtype] = None,
                  fuse: bool = False, compile_mode: str = "reduce-overhead", decode_kernels: str = "auto",
-                 prefill_graphs: bool = True, triton_max_batch: Optional[int] = None) -> None:
+                 prefill_graphs: bool = True, triton_max_batch: Optional[int] = None,
+                 triton_deferred: Optional[bool] = False) -> None:
         if decode_kernels not in ("auto", "triton", "torch"):
             raise GenerationError(f"decode_kernels must be auto, triton or torch, got {decode_kernels!r}")
         if decode_kernels == "torch" and triton_max_batch:
@@ -277,6 +281,7 @@ class DecodeEngine:
         self._uncapturable: set = set()  # prefill shapes whose capture failed once
         self._triton_steps: dict = {}  # batch size -> its TritonDecodeStep, made on first use
         self.triton_max_batch = 0  # 0: no Triton step
+        self.triton_deferred = triton_deferred
         self._last_triton = None  # the Triton step the latest prefill/step ran, if any
         if decode_kernels == "triton" or (decode_kernels == "auto" and self.compile):
             from tinyllama.kernels import decode as triton_decode
@@ -328,7 +333,9 @@ class DecodeEngine:
         if found is None:
             from tinyllama.kernels.decode import TritonDecodeStep
 
-            found = self._triton_steps[batch_size] = TritonDecodeStep(self.model, batch_size=batch_size)
+            deferred = self.triton_deferred if batch_size > 1 else False  # (the rows kernel's, 2+ rows)
+            found = self._triton_steps[batch_size] = TritonDecodeStep(self.model, batch_size=batch_size,
+                                                                      deferred=deferred)
         return found
 
     # steps ------------------------------------------------------------------------------------

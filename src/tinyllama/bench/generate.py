@@ -38,6 +38,8 @@ def add_arguments(p) -> None:
     p.add_argument("--triton-max-batch", type=flag.nonnegative_int, default=None,
                    help="largest batch the Triton decode step runs (default: DecodeEngine's auto limit); "
                         "the torch step is timed beside it at every batch up to this")
+    p.add_argument("--triton-deferred", choices=("off", "auto", "on"), default="off",
+                   help="the Triton step's deferred split-K sums at 2+ rows: auto times both steps and keeps the faster")
     p.add_argument("--quant", default="", help="comma list of int8,int4-32,int4-128 to time at batch 1")
     p.add_argument("--repeats", type=flag.positive_int, default=2, help="timed repeats per variant (best is kept)")
     p.add_argument("--time-budget", type=flag.nonnegative_float, default=0,
@@ -191,7 +193,8 @@ def run(args) -> int:
         # A fused copy (q/k/v and gate/up as one matrix each): the original stays for the baselines.
         fast = copy.deepcopy(model)
         compiled = DecodeEngine(fast, compile=True, fuse=True, prefill_graphs=not args.no_prefill_graphs,
-                                triton_max_batch=args.triton_max_batch)
+                                triton_max_batch=args.triton_max_batch,
+                                triton_deferred={"off": False, "auto": None, "on": True}[args.triton_deferred])
 
     def compiled_batch(B, kernels="auto"):
         # kernels="auto": the Triton decode step where it can (tinyllama.kernels.decode);
