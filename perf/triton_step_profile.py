@@ -92,6 +92,9 @@ def _profile_step(model, eager, B, ids, pos, report, chosen: bool) -> None:
     for p, r in products.items():
         print(f"   {p:>8}: {r['us']:8.1f} us, weights at {r['TB_per_s']:.2f} TB/s  {tile[p]}", flush=True)
     print(f"   attention {eager.attention_config}", flush=True)
+    if eager.l2_times:  # each product's tuned tile, µs over all layers per l2_ahead (0: no L2 prefetch)
+        report["batches"][-1]["l2_ahead_us_tuned"] = eager.l2_times
+        print(f"   L2 prefetch (K-blocks ahead: us) {eager.l2_times}", flush=True)
 
 
 def main() -> None:

@@ -78,6 +78,36 @@ def test_gemv_matches_reference(dtype, variant, rows):
 
 
 @needs_triton
+@pytest.mark.parametrize("rows", [1, 3, 32])
+def test_l2_prefetch_changes_no_result(rows):
+    """`GemvConfig.l2_ahead` (Hopper's bulk L2 prefetch, with PDL) is a hint: with it every kernel writes the
+    same bits as without, in every window (a block ahead, several, more than the columns), split-K and
+    unsplit, first tile read before the wait or in the loop, SwiGLU's two halves. A row of 203 columns
+    (406 bytes, not a multiple of 16) runs without it. Under the interpreter (no PDL) gemv leaves it out."""
+    from dataclasses import replace
+
+    from tinyllama.kernels.decode import GemvConfig, gemv, pdl_supported
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    pdl = pdl_supported(DEVICE)
+    torch.manual_seed(rows)
+    tiles = (GemvConfig(8, 64, 4, 2), GemvConfig(4, 64, 4, 1, rowsum=True)) if rows == 1 else (
+        GemvConfig(32, 64, 4, 2, swap=True), GemvConfig(32, 64, 4, 2, swap=True, split_k=3, prefetch=False),
+        GemvConfig(16, 64, 4, 3, split_k=2))
+    for K in (200, 203):
+        N = 48
+        for kw in ({}, {"swiglu": True, "norm_weight": torch.ones(K, device=DEVICE, dtype=dtype)}):
+            w = (torch.randn(2 * N if kw else N, K, device=DEVICE) / K**0.5).to(dtype)
+            x = torch.randn((K,) if rows == 1 else (rows, K), device=DEVICE).to(dtype)
+            for tile in tiles:
+                want = gemv(x, w, torch.empty((N,) if rows == 1 else (rows, N), device=DEVICE, dtype=dtype),
+                            config=tile, pdl=pdl, **kw).clone()
+                for ahead in (1, 2, 64):
+                    got = gemv(x, w, torch.empty_like(want), config=replace(tile, l2_ahead=ahead), pdl=pdl, **kw)
+                    assert torch.equal(got, want), (K, tile, ahead, kw.keys())
+
+
+@needs_triton
 @pytest.mark.parametrize("swap", [False, True])
 def test_split_k_products_are_deterministic_and_reset_their_counters(swap):
     """Split-K products (each weight tile's columns over several programs, the partial sums added by the
@@ -751,13 +781,19 @@ def test_decode_kernels_compile_for_hopper():
                 _compile_for_hopper(D._rows_kernel, ptrs, dict(
                     HAS_NORM=norm, SWIGLU=swiglu, HAS_RES=res, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
                     BLOCK_K=256, DOT_FP32=False, SWAP=swap, SPLIT_K=split,
-                    PREFETCH=not (swap and split > 1), DEFER=False))  # both ways of reading the first tile
+                    PREFETCH=not (swap and split > 1), DEFER=False,  # both ways of reading the first tile
+                    L2_AHEAD=0 if norm else 4))  # L2 prefetch: the window before the wait, then in the loop
             if swap or split > 1:  # the deferred product: partial sums only (one when unsplit)
                 _compile_for_hopper(D._rows_kernel, ptrs, dict(
                     HAS_NORM=False, SWIGLU=False, HAS_RES=False, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
-                    BLOCK_K=128, DOT_FP32=False, SWAP=swap, SPLIT_K=split, PREFETCH=False, DEFER=True))
-    _compile_for_hopper(D._gemv_kernel, dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf), dict(
-        HAS_NORM=True, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_N=4, BLOCK_K=2048, ROWSUM=True))
+                    BLOCK_K=128, DOT_FP32=False, SWAP=swap, SPLIT_K=split, PREFETCH=False, DEFER=True, L2_AHEAD=0))
+    for ahead in (0, 2):
+        kernel = _compile_for_hopper(D._gemv_kernel, dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf), dict(
+            HAS_NORM=True, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_N=4, BLOCK_K=2048, ROWSUM=True, L2_AHEAD=ahead))
+        # the bulk prefetch (ptxas took it): the window before the wait and the loop's, for gate and up each
+        # (each site once per element a thread holds)
+        prefetches = kernel.asm["ptx"].count("cp.async.bulk.prefetch.L2.global")
+        assert prefetches >= 4 if ahead else prefetches == 0
     attention_ptrs = dict.fromkeys(["QKV", "K_CACHE", "V_CACHE", "OUT"], bf)
     attention_ptrs.update(POS="*i64", COS="*fp32", SIN="*fp32", PART="*fp32", COUNT="*i32")
     # every split candidate the step tunes over, at the 1.1B's widths, and the small one the GPU tests use

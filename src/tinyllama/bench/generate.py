@@ -229,6 +229,9 @@ def run(args) -> int:
                 extra["step_us_tuned"] = step.step_times
             # the attention's cache (splits, block) and, when tuned, each candidate's µs over all layers
             extra["attention_splits_block"] = list(step.attention_config)
+            if step.l2_times:  # each product's tuned tile with its weights prefetched into L2 that far ahead (K-blocks)
+                extra["l2_ahead_us_tuned"] = {name: {str(a): round(t, 1) for a, t in times.items()}
+                                              for name, times in step.l2_times.items()}
             if step.attention_times:
                 extra["attention_us_tuned"] = {f"{s}x{b}": round(t, 1) for (s, b), t in step.attention_times.items()}
         if B == 1:

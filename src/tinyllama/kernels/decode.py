@@ -131,12 +131,44 @@ if triton is not None:
             gdc_launch_dependents()
 
     @triton.jit
+    def _prefetch_l2(W, N, K, rows, row_ok, start, stop, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Hopper's bulk L2 prefetch (`cp.async.bulk.prefetch.L2`): columns [start, stop) of each of this
+        # program's weight rows (and of the up half's, with SWIGLU) are brought into L2 with no registers and
+        # no wait, so the loads that follow find them there. A hint: no result depends on it. Each row's
+        # range is cut into CHUNKS pieces so that the (BLOCK_N, CHUNKS) requests are spread over the threads
+        # (a (BLOCK_N,) tensor smaller than the program would be repeated in every thread that holds a copy).
+        # A row past N or an empty piece issues nothing. `gemv` turns it on only where each row starts
+        # 16-byte aligned (a piece's size and address must be multiples of 16).
+        CHUNKS: tl.constexpr = (256 + BLOCK_N - 1) // BLOCK_N
+        ELEM: tl.constexpr = W.dtype.element_ty.primitive_bitwidth // 8
+        ALIGN: tl.constexpr = 16 // ELEM
+        span = tl.cdiv(tl.cdiv(stop - start, CHUNKS), ALIGN) * ALIGN  # columns a piece, 16-byte multiples
+        lo = start + tl.arange(0, CHUNKS) * span
+        hi = tl.minimum(lo + span, stop)
+        nbytes = tl.where(row_ok[:, None], (hi - lo)[None, :] * ELEM, 0).to(tl.int32)
+        at = W + rows[:, None].to(tl.int64) * K + lo[None, :]
+        _bulk_prefetch_l2(at, nbytes)
+        if SWIGLU:
+            _bulk_prefetch_l2(at + N * K, nbytes)
+
+    @triton.jit
+    def _bulk_prefetch_l2(at, nbytes):
+        # one `cp.async.bulk.prefetch.L2` per element: nbytes (a multiple of 16; none if <= 0) from address at
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [at.to(tl.int64), nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _first_weight_tile(W, N, K, k_start, k_end, SWIGLU: tl.constexpr, PDL: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, L2_AHEAD: tl.constexpr):
         # This program's BLOCK_N weight rows and their first tile, at column k_start of its columns
         # [k_start, k_end) (and the up half's, with SWIGLU). The tile does not depend on the previous kernel:
-        # with PDL it is read while that kernel finishes, before the wait for its results.
+        # with PDL it is read while that kernel finishes, before the wait for its results; so are the
+        # L2_AHEAD K-blocks after it, into L2 (`_prefetch_l2`; the loop keeps that window ahead of its loads).
         rows, row_ok, cols, w_rows = _weight_rows(W, N, K, BLOCK_N, BLOCK_K)
+        if L2_AHEAD > 0:
+            _prefetch_l2(W, N, K, rows, row_ok, k_start + BLOCK_K, tl.minimum(k_start + (L2_AHEAD + 1) * BLOCK_K, k_end),
+                         SWIGLU, BLOCK_N)
         m = row_ok[:, None] & (k_start + cols < k_end)[None, :]
         w = tl.load(w_rows + k_start + cols[None, :], mask=m, other=0.0)
         wu = w
@@ -148,8 +180,9 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(X, W, OUT, RES, NORM_W, N, K, eps,
                      HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWSUM: tl.constexpr):
-        rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, 0, K, SWIGLU, PDL, BLOCK_N, BLOCK_K)
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWSUM: tl.constexpr, L2_AHEAD: tl.constexpr):
+        rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, 0, K, SWIGLU, PDL, BLOCK_N, BLOCK_K,
+                                                               L2_AHEAD)
         dt = OUT.dtype.element_ty
         # One pass over x and W: the norm's 1/rms is a scalar, so it is applied to the sums at the end
         # (the model rounds the normalised x to its dtype first; here it stays fp32 — the only deviation).
@@ -160,6 +193,9 @@ if triton is not None:
         acc, acc_up, ss = _gemv_accumulate(zero, zero, tl.zeros([BLOCK_K], dtype=tl.float32), w, wu, X, NORM_W,
                                            0, K, cols, HAS_NORM, SWIGLU, ROWSUM)
         for k0 in range(BLOCK_K, K, BLOCK_K):
+            if L2_AHEAD > 0:  # the block L2_AHEAD past this one, into L2
+                ahead = k0 + L2_AHEAD * BLOCK_K
+                _prefetch_l2(W, N, K, rows, row_ok, ahead, tl.minimum(ahead + BLOCK_K, K), SWIGLU, BLOCK_N)
             m = row_ok[:, None] & (k0 + cols < K)[None, :]
             w = tl.load(w_rows + k0 + cols[None, :], mask=m, other=0.0)
             if SWIGLU:
@@ -239,7 +275,8 @@ if triton is not None:
     def _rows_kernel(X, W, OUT, RES, NORM_W, PART, SS, COUNT, M, N, K, eps,
                      HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                     SWAP: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr):
+                     SWAP: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr,
+                     L2_AHEAD: tl.constexpr):
         # `_gemv_kernel` for M > 1 input rows (a decode step of M sequences): each program reads its
         # BLOCK_N weight rows once for all M inputs, so the step still reads every weight once.
         # SPLIT_K > 1: program (n, s) sums only the s-th of SPLIT_K near-equal runs of whole K-blocks (their
@@ -251,7 +288,9 @@ if triton is not None:
         # the epilogue. PREFETCH: the first weight tile is read before the wait for the previous kernel
         # (PDL), outside the loop; else every tile goes through the loop's pipeline. DEFER (no norm or SwiGLU
         # here): only the partial sums are written, (SPLIT_K, BLOCK_M, N); the next kernel adds them up in the
-        # same order as it reads them (`PartialSums`), so no program waits for the others.
+        # same order as it reads them (`PartialSums`), so no program waits for the others. L2_AHEAD > 0: the
+        # next L2_AHEAD K-blocks of the weight rows are prefetched into L2 before the wait, and the loop keeps
+        # that window ahead of its loads (`_prefetch_l2`).
         pid_k = tl.program_id(1)
         k_blocks = tl.cdiv(K, BLOCK_K)
         k_start = (pid_k * k_blocks // SPLIT_K) * BLOCK_K
@@ -264,17 +303,23 @@ if triton is not None:
             zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if PREFETCH:
             rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, k_start, k_end, SWIGLU, PDL, BLOCK_N,
-                                                                   BLOCK_K)
+                                                                   BLOCK_K, L2_AHEAD)
             acc, acc_up, ss = _rows_accumulate(zero, zero, tl.zeros([BLOCK_M], dtype=tl.float32), w, wu, X,
                                                NORM_W, k_start, M, K, k_end, ms, cols, HAS_NORM, SWIGLU, DOT_FP32,
                                                SWAP)
             k_loop = k_start + BLOCK_K
         else:
             rows, row_ok, cols, w_rows = _weight_rows(W, N, K, BLOCK_N, BLOCK_K)
+            if L2_AHEAD > 0:
+                _prefetch_l2(W, N, K, rows, row_ok, k_start, tl.minimum(k_start + L2_AHEAD * BLOCK_K, k_end), SWIGLU,
+                             BLOCK_N)
             _wait_for_previous_kernel(PDL)
             acc, acc_up, ss = zero, zero, tl.zeros([BLOCK_M], dtype=tl.float32)
             k_loop = k_start
         for k0 in range(k_loop, k_end, BLOCK_K):
+            if L2_AHEAD > 0:  # the block L2_AHEAD past this one, into L2 (the window before the wait ends there)
+                ahead = k0 + L2_AHEAD * BLOCK_K
+                _prefetch_l2(W, N, K, rows, row_ok, ahead, tl.minimum(ahead + BLOCK_K, k_end), SWIGLU, BLOCK_N)
             m = row_ok[:, None] & (k0 + cols < k_end)[None, :]
             w = tl.load(w_rows + k0 + cols[None, :], mask=m, other=0.0)
             wu = w
@@ -423,6 +468,10 @@ class GemvConfig:
     # the rows kernel, products with an RMSNorm: normalise x in a kernel of its own first (as the model does,
     # rounded to its dtype), so that the product's x tiles go straight from memory to the tensor cores
     prenorm: bool = False
+    # both kernels, with PDL (Hopper+): K-blocks of each weight row prefetched into L2 ahead of the loads,
+    # the first of them while the previous kernel finishes (0: none). `tune` tries it on each product's
+    # fastest tile (`L2_AHEAD_CANDIDATES`)
+    l2_ahead: int = 0
 
 
 @dataclass(frozen=True)
@@ -554,6 +603,12 @@ ROWS_CANDIDATES_FP32 = (GemvConfig(16, 128, 4, 3), GemvConfig(16, 128, 4, 2), Ge
 # (1, 256): at the bench's positions (128-384) the unsplit kernel's first block, read before the PDL wait,
 # then holds most or all of each row's cache (32 rows: 170 us of the H100's 1,375 us step at 1.1 TB/s).
 ATTENTION_CANDIDATES = ((1, 128), (4, 32), (8, 32), (16, 32), (8, 64), (1, 256))
+# K-blocks a product's programs keep prefetched into L2 ahead of their loads (`GemvConfig.l2_ahead`), tried on
+# each product's fastest tile once the tiles are timed. Why (perf/NOTES.md, fourteenth session): between
+# kernels, and while a program waits on its loads, the weight stream stops; a bulk L2 prefetch puts more
+# bytes in flight per SM without registers, and with PDL starts the next product's stream during the
+# previous kernel. 64: in practice the program's whole slice of the weights.
+L2_AHEAD_CANDIDATES = (2, 8, 64)
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 
 
@@ -590,6 +645,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
         (weight.shape, x.shape, out.shape)
     assert rows <= MAX_ROWS, f"{rows} rows: at most {MAX_ROWS}"
     common = dict(HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RES=residual is not None, PDL=pdl)
+    # L2 prefetch: Hopper's bulk prefetch, which PDL implies here (sm_90+, compiled), on 16-byte-aligned rows
+    row_bytes = k * weight.element_size()
+    l2_ahead = (config.l2_ahead if config is not None and pdl and row_bytes % 16 == 0
+                and weight.data_ptr() % 16 == 0 else 0)
     args = (x, weight, out, residual if residual is not None else out, norm_weight if norm_weight is not None else x)
     if rows == 1:
         if defer or merge is not None:
@@ -597,7 +656,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
         config = config or GEMV_CANDIDATES[0]
         _gemv_kernel[(triton.cdiv(n, config.block_n),)](
             *args, n, k, eps, **common, BLOCK_N=config.block_n, BLOCK_K=config.block_k, ROWSUM=config.rowsum,
-            num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
+            L2_AHEAD=l2_ahead, num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
     else:
         config = config or ROWS_CANDIDATES[0]
         block_m, block_n, block_k = max(16, triton.next_power_of_2(rows)), max(16, config.block_n), max(16, config.block_k)
@@ -632,7 +691,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
             *args, part, ss, count, rows, n, k, eps, **common, BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_K=block_k,
             DOT_FP32=x.dtype == torch.float32 or _interpreted(), SWAP=config.swap, SPLIT_K=split,
-            PREFETCH=config.prefetch, DEFER=defer, num_warps=config.num_warps, num_stages=config.num_stages,
+            PREFETCH=config.prefetch, DEFER=defer, L2_AHEAD=l2_ahead, num_warps=config.num_warps,
+            num_stages=config.num_stages,
             **_pdl_launch(pdl))
         if defer:
             return PartialSums(part, split, block_m * n)
@@ -806,6 +866,8 @@ class TritonDecodeStep:
         self.deferred_configs: list[GemvConfig] = [replace(default, prenorm=True)] * len(self.products)
         self.attention_config = ATTENTION_CANDIDATES[0]  # (splits, block_s)
         self.attention_times: dict[tuple, float] = {}  # µs for all layers' attention, per candidate (`tune`, CUDA)
+        # µs for all layers' product of that name, its fastest tile per l2_ahead (`tune`, CUDA with PDL)
+        self.l2_times: dict[str, dict[int, float]] = {}
         if persistent:
             self.persistent = decode_persistent.PersistentDecode(
                 model, decode_persistent.PERSISTENT_CANDIDATES[0] if self.device.type == "cuda"
@@ -844,8 +906,14 @@ class TritonDecodeStep:
                         for w in weights:
                             gemv(xs, w, outs, config=cfg, pdl=self.pdl, workspace=self.workspace, defer=defer, **skw)
 
-                    _TUNED[mode_key] = _fastest(run_all, candidates_for(self.candidates, "norm_weight" in kw,
-                                                                        deferred, defer))[0]
+                    best = _fastest(run_all, candidates_for(self.candidates, "norm_weight" in kw, deferred, defer))[0]
+                    if self.pdl:  # the fastest tile, with the weights prefetched into L2 ahead of its loads
+                        best, times = _fastest(run_all, [best] + [replace(best, l2_ahead=a) for a in L2_AHEAD_CANDIDATES])
+                        _L2_TIMES[mode_key] = {cfg.l2_ahead: t for cfg, t in times.items()}
+                    _TUNED[mode_key] = best
+                if mode_key in _L2_TIMES:
+                    name = _PRODUCT_NAMES[members[0] % 4] if members[0] < len(self.products) - 1 else "head"
+                    self.l2_times[name + (" deferred" if deferred else "")] = _L2_TIMES[mode_key]
                 for i in members:
                     (self.deferred_configs if deferred else self.configs)[i] = _TUNED[mode_key]
         self._tune_attention(card)
@@ -1076,7 +1144,9 @@ class TritonDecodeStep:
 
 
 _TUNED: dict[tuple, object] = {}  # (card, shape, ...) -> a product's GemvConfig or the attention's (splits, block_s)
-_TUNED_STEP: dict[tuple, tuple] = {}  # (card, model shape, ...) -> (step option: `_use`, µs per option)
+_TUNED_STEP: dict[tuple, tuple] = {}
+_L2_TIMES: dict[tuple, dict] = {}  # a product's tuning key -> {l2_ahead: µs} of its fastest tile
+_PRODUCT_NAMES = ("qkv", "o", "gate_up", "down")  # a layer's products in `TritonDecodeStep.products` order  # (card, model shape, ...) -> (step option: `_use`, µs per option)
 
 
 DEFERRED = "deferred"  # a whole-step option of `TritonDecodeStep._tune_step` (see its `deferred`)
