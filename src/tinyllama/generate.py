@@ -234,8 +234,8 @@ class DecodeEngine:
     TRITON_INTERPRET=1, for tests); "torch": never. Larger or padded (rope_pos / key_mask) batches run the
     compiled step.
 
-    triton_deferred: the Triton step's deferred split-K sums at 2+ rows (`TritonDecodeStep(deferred=)`): False
-    (default) never, True always, None: its tuning times both whole steps and keeps the faster.
+    triton_deferred: the Triton step's deferred split-K sums at 2+ rows (`TritonDecodeStep(deferred=)`): None
+    (default) where its tuning times the whole step faster with them (CUDA), True always, False never.
 
     prefill_graphs=True (with compile): an unpadded prefill is also captured in a CUDA graph per (batch,
     length) once that shape comes a second time, and replayed for the next prompts of that shape (the
@@ -248,7 +248,7 @@ class DecodeEngine:
     def __init__(self, model: Llama, compile: bool = False, cache_dtype: Optional[torch.dtype] = None,
                  fuse: bool = False, compile_mode: str = "reduce-overhead", decode_kernels: str = "auto",
                  prefill_graphs: bool = True, triton_max_batch: Optional[int] = None,
-                 triton_deferred: Optional[bool] = False) -> None:
+                 triton_deferred: Optional[bool] = None) -> None:
         if decode_kernels not in ("auto", "triton", "torch"):
             raise GenerationError(f"decode_kernels must be auto, triton or torch, got {decode_kernels!r}")
         if decode_kernels == "torch" and triton_max_batch:

@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--triton-max-batch", type=flag.nonnegative_int, default=None,
                    help="largest batch the Triton decode step runs (default: DecodeEngine's auto limit); "
                         "the torch step is timed beside it at every batch up to this")
-    p.add_argument("--triton-deferred", choices=("off", "auto", "on"), default="off",
+    p.add_argument("--triton-deferred", choices=("off", "auto", "on"), default="auto",
                    help="the Triton step's deferred split-K sums at 2+ rows: auto times both steps and keeps the faster")
     p.add_argument("--quant", default="", help="comma list of int8,int4-32,int4-128 to time at batch 1")
     p.add_argument("--repeats", type=flag.positive_int, default=2, help="timed repeats per variant (best is kept)")

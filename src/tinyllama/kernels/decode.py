@@ -604,11 +604,13 @@ ROWS_CANDIDATES_FP32 = (GemvConfig(16, 128, 4, 3), GemvConfig(16, 128, 4, 2), Ge
 # then holds most or all of each row's cache (32 rows: 170 us of the H100's 1,375 us step at 1.1 TB/s).
 ATTENTION_CANDIDATES = ((1, 128), (4, 32), (8, 32), (16, 32), (8, 64), (1, 256))
 # K-blocks a product's programs keep prefetched into L2 ahead of their loads (`GemvConfig.l2_ahead`), tried on
-# each product's fastest tile once the tiles are timed. Why (perf/NOTES.md, fourteenth session): between
-# kernels, and while a program waits on its loads, the weight stream stops; a bulk L2 prefetch puts more
-# bytes in flight per SM without registers, and with PDL starts the next product's stream during the
-# previous kernel. 64: in practice the program's whole slice of the weights.
-L2_AHEAD_CANDIDATES = (2, 8, 64)
+# each product's fastest tile once the tiles are timed. Why: between kernels the weight stream stops; a bulk
+# L2 prefetch puts bytes in flight without registers, and with PDL starts the next product's stream during
+# the previous kernel. Measured (H100, perf/NOTES.md, fourteenth session): slower for every product at one
+# row (qkv 106 -> 206 us) and for all but o at 32 rows, where the whole slice prefetched before the wait
+# (64: more K-blocks than a program has) took 9 % off (99.5 -> 90.8 us); windows of 2 and 8 lost everywhere,
+# so only the whole-slice prefetch is tried.
+L2_AHEAD_CANDIDATES = (64,)
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 
 
@@ -622,7 +624,9 @@ def candidates_for(candidates, has_norm: bool, deferred: bool = False, defer: bo
     if defer:
         tiles = [replace(c, prenorm=has_norm) for c in candidates]
         return list(dict.fromkeys(tiles))  # without the twins that differed only in prenorm
-    return [c for c in candidates if c.prenorm or not has_norm]
+    # (a list without prenorm tiles, such as fp32's, has each made prenorm: an H100 run found none left to time)
+    return [c for c in candidates if c.prenorm or not has_norm] or \
+        list(dict.fromkeys(replace(c, prenorm=True) for c in candidates))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None,
@@ -795,7 +799,7 @@ class TritonDecodeStep:
 
     def __init__(self, model, use_graph: Optional[bool] = None, pdl: Optional[bool] = None,
                  batch_size: int = 1, tune: bool = True, persistent: Optional[bool] = False,
-                 deferred: Optional[bool] = False) -> None:
+                 deferred: Optional[bool] = None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
@@ -858,8 +862,8 @@ class TritonDecodeStep:
         # The deferred step (rows kernel): q/k/v, o and down write split-K partial sums that the next kernel
         # adds up as it reads them (the attention; the norm kernel of gate/up, of the next layer's q/k/v, of
         # the head), with tiles of its own (untuned: the default, its norm as a kernel of its own).
-        # deferred=True always, False never, None: `tune` times both steps and keeps the faster. Off by
-        # default until measured on a GPU (perf/NOTES.md, thirteenth session).
+        # deferred=True always, False never, None (default): `tune` times both steps and keeps the faster
+        # (H100, 32 rows: 1,336.9 -> 1,157.8 us a step; perf/NOTES.md, fourteenth session).
         self.deferred_mode = deferred if batch_size > 1 else False
         self.deferred = bool(deferred)
         self.deferring = frozenset(self._deferring())
