@@ -80,10 +80,11 @@ def test_gemv_matches_reference(dtype, variant, rows):
 @needs_triton
 @pytest.mark.parametrize("rows", [1, 3, 32])
 def test_l2_prefetch_changes_no_result(rows):
-    """`GemvConfig.l2_ahead` (Hopper's bulk L2 prefetch, with PDL) is a hint: with it every kernel writes the
-    same bits as without, in every window (a block ahead, several, more than the columns), split-K and
-    unsplit, first tile read before the wait or in the loop, SwiGLU's two halves. A row of 203 columns
-    (406 bytes, not a multiple of 16) runs without it. Under the interpreter (no PDL) gemv leaves it out."""
+    """`GemvConfig.l2_ahead` (Hopper's bulk L2 prefetch in the rows kernel, with PDL) is a hint: with it the
+    kernel writes the same bits as without, in every window (a block ahead, several, more than the columns),
+    split-K and unsplit, first tile read before the wait or in the loop, SwiGLU's two halves. A row of 203
+    columns (406 bytes, not a multiple of 16) runs without it; so do one row (the GEMV kernel has none) and
+    the interpreter (no PDL)."""
     from dataclasses import replace
 
     from tinyllama.kernels.decode import GemvConfig, gemv, pdl_supported
@@ -794,9 +795,12 @@ def test_decode_kernels_compile_for_hopper():
                 _compile_for_hopper(D._rows_kernel, ptrs, dict(
                     HAS_NORM=False, SWIGLU=False, HAS_RES=False, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
                     BLOCK_K=128, DOT_FP32=False, SWAP=swap, SPLIT_K=split, PREFETCH=False, DEFER=True, L2_AHEAD=0))
-    for ahead in (0, 2):
-        kernel = _compile_for_hopper(D._gemv_kernel, dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf), dict(
-            HAS_NORM=True, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_N=4, BLOCK_K=2048, ROWSUM=True, L2_AHEAD=ahead))
+    _compile_for_hopper(D._gemv_kernel, dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf), dict(
+        HAS_NORM=True, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_N=4, BLOCK_K=2048, ROWSUM=True))
+    for ahead in (0, 4):
+        kernel = _compile_for_hopper(D._rows_kernel, ptrs, dict(
+            HAS_NORM=False, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128,
+            DOT_FP32=False, SWAP=True, SPLIT_K=2, PREFETCH=False, DEFER=False, L2_AHEAD=ahead))
         # the bulk prefetch (ptxas took it): the window before the wait and the loop's, for gate and up each
         # (each site once per element a thread holds)
         prefetches = kernel.asm["ptx"].count("cp.async.bulk.prefetch.L2.global")

@@ -180,9 +180,8 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(X, W, OUT, RES, NORM_W, N, K, eps,
                      HAS_NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWSUM: tl.constexpr, L2_AHEAD: tl.constexpr):
-        rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, 0, K, SWIGLU, PDL, BLOCK_N, BLOCK_K,
-                                                               L2_AHEAD)
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWSUM: tl.constexpr):
+        rows, row_ok, cols, w_rows, w, wu = _first_weight_tile(W, N, K, 0, K, SWIGLU, PDL, BLOCK_N, BLOCK_K, 0)
         dt = OUT.dtype.element_ty
         # One pass over x and W: the norm's 1/rms is a scalar, so it is applied to the sums at the end
         # (the model rounds the normalised x to its dtype first; here it stays fp32 — the only deviation).
@@ -193,9 +192,6 @@ if triton is not None:
         acc, acc_up, ss = _gemv_accumulate(zero, zero, tl.zeros([BLOCK_K], dtype=tl.float32), w, wu, X, NORM_W,
                                            0, K, cols, HAS_NORM, SWIGLU, ROWSUM)
         for k0 in range(BLOCK_K, K, BLOCK_K):
-            if L2_AHEAD > 0:  # the block L2_AHEAD past this one, into L2
-                ahead = k0 + L2_AHEAD * BLOCK_K
-                _prefetch_l2(W, N, K, rows, row_ok, ahead, tl.minimum(ahead + BLOCK_K, K), SWIGLU, BLOCK_N)
             m = row_ok[:, None] & (k0 + cols < K)[None, :]
             w = tl.load(w_rows + k0 + cols[None, :], mask=m, other=0.0)
             if SWIGLU:
@@ -468,9 +464,9 @@ class GemvConfig:
     # the rows kernel, products with an RMSNorm: normalise x in a kernel of its own first (as the model does,
     # rounded to its dtype), so that the product's x tiles go straight from memory to the tensor cores
     prenorm: bool = False
-    # both kernels, with PDL (Hopper+): K-blocks of each weight row prefetched into L2 ahead of the loads,
+    # the rows kernel, with PDL (Hopper+): K-blocks of each weight row prefetched into L2 ahead of the loads,
     # the first of them while the previous kernel finishes (0: none). `tune` tries it on each product's
-    # fastest tile (`L2_AHEAD_CANDIDATES`)
+    # fastest tile at 2+ rows (`L2_AHEAD_CANDIDATES`)
     l2_ahead: int = 0
 
 
@@ -604,12 +600,12 @@ ROWS_CANDIDATES_FP32 = (GemvConfig(16, 128, 4, 3), GemvConfig(16, 128, 4, 2), Ge
 # then holds most or all of each row's cache (32 rows: 170 us of the H100's 1,375 us step at 1.1 TB/s).
 ATTENTION_CANDIDATES = ((1, 128), (4, 32), (8, 32), (16, 32), (8, 64), (1, 256))
 # K-blocks a product's programs keep prefetched into L2 ahead of their loads (`GemvConfig.l2_ahead`), tried on
-# each product's fastest tile once the tiles are timed. Why: between kernels the weight stream stops; a bulk
+# each product's fastest tile at 2+ rows once the tiles are timed. Why: between kernels the weight stream stops; a bulk
 # L2 prefetch puts bytes in flight without registers, and with PDL starts the next product's stream during
 # the previous kernel. Measured (H100, perf/NOTES.md, fourteenth session): slower for every product at one
 # row (qkv 106 -> 206 us) and for all but o at 32 rows, where the whole slice prefetched before the wait
 # (64: more K-blocks than a program has) took 9 % off (99.5 -> 90.8 us); windows of 2 and 8 lost everywhere,
-# so only the whole-slice prefetch is tried.
+# so only the whole-slice prefetch is tried, and only by the rows kernel.
 L2_AHEAD_CANDIDATES = (64,)
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 
@@ -649,10 +645,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
         (weight.shape, x.shape, out.shape)
     assert rows <= MAX_ROWS, f"{rows} rows: at most {MAX_ROWS}"
     common = dict(HAS_NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RES=residual is not None, PDL=pdl)
-    # L2 prefetch: Hopper's bulk prefetch, which PDL implies here (sm_90+, compiled), on 16-byte-aligned rows
-    row_bytes = k * weight.element_size()
-    l2_ahead = (config.l2_ahead if config is not None and pdl and row_bytes % 16 == 0
-                and weight.data_ptr() % 16 == 0 else 0)
     args = (x, weight, out, residual if residual is not None else out, norm_weight if norm_weight is not None else x)
     if rows == 1:
         if defer or merge is not None:
@@ -660,9 +652,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm_weigh
         config = config or GEMV_CANDIDATES[0]
         _gemv_kernel[(triton.cdiv(n, config.block_n),)](
             *args, n, k, eps, **common, BLOCK_N=config.block_n, BLOCK_K=config.block_k, ROWSUM=config.rowsum,
-            L2_AHEAD=l2_ahead, num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
+            num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(pdl))
     else:
         config = config or ROWS_CANDIDATES[0]
+        # L2 prefetch: Hopper's bulk prefetch, which PDL implies here (sm_90+, compiled), on 16-byte-aligned rows
+        aligned = (k * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0
+        l2_ahead = config.l2_ahead if pdl and aligned else 0
         block_m, block_n, block_k = max(16, triton.next_power_of_2(rows)), max(16, config.block_n), max(16, config.block_k)
         tiles = triton.cdiv(n, block_n)
         split = min(max(1, config.split_k), triton.cdiv(k, block_k))  # every split gets one K-block or more
@@ -911,7 +906,7 @@ class TritonDecodeStep:
                             gemv(xs, w, outs, config=cfg, pdl=self.pdl, workspace=self.workspace, defer=defer, **skw)
 
                     best = _fastest(run_all, candidates_for(self.candidates, "norm_weight" in kw, deferred, defer))[0]
-                    if self.pdl:  # the fastest tile, with the weights prefetched into L2 ahead of its loads
+                    if self.pdl and self.batch_size > 1:  # the fastest tile, weights prefetched into L2 ahead
                         best, times = _fastest(run_all, [best] + [replace(best, l2_ahead=a) for a in L2_AHEAD_CANDIDATES])
                         _L2_TIMES[mode_key] = {cfg.l2_ahead: t for cfg, t in times.items()}
                     _TUNED[mode_key] = best
