@@ -167,8 +167,8 @@ if triton is not None:
         # L2_AHEAD K-blocks after it, into L2 (`_prefetch_l2`; the loop keeps that window ahead of its loads).
         rows, row_ok, cols, w_rows = _weight_rows(W, N, K, BLOCK_N, BLOCK_K)
         if L2_AHEAD > 0:
-            _prefetch_l2(W, N, K, rows, row_ok, k_start + BLOCK_K, tl.minimum(k_start + (L2_AHEAD + 1) * BLOCK_K, k_end),
-                         SWIGLU, BLOCK_N)
+            window_end = tl.minimum(k_start + (L2_AHEAD + 1) * BLOCK_K, k_end)
+            _prefetch_l2(W, N, K, rows, row_ok, k_start + BLOCK_K, window_end, SWIGLU, BLOCK_N)
         m = row_ok[:, None] & (k_start + cols < k_end)[None, :]
         w = tl.load(w_rows + k_start + cols[None, :], mask=m, other=0.0)
         wu = w
@@ -907,7 +907,8 @@ class TritonDecodeStep:
 
                     best = _fastest(run_all, candidates_for(self.candidates, "norm_weight" in kw, deferred, defer))[0]
                     if self.pdl and self.batch_size > 1:  # the fastest tile, weights prefetched into L2 ahead
-                        best, times = _fastest(run_all, [best] + [replace(best, l2_ahead=a) for a in L2_AHEAD_CANDIDATES])
+                        prefetching = [replace(best, l2_ahead=a) for a in L2_AHEAD_CANDIDATES]
+                        best, times = _fastest(run_all, [best] + prefetching)
                         _L2_TIMES[mode_key] = {cfg.l2_ahead: t for cfg, t in times.items()}
                     _TUNED[mode_key] = best
                 if mode_key in _L2_TIMES:
@@ -1143,9 +1144,9 @@ class TritonDecodeStep:
 
 
 _TUNED: dict[tuple, object] = {}  # (card, shape, ...) -> a product's GemvConfig or the attention's (splits, block_s)
-_TUNED_STEP: dict[tuple, tuple] = {}
+_TUNED_STEP: dict[tuple, tuple] = {}  # (card, model shape, ...) -> (step option: `_use`, µs per option)
 _L2_TIMES: dict[tuple, dict] = {}  # a product's tuning key -> {l2_ahead: µs} of its fastest tile
-_PRODUCT_NAMES = ("qkv", "o", "gate_up", "down")  # a layer's products in `TritonDecodeStep.products` order  # (card, model shape, ...) -> (step option: `_use`, µs per option)
+_PRODUCT_NAMES = ("qkv", "o", "gate_up", "down")  # a layer's products in `TritonDecodeStep.products` order
 
 
 DEFERRED = "deferred"  # a whole-step option of `TritonDecodeStep._tune_step` (see its `deferred`)
