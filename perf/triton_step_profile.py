@@ -47,7 +47,7 @@ def _profile_step(model, eager, B, ids, pos, report, chosen: bool) -> None:
         torch.cuda.synchronize()
     per_kernel, per_product = defaultdict(float), defaultdict(float)
     # the step's products run in a fixed order (TritonDecodeStep._layers): label them by their place
-    labels = ["qkv", "o", "gate_up", "down"] * len(model.layers) + ["head"]
+    labels = eager.product_names
     k = 0
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):
         if e.device_type.name == "CUDA":
@@ -112,9 +112,9 @@ def main() -> None:
         ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
         pos = torch.full((B,), a.pos, dtype=torch.long, device=dev)
         with torch.inference_mode():
-            # with --tune at 2+ rows both ways of adding split-K sums are tuned and timed (deferred=None)
-            eager = TritonDecodeStep(model, use_graph=False, batch_size=B, tune=a.tune,
-                                     deferred=None if B > 1 and a.tune else False)
+            # with --tune at 2+ rows both ways of adding split-K sums are tuned and timed (deferred=None, the
+            # default)
+            eager = TritonDecodeStep(model, use_graph=False, batch_size=B, tune=a.tune)
             eager.step(ids, pos)
             chosen = eager.deferred
             # at 2+ rows both steps, the one the tuning chose first: split-K sums merged by the product's last

@@ -614,6 +614,9 @@ def test_engine_triton_deferred_reaches_the_rows_step():
     engine = DecodeEngine(fused, decode_kernels="triton", triton_deferred=True)
     assert engine.triton_step(1).deferred is False and engine.triton_step(3).deferred is True
     assert engine.triton_step(3).kernels == "layered, split-K sums deferred"
+    step = engine.triton_step(3)  # the products' names, in the order the step runs them (tuning, profiles)
+    assert step.product_names == ["qkv", "o", "gate_up", "down"] * len(fused.layers) + ["head"]
+    assert len(step.product_names) == len(step.products)
     prompt = torch.randint(0, 96, (7,)).tolist()
     same = [prompt, prompt[::-1], prompt[1:] + prompt[:1]]
     cfg = SamplingConfig(max_new_tokens=5, stop_at_eos=False)

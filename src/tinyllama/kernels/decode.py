@@ -850,6 +850,7 @@ class TritonDecodeStep:
             self.products.append((self.hidden, mlp.down_proj.weight, self.x, dict(residual=self.x)))
         self.products.append((self.x, model.lm_head.weight, self.logits.view(-1) if B == 1 else self.logits,
                               dict(norm_weight=model.norm.weight, eps=model.norm.eps)))
+        self.product_names = ["qkv", "o", "gate_up", "down"] * len(model.layers) + ["head"]  # in that order
         self.candidates = GEMV_CANDIDATES if B == 1 else \
             ROWS_CANDIDATES_FP32 if self.dtype == torch.float32 else ROWS_CANDIDATES
         default = self.candidates[0] if self.device.type == "cuda" else INTERPRETER_CONFIG
@@ -912,8 +913,8 @@ class TritonDecodeStep:
                         _L2_TIMES[mode_key] = {cfg.l2_ahead: t for cfg, t in times.items()}
                     _TUNED[mode_key] = best
                 if mode_key in _L2_TIMES:
-                    name = _PRODUCT_NAMES[members[0] % 4] if members[0] < len(self.products) - 1 else "head"
-                    self.l2_times[name + (" deferred" if deferred else "")] = _L2_TIMES[mode_key]
+                    name = self.product_names[members[0]] + (" deferred" if deferred else "")
+                    self.l2_times[name] = _L2_TIMES[mode_key]
                 for i in members:
                     (self.deferred_configs if deferred else self.configs)[i] = _TUNED[mode_key]
         self._tune_attention(card)
@@ -1146,7 +1147,6 @@ class TritonDecodeStep:
 _TUNED: dict[tuple, object] = {}  # (card, shape, ...) -> a product's GemvConfig or the attention's (splits, block_s)
 _TUNED_STEP: dict[tuple, tuple] = {}  # (card, model shape, ...) -> (step option: `_use`, µs per option)
 _L2_TIMES: dict[tuple, dict] = {}  # a product's tuning key -> {l2_ahead: µs} of its fastest tile
-_PRODUCT_NAMES = ("qkv", "o", "gate_up", "down")  # a layer's products in `TritonDecodeStep.products` order
 
 
 DEFERRED = "deferred"  # a whole-step option of `TritonDecodeStep._tune_step` (see its `deferred`)
