@@ -1,11 +1,12 @@
 """Where a Triton decode step's time goes, kernel by kernel, at batch 1 and at larger batches.
 
-python perf/triton_step_profile.py [--batches 1,8] [--pos 256] [--out triton_step_profile.json]
+python perf/triton_step_profile.py [--batches 1,8] [--pos 256[,384...]] [--out triton_step_profile.json]
 Runs `kernels.decode.TritonDecodeStep` of a random-weight TinyLlama-1.1B (bf16, fused) eagerly under
 torch.profiler (CUDA kernel times; a graph replay would show as one event) with every row at position
 `pos`, and reports the GPU time per step of each kernel (the rows / GEMV products, the attention, the rest),
 next to the step's time as a CUDA-graph replay. Products run at their first (untuned) block shape unless
---tune.
+--tune. Several positions (--pos 129,384): tuned at the first, then each profiled with the same kernels, to
+show which kernel's time grows with the cache.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from tinyllama.checks import POSITIVE_INT
+from tinyllama.cli._args import number_list
 from tinyllama.config import ModelConfig
 from tinyllama.kernels.decode import TritonDecodeStep
 from tinyllama.model import Llama
@@ -80,11 +83,11 @@ def _profile_step(model, eager, B, ids, pos, report, chosen: bool) -> None:
     products = {p: {"us": round(us, 1), "TB_per_s": round(weight_bytes[p] / us / 1e6, 2)}
                 for p, us in per_product.items()}
     configs = eager.deferred_configs if eager.deferred else eager.configs
-    report["batches"].append({"batch": B, "deferred": eager.deferred, "chosen": chosen,
+    report["batches"].append({"batch": B, "pos": int(pos[0]), "deferred": eager.deferred, "chosen": chosen,
                               "step_us_tuned": eager.step_times, "graph_step_us": round(graph_us, 1),
                               "kernel_sum_us": round(total, 1), "tiles": sorted({str(c) for c in configs}),
                               "products": products, "kernels_us": {k: round(v, 1) for k, v in kernels}})
-    print(f"batch {B}{', deferred sums' if eager.deferred else ''}{' (chosen)' if chosen else ''}: graph replay "
+    print(f"batch {B} at position {int(pos[0])}{', deferred sums' if eager.deferred else ''}{' (chosen)' if chosen else ''}: graph replay "
           f"{graph_us:.1f} us per step; kernels (eager) sum {total:.1f} us; tuned {eager.step_times}", flush=True)
     for k, v in kernels[:8]:
         print(f"   {v:8.1f} us  {k[:90]}", flush=True)
@@ -100,17 +103,18 @@ def _profile_step(model, eager, B, ids, pos, report, chosen: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--pos", type=int, default=256)
+    ap.add_argument("--pos", type=number_list(**POSITIVE_INT), default=[256],
+                    help="cache positions of every row, comma-separated; the tuning runs at the first")
     ap.add_argument("--tune", action="store_true", help="tune the products' tiles first (default: the first candidates)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "triton_step_profile.json"))
     a = ap.parse_args()
     dev = torch.device("cuda")
     model = random_decode_model(dev)
-    report = {"device": torch.cuda.get_device_name(dev), "pos": a.pos, "batches": []}
+    report = {"device": torch.cuda.get_device_name(dev), "positions": a.pos, "batches": []}
     for B in [int(b) for b in a.batches.split(",")]:
-        model.setup_cache(B, 512)
+        model.setup_cache(B, max(512, max(a.pos) + 1))
         ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        pos = torch.full((B,), a.pos, dtype=torch.long, device=dev)
+        pos = torch.full((B,), a.pos[0], dtype=torch.long, device=dev)
         with torch.inference_mode():
             # with --tune at 2+ rows both ways of adding split-K sums are tuned and timed (deferred=None, the
             # default)
@@ -119,9 +123,11 @@ def main() -> None:
             chosen = eager.deferred
             # at 2+ rows both steps, the one the tuning chose first: split-K sums merged by the product's last
             # program, or deferred to the next kernel (TritonDecodeStep.deferred)
-            for deferred in ([chosen, not chosen] if B > 1 and a.tune else [chosen]):
-                eager.deferred = deferred
-                _profile_step(model, eager, B, ids, pos, report, chosen=deferred == chosen)
+            for position in a.pos:
+                pos.fill_(position)
+                for deferred in ([chosen, not chosen] if B > 1 and a.tune else [chosen]):
+                    eager.deferred = deferred
+                    _profile_step(model, eager, B, ids, pos, report, chosen=deferred == chosen)
         model.clear_cache()
     with open(a.out, "w") as f:
         json.dump(report, f, indent=1)

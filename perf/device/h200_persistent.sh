@@ -6,7 +6,7 @@
 # as whole-step graph replays in the same process. nvidia-smi is polled through the bench (clocks, power).
 # Carry .whl (zstandard). Usage: bash perf/device/h200_persistent.sh [tests|profile|layered|attention|sweep|bench]...
 # Env: TEST_TIMEOUT, BENCH_TIMEOUT, SWEEP_TIMEOUT (s), BENCH_BUDGET (bench generate --time-budget; 180 s was spent on the batch-1
-# rows and baselines before batch 32 in the eleventh session), BENCH_ARGS (more bench generate flags), BATCHES, ROWS, TESTS_K (pytest -k), LAYERED_BATCHES,
+# rows and baselines before batch 32 in the eleventh session), BENCH_ARGS (more bench generate flags), BATCHES, ROWS, TESTS_K (pytest -k), LAYERED_BATCHES, LAYERED_POS (positions, e.g. 129,384),
 # LAYERED_TIMEOUT (its tuning compiles every candidate: ~30 at 32 rows).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -25,7 +25,7 @@ for part in "$@"; do
   profile)  # whole-step times (layered vs persistent configurations) and the persistent stages' breakdown
     timeout 150 python3 perf/persistent_profile.py 2>&1 | quiet | tail -80 ;;
   layered)  # the layered step kernel by kernel, tuned (products' tiles, the attention's cache splits)
-    timeout ${LAYERED_TIMEOUT:-150} python3 perf/triton_step_profile.py --batches ${LAYERED_BATCHES:-1,32} --tune 2>&1 | quiet | tail -60 ;;
+    timeout ${LAYERED_TIMEOUT:-150} python3 perf/triton_step_profile.py --batches ${LAYERED_BATCHES:-1,32} --pos ${LAYERED_POS:-256} --tune 2>&1 | quiet | tail -90 ;;
   attention)  # every cache-split candidate at several cache lengths, 1 and 32 rows (does the split pay when long?)
     timeout 150 python3 perf/attention_splits.py --out $OUT/attention_splits.json 2>&1 | quiet | tail -14 ;;
   sweep)  # one product of 32 rows: cuBLAS vs our rows kernel vs a plain pipelined / TMA Triton GEMM
