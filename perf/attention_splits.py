@@ -20,7 +20,8 @@ import torch
 
 from tinyllama.checks import POSITIVE_INT
 from tinyllama.cli._args import number_list
-from tinyllama.kernels.decode import ATTENTION_CANDIDATES, SplitKWorkspace, decode_attention, time_candidates
+from tinyllama.kernels.decode import (ATTENTION_CANDIDATES, AttentionConfig, SplitKWorkspace, decode_attention,
+                                      pdl_supported, time_candidates)
 
 LAYERS = 22
 
@@ -36,7 +37,8 @@ def main() -> None:
     # the 1.1B's heads on CUDA; a small shape under the interpreter (numpy runs every lane)
     heads, kv, dim, slots, layers = (32, 4, 64, 2048, LAYERS) if cuda else (8, 2, 16, 64, 2)
     positions = [p for p in args.positions if p < slots] if cuda else [3, 40]
-    candidates = ATTENTION_CANDIDATES if cuda else ((1, 32), (2, 16), (4, 16))
+    candidates = ATTENTION_CANDIDATES if cuda else tuple(AttentionConfig(*c) for c in ((1, 32), (2, 16), (4, 16)))
+    pdl = pdl_supported(device)  # as the step launches them (the L2 prefetch acts only with PDL)
     width = (heads + 2 * kv) * dim
     torch.manual_seed(0)
     cos = torch.randn(slots, dim, device=device)
@@ -56,8 +58,8 @@ def main() -> None:
 
             def run(cfg, layer_caches=caches) -> None:
                 for k, v in layer_caches:
-                    decode_attention(qkv, k, v, pos, cos, sin, out, heads, kv, splits=cfg[0], block_s=cfg[1],
-                                     workspace=workspace)
+                    decode_attention(qkv, k, v, pos, cos, sin, out, heads, kv, workspace=workspace, pdl=pdl,
+                                     **cfg._asdict())
 
             run(candidates[0], caches[:1])
             want = out.float().clone()
@@ -68,11 +70,11 @@ def main() -> None:
             kv_bytes = 2 * layers * kv * dim * dtype.itemsize * int((pos + 1).sum())
             times = time_candidates(run, candidates) if cuda else {}
             row = {"rows": rows, "position": position, "kv_MB": round(kv_bytes / 1e6, 2),
-                   "us": {f"{s}x{b}": round(t, 1) for (s, b), t in times.items()},
-                   "disagreeing": [f"{s}x{b}" for (s, b), ok in agree.items() if not ok]}
+                   "us": {cfg.name: round(t, 1) for cfg, t in times.items()},
+                   "disagreeing": [cfg.name for cfg, ok in agree.items() if not ok]}
             best = min(times, key=times.get) if times else None
             if best:
-                row["best"] = f"{best[0]}x{best[1]}"
+                row["best"] = best.name
                 row["best_TBps"] = round(kv_bytes / times[best] / 1e6, 2)
             results.append(row)
             cells = "  ".join(f"{k} {v:7.1f}" for k, v in row["us"].items()) or "(not timed: no CUDA)"

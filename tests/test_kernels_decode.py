@@ -412,14 +412,80 @@ def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kern
         with pytest.warns(UserWarning) as warned:
             step._tune_attention("test card")
         messages = [str(w.message) for w in warned]
-        assert any("(4, 16) disagrees" in m for m in messages), messages
-        assert any("(8, 16) fails on this GPU (RuntimeError)" in m for m in messages), messages
-        assert timed == [(1, 16), (2, 16)] and step.attention_config == (2, 16)
-        assert step.attention_times == {(1, 16): 2.0, (2, 16): 1.0}  # what bench generate reports
+        assert any("4x16 disagrees" in m for m in messages), messages
+        assert any("8x16 fails on this GPU (RuntimeError)" in m for m in messages), messages
+        assert timed == [(1, 16, False), (2, 16, False)] and step.attention_config == D.AttentionConfig(2, 16)
+        assert step.attention_times == {(1, 16, False): 2.0, (2, 16, False): 1.0}  # what bench generate reports
         monkeypatch.setattr(D, "decode_attention", real)
         tok = r.argmax(-1, keepdim=True)
         want = ref(tok, input_pos=torch.tensor([21], device=DEVICE))[:, -1]
         _close(step.step(tok, torch.tensor([21], device=DEVICE)), want, torch.float32)
+
+
+@needs_triton
+def test_attention_tuning_ranks_by_the_mean_of_the_first_and_last_positions(monkeypatch):
+    """With `tune_until` (generate's last position) each attention candidate is timed at the rows' first
+    positions and there, and the lowest mean wins: one graph runs every position in between, and the
+    attention's time grows with the position. The positions are given back; a horizon past the cache is
+    its last slot; none (or one not ahead) times the first positions only."""
+    from tinyllama.kernels import decode as D
+
+    _, fused = _models(torch.float32)
+    seen = []
+
+    def fake_times(run, cands):  # 1x16 fastest at the first position, 2x16 at the later one
+        at = int(step.pos.max())
+        seen.append(at)
+        return {c: (1.0 if c.splits == 1 else 2.0) if at < 30 else (9.0 if c.splits == 1 else 3.0) for c in cands}
+
+    monkeypatch.setattr(D, "ATTENTION_CANDIDATES", ((1, 16), (2, 16)))
+    monkeypatch.setattr(D, "time_candidates", fake_times)
+    with torch.inference_mode():
+        fused.setup_cache(2, 40)
+        for until, positions, chosen, times in (
+                (None, [21], D.AttentionConfig(1, 16), {(1, 16, False): 1.0, (2, 16, False): 2.0}),
+                (10, [21], D.AttentionConfig(1, 16), {(1, 16, False): 1.0, (2, 16, False): 2.0}),
+                (100, [21, 39], D.AttentionConfig(2, 16), {(1, 16, False): 5.0, (2, 16, False): 2.5})):
+            monkeypatch.setattr(D, "_TUNED", {})
+            seen.clear()
+            step = D.TritonDecodeStep(fused, use_graph=False, tune=False, batch_size=2)
+            step.pos.copy_(torch.tensor([21, 17]))
+            step.tune_until = until
+            step._tune_attention("test card")
+            assert seen == positions and step.attention_config == chosen and step.attention_times == times
+            assert step.pos.tolist() == [21, 17]
+    fused.clear_cache()
+
+
+@needs_triton
+@pytest.mark.parametrize("l2_prefetch", [False, True])
+def test_attention_l2_prefetch_changes_no_result(l2_prefetch):
+    """`AttentionConfig.l2_prefetch` (the cache past the first block into L2 before the PDL wait) is a hint:
+    the unsplit kernel writes the same bits (output and cache) with it as without, at positions inside the
+    first block, at its end and several blocks on; a split kernel refuses it. (Without PDL, as under the
+    interpreter, it is off: there the test checks only that the flag changes nothing.)"""
+    from tinyllama.kernels.decode import SplitKWorkspace, decode_attention, pdl_supported
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    pdl = pdl_supported(DEVICE)
+    torch.manual_seed(1)
+    heads, kv, dim, slots, rows = 8, 2, 16, 96, 3
+    cos, sin = torch.randn(slots, dim, device=DEVICE), torch.randn(slots, dim, device=DEVICE)
+    qkv = torch.randn(rows, (heads + 2 * kv) * dim, device=DEVICE).to(dtype)
+    for positions in ([3, 15, 16], [17, 40, 95]):
+        pos = torch.tensor(positions, device=DEVICE)
+        outs = []
+        for prefetch in (False, l2_prefetch):
+            k, v = (torch.randn(rows, kv, slots, dim, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+                    for _ in range(2))
+            out = torch.empty(rows, heads * dim, device=DEVICE, dtype=dtype)
+            decode_attention(qkv, k, v, pos, cos, sin, out, heads, kv, block_s=16, pdl=pdl, l2_prefetch=prefetch)
+            outs.append((out, k, v))
+        for got, want in zip(outs[1], outs[0]):
+            assert torch.equal(got, want), positions
+    with pytest.raises(ValueError, match="unsplit"):
+        decode_attention(qkv, k, v, pos, cos, sin, out, heads, kv, block_s=16, splits=2, l2_prefetch=True,
+                         workspace=SplitKWorkspace(DEVICE))
 
 
 @needs_triton
@@ -577,13 +643,17 @@ def test_engine_uses_triton_step_and_matches_eager():
     cfg = SamplingConfig(max_new_tokens=10, stop_at_eos=False)
     want = [generate_batch(ref, [p], cfg)[0] for p in prompts]
     engine = DecodeEngine(fused, decode_kernels="triton")
-    calls = []
+    calls, last_positions = [], []
     original = engine.triton_step(1).step
-    engine.triton_step(1).step = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    engine.triton_step(1).step = lambda *a, **kw: calls.append(1) or last_positions.append(kw.get("last_pos")) \
+        or original(*a, **kw)
     # greedy: the step's own argmax and position are passed back (no copies); the second prompt restarts
     # at another position, which the step must notice
     got = [generate_batch(fused, [p], cfg, engine=engine)[0] for p in prompts]
     assert got == want
+    # every step is told the generation's last position (prompt + 10 new tokens, the last one not stepped);
+    # the first one's tuning keeps it (`_tune_attention` times the attention there too)
+    assert set(last_positions) == {5 + 10 - 2, 11 + 10 - 2} and engine.triton_step(1).tune_until == 5 + 10 - 2
     sampled = cfg.replace(temperature=0.8, top_k=20, seed=3)  # sampling: tokens copied in as before
     assert generate_batch(fused, prompts[:1], sampled, engine=engine) == generate_batch(ref, prompts[:1], sampled)
     calls.clear()
@@ -812,16 +882,22 @@ def test_decode_kernels_compile_for_hopper():
     attention_ptrs.update(POS="*i64", COS="*fp32", SIN="*fp32", PART="*fp32", COUNT="*i32")
     # every split candidate the step tunes over, at the 1.1B's widths, and the small one the GPU tests use
     # (an H100 run found cache blocks of 8 compiling under the interpreter only: the tensor cores need K >= 16)
-    shapes = {(32, 4, 64, splits, block) for splits, block in D.ATTENTION_CANDIDATES if splits > 1}
+    shapes = {(32, 4, 64, c.splits, c.block_s) for c in D.ATTENTION_CANDIDATES if c.splits > 1}
     for n_heads, n_kv, head_dim, splits, block in sorted(shapes | {(8, 2, 16, 3, D.MIN_BLOCK_S)}):
         _compile_for_hopper(D._split_attention_kernel, attention_ptrs, dict(
             N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=head_dim, BLOCK_G=16, BLOCK_S=block, SPLITS=splits,
             DOT_FP32=False, PDL=True), floats=("scale",))
-    # the unsplit attention's candidates, reading q/k/v or a deferred product's sums
-    for (_, block), qkv_splits in [(c, 0) for c in D.ATTENTION_CANDIDATES if c[0] == 1] + [((1, 128), 3)]:
-        _compile_for_hopper(D._decode_attention_kernel, {**attention_ptrs, "QKV": bf if qkv_splits == 0 else "*fp32"},
-                            dict(N_HEADS=32, N_KV=4, HEAD_DIM=64, BLOCK_G=16, BLOCK_S=block, DOT_FP32=False, PDL=True,
-                                 QKV_SPLITS=qkv_splits), floats=("scale",))
+    # the unsplit attention's candidates, reading q/k/v or a deferred product's sums; with the L2 prefetch of
+    # the cache (ptxas took it: one request per thread's piece, for keys and values)
+    unsplit = [(c, 0) for c in D.ATTENTION_CANDIDATES if c.splits == 1] + [(D.AttentionConfig(1, 128, True), 3)]
+    for cfg, qkv_splits in unsplit:
+        kernel = _compile_for_hopper(
+            D._decode_attention_kernel, {**attention_ptrs, "QKV": bf if qkv_splits == 0 else "*fp32"},
+            dict(N_HEADS=32, N_KV=4, HEAD_DIM=64, BLOCK_G=16, BLOCK_S=cfg.block_s, DOT_FP32=False, PDL=True,
+                 QKV_SPLITS=qkv_splits, L2_CHUNKS=128 if cfg.l2_prefetch else 0), floats=("scale",))
+        prefetches = kernel.asm["ptx"].count("cp.async.bulk.prefetch.L2.global")
+        assert prefetches >= 2 if cfg.l2_prefetch else prefetches == 0, (cfg, prefetches)
+    assert any(c.l2_prefetch for c, _ in unsplit)
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED or torch.cuda.is_available(),

@@ -401,16 +401,17 @@ class DecodeEngine:
         return logits
 
     def step(self, ids: torch.Tensor, input_pos: torch.Tensor, rope_pos=None, key_mask=None,
-             pos: Optional[int] = None) -> torch.Tensor:
+             pos: Optional[int] = None, last_pos: Optional[int] = None) -> torch.Tensor:
         """ids (B, 1) at cache position input_pos -> logits (B, V). input_pos (1,): the same position in every
         row of the cache's batch; (B, 1): each row its own, in the cache's first B rows (`KVCache`; the serve
         engine's continuous batch). With CUDA graphs the result is overwritten by the next step: consume
         (sample from) it before calling again. `pos`: every row's position as an int, when the caller knows
-        it (lets the Triton step skip copying it in)."""
+        it (lets the Triton step skip copying it in); `last_pos`: the last position this generation will reach,
+        when known (the Triton step's first tuning then times its attention there too)."""
         triton_step = self.triton_step(ids.size(0)) if rope_pos is None and key_mask is None else None
         self._last_triton = triton_step
         if triton_step is not None:
-            return triton_step.step(ids, input_pos, pos=pos)
+            return triton_step.step(ids, input_pos, pos=pos, last_pos=last_pos)
         return self._step(self.model, ids, input_pos, rope_pos, key_mask)
 
     def greedy_token(self) -> Optional[torch.Tensor]:
@@ -527,7 +528,8 @@ def generate_batch_stream(
                 if not last:
                     pos = T + i
                     logits = engine.step(nxt.view(B, 1), slots[pos:pos + 1],
-                                         rope_all[:, pos:pos + 1] if padded else None, key_mask, pos=pos)
+                                         rope_all[:, pos:pos + 1] if padded else None, key_mask, pos=pos,
+                                         last_pos=total - 2)
                 ready.synchronize()
                 toks = host.tolist()
             else:
@@ -535,7 +537,8 @@ def generate_batch_stream(
                 if not last:
                     pos = T + i
                     logits = engine.step(nxt.view(B, 1), slots[pos:pos + 1],
-                                         rope_all[:, pos:pos + 1] if padded else None, key_mask, pos=pos)
+                                         rope_all[:, pos:pos + 1] if padded else None, key_mask, pos=pos,
+                                         last_pos=total - 2)
             out: list[Optional[int]] = [None] * B
             for r, tok in enumerate(toks):
                 if done[r]:

@@ -170,7 +170,8 @@ def run(args) -> int:
             print(f"    decode step: {row['step_kernels']}; whole-step µs when tuned: {row.get('step_us_tuned', '-')}; "
                   f"replayed alone {row.get('step_graph_us', '-')} µs, the generate loop adds "
                   f"{row.get('loop_us_per_step', '-')} µs a step", flush=True)
-            print(f"    attention (splits x block): {row['attention_splits_block']}; µs over all layers when tuned: "
+            print(f"    attention (splits x block, +l2: cache prefetched into L2): {row['attention']}; µs over all "
+                  f"layers when tuned (mean of the first step's position and {row.get('attention_tuned_until')}): "
                   f"{row.get('attention_us_tuned', '-')}", flush=True)
         save()
         return row
@@ -227,13 +228,15 @@ def run(args) -> int:
                 extra["loop_us_per_step"] = round(B * 1e6 / extra["decode_tokens_per_s"] - replay, 1)
             if step.step_times:
                 extra["step_us_tuned"] = step.step_times
-            # the attention's cache (splits, block) and, when tuned, each candidate's µs over all layers
-            extra["attention_splits_block"] = list(step.attention_config)
+            # the attention (`AttentionConfig.name`) and, when tuned, each candidate's µs over all layers: the
+            # mean of its times at the first step's position and at the generation's last (`tune_until`)
+            extra["attention"] = step.attention_config.name
+            extra["attention_tuned_until"] = step.tune_until
             if step.l2_times:  # each product's tuned tile with its weights prefetched into L2 that far ahead (K-blocks)
                 extra["l2_ahead_us_tuned"] = {name: {str(a): round(t, 1) for a, t in times.items()}
                                               for name, times in step.l2_times.items()}
             if step.attention_times:
-                extra["attention_us_tuned"] = {f"{s}x{b}": round(t, 1) for (s, b), t in step.attention_times.items()}
+                extra["attention_us_tuned"] = {cfg.name: round(t, 1) for cfg, t in step.attention_times.items()}
         if B == 1:
             match = next((i for i, (a, b) in enumerate(zip(out[0], ours_eager[0])) if a != b), len(out[0]))
             extra["greedy_prefix_equal_to_eager"] = match

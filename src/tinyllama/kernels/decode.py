@@ -34,7 +34,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -369,14 +369,28 @@ if triton is not None:
         return sums.to(dt)
 
     @triton.jit
+    def _prefetch_cache_l2(kc, vc, start, stop, HEAD_DIM: tl.constexpr, CHUNKS: tl.constexpr):
+        # Cache slots [start, stop) of one head's keys and values (contiguous, HEAD_DIM elements a slot) into
+        # L2 with Hopper's bulk prefetch: no registers, no wait. Cut into CHUNKS pieces of whole slots (one per
+        # thread: a smaller tensor would be repeated in every thread holding a copy); an empty piece issues
+        # nothing. `decode_attention` turns it on only where a slot is a multiple of 16 bytes, 16-aligned.
+        ELEM: tl.constexpr = kc.dtype.element_ty.primitive_bitwidth // 8
+        span = tl.cdiv(tl.maximum(stop - start, 0), CHUNKS)
+        lo = start + tl.arange(0, CHUNKS) * span
+        nbytes = (tl.maximum(tl.minimum(lo + span, stop) - lo, 0) * (HEAD_DIM * ELEM)).to(tl.int32)
+        _bulk_prefetch_l2(kc + lo * HEAD_DIM, nbytes)
+        _bulk_prefetch_l2(vc + lo * HEAD_DIM, nbytes)
+
+    @triton.jit
     def _decode_attention_kernel(QKV, K_CACHE, V_CACHE, OUT, POS, COS, SIN, cache_len, scale, split_stride,
                                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr,
-                                 PDL: tl.constexpr, QKV_SPLITS: tl.constexpr):
+                                 PDL: tl.constexpr, QKV_SPLITS: tl.constexpr, L2_CHUNKS: tl.constexpr = 0):
         # One program per key/value head and its GROUP query heads (rows of the tile, padded to BLOCK_G >=
         # 16 for the tensor-core products) and per batch row b (at its own position, in cache row b): each
         # cache block is read once for the whole group. QKV_SPLITS > 0: QKV holds the q/k/v product's
-        # split-K partial sums (`PartialSums`), not its output.
+        # split-K partial sums (`PartialSums`), not its output. L2_CHUNKS > 0 (with PDL): the cache past the
+        # first block is prefetched into L2 before the wait too, so the loop after it reads from L2.
         kv_head = tl.program_id(0)
         b = tl.program_id(1)
         QKV = QKV + b * ((N_HEADS + 2 * N_KV) * HEAD_DIM)
@@ -394,6 +408,8 @@ if triton is not None:
         # The position, its rotary row and the cache's old slots do not depend on the previous kernel: the
         # first block of keys and values is read before waiting for it (programmatic dependent launch).
         pos = tl.load(POS + b)
+        if L2_CHUNKS > 0:
+            _prefetch_cache_l2(kc, vc, BLOCK_S, pos, HEAD_DIM, L2_CHUNKS)
         c = tl.load(COS + pos * HEAD_DIM + d).to(dt).to(tl.float32)
         s = tl.load(SIN + pos * HEAD_DIM + d).to(dt).to(tl.float32)
         slots = tl.arange(0, BLOCK_S)
@@ -594,11 +610,27 @@ ROWS_CANDIDATES = (
 # fp32 models (tests): tiles small enough for fp32's shared memory at up to 64 rows (the bf16 first tile needs
 # ~310 KB for an fp32 gate/up product, over Hopper's 227 KB)
 ROWS_CANDIDATES_FP32 = (GemvConfig(16, 128, 4, 3), GemvConfig(16, 128, 4, 2), GemvConfig(32, 64, 4, 3))
-# (splits, block_s) of the step's attention, timed on the first step on CUDA over every layer's cache at the
-# step's positions (`TritonDecodeStep.tune`); the first is the untimed default: one program per (row, kv head).
+class AttentionConfig(NamedTuple):
+    """The step's attention: each (row, kv head) over `splits` spans of its cache in blocks of `block_s`
+    slots; l2_prefetch (unsplit, with PDL): the cache past the first block is prefetched into L2 before the
+    wait for the q/k/v product (`decode_attention`)."""
+    splits: int
+    block_s: int
+    l2_prefetch: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.splits}x{self.block_s}" + ("+l2" if self.l2_prefetch else "")
+
+
+# The step's attention candidates, timed on the first step on CUDA over every layer's cache at the step's
+# positions (`TritonDecodeStep.tune`); the first is the untimed default: one program per (row, kv head).
 # (1, 256): at the bench's positions (128-384) the unsplit kernel's first block, read before the PDL wait,
 # then holds most or all of each row's cache (32 rows: 170 us of the H100's 1,375 us step at 1.1 TB/s).
-ATTENTION_CANDIDATES = ((1, 128), (4, 32), (8, 32), (16, 32), (8, 64), (1, 256))
+# (1, 128, l2): the same 170 us is ~1.1 TB/s: each program has only its next block in flight after the wait
+# (one program per SM); the rest of its cache, prefetched into L2 during the q/k/v product, is then near.
+ATTENTION_CANDIDATES = tuple(AttentionConfig(*c) for c in (
+    (1, 128), (4, 32), (8, 32), (16, 32), (8, 64), (1, 256), (1, 128, True)))
 # K-blocks a product's programs keep prefetched into L2 ahead of their loads (`GemvConfig.l2_ahead`), tried on
 # each product's fastest tile at 2+ rows once the tiles are timed. Why: between kernels the weight stream stops; a bulk
 # L2 prefetch puts bytes in flight without registers, and with PDL starts the next product's stream during
@@ -712,14 +744,16 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                      cos_table: torch.Tensor, sin_table: torch.Tensor, out: torch.Tensor, n_heads: int,
                      n_kv_heads: int, block_s: int = 128, num_warps: int = 4, pdl: bool = False, splits: int = 1,
                      workspace: Optional["SplitKWorkspace"] = None,
-                     qkv_sums: Optional[PartialSums] = None) -> torch.Tensor:
+                     qkv_sums: Optional[PartialSums] = None, l2_prefetch: bool = False) -> torch.Tensor:
     """The kernel behind `reference_decode_attention`, for B rows at once: row b's token (qkv[b], of
     (B, H·D + 2·KV·D) or, for B = 1, flat) at cache position pos[b] of cache row b. pos is a (B,) integer
     tensor (so a CUDA graph can replay it for any positions), the caches (>= B, KV, S, D), cos/sin the full
     (max_len, D) fp32 tables; writes `out` (B, H·D) or, for B = 1, flat. splits > 1: each (row, kv head) over
     that many spans of its cache in parallel, merged in a fixed order (same result on every call), with the
     partial states and arrival counters in `workspace` (a SplitKWorkspace; a new one if None). qkv_sums: the
-    q/k/v product was deferred (`gemv(..., defer=True)`); its partial sums are read instead of qkv (splits 1)."""
+    q/k/v product was deferred (`gemv(..., defer=True)`); its partial sums are read instead of qkv (splits 1).
+    l2_prefetch (splits 1; a hint, acted on with PDL where a cache slot is 16-byte aligned): each program
+    prefetches its cache past the first block into L2 before waiting for the previous kernel."""
     head_dim = k_cache.size(-1)
     batch = pos.numel()
     if block_s < MIN_BLOCK_S or block_s & (block_s - 1):  # (an H100 run of blocks of 8 failed to compile)
@@ -729,8 +763,8 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     assert out.is_contiguous() and out.numel() == batch * n_heads * head_dim
     block_g = max(16, triton.next_power_of_2(n_heads // n_kv_heads))
     if splits > 1:
-        if qkv_sums is not None:
-            raise ValueError("qkv_sums: deferred q/k/v sums are read by the unsplit attention (splits=1)")
+        if qkv_sums is not None or l2_prefetch:
+            raise ValueError("qkv_sums and l2_prefetch are the unsplit attention's (splits=1)")
         workspace = workspace if workspace is not None else SplitKWorkspace(qkv.device)
         part, _, count = workspace.get(batch * n_kv_heads * splits * block_g * (head_dim + 2), 0,
                                        batch * n_kv_heads)
@@ -740,12 +774,14 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
             SPLITS=splits, DOT_FP32=qkv.dtype == torch.float32 or _interpreted(), PDL=pdl, num_warps=num_warps,
             **_pdl_launch(pdl))
         return out
+    aligned = all((head_dim * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (k_cache, v_cache))
+    l2_chunks = 32 * num_warps if l2_prefetch and pdl and aligned else 0  # one piece per thread
     _decode_attention_kernel[(n_kv_heads, batch)](
         qkv if qkv_sums is None else qkv_sums.part, k_cache, v_cache, out, pos, cos_table, sin_table,
         k_cache.size(2), head_dim**-0.5, 0 if qkv_sums is None else qkv_sums.stride, N_HEADS=n_heads,
         N_KV=n_kv_heads, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_S=block_s, PDL=pdl,
         DOT_FP32=qkv.dtype == torch.float32 or _interpreted(), QKV_SPLITS=0 if qkv_sums is None else qkv_sums.splits,
-        num_warps=num_warps, **_pdl_launch(pdl))
+        L2_CHUNKS=l2_chunks, num_warps=num_warps, **_pdl_launch(pdl))
     return out
 
 
@@ -864,8 +900,9 @@ class TritonDecodeStep:
         self.deferred = bool(deferred)
         self.deferring = frozenset(self._deferring())
         self.deferred_configs: list[GemvConfig] = [replace(default, prenorm=True)] * len(self.products)
-        self.attention_config = ATTENTION_CANDIDATES[0]  # (splits, block_s)
+        self.attention_config = AttentionConfig(*ATTENTION_CANDIDATES[0])
         self.attention_times: dict[tuple, float] = {}  # µs for all layers' attention, per candidate (`tune`, CUDA)
+        self.tune_until: Optional[int] = None  # a later position the rows will reach (`step`'s last_pos)
         # µs for all layers' product of that name, its fastest tile per l2_ahead (`tune`, CUDA with PDL)
         self.l2_times: dict[str, dict[int, float]] = {}
         if persistent:
@@ -927,15 +964,22 @@ class TritonDecodeStep:
             self._tune_step(card, options)
 
     def _tune_attention(self, card: str) -> None:
-        """Pick the attention's cache splits by timing each candidate over every layer's cache at the rows'
-        current positions, on scratch queries and outputs. (It writes scratch keys and values into each cache
-        at those positions, which the step's own run overwrites before anything reads them.) Kept per card,
-        batch size and head shape for the process: the first step's context length decides. deferred=True:
-        the unsplit candidates only (they read the deferred q/k/v sums)."""
+        """Pick the attention (`AttentionConfig`) by timing each candidate over every layer's cache at the
+        rows' current positions, on scratch queries and outputs; with `tune_until` (a later position the rows
+        will reach, e.g. generate's last) also there, ranked by the mean of the two: the attention's time
+        grows about linearly with the position, and the step's one graph runs at all of them. (It writes
+        scratch keys and values into each cache at those positions, which the step's own runs overwrite
+        before anything reads them.) Kept per card, batch size, head shape and `tune_until` for the process:
+        the first step's context length decides. deferred=True: the unsplit candidates only (they read the
+        deferred q/k/v sums)."""
         m, c = self.model, self.config
-        candidates = [cfg for cfg in ATTENTION_CANDIDATES if cfg[0] == 1 or self.deferred_mode is not True]
+        candidates = [AttentionConfig(*cfg) for cfg in ATTENTION_CANDIDATES
+                      if cfg[0] == 1 or self.deferred_mode is not True]
+        cache_len = m.layers[0].self_attn.kv_cache.k.size(2)
+        until = None if self.tune_until is None else min(self.tune_until, cache_len - 1)
+        until = until if until is not None and until > int(self.pos.max()) else None
         key = (card, "attention", self.batch_size, self.dtype, self.pdl, c.n_heads, c.n_kv_heads, c.head_dim,
-               tuple(candidates))
+               tuple(candidates), until)
         if key not in _TUNED:
             qkv, out = torch.randn_like(self.qkv), torch.empty_like(self.attn)
             caches = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v) for layer in m.layers]
@@ -943,7 +987,7 @@ class TritonDecodeStep:
             def run(cfg, layers=caches) -> None:
                 for k, v in layers:
                     decode_attention(qkv, k, v, self.pos, m.rope_cos, m.rope_sin, out, c.n_heads, c.n_kv_heads,
-                                     splits=cfg[0], block_s=cfg[1], pdl=self.pdl, workspace=self.workspace)
+                                     pdl=self.pdl, workspace=self.workspace, **cfg._asdict())
 
             # A candidate is timed only if it runs and agrees here, on this card, with the one-program-per-head
             # kernel (same inputs; the split sums differ only in order). One this card's compiler or memory
@@ -956,13 +1000,23 @@ class TritonDecodeStep:
                 try:
                     run(cfg, caches[:1])
                 except Exception as err:  # noqa: BLE001 - compile/launch errors differ by Triton version
-                    warnings.warn(f"decode attention {cfg} fails on this GPU ({type(err).__name__}): not used")
+                    warnings.warn(f"decode attention {cfg.name} fails on this GPU ({type(err).__name__}): not used")
                     continue
                 if torch.allclose(out.float(), want, atol=tol, rtol=tol):
                     agreeing.append(cfg)
                 else:
-                    warnings.warn(f"decode attention {cfg} disagrees with the unsplit kernel on this GPU: not used")
-            _TUNED[key] = _fastest(run, agreeing)
+                    warnings.warn(f"decode attention {cfg.name} disagrees with the unsplit kernel on this GPU: "
+                                  "not used")
+            times = time_candidates(run, agreeing)
+            if until is not None and times:
+                first = self.pos.clone()
+                self.pos.fill_(until)  # (the graphs captured by time_candidates read self.pos)
+                try:
+                    later = time_candidates(run, list(times))
+                finally:
+                    self.pos.copy_(first)
+                times = {cfg: (t + later[cfg]) / 2 for cfg, t in times.items() if cfg in later}
+            _TUNED[key] = (min(times, key=times.get) if times else agreeing[0]), times
         self.attention_config, self.attention_times = _TUNED[key]
 
     def _deferring(self) -> list[int]:
@@ -1038,8 +1092,8 @@ class TritonDecodeStep:
             a = layer.self_attn
             qkv_sums = product(merge=owed)  # RMSNorm -> q/k/v
             decode_attention(self.qkv, a.kv_cache.k, a.kv_cache.v, self.pos, m.rope_cos, m.rope_sin, self.attn,
-                             c.n_heads, c.n_kv_heads, pdl=self.pdl, splits=self.attention_config[0],
-                             block_s=self.attention_config[1], workspace=self.workspace, qkv_sums=qkv_sums)
+                             c.n_heads, c.n_kv_heads, pdl=self.pdl, workspace=self.workspace, qkv_sums=qkv_sums,
+                             **self.attention_config._asdict())
             owed = product()  # o + residual
             product(merge=owed)  # RMSNorm -> gate/up -> SiLU(gate) * up
             owed = product()  # down + residual
@@ -1093,9 +1147,12 @@ class TritonDecodeStep:
         return self.ids.view(self.batch_size, 1)
 
     @torch.inference_mode()
-    def step(self, ids: torch.Tensor, input_pos: torch.Tensor, pos: Optional[int] = None) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, input_pos: torch.Tensor, pos: Optional[int] = None,
+             last_pos: Optional[int] = None) -> torch.Tensor:
         """`pos`, if given, is input_pos as an int (every row at that position): the step then skips copying
-        it in when it is the slot after the previous step's (the step advances its position buffer itself)."""
+        it in when it is the slot after the previous step's (the step advances its position buffer itself).
+        `last_pos`, if known, is the last position these rows will reach (generate's prompt + new tokens):
+        the first step's tuning then times the attention there too (`_tune_attention`)."""
         cache = self.model.layers[0].self_attn.kv_cache
         if cache is None:
             raise RuntimeError("TritonDecodeStep needs the model's KV cache: setup_cache(...)")
@@ -1109,6 +1166,7 @@ class TritonDecodeStep:
             self.pos.copy_(input_pos.reshape(-1), non_blocking=True)  # one position: broadcast to every row
         self._next_pos = None if pos is None else pos + 1
         if not self._tuned:
+            self.tune_until = last_pos
             self.tune()  # also without a graph: eager and graphed steps then run the same block shapes
             self._tuned = True
         # `Llama.setup_cache` makes new KVCache modules for every layer at once: layer 0's tells them apart.
