@@ -534,7 +534,7 @@ def test_batched_step_matches_model_forward_fp32(same_position, split_k):
     cache spans, sharing the step's workspace. "prenorm": every norm as a kernel of its own before its
     product (into the workspace), the tiles read through the loop's pipeline only, split-K. "deferred": the
     same tiles, with the q/k/v, o and down products' sums added by the kernel after each."""
-    from tinyllama.kernels.decode import GemvConfig, TritonDecodeStep
+    from tinyllama.kernels.decode import AttentionConfig, GemvConfig, TritonDecodeStep
 
     ref, fused = _models(torch.float32)
     B, lengths = 3, [9, 4, 13] if not same_position else [9, 9, 9]
@@ -555,7 +555,7 @@ def test_batched_step_matches_model_forward_fp32(same_position, split_k):
         elif isinstance(split_k, int) and split_k > 1:  # every product split over split_k programs per tile,
             # the attention over split_k spans
             step.configs = [GemvConfig(16, 64, 4, 2, split_k=split_k)] * len(step.configs)
-            step.attention_config = (split_k, 16)
+            step.attention_config = AttentionConfig(split_k, 16)
         pos = torch.tensor(lengths, device=DEVICE)
         tok = torch.randint(0, 96, (B, 1), device=DEVICE)
         for _ in range(6):
