@@ -427,7 +427,8 @@ def test_attention_tuning_ranks_by_the_mean_of_the_first_and_last_positions(monk
     """With `tune_until` (generate's last position) each attention candidate is timed at the rows' first
     positions and there, and the lowest mean wins: one graph runs every position in between, and the
     attention's time grows with the position. The positions are given back; a horizon past the cache is
-    its last slot; none (or one not ahead) times the first positions only."""
+    its last slot; none (or one not ahead) times the first positions only, and leaves out the L2-prefetch
+    candidate (it ties at the start and loses at long contexts, so only a known end may pick it)."""
     from tinyllama.kernels import decode as D
 
     _, fused = _models(torch.float32)
@@ -436,9 +437,12 @@ def test_attention_tuning_ranks_by_the_mean_of_the_first_and_last_positions(monk
     def fake_times(run, cands):  # 1x16 fastest at the first position, 2x16 at the later one
         at = int(step.pos.max())
         seen.append(at)
-        return {c: (1.0 if c.splits == 1 else 2.0) if at < 30 else (9.0 if c.splits == 1 else 3.0) for c in cands}
+        timed.append(list(cands))
+        return {c: (1.0 if c.splits == 1 else 2.0) if at < 30 else (9.0 if c.splits == 1 else 3.0) for c in cands
+                if not c.l2_prefetch}
 
-    monkeypatch.setattr(D, "ATTENTION_CANDIDATES", ((1, 16), (2, 16)))
+    timed = []
+    monkeypatch.setattr(D, "ATTENTION_CANDIDATES", ((1, 16), (2, 16), (1, 16, True)))
     monkeypatch.setattr(D, "time_candidates", fake_times)
     with torch.inference_mode():
         fused.setup_cache(2, 40)
@@ -448,11 +452,13 @@ def test_attention_tuning_ranks_by_the_mean_of_the_first_and_last_positions(monk
                 (100, [21, 39], D.AttentionConfig(2, 16), {(1, 16, False): 5.0, (2, 16, False): 2.5})):
             monkeypatch.setattr(D, "_TUNED", {})
             seen.clear()
+            timed.clear()
             step = D.TritonDecodeStep(fused, use_graph=False, tune=False, batch_size=2)
             step.pos.copy_(torch.tensor([21, 17]))
             step.tune_until = until
             step._tune_attention("test card")
             assert seen == positions and step.attention_config == chosen and step.attention_times == times
+            assert any(c.l2_prefetch for c in timed[0]) == (len(positions) == 2)
             assert step.pos.tolist() == [21, 17]
     fused.clear_cache()
 

@@ -973,11 +973,15 @@ class TritonDecodeStep:
         the first step's context length decides. deferred=True: the unsplit candidates only (they read the
         deferred q/k/v sums)."""
         m, c = self.model, self.config
-        candidates = [AttentionConfig(*cfg) for cfg in ATTENTION_CANDIDATES
-                      if cfg[0] == 1 or self.deferred_mode is not True]
         cache_len = m.layers[0].self_attn.kv_cache.k.size(2)
         until = None if self.tune_until is None else min(self.tune_until, cache_len - 1)
         until = until if until is not None and until > int(self.pos.max()) else None
+        # The L2 prefetch only pays within some length (H100, 32 rows: -10 % at 384 cached slots, +31-40 % at
+        # 1,024-2,000; perf/NOTES.md, fifteenth session), and at the first positions it ties the plain kernel:
+        # timed only where the end is known, so noise at the start never picks it for a long generation.
+        candidates = [AttentionConfig(*cfg) for cfg in ATTENTION_CANDIDATES
+                      if (cfg[0] == 1 or self.deferred_mode is not True)
+                      and (until is not None or not AttentionConfig(*cfg).l2_prefetch)]
         key = (card, "attention", self.batch_size, self.dtype, self.pdl, c.n_heads, c.n_kv_heads, c.head_dim,
                tuple(candidates), until)
         if key not in _TUNED:
