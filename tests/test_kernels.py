@@ -7,6 +7,8 @@ with the compiled blocks, the SDPA backends, and the Triton kernels.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -579,8 +581,11 @@ def test_fast_path_fused_blocks_cuda(attention):
     assert _rel(out[1][1], out[0][1]) < 5e-2
 
 
-def _compile_for_hopper(fn, pointers: dict, constexprs: dict, floats=("eps",)):
-    """Compile a @triton.jit kernel for sm_90 ahead of time (PTX and ptxas, no GPU needed)."""
+def _compile_for_hopper(fn, pointers: dict, constexprs: dict, floats=("eps",), aligned: bool = False,
+                        options: Optional[dict] = None):
+    """Compile a @triton.jit kernel for sm_90 ahead of time (PTX and ptxas, no GPU needed). aligned: every
+    pointer and integer argument divisible by 16 (i32), as the JIT specialises a launch's: its loops are then
+    software-pipelined as on the GPU (shared memory as a launch needs it). options: e.g. num_warps, num_stages."""
     import inspect
 
     import triton
@@ -590,8 +595,11 @@ def _compile_for_hopper(fn, pointers: dict, constexprs: dict, floats=("eps",)):
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         sig[name] = ("constexpr" if name in constexprs else pointers.get(name)
-                     or ("fp32" if name in floats else "i64"))
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+                     or ("fp32" if name in floats else "i32" if aligned else "i64"))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values())
+             if aligned and (t.startswith("*") or t == "i32")}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED, reason="needs Triton (not interpreted)")

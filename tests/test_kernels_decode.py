@@ -906,6 +906,38 @@ def test_decode_kernels_compile_for_hopper():
     assert any(c.l2_prefetch for c, _ in unsplit)
 
 
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETED, reason="needs Triton (not interpreted)")
+def test_untuned_rows_tiles_fit_the_shared_memory_they_are_given():
+    """Bug (H100, fifteenth session): an untuned 32-row step launched gate/up with the first rows tile, whose
+    two pipelined weight tiles need 246,784 bytes of shared memory, over the H100's 232,448. The step's
+    untuned tile is now the first candidate within the card's limit by `rows_shared_bytes`, an upper bound of
+    the compiler's figure: checked here against Triton's sm_90 compile with arguments aligned as a launch's."""
+    try:
+        from test_kernels import _compile_for_hopper
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    from tinyllama.kernels import decode as D
+
+    h100 = 232448
+    first = D.ROWS_CANDIDATES[0]
+    assert D.untuned_rows_config(D.ROWS_CANDIDATES, 8, True, 2, h100) == first
+    tile = D.untuned_rows_config(D.ROWS_CANDIDATES, 32, True, 2, h100)
+    assert tile != first and D.rows_shared_bytes(tile, 32, True, 2) <= h100
+    assert D.untuned_rows_config(D.ROWS_CANDIDATES, 32, False, 2, h100) == first  # one weight tile fits
+    bf = "*bf16"
+    ptrs = dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf, PART="*fp32", SS="*fp32", COUNT="*i32")
+    for cfg, rows, swiglu in ((first, 32, True), (first, 64, False), (tile, 32, True), (D.ROWS_CANDIDATES[2], 64, True)):
+        kernel = _compile_for_hopper(D._rows_kernel, ptrs, dict(
+            HAS_NORM=True, SWIGLU=swiglu, HAS_RES=False, PDL=True, BLOCK_M=max(16, rows), BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, DOT_FP32=False, SWAP=cfg.swap, SPLIT_K=cfg.split_k, PREFETCH=cfg.prefetch,
+            DEFER=False, L2_AHEAD=0), aligned=True, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        shared = kernel.metadata.shared
+        assert shared <= D.rows_shared_bytes(cfg, rows, swiglu, 2), (cfg, rows, swiglu, shared)
+        if cfg == first and swiglu:
+            assert shared > h100  # the bug's launch, as the H100 reported it
+
+
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED or torch.cuda.is_available(),
                     reason="needs Triton, not interpreted; on a GPU the other tests compile the kernels for real")
 def test_persistent_decode_kernel_compiles_for_hopper():

@@ -610,6 +610,8 @@ ROWS_CANDIDATES = (
 # fp32 models (tests): tiles small enough for fp32's shared memory at up to 64 rows (the bf16 first tile needs
 # ~310 KB for an fp32 gate/up product, over Hopper's 227 KB)
 ROWS_CANDIDATES_FP32 = (GemvConfig(16, 128, 4, 3), GemvConfig(16, 128, 4, 2), GemvConfig(32, 64, 4, 3))
+
+
 class AttentionConfig(NamedTuple):
     """The step's attention: each (row, kv head) over `splits` spans of its cache in blocks of `block_s`
     slots; l2_prefetch (unsplit, with PDL): the cache past the first block is prefetched into L2 before the
@@ -629,6 +631,8 @@ class AttentionConfig(NamedTuple):
 # then holds most or all of each row's cache (32 rows: 170 us of the H100's 1,375 us step at 1.1 TB/s).
 # (1, 128, l2): the same 170 us is ~1.1 TB/s: each program has only its next block in flight after the wait
 # (one program per SM); the rest of its cache, prefetched into L2 during the q/k/v product, is then near.
+# Measured (H100, 32 rows, perf/NOTES.md fifteenth session): -10 % at 384 cached slots, +31-40 % from 1,024
+# (the caches overflow L2), equal at one row: timed only where the generation's end is known.
 ATTENTION_CANDIDATES = tuple(AttentionConfig(*c) for c in (
     (1, 128), (4, 32), (8, 32), (16, 32), (8, 64), (1, 256), (1, 128, True)))
 # K-blocks a product's programs keep prefetched into L2 ahead of their loads (`GemvConfig.l2_ahead`), tried on
@@ -640,6 +644,22 @@ ATTENTION_CANDIDATES = tuple(AttentionConfig(*c) for c in (
 # so only the whole-slice prefetch is tried, and only by the rows kernel.
 L2_AHEAD_CANDIDATES = (64,)
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
+
+
+def rows_shared_bytes(config: GemvConfig, rows: int, swiglu: bool, element_size: int) -> int:
+    """An upper bound of the rows kernel's shared memory on sm_90: num_stages pipelined copies of its x tile
+    (BLOCK_M x BLOCK_K) and weight tile(s) (BLOCK_N x BLOCK_K; two with SwiGLU), plus 1 KiB for the rest.
+    (The compiler's own figure, with every argument 16-aligned as a launch's, is checked against it in CI.)"""
+    block_m, block_n, block_k = max(16, triton.next_power_of_2(rows)), max(16, config.block_n), max(16, config.block_k)
+    return config.num_stages * (block_m + (2 if swiglu else 1) * block_n) * block_k * element_size + 1024
+
+
+def untuned_rows_config(candidates, rows: int, swiglu: bool, element_size: int, shared_limit: int) -> GemvConfig:
+    """The first candidate whose tiles fit `shared_limit` bytes of shared memory (`rows_shared_bytes`): the
+    step's tile for a product before (or without) tuning. The first of all was too large for gate/up's two
+    tiles at 32 rows in bf16 (246,784 bytes against the H100's 232,448: an untuned step failed to launch)."""
+    fitting = [c for c in candidates if rows_shared_bytes(c, rows, swiglu, element_size) <= shared_limit]
+    return fitting[0] if fitting else min(candidates, key=lambda c: rows_shared_bytes(c, rows, swiglu, element_size))
 
 
 def candidates_for(candidates, has_norm: bool, deferred: bool = False, defer: bool = False) -> list:
@@ -891,6 +911,11 @@ class TritonDecodeStep:
             ROWS_CANDIDATES_FP32 if self.dtype == torch.float32 else ROWS_CANDIDATES
         default = self.candidates[0] if self.device.type == "cuda" else INTERPRETER_CONFIG
         self.configs: list[GemvConfig] = [default] * len(self.products)
+        if B > 1 and self.device.type == "cuda":  # untuned: tiles that fit this card's shared memory
+            limit = getattr(torch.cuda.get_device_properties(self.device), "shared_memory_per_block_optin", 232448)
+            elem = self.x.element_size()
+            self.configs = [untuned_rows_config(self.candidates, B, kw.get("swiglu", False), elem, limit)
+                            for _, _, _, kw in self.products]
         # The deferred step (rows kernel): q/k/v, o and down write split-K partial sums that the next kernel
         # adds up as it reads them (the attention; the norm kernel of gate/up, of the next layer's q/k/v, of
         # the head), with tiles of its own (untuned: the default, its norm as a kernel of its own).
@@ -899,7 +924,7 @@ class TritonDecodeStep:
         self.deferred_mode = deferred if batch_size > 1 else False
         self.deferred = bool(deferred)
         self.deferring = frozenset(self._deferring())
-        self.deferred_configs: list[GemvConfig] = [replace(default, prenorm=True)] * len(self.products)
+        self.deferred_configs: list[GemvConfig] = [replace(c, prenorm=True) for c in self.configs]
         self.attention_config = AttentionConfig(*ATTENTION_CANDIDATES[0])
         self.attention_times: dict[tuple, float] = {}  # µs for all layers' attention, per candidate (`tune`, CUDA)
         self.tune_until: Optional[int] = None  # a later position the rows will reach (`step`'s last_pos)
