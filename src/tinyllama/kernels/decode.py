@@ -141,15 +141,20 @@ if triton is not None:
         # 16-byte aligned (a piece's size and address must be multiples of 16).
         CHUNKS: tl.constexpr = (256 + BLOCK_N - 1) // BLOCK_N
         ELEM: tl.constexpr = W.dtype.element_ty.primitive_bitwidth // 8
-        ALIGN: tl.constexpr = 16 // ELEM
-        span = tl.cdiv(tl.cdiv(stop - start, CHUNKS), ALIGN) * ALIGN  # columns a piece, 16-byte multiples
-        lo = start + tl.arange(0, CHUNKS) * span
-        hi = tl.minimum(lo + span, stop)
+        lo, hi = _prefetch_pieces(start, stop, CHUNKS, 16 // ELEM)
         nbytes = tl.where(row_ok[:, None], (hi - lo)[None, :] * ELEM, 0).to(tl.int32)
         at = W + rows[:, None].to(tl.int64) * K + lo[None, :]
         _bulk_prefetch_l2(at, nbytes)
         if SWIGLU:
             _bulk_prefetch_l2(at + N * K, nbytes)
+
+    @triton.jit
+    def _prefetch_pieces(start, stop, CHUNKS: tl.constexpr, ALIGN: tl.constexpr):
+        # elements [start, stop) cut into CHUNKS pieces [lo, hi) of ALIGN-element multiples (16 bytes for
+        # the bulk prefetch), one per thread; a piece past stop has hi <= lo (issues nothing)
+        span = tl.cdiv(tl.cdiv(stop - start, CHUNKS), ALIGN) * ALIGN
+        lo = start + tl.arange(0, CHUNKS) * span
+        return lo, tl.minimum(lo + span, stop)
 
     @triton.jit
     def _bulk_prefetch_l2(at, nbytes):
@@ -371,15 +376,14 @@ if triton is not None:
     @triton.jit
     def _prefetch_cache_l2(kc, vc, start, stop, HEAD_DIM: tl.constexpr, CHUNKS: tl.constexpr):
         # Cache slots [start, stop) of one head's keys and values (contiguous, HEAD_DIM elements a slot) into
-        # L2 with Hopper's bulk prefetch: no registers, no wait. Cut into CHUNKS pieces of whole slots (one per
-        # thread: a smaller tensor would be repeated in every thread holding a copy); an empty piece issues
-        # nothing. `decode_attention` turns it on only where a slot is a multiple of 16 bytes, 16-aligned.
+        # L2 with Hopper's bulk prefetch: no registers, no wait. Cut into CHUNKS pieces (`_prefetch_pieces`,
+        # one per thread: a smaller tensor would be repeated in every thread holding a copy); an empty piece
+        # issues nothing. `decode_attention` turns it on only where a slot is a multiple of 16 bytes, 16-aligned.
         ELEM: tl.constexpr = kc.dtype.element_ty.primitive_bitwidth // 8
-        span = tl.cdiv(tl.maximum(stop - start, 0), CHUNKS)
-        lo = start + tl.arange(0, CHUNKS) * span
-        nbytes = (tl.maximum(tl.minimum(lo + span, stop) - lo, 0) * (HEAD_DIM * ELEM)).to(tl.int32)
-        _bulk_prefetch_l2(kc + lo * HEAD_DIM, nbytes)
-        _bulk_prefetch_l2(vc + lo * HEAD_DIM, nbytes)
+        lo, hi = _prefetch_pieces(start * HEAD_DIM, stop * HEAD_DIM, CHUNKS, 16 // ELEM)
+        nbytes = ((hi - lo) * ELEM).to(tl.int32)
+        _bulk_prefetch_l2(kc + lo, nbytes)
+        _bulk_prefetch_l2(vc + lo, nbytes)
 
     @triton.jit
     def _decode_attention_kernel(QKV, K_CACHE, V_CACHE, OUT, POS, COS, SIN, cache_len, scale, split_stride,
@@ -909,13 +913,14 @@ class TritonDecodeStep:
         self.product_names = ["qkv", "o", "gate_up", "down"] * len(model.layers) + ["head"]  # in that order
         self.candidates = GEMV_CANDIDATES if B == 1 else \
             ROWS_CANDIDATES_FP32 if self.dtype == torch.float32 else ROWS_CANDIDATES
-        default = self.candidates[0] if self.device.type == "cuda" else INTERPRETER_CONFIG
-        self.configs: list[GemvConfig] = [default] * len(self.products)
-        if B > 1 and self.device.type == "cuda":  # untuned: tiles that fit this card's shared memory
+        if self.device.type != "cuda":
+            self.configs: list[GemvConfig] = [INTERPRETER_CONFIG] * len(self.products)
+        elif B == 1:
+            self.configs = [self.candidates[0]] * len(self.products)
+        else:  # untuned: tiles that fit this card's shared memory
             limit = getattr(torch.cuda.get_device_properties(self.device), "shared_memory_per_block_optin", 232448)
-            elem = self.x.element_size()
-            self.configs = [untuned_rows_config(self.candidates, B, kw.get("swiglu", False), elem, limit)
-                            for _, _, _, kw in self.products]
+            self.configs = [untuned_rows_config(self.candidates, B, kw.get("swiglu", False), self.x.element_size(),
+                                                limit) for _, _, _, kw in self.products]
         # The deferred step (rows kernel): q/k/v, o and down write split-K partial sums that the next kernel
         # adds up as it reads them (the attention; the norm kernel of gate/up, of the next layer's q/k/v, of
         # the head), with tiles of its own (untuned: the default, its norm as a kernel of its own).
@@ -1004,9 +1009,9 @@ class TritonDecodeStep:
         # The L2 prefetch only pays within some length (H100, 32 rows: -10 % at 384 cached slots, +31-40 % at
         # 1,024-2,000; perf/NOTES.md, fifteenth session), and at the first positions it ties the plain kernel:
         # timed only where the end is known, so noise at the start never picks it for a long generation.
-        candidates = [AttentionConfig(*cfg) for cfg in ATTENTION_CANDIDATES
-                      if (cfg[0] == 1 or self.deferred_mode is not True)
-                      and (until is not None or not AttentionConfig(*cfg).l2_prefetch)]
+        candidates = [cfg for cfg in (AttentionConfig(*c) for c in ATTENTION_CANDIDATES)
+                      if (cfg.splits == 1 or self.deferred_mode is not True)
+                      and (until is not None or not cfg.l2_prefetch)]
         key = (card, "attention", self.batch_size, self.dtype, self.pdl, c.n_heads, c.n_kv_heads, c.head_dim,
                tuple(candidates), until)
         if key not in _TUNED:
