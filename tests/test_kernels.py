@@ -623,9 +623,14 @@ def test_training_kernels_compile_for_hopper():
     norm_ptrs = dict(DY=bf, X=bf, DX=bf, DRES=bf, H=bf, W="*fp32", RSTD="*fp32", DW_PART="*fp32")
     for flags in ((True, True), (False, False)):
         _compile_for_hopper(T._rms_norm_bwd, norm_ptrs, dict(HAS_DRES=flags[0], STORE_H=flags[1], BLOCK=2048))
-    for splits in (0, 3):  # 3: the decode step's split-K sums added to x first
-        _compile_for_hopper(T._rms_norm_fwd, dict(X=bf, Y=bf, W="*fp32", RSTD="*fp32", PART="*fp32"),
-                            dict(BLOCK=2048, SPLITS=splits))
+    for splits, pdl in ((0, False), (3, False), (3, True)):  # 3: the decode step's split-K sums added to x first
+        kernel = _compile_for_hopper(T._rms_norm_fwd, dict(X=bf, Y=bf, W="*fp32", RSTD="*fp32", PART="*fp32"),
+                                     dict(BLOCK=2048, SPLITS=splits, PDL=pdl))
+        # PDL (the decode step's norm kernels): the wait for the previous kernel and the early start of the next
+        ptx = kernel.asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx) == pdl
+        if pdl:  # the next product may start (and read its weights) while this kernel waits and runs
+            assert ptx.find("griddepcontrol.launch_dependents") < ptx.find("griddepcontrol.wait")
     swiglu_ptrs = dict.fromkeys(["DH", "G", "U", "DG", "DU", "H"], bf)
     for store in (True, False):
         _compile_for_hopper(T._swiglu_bwd, swiglu_ptrs, dict(STORE_H=store, BLOCK=1024))

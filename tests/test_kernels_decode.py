@@ -860,22 +860,25 @@ def test_decode_kernels_compile_for_hopper():
 
     bf = "*bf16"
     ptrs = dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf, PART="*fp32", SS="*fp32", COUNT="*i32")
+    pdl_order = []  # (kernel, PTX): each lets the next kernel start before it waits for the previous one
     for split in (1, 4):  # the split-K epilogue's two callers; every flag with split-K (CI time: ~2 s a compile)
         for swap in (False, True):
             flag_sets = ((True, True, False),) if split == 1 else ((True, False, False), (True, True, False),
                                                                    (False, False, True))
             for norm, swiglu, res in flag_sets:
-                _compile_for_hopper(D._rows_kernel, ptrs, dict(
+                kernel = _compile_for_hopper(D._rows_kernel, ptrs, dict(
                     HAS_NORM=norm, SWIGLU=swiglu, HAS_RES=res, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
                     BLOCK_K=256, DOT_FP32=False, SWAP=swap, SPLIT_K=split,
                     PREFETCH=not (swap and split > 1), DEFER=False,  # both ways of reading the first tile
                     L2_AHEAD=0 if norm else 4))  # L2 prefetch: the window before the wait, then in the loop
+                pdl_order.append((f"rows split {split} swap {swap}", kernel.asm["ptx"]))
             if swap or split > 1:  # the deferred product: partial sums only (one when unsplit)
                 _compile_for_hopper(D._rows_kernel, ptrs, dict(
                     HAS_NORM=False, SWIGLU=False, HAS_RES=False, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
                     BLOCK_K=128, DOT_FP32=False, SWAP=swap, SPLIT_K=split, PREFETCH=False, DEFER=True, L2_AHEAD=0))
-    _compile_for_hopper(D._gemv_kernel, dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf), dict(
+    kernel = _compile_for_hopper(D._gemv_kernel, dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf), dict(
         HAS_NORM=True, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_N=4, BLOCK_K=2048, ROWSUM=True))
+    pdl_order.append(("gemv", kernel.asm["ptx"]))
     for ahead in (0, 4):
         kernel = _compile_for_hopper(D._rows_kernel, ptrs, dict(
             HAS_NORM=False, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128,
@@ -890,9 +893,10 @@ def test_decode_kernels_compile_for_hopper():
     # (an H100 run found cache blocks of 8 compiling under the interpreter only: the tensor cores need K >= 16)
     shapes = {(32, 4, 64, c.splits, c.block_s) for c in D.ATTENTION_CANDIDATES if c.splits > 1}
     for n_heads, n_kv, head_dim, splits, block in sorted(shapes | {(8, 2, 16, 3, D.MIN_BLOCK_S)}):
-        _compile_for_hopper(D._split_attention_kernel, attention_ptrs, dict(
+        kernel = _compile_for_hopper(D._split_attention_kernel, attention_ptrs, dict(
             N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=head_dim, BLOCK_G=16, BLOCK_S=block, SPLITS=splits,
             DOT_FP32=False, PDL=True), floats=("scale",))
+        pdl_order.append((f"split attention {splits}x{block}", kernel.asm["ptx"]))
     # the unsplit attention's candidates, reading q/k/v or a deferred product's sums; with the L2 prefetch of
     # the cache (ptxas took it: one request per thread's piece, for keys and values)
     unsplit = [(c, 0) for c in D.ATTENTION_CANDIDATES if c.splits == 1] + [(D.AttentionConfig(1, 128, True), 3)]
@@ -903,7 +907,13 @@ def test_decode_kernels_compile_for_hopper():
                  QKV_SPLITS=qkv_splits, L2_CHUNKS=128 if cfg.l2_prefetch else 0), floats=("scale",))
         prefetches = kernel.asm["ptx"].count("cp.async.bulk.prefetch.L2.global")
         assert prefetches >= 2 if cfg.l2_prefetch else prefetches == 0, (cfg, prefetches)
+        pdl_order.append((f"attention {cfg.name}", kernel.asm["ptx"]))
     assert any(c.l2_prefetch for c, _ in unsplit)
+    # The early start of the next kernel (sixteenth session: -4 to -6 % a step on an H100): in every PDL kernel
+    # the trigger comes first in the code, the wait after it (the rows kernel's split-K tail has no second wait)
+    for name, ptx in pdl_order:
+        trigger, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
+        assert 0 <= trigger < wait, (name, trigger, wait)
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED, reason="needs Triton (not interpreted)")

@@ -19,10 +19,20 @@ try:  # optional: Triton ships with CUDA builds of PyTorch
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
+try:  # programmatic dependent launch (Hopper+): Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the install
+    gdc_launch_dependents = gdc_wait = None
 
 
 def triton_available() -> bool:
     return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """The launch option of programmatic dependent launch (PDL): the kernel may start while the one before it
+    on the stream finishes, so it must `gdc_wait` before its first dependent read and before any write."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def _out_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
@@ -44,13 +54,19 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_fwd(X, W, Y, RSTD, PART, stride_x, stride_y, n_cols, split_stride, eps, BLOCK: tl.constexpr,
-                      SPLITS: tl.constexpr = 0):
+                      SPLITS: tl.constexpr = 0, PDL: tl.constexpr = False):
         # SPLITS > 0 (the decode step): x first gets a product's output it still lacks, from SPLITS fp32
         # partial sums (`split_stride` apart, rows of n_cols) added in split order: x + round(sum), rounded,
         # as the product's epilogue adds its residual; that x is written back, then normalised.
+        # PDL (the decode step): launched as a dependent of the product before it, waiting for its results
+        # here, and letting the product after it start (and read its first weight tile) while this one runs.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # not the previous kernel's: before the wait
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if SPLITS > 0:
             sums = tl.zeros([BLOCK], dtype=tl.float32)
@@ -62,7 +78,6 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         # Round the normalised value to x's dtype before scaling, as the reference (and HF) do.
         xn = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + row * stride_y + cols, (xn * w).to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + row, rstd)
 
@@ -101,18 +116,21 @@ if triton is not None:
 
     def rms_norm_fwd_rows(x2: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
                           out: Optional[torch.Tensor] = None, rstd: Optional[torch.Tensor] = None,
-                          partials: Optional[torch.Tensor] = None, splits: int = 0, split_stride: int = 0):
+                          partials: Optional[torch.Tensor] = None, splits: int = 0, split_stride: int = 0,
+                          pdl: bool = False):
         """(y, rstd) for rows x2 (N, C) with unit column stride: y = RMSNorm(x2)·weight in out_dtype (into
         `out` (N, C) and `rstd` (N,) fp32 if given: the decode step's fixed buffers). partials (the decode
         step): fp32 split-K sums still to be added to x2, `splits` of them `split_stride` elements apart,
-        rows of C; x2 becomes x2 + their sum (rounded as a product's epilogue rounds) in place first."""
+        rows of C; x2 becomes x2 + their sum (rounded as a product's epilogue rounds) in place first.
+        pdl: launched with programmatic dependent launch (`pdl_launch`; the caller checks the card)."""
         n_rows, n_cols = x2.shape
         y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device) if out is None else out
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device) if rstd is None else rstd
         block = triton.next_power_of_2(n_cols)
         _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2 if partials is None else partials, x2.stride(0),
                                  y.stride(0), n_cols, split_stride, eps, BLOCK=block,
-                                 SPLITS=splits if partials is not None else 0, num_warps=_norm_warps(block))
+                                 SPLITS=splits if partials is not None else 0, PDL=pdl,
+                                 num_warps=_norm_warps(block), **pdl_launch(pdl))
         return y, rstd
 
     def rms_norm_bwd_rows(dy2: torch.Tensor, x2: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
