@@ -6,8 +6,9 @@
 #                     read while they run)
 #   exp_early/src     as src, and every kernel lets the next one launch at its start (launch_dependents before
 #                     its first-tile reads and before its wait), not after its wait
-# The two exp_ trees are carried (untracked copies, not committed). Then the GPU tests of the graph replay and
-# the batched step on the trees that changed.
+# The two exp_ trees were carried (untracked copies, not committed): exp_baseline/src is `git archive 15c50bc src`,
+# exp_early/src what commit 1788d7c landed (but for the split attention's trigger, then still after its wait).
+# Then the GPU tests of the graph replay and the batched step on the trees that changed.
 set -u
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $gpu"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
