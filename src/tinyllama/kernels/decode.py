@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from tinyllama.kernels import decode_persistent
 from tinyllama.kernels import triton_ops
 from tinyllama.kernels.decode_math import MIN_BLOCK_S, _attend_block, _attention, _interpreted, _rope, tl, triton
-
 from tinyllama.kernels.triton_ops import gdc_launch_dependents, gdc_wait, pdl_launch
 
 
