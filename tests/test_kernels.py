@@ -151,9 +151,11 @@ def test_fast_path_same_function_and_names(kw):
     assert abs(la.item() - lb.item()) < 1e-5  # the model's own loss takes its softmax in fp32
     for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
         assert _rel(q.grad, p.grad) < 1e-5, n
-    # inference paths (no targets, KV cache, masks) are untouched
+    # inference without targets: the same function, bit for bit in fp64 where the blocks run the reference maths;
+    # under Triton's interpreter the fused blocks' kernels compute in fp32 (found running this file interpreted)
+    fused_kernels = INTERPRETED and kw.get("fused_blocks")
     with torch.no_grad():
-        assert torch.allclose(ref(ids), fast(ids), atol=1e-10)
+        assert torch.allclose(ref(ids), fast(ids), atol=1e-5 if fused_kernels else 1e-10)
 
 
 @pytest.mark.parametrize("kw", [dict(fuse_projections=True), dict(fused_blocks=True)])
