@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 profile() {  # tree batches label
   echo "-- $(date -u +%H:%M:%S) $3 (batches $2)"
   PYTHONPATH=$PWD/$1:/tmp/site timeout ${PROFILE_TIMEOUT:-150} python3 perf/triton_step_profile.py --batches $2 --pos 129 --tune \
-    --out $OUT/profile_$3_$(echo $2 | tr , _).json 2>&1 | grep -E "graph replay|^ +[0-9.]+ us  _|^ +(qkv|o|gate_up|down|head):|attention Att|Error|error" | cut -c1-200
+    --out $OUT/profile_$3_$(echo $2 | tr , _).json 2>&1 | grep -E "graph replay|^ +[0-9.]+ us |^ +(qkv|o|gate_up|down|head):|attention Att|Error|error" | cut -c1-200
 }
 for part in ${PARTS:-b32 b1 tests}; do
   case $part in
