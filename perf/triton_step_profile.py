@@ -6,8 +6,8 @@ torch.profiler (CUDA kernel times; a graph replay would show as one event) with 
 `pos`, and reports the GPU time per step of each kernel (the rows / GEMV products, the attention, the rest),
 next to the step's time as a CUDA-graph replay. With programmatic dependent launch a kernel starts before the one
 before it ends and its duration includes that wait, so each is also given its exposed time: from the later of its
-start and the previous kernels' end to its own end (the exposed times add up to the span the kernels cover). Products run at their first (untuned) block shape unless
---tune. Several positions (--pos 129,384): tuned at the first, then each profiled with the same kernels, to
+start and the previous kernels' end to its own end (the exposed times add up to the span the kernels cover).
+Products run at their first (untuned) block shape unless --tune. Several positions (--pos 129,384): tuned at the first, then each profiled with the same kernels, to
 show which kernel's time grows with the cache.
 """
 

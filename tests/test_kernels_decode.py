@@ -20,6 +20,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 RUNS = HAS_TRITON and (torch.cuda.is_available() or INTERPRETED)
 needs_triton = pytest.mark.skipif(not RUNS, reason="needs Triton on CUDA or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+# the rows kernel's pointer arguments for the sm_90 ahead-of-time compile tests (`_compile_for_hopper`)
+ROWS_KERNEL_POINTERS = dict(X="*bf16", W="*bf16", OUT="*bf16", RES="*bf16", NORM_W="*bf16", PART="*fp32", SS="*fp32",
+                            COUNT="*i32")
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -398,7 +401,8 @@ def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kern
 
     timed = []
     monkeypatch.setattr(D, "decode_attention", broken_candidates)
-    monkeypatch.setattr(D, "ATTENTION_CANDIDATES", ((1, 16), (4, 16), (8, 16), (2, 16)))
+    monkeypatch.setattr(D, "ATTENTION_CANDIDATES",
+                        tuple(D.AttentionConfig(*c) for c in ((1, 16), (4, 16), (8, 16), (2, 16))))
     monkeypatch.setattr(D, "time_candidates", lambda run, cands: timed.extend(cands)
                         or {c: 1.0 if c == cands[-1] else 2.0 for c in cands})
     monkeypatch.setattr(D, "_TUNED", {})
@@ -442,7 +446,8 @@ def test_attention_tuning_ranks_by_the_mean_of_the_first_and_last_positions(monk
                 if not c.l2_prefetch}
 
     timed = []
-    monkeypatch.setattr(D, "ATTENTION_CANDIDATES", ((1, 16), (2, 16), (1, 16, True)))
+    monkeypatch.setattr(D, "ATTENTION_CANDIDATES",
+                        tuple(D.AttentionConfig(*c) for c in ((1, 16), (2, 16), (1, 16, True))))
     monkeypatch.setattr(D, "time_candidates", fake_times)
     with torch.inference_mode():
         fused.setup_cache(2, 40)
@@ -859,28 +864,27 @@ def test_decode_kernels_compile_for_hopper():
     from tinyllama.kernels import decode as D
 
     bf = "*bf16"
-    ptrs = dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf, PART="*fp32", SS="*fp32", COUNT="*i32")
     pdl_order = []  # (kernel, PTX): each lets the next kernel start before it waits for the previous one
     for split in (1, 4):  # the split-K epilogue's two callers; every flag with split-K (CI time: ~2 s a compile)
         for swap in (False, True):
             flag_sets = ((True, True, False),) if split == 1 else ((True, False, False), (True, True, False),
                                                                    (False, False, True))
             for norm, swiglu, res in flag_sets:
-                kernel = _compile_for_hopper(D._rows_kernel, ptrs, dict(
+                kernel = _compile_for_hopper(D._rows_kernel, ROWS_KERNEL_POINTERS, dict(
                     HAS_NORM=norm, SWIGLU=swiglu, HAS_RES=res, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
                     BLOCK_K=256, DOT_FP32=False, SWAP=swap, SPLIT_K=split,
                     PREFETCH=not (swap and split > 1), DEFER=False,  # both ways of reading the first tile
                     L2_AHEAD=0 if norm else 4))  # L2 prefetch: the window before the wait, then in the loop
                 pdl_order.append((f"rows split {split} swap {swap}", kernel.asm["ptx"]))
             if swap or split > 1:  # the deferred product: partial sums only (one when unsplit)
-                _compile_for_hopper(D._rows_kernel, ptrs, dict(
+                _compile_for_hopper(D._rows_kernel, ROWS_KERNEL_POINTERS, dict(
                     HAS_NORM=False, SWIGLU=False, HAS_RES=False, PDL=True, BLOCK_M=32, BLOCK_N=64 if swap else 16,
                     BLOCK_K=128, DOT_FP32=False, SWAP=swap, SPLIT_K=split, PREFETCH=False, DEFER=True, L2_AHEAD=0))
     kernel = _compile_for_hopper(D._gemv_kernel, dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf), dict(
         HAS_NORM=True, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_N=4, BLOCK_K=2048, ROWSUM=True))
     pdl_order.append(("gemv", kernel.asm["ptx"]))
     for ahead in (0, 4):
-        kernel = _compile_for_hopper(D._rows_kernel, ptrs, dict(
+        kernel = _compile_for_hopper(D._rows_kernel, ROWS_KERNEL_POINTERS, dict(
             HAS_NORM=False, SWIGLU=True, HAS_RES=False, PDL=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128,
             DOT_FP32=False, SWAP=True, SPLIT_K=2, PREFETCH=False, DEFER=False, L2_AHEAD=ahead))
         # the bulk prefetch (ptxas took it): the window before the wait and the loop's, for gate and up each
@@ -935,10 +939,9 @@ def test_untuned_rows_tiles_fit_the_shared_memory_they_are_given():
     tile = D.untuned_rows_config(D.ROWS_CANDIDATES, 32, True, 2, h100)
     assert tile != first and D.rows_shared_bytes(tile, 32, True, 2) <= h100
     assert D.untuned_rows_config(D.ROWS_CANDIDATES, 32, False, 2, h100) == first  # one weight tile fits
-    bf = "*bf16"
-    ptrs = dict(X=bf, W=bf, OUT=bf, RES=bf, NORM_W=bf, PART="*fp32", SS="*fp32", COUNT="*i32")
-    for cfg, rows, swiglu in ((first, 32, True), (first, 64, False), (tile, 32, True), (D.ROWS_CANDIDATES[2], 64, True)):
-        kernel = _compile_for_hopper(D._rows_kernel, ptrs, dict(
+    for cfg, rows, swiglu in ((first, 32, True), (first, 64, False), (tile, 32, True),
+                              (D.ROWS_CANDIDATES[2], 64, True)):
+        kernel = _compile_for_hopper(D._rows_kernel, ROWS_KERNEL_POINTERS, dict(
             HAS_NORM=True, SWIGLU=swiglu, HAS_RES=False, PDL=True, BLOCK_M=max(16, rows), BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k, DOT_FP32=False, SWAP=cfg.swap, SPLIT_K=cfg.split_k, PREFETCH=cfg.prefetch,
             DEFER=False, L2_AHEAD=0), aligned=True, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))

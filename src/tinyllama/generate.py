@@ -509,6 +509,12 @@ def generate_batch_stream(
     host = torch.empty(B, dtype=torch.long, pin_memory=pipelined) if pipelined else None
     # Greedy without a penalty: after a decode step, the engine may hand over the argmax it computed.
     plain_greedy = cfg.temperature == 0 and seen is None
+
+    def decode_step(nxt: torch.Tensor, i: int) -> torch.Tensor:  # token i in, at cache position T + i
+        pos = T + i
+        return engine.step(nxt.view(B, 1), slots[pos:pos + 1], rope_all[:, pos:pos + 1] if padded else None,
+                           key_mask, pos=pos, last_pos=total - 2)
+
     try:
         logits = engine.prefill(ids, rope_pos=rope_all[:, :T] if padded else None, key_mask=key_mask)
         for i in range(n_new):
@@ -526,19 +532,13 @@ def generate_batch_stream(
                 ready = torch.cuda.Event()
                 ready.record(torch.cuda.current_stream(device))  # the model's GPU, not the current one
                 if not last:
-                    pos = T + i
-                    logits = engine.step(nxt.view(B, 1), slots[pos:pos + 1],
-                                         rope_all[:, pos:pos + 1] if padded else None, key_mask, pos=pos,
-                                         last_pos=total - 2)
+                    logits = decode_step(nxt, i)
                 ready.synchronize()
                 toks = host.tolist()
             else:
                 toks = nxt.tolist()
                 if not last:
-                    pos = T + i
-                    logits = engine.step(nxt.view(B, 1), slots[pos:pos + 1],
-                                         rope_all[:, pos:pos + 1] if padded else None, key_mask, pos=pos,
-                                         last_pos=total - 2)
+                    logits = decode_step(nxt, i)
             out: list[Optional[int]] = [None] * B
             for r, tok in enumerate(toks):
                 if done[r]:

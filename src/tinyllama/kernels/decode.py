@@ -931,7 +931,7 @@ class TritonDecodeStep:
         self.deferred = bool(deferred)
         self.deferring = frozenset(self._deferring())
         self.deferred_configs: list[GemvConfig] = [replace(c, prenorm=True) for c in self.configs]
-        self.attention_config = AttentionConfig(*ATTENTION_CANDIDATES[0])
+        self.attention_config = ATTENTION_CANDIDATES[0]
         self.attention_times: dict[tuple, float] = {}  # µs for all layers' attention, per candidate (`tune`, CUDA)
         self.tune_until: Optional[int] = None  # a later position the rows will reach (`step`'s last_pos)
         # µs for all layers' product of that name, its fastest tile per l2_ahead (`tune`, CUDA with PDL)
@@ -1010,7 +1010,7 @@ class TritonDecodeStep:
         # The L2 prefetch only pays within some length (H100, 32 rows: -10 % at 384 cached slots, +31-40 % at
         # 1,024-2,000; perf/NOTES.md, fifteenth session), and at the first positions it ties the plain kernel:
         # timed only where the end is known, so noise at the start never picks it for a long generation.
-        candidates = [cfg for cfg in (AttentionConfig(*c) for c in ATTENTION_CANDIDATES)
+        candidates = [cfg for cfg in ATTENTION_CANDIDATES
                       if (cfg.splits == 1 or self.deferred_mode is not True)
                       and (until is not None or not cfg.l2_prefetch)]
         key = (card, "attention", self.batch_size, self.dtype, self.pdl, c.n_heads, c.n_kv_heads, c.head_dim,
@@ -1237,7 +1237,8 @@ class TritonDecodeStep:
         return self.logits
 
 
-_TUNED: dict[tuple, object] = {}  # (card, shape, ...) -> a product's GemvConfig or the attention's (splits, block_s)
+# (card, shape, ...) -> a product's GemvConfig, or the attention's (AttentionConfig, µs per candidate)
+_TUNED: dict[tuple, object] = {}
 _TUNED_STEP: dict[tuple, tuple] = {}  # (card, model shape, ...) -> (step option: `_use`, µs per option)
 _L2_TIMES: dict[tuple, dict] = {}  # a product's tuning key -> {l2_ahead: µs} of its fastest tile
 
