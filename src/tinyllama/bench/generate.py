@@ -222,6 +222,7 @@ def run(args) -> int:
         step = engine.triton_step(B)
         if step is not None:  # which kernels ran the step, and the whole-step times its tuning measured
             extra["step_kernels"] = step.kernels
+            extra["step_tiles"] = step.tiles
             # the step alone, replayed back to back: the decode-only rate's time per step minus this is what
             # the generate loop adds (host work, the per-token sync)
             replay = step.replay_us()

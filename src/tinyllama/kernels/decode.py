@@ -615,6 +615,15 @@ ROWS_CANDIDATES = (
     GemvConfig(64, 128, 4, 4, swap=True, split_k=2, prefetch=False, prenorm=True),
     GemvConfig(64, 128, 4, 4, swap=True, split_k=4, prefetch=False, prenorm=True),
     GemvConfig(64, 256, 4, 4, swap=True, split_k=2, prefetch=False, prenorm=True),
+    # Seventeenth session: in the deferred step a product with a norm times prenorm tiles only, and all of
+    # those had 64 weight rows a tile, so gate/up (its two tiles of 64 rows: 88 programs for the H100's 132
+    # SMs) never tried more programs; it took the 64 x 128 prenorm tile at 2.3 TB/s (443 of the 1,172 us
+    # step at 32 rows), where the output head's 500 programs read 2.75. Narrower prenorm tiles, and a
+    # split without the first tile through the loop, give gate/up 176-352 programs.
+    GemvConfig(32, 128, 4, 4, swap=True, prenorm=True),
+    GemvConfig(32, 256, 4, 3, swap=True, prenorm=True),
+    GemvConfig(16, 256, 4, 4, swap=True, prenorm=True),
+    GemvConfig(64, 128, 4, 3, swap=True, split_k=2, prenorm=True),
 )
 # fp32 models (tests): tiles small enough for fp32's shared memory at up to 64 rows (the bf16 first tile needs
 # ~310 KB for an fp32 gate/up product, over Hopper's 227 KB)
@@ -623,15 +632,17 @@ ROWS_CANDIDATES_FP32 = (GemvConfig(16, 128, 4, 3), GemvConfig(16, 128, 4, 2), Ge
 
 class AttentionConfig(NamedTuple):
     """The step's attention: each (row, kv head) over `splits` spans of its cache in blocks of `block_s`
-    slots; l2_prefetch (unsplit, with PDL): the cache past the first block is prefetched into L2 before the
-    wait for the q/k/v product (`decode_attention`)."""
+    slots, by programs of `num_warps` warps; l2_prefetch (unsplit, with PDL): the cache past the first block
+    is prefetched into L2 before the wait for the q/k/v product (`decode_attention`)."""
     splits: int
     block_s: int
     l2_prefetch: bool = False
+    num_warps: int = 4
 
     @property
     def name(self) -> str:
-        return f"{self.splits}x{self.block_s}" + ("+l2" if self.l2_prefetch else "")
+        return (f"{self.splits}x{self.block_s}" + ("+l2" if self.l2_prefetch else "")
+                + (f"/w{self.num_warps}" if self.num_warps != 4 else ""))
 
 
 # The step's attention candidates, timed on the first step on CUDA over every layer's cache at the step's
@@ -642,8 +653,13 @@ class AttentionConfig(NamedTuple):
 # (one program per SM); the rest of its cache, prefetched into L2 during the q/k/v product, is then near.
 # Measured (H100, 32 rows, perf/NOTES.md fifteenth session): -10 % at 384 cached slots, +31-40 % from 1,024
 # (the caches overflow L2), equal at one row: timed only where the generation's end is known.
+# 8 warps (seventeenth session): the block of 256 read before the wait was slower than 128 with 4 warps (122.6
+# against 81.2 us at 32 rows, fourteenth session): 64 KB of keys and values in 128 threads' registers is 512
+# bytes a thread; 256 threads hold half that each, so the whole cache at the bench's positions may be read
+# before the wait without spilling.
 ATTENTION_CANDIDATES = tuple(AttentionConfig(*c) for c in (
-    (1, 128), (4, 32), (8, 32), (16, 32), (8, 64), (1, 256), (1, 128, True)))
+    (1, 128), (4, 32), (8, 32), (16, 32), (8, 64), (1, 256), (1, 128, True),
+    (1, 128, False, 8), (1, 256, False, 8), (1, 256, True, 8)))
 # K-blocks a product's programs keep prefetched into L2 ahead of their loads (`GemvConfig.l2_ahead`), tried on
 # each product's fastest tile at 2+ rows once the tiles are timed. Why: between kernels the weight stream stops; a bulk
 # L2 prefetch puts bytes in flight without registers, and with PDL starts the next product's stream during
@@ -1075,6 +1091,14 @@ class TritonDecodeStep:
         """Which kernels run the step: "layered", "layered, split-K sums deferred" or a persistent configuration."""
         return _step_name(self.persistent.config if self.persistent is not None else
                           DEFERRED if self.deferred else None)
+
+    @property
+    def tiles(self) -> dict[str, str]:
+        """Each kind of product's tile in the step as it runs (layered or deferred; the same for every layer's
+        product of that kind: the tuning keys on the shape), by `product_names`."""
+        configs = self.deferred_configs if self.deferred else self.configs
+        return {self.product_names[i]: str(configs[i]) for i in dict.fromkeys(
+            [*range(min(4, len(configs) - 1)), len(configs) - 1])}
 
     def _tune_step(self, card: str, options: list) -> None:
         """Time the whole step (embedding -> logits, graph replays at the current position: idempotent) with
