@@ -249,6 +249,40 @@ def test_decode_attention_matches_reference(dtype, pos, splits):
     assert torch.equal(k_cache[:, :, torch.arange(S) != pos], k_ref[:, :, torch.arange(S) != pos])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED or not HAS_TRITON, reason="needs Triton on CUDA")
+def test_every_attention_candidate_matches_reference_at_the_1_1b_head_shape():
+    """Each candidate the step tunes over (splits, cache block, warps, L2 prefetch with PDL), at the 1.1B's heads
+    (32 query, 4 key/value, 64 wide) in bf16, 4 rows at positions across one to three blocks of 128: the output
+    as the reference's, and the cache rows as the reference leaves them. (The interpreter ignores num_warps; the
+    8-warp candidates of the seventeenth session run here, and compile for sm_90 in CI.)"""
+    from tinyllama.kernels.decode import (ATTENTION_CANDIDATES, decode_attention, pdl_supported,
+                                          reference_decode_attention)
+    from tinyllama.model import rope_cache
+
+    torch.manual_seed(0)
+    H, KV, D, S, dtype = 32, 4, 64, 512, torch.bfloat16
+    positions = [5, 130, 300, 383]
+    B = len(positions)
+    cos, sin = rope_cache(S, D, 10000.0, device="cuda")
+    qkv = torch.randn(B, (H + 2 * KV) * D, device="cuda").to(dtype)
+    k0 = torch.randn(B, KV, S, D, device="cuda").to(dtype)
+    v0 = torch.randn(B, KV, S, D, device="cuda").to(dtype)
+    want, k_want, v_want = [], k0.clone(), v0.clone()
+    for b, p in enumerate(positions):
+        want.append(reference_decode_attention(qkv[b], k_want[b:b + 1], v_want[b:b + 1], p, cos[p], sin[p], H, KV))
+    want = torch.stack(want)
+    pos = torch.tensor(positions, device="cuda")
+    assert any(c.num_warps != 4 for c in ATTENTION_CANDIDATES)
+    for cfg in ATTENTION_CANDIDATES:
+        k_cache, v_cache, out = k0.clone(), v0.clone(), torch.empty(B, H * D, device="cuda", dtype=dtype)
+        decode_attention(qkv, k_cache, v_cache, pos, cos, sin, out, H, KV, pdl=pdl_supported("cuda"),
+                         **cfg._asdict())
+        torch.cuda.synchronize()
+        _close(out, want, dtype)
+        torch.testing.assert_close(v_cache, v_want, atol=0, rtol=0)
+        torch.testing.assert_close(k_cache, k_want, atol=2.0**-6, rtol=2.0**-6)
+
+
 @pytest.mark.parametrize("block_s", [8, 24, 0])
 def test_decode_attention_refuses_cache_blocks_the_tensor_cores_cannot_take(block_s):
     """A cache block below 16 slots (or not a power of two) is refused with a clear error before any launch:
@@ -804,7 +838,9 @@ def test_graph_replay_equals_eager_steps_cuda(pdl, batch, persistent, tiles):
     kernel of its own (a launch without PDL between two with it) and whose tiles all go through the loop's
     pipeline; "deferred": the same tiles with the q/k/v, o and down sums added by the next kernel, which
     also equals a step with the products' own merges bit for bit."""
-    from tinyllama.kernels.decode import GemvConfig, TritonDecodeStep, pdl_supported
+    from dataclasses import replace
+
+    from tinyllama.kernels.decode import L2_AHEAD_CANDIDATES, GemvConfig, TritonDecodeStep, pdl_supported
 
     if pdl and not pdl_supported("cuda"):
         pytest.skip("programmatic dependent launch needs Hopper or newer")
@@ -841,6 +877,11 @@ def test_graph_replay_equals_eager_steps_cuda(pdl, batch, persistent, tiles):
         if batch > 1 and tiles is None and eager.attention_config[0] == 1:  # both steps timed whole, one kept
             assert set(eager.step_times) == {"layered", "layered, split-K sums deferred"}
             assert eager.deferred == graphed.deferred == (min(eager.step_times, key=eager.step_times.get) != "layered")
+            # every tile each product timed, as bench generate reports them: its tile is the fastest of them
+            ran = eager.deferred_configs if eager.deferred else eager.configs
+            times = eager.tile_times["gate_up deferred" if eager.deferred else "gate_up"]
+            assert len(times) >= 2 and ran[2] in (min(times, key=times.get), *[
+                replace(min(times, key=times.get), l2_ahead=a) for a in L2_AHEAD_CANDIDATES])
         if persistent:
             assert not graphed.persistent.failed() and not graphed.persistent.sync[:-1].any()
         # the bench's back-to-back replays: positions put back, and the slots they wrote past them are
@@ -956,8 +997,9 @@ def test_untuned_rows_tiles_fit_the_shared_memory_they_are_given():
                               (D.ROWS_CANDIDATES[2], 64, True), *narrow):
         kernel = _compile_for_hopper(D._rows_kernel, ROWS_KERNEL_POINTERS, dict(
             HAS_NORM=not cfg.prenorm, SWIGLU=swiglu, HAS_RES=False, PDL=True, BLOCK_M=max(16, rows),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_FP32=False, SWAP=cfg.swap, SPLIT_K=cfg.split_k, PREFETCH=cfg.prefetch,
-            DEFER=False, L2_AHEAD=0), aligned=True, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_FP32=False, SWAP=cfg.swap, SPLIT_K=cfg.split_k,
+            PREFETCH=cfg.prefetch, DEFER=False, L2_AHEAD=0), aligned=True,
+            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         shared = kernel.metadata.shared
         assert shared <= D.rows_shared_bytes(cfg, rows, swiglu, 2), (cfg, rows, swiglu, shared)
         if (cfg, rows, swiglu) in narrow:

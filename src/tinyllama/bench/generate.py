@@ -238,6 +238,10 @@ def run(args) -> int:
             if step.l2_times:  # each product's tuned tile with its weights prefetched into L2 that far ahead (K-blocks)
                 extra["l2_ahead_us_tuned"] = {name: {str(a): round(t, 1) for a, t in times.items()}
                                               for name, times in step.l2_times.items()}
+            if step.tile_times:  # every tile each product timed (µs over all layers), fastest first
+                extra["tiles_us_tuned"] = {
+                    name: {str(cfg): round(t, 1) for cfg, t in sorted(times.items(), key=lambda kv: kv[1])}
+                    for name, times in step.tile_times.items()}
             if step.attention_times:
                 extra["attention_us_tuned"] = {cfg.name: round(t, 1) for cfg, t in step.attention_times.items()}
         if B == 1:

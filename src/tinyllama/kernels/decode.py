@@ -952,6 +952,8 @@ class TritonDecodeStep:
         self.tune_until: Optional[int] = None  # a later position the rows will reach (`step`'s last_pos)
         # µs for all layers' product of that name, its fastest tile per l2_ahead (`tune`, CUDA with PDL)
         self.l2_times: dict[str, dict[int, float]] = {}
+        # µs for all layers' product of that name, per tile timed (`tune`, CUDA): what each candidate gave
+        self.tile_times: dict[str, dict[GemvConfig, float]] = {}
         if persistent:
             self.persistent = decode_persistent.PersistentDecode(
                 model, decode_persistent.PERSISTENT_CANDIDATES[0] if self.device.type == "cuda"
@@ -990,15 +992,18 @@ class TritonDecodeStep:
                         for w in weights:
                             gemv(xs, w, outs, config=cfg, pdl=self.pdl, workspace=self.workspace, defer=defer, **skw)
 
-                    best = _fastest(run_all, candidates_for(self.candidates, "norm_weight" in kw, deferred, defer))[0]
+                    best, _TILE_TIMES[mode_key] = _fastest(
+                        run_all, candidates_for(self.candidates, "norm_weight" in kw, deferred, defer))
                     if self.pdl and self.batch_size > 1:  # the fastest tile, weights prefetched into L2 ahead
                         prefetching = [replace(best, l2_ahead=a) for a in L2_AHEAD_CANDIDATES]
                         best, times = _fastest(run_all, [best] + prefetching)
                         _L2_TIMES[mode_key] = {cfg.l2_ahead: t for cfg, t in times.items()}
                     _TUNED[mode_key] = best
+                name = self.product_names[members[0]] + (" deferred" if deferred else "")
                 if mode_key in _L2_TIMES:
-                    name = self.product_names[members[0]] + (" deferred" if deferred else "")
                     self.l2_times[name] = _L2_TIMES[mode_key]
+                if mode_key in _TILE_TIMES:
+                    self.tile_times[name] = _TILE_TIMES[mode_key]
                 for i in members:
                     (self.deferred_configs if deferred else self.configs)[i] = _TUNED[mode_key]
         self._tune_attention(card)
@@ -1265,6 +1270,7 @@ class TritonDecodeStep:
 _TUNED: dict[tuple, object] = {}
 _TUNED_STEP: dict[tuple, tuple] = {}  # (card, model shape, ...) -> (step option: `_use`, µs per option)
 _L2_TIMES: dict[tuple, dict] = {}  # a product's tuning key -> {l2_ahead: µs} of its fastest tile
+_TILE_TIMES: dict[tuple, dict] = {}  # a product's tuning key -> {tile: µs} of every tile it timed
 
 
 DEFERRED = "deferred"  # a whole-step option of `TritonDecodeStep._tune_step` (see its `deferred`)
