@@ -462,6 +462,50 @@ def test_attention_tuning_times_only_candidates_that_agree_with_the_unsplit_kern
 
 
 @needs_triton
+def test_attention_is_chosen_again_in_the_whole_step_among_the_closest(monkeypatch):
+    """After the attention is timed alone, the candidates within ATTENTION_STEP_MARGIN of the fastest (at most
+    ATTENTION_STEP_MAX, unsplit only in a deferred step) are timed in the whole step, at the first positions and
+    at `tune_until`, and the fastest step decides: alone, a candidate's reads before its PDL wait overlap only
+    the previous attention kernel, in the step the q/k/v product. The positions and, if nothing ran, the
+    choice are given back; a single close candidate is not timed again."""
+    from tinyllama.kernels import decode as D
+
+    _, fused = _models(torch.float32)
+    one, two, w8, split, far = (D.AttentionConfig(1, 16), D.AttentionConfig(1, 32), D.AttentionConfig(1, 16, False, 8),
+                                D.AttentionConfig(2, 16), D.AttentionConfig(4, 16))
+    seen = []
+
+    def step_times(run, cands):  # w8 fastest in the step at the first position, two at the later one
+        at = int(step.pos.max())
+        seen.append((at, list(cands)))
+        for cfg in cands:
+            run(cfg)  # (runs the step's layers with that attention)
+        return {cfg: {one: 5.0, two: 4.0 if at < 30 else 2.0, w8: 3.0 if at < 30 else 4.0, split: 1.0}[cfg]
+                for cfg in cands}
+
+    monkeypatch.setattr(D, "time_candidates", step_times)
+    with torch.inference_mode():
+        fused.setup_cache(2, 40)
+        for deferred, until, times, chosen, timed in (
+                (False, None, {one: 10.0, two: 10.5, w8: 10.9, split: 10.2, far: 12.0}, split,
+                 [(21, [one, split, two])]),
+                (True, None, {one: 10.0, two: 10.5, w8: 10.9, split: 10.2, far: 12.0}, w8, [(21, [one, two, w8])]),
+                (True, 35, {one: 10.0, two: 10.5, w8: 10.9}, two, [(21, [one, two, w8]), (35, [one, two, w8])]),
+                (False, None, {one: 10.0, far: 12.0}, one, [])):
+            monkeypatch.setattr(D, "_TUNED_STEP", {})
+            seen.clear()
+            step = D.TritonDecodeStep(fused, use_graph=False, tune=False, batch_size=2, deferred=deferred)
+            step.pos.copy_(torch.tensor([21, 17]))
+            step.tune_until = until
+            step.attention_config, step.attention_times = one, times
+            step._tune_attention_in_step("test card")
+            assert seen == timed and step.attention_config == chosen
+            assert step.pos.tolist() == [21, 17]
+            assert set(step.attention_step_times) == ({cfg for _, cands in timed for cfg in cands})
+    fused.clear_cache()
+
+
+@needs_triton
 def test_attention_tuning_ranks_by_the_mean_of_the_first_and_last_positions(monkeypatch):
     """With `tune_until` (generate's last position) each attention candidate is timed at the rows' first
     positions and there, and the lowest mean wins: one graph runs every position in between, and the

@@ -244,6 +244,8 @@ def run(args) -> int:
                     for name, times in step.tile_times.items()}
             if step.attention_times:
                 extra["attention_us_tuned"] = {cfg.name: round(t, 1) for cfg, t in step.attention_times.items()}
+            if step.attention_step_times:  # the closest of those again, each in the whole step (µs a step)
+                extra["attention_step_us_tuned"] = {cfg.name: t for cfg, t in step.attention_step_times.items()}
         if B == 1:
             match = next((i for i, (a, b) in enumerate(zip(out[0], ours_eager[0])) if a != b), len(out[0]))
             extra["greedy_prefix_equal_to_eager"] = match

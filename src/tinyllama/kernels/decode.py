@@ -668,6 +668,10 @@ ATTENTION_CANDIDATES = tuple(AttentionConfig(*c) for c in (
 # (64: more K-blocks than a program has) took 9 % off (99.5 -> 90.8 us); windows of 2 and 8 lost everywhere,
 # so only the whole-slice prefetch is tried, and only by the rows kernel.
 L2_AHEAD_CANDIDATES = (64,)
+# The attention candidates within this fraction of the fastest alone (at most ATTENTION_STEP_MAX of them) are timed
+# again in the whole step, which decides (`TritonDecodeStep._tune_attention_in_step`)
+ATTENTION_STEP_MARGIN = 0.1
+ATTENTION_STEP_MAX = 3
 MAX_ROWS = 64  # the largest batch the Triton step takes (the rows kernel's accumulator is (rows, block_n))
 
 
@@ -949,6 +953,8 @@ class TritonDecodeStep:
         self.deferred_configs: list[GemvConfig] = [replace(c, prenorm=True) for c in self.configs]
         self.attention_config = ATTENTION_CANDIDATES[0]
         self.attention_times: dict[tuple, float] = {}  # µs for all layers' attention, per candidate (`tune`, CUDA)
+        # µs per whole step, per attention candidate close to the fastest alone (`_tune_attention_in_step`)
+        self.attention_step_times: dict[AttentionConfig, float] = {}
         self.tune_until: Optional[int] = None  # a later position the rows will reach (`step`'s last_pos)
         # µs for all layers' product of that name, its fastest tile per l2_ahead (`tune`, CUDA with PDL)
         self.l2_times: dict[str, dict[int, float]] = {}
@@ -1014,6 +1020,7 @@ class TritonDecodeStep:
             options = [None, DEFERRED]  # (deferred q/k/v sums are read by the unsplit attention only)
         if options:
             self._tune_step(card, options)
+        self._tune_attention_in_step(card)
 
     def _tune_attention(self, card: str) -> None:
         """Pick the attention (`AttentionConfig`) by timing each candidate over every layer's cache at the
@@ -1025,9 +1032,7 @@ class TritonDecodeStep:
         the first step's context length decides. deferred=True: the unsplit candidates only (they read the
         deferred q/k/v sums)."""
         m, c = self.model, self.config
-        cache_len = m.layers[0].self_attn.kv_cache.k.size(2)
-        until = None if self.tune_until is None else min(self.tune_until, cache_len - 1)
-        until = until if until is not None and until > int(self.pos.max()) else None
+        until = self._horizon()
         # The L2 prefetch only pays within some length (H100, 32 rows: -10 % at 384 cached slots, +31-40 % at
         # 1,024-2,000; perf/NOTES.md, fifteenth session), and at the first positions it ties the plain kernel:
         # timed only where the end is known, so noise at the start never picks it for a long generation.
@@ -1063,17 +1068,64 @@ class TritonDecodeStep:
                 else:
                     warnings.warn(f"decode attention {cfg.name} disagrees with the unsplit kernel on this GPU: "
                                   "not used")
-            times = time_candidates(run, agreeing)
-            if until is not None and times:
-                first = self.pos.clone()
-                self.pos.fill_(until)  # (the graphs captured by time_candidates read self.pos)
-                try:
-                    later = time_candidates(run, list(times))
-                finally:
-                    self.pos.copy_(first)
-                times = {cfg: (t + later[cfg]) / 2 for cfg, t in times.items() if cfg in later}
+            times = self._time_to_horizon(run, agreeing, until)
             _TUNED[key] = (min(times, key=times.get) if times else agreeing[0]), times
         self.attention_config, self.attention_times = _TUNED[key]
+
+    def _horizon(self) -> Optional[int]:
+        """The later position the tuning also times at: `tune_until` within the cache, if past the rows' own."""
+        cache_len = self.model.layers[0].self_attn.kv_cache.k.size(2)
+        until = None if self.tune_until is None else min(self.tune_until, cache_len - 1)
+        return until if until is not None and until > int(self.pos.max()) else None
+
+    def _time_to_horizon(self, run, candidates: list, until: Optional[int]) -> dict:
+        """`time_candidates` at the rows' positions and, with `until`, the mean of that and of the times with
+        every row at `until` (the positions are given back; the graphs it captures read self.pos)."""
+        times = time_candidates(run, candidates)
+        if until is not None and times:
+            first = self.pos.clone()
+            self.pos.fill_(until)
+            try:
+                later = time_candidates(run, list(times))
+            finally:
+                self.pos.copy_(first)
+            times = {cfg: (t + later[cfg]) / 2 for cfg, t in times.items() if cfg in later}
+        return times
+
+    def _tune_attention_in_step(self, card: str) -> None:
+        """Time again, in the whole step, the attention candidates within ATTENTION_STEP_MARGIN of the fastest
+        alone (at most ATTENTION_STEP_MAX; only the unsplit ones in a deferred step), at the rows' positions and
+        at `tune_until` as `_tune_attention` does, and keep the fastest step. Why: timed alone, the cache a
+        candidate reads before its PDL wait overlaps only the previous layer's attention; in the step it
+        overlaps the q/k/v product. (H100, 32 rows, seventeenth session: the 8-warp block of 256 was 2 %
+        faster alone, and its step, replayed at position 384 in another process, 59 µs of ~1,300 faster.)"""
+        if self.persistent is not None or not self.attention_times:
+            return
+        best = min(self.attention_times.values())
+        close = [cfg for cfg, t in sorted(self.attention_times.items(), key=lambda kv: kv[1])
+                 if t <= best * (1 + ATTENTION_STEP_MARGIN) and (cfg.splits == 1 or not self.deferred)]
+        close = close[:ATTENTION_STEP_MAX]
+        if len(close) < 2:
+            return
+        until = self._horizon()
+        c = self.config
+        key = (card, "step attention", self.batch_size, self.dtype, self.pdl, self.kernels, tuple(self.configs),
+               tuple(self.deferred_configs), tuple(close), until, c.n_layers, c.hidden_size, c.n_heads,
+               c.n_kv_heads, c.intermediate_size, c.vocab_size)
+        if key not in _TUNED_STEP:
+            chosen = self.attention_config
+
+            def run(cfg) -> None:
+                self.attention_config = cfg
+                self._layers()
+
+            try:
+                times = self._time_to_horizon(run, close, until)
+            finally:
+                self.attention_config = chosen
+            _TUNED_STEP[key] = ((min(times, key=times.get) if times else chosen),
+                                {cfg: round(t, 1) for cfg, t in times.items()})
+        self.attention_config, self.attention_step_times = _TUNED_STEP[key]
 
     def _deferring(self) -> list[int]:
         """The products whose sums a deferred step leaves to the next kernel: each layer's q/k/v, o and down."""
