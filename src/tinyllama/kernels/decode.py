@@ -615,18 +615,13 @@ ROWS_CANDIDATES = (
     GemvConfig(64, 128, 4, 4, swap=True, split_k=2, prefetch=False, prenorm=True),
     GemvConfig(64, 128, 4, 4, swap=True, split_k=4, prefetch=False, prenorm=True),
     GemvConfig(64, 256, 4, 4, swap=True, split_k=2, prefetch=False, prenorm=True),
-    # Seventeenth session: in the deferred step a product with a norm times prenorm tiles only, and all of
-    # those had 64 weight rows a tile, so gate/up (its two tiles of 64 rows: 88 programs for the H100's 132
-    # SMs) never tried more programs; it took the 64 x 128 prenorm tile at 2.3 TB/s (443 of the 1,172 us
-    # step at 32 rows), where the output head's 500 programs read 2.75. Narrower prenorm tiles, and a
-    # split without the first tile through the loop, give gate/up 176-352 programs.
-    GemvConfig(32, 128, 4, 4, swap=True, prenorm=True),
-    GemvConfig(32, 256, 4, 3, swap=True, prenorm=True),
-    GemvConfig(16, 256, 4, 4, swap=True, prenorm=True),
-    GemvConfig(64, 128, 4, 3, swap=True, split_k=2, prenorm=True),
 )
 # fp32 models (tests): tiles small enough for fp32's shared memory at up to 64 rows (the bf16 first tile needs
 # ~310 KB for an fp32 gate/up product, over Hopper's 227 KB)
+# Tried and taken out (seventeenth session, H100): in the deferred step gate/up times prenorm tiles only, all of 64
+# weight rows (88 programs for 132 SMs at 32 rows); four narrower prenorm tiles (32 x 128, 32 x 256, 16 x 256; 64 x
+# 128 split in 2: 176-352 programs) left its choice and time as they were (64 x 128, 419 us) and added ~19 s of
+# tuning to every 32-row step's first call (perf/NOTES.md).
 ROWS_CANDIDATES_FP32 = (GemvConfig(16, 128, 4, 3), GemvConfig(16, 128, 4, 2), GemvConfig(32, 64, 4, 3))
 
 
