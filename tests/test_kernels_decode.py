@@ -466,8 +466,8 @@ def test_attention_is_chosen_again_in_the_whole_step_among_the_closest(monkeypat
     """After the attention is timed alone, the candidates within ATTENTION_STEP_MARGIN of the fastest (at most
     ATTENTION_STEP_MAX, unsplit only in a deferred step) are timed in the whole step, at the first positions and
     at `tune_until`, and the fastest step decides: alone, a candidate's reads before its PDL wait overlap only
-    the previous attention kernel, in the step the q/k/v product. The positions and, if nothing ran, the
-    choice are given back; a single close candidate is not timed again."""
+    the previous attention kernel, in the step the q/k/v product. The positions are given back; a single
+    close candidate is not timed again."""
     from tinyllama.kernels import decode as D
 
     _, fused = _models(torch.float32)
@@ -1034,10 +1034,9 @@ def test_untuned_rows_tiles_fit_the_shared_memory_they_are_given():
     for cfg, rows, swiglu in ((first, 32, True), (first, 64, False), (tile, 32, True),
                               (D.ROWS_CANDIDATES[2], 64, True)):
         kernel = _compile_for_hopper(D._rows_kernel, ROWS_KERNEL_POINTERS, dict(
-            HAS_NORM=not cfg.prenorm, SWIGLU=swiglu, HAS_RES=False, PDL=True, BLOCK_M=max(16, rows),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_FP32=False, SWAP=cfg.swap, SPLIT_K=cfg.split_k,
-            PREFETCH=cfg.prefetch, DEFER=False, L2_AHEAD=0), aligned=True,
-            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            HAS_NORM=True, SWIGLU=swiglu, HAS_RES=False, PDL=True, BLOCK_M=max(16, rows), BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, DOT_FP32=False, SWAP=cfg.swap, SPLIT_K=cfg.split_k, PREFETCH=cfg.prefetch,
+            DEFER=False, L2_AHEAD=0), aligned=True, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         shared = kernel.metadata.shared
         assert shared <= D.rows_shared_bytes(cfg, rows, swiglu, 2), (cfg, rows, swiglu, shared)
         if cfg == first and swiglu:

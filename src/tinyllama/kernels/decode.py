@@ -616,12 +616,12 @@ ROWS_CANDIDATES = (
     GemvConfig(64, 128, 4, 4, swap=True, split_k=4, prefetch=False, prenorm=True),
     GemvConfig(64, 256, 4, 4, swap=True, split_k=2, prefetch=False, prenorm=True),
 )
-# fp32 models (tests): tiles small enough for fp32's shared memory at up to 64 rows (the bf16 first tile needs
-# ~310 KB for an fp32 gate/up product, over Hopper's 227 KB)
 # Tried and taken out (seventeenth session, H100): in the deferred step gate/up times prenorm tiles only, all of 64
 # weight rows (88 programs for 132 SMs at 32 rows); four narrower prenorm tiles (32 x 128, 32 x 256, 16 x 256; 64 x
 # 128 split in 2: 176-352 programs) left its choice and time as they were (64 x 128, 419 us) and added ~19 s of
 # tuning to every 32-row step's first call (perf/NOTES.md).
+# fp32 models (tests): tiles small enough for fp32's shared memory at up to 64 rows (the bf16 first tile needs
+# ~310 KB for an fp32 gate/up product, over Hopper's 227 KB)
 ROWS_CANDIDATES_FP32 = (GemvConfig(16, 128, 4, 3), GemvConfig(16, 128, 4, 2), GemvConfig(32, 64, 4, 3))
 
 
