@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from tinyllama.kernels import decode_persistent
 from tinyllama.kernels import triton_ops
 from tinyllama.kernels.decode_math import MIN_BLOCK_S, _attend_block, _attention, _interpreted, _rope, tl, triton
-from tinyllama.kernels.triton_ops import gdc_launch_dependents, gdc_wait, pdl_launch
+from tinyllama.kernels.triton_ops import gdc_wait, pdl_launch
 
 
 # ---- plain-PyTorch references (the kernels' semantics) --------------------------------------------
@@ -90,6 +90,7 @@ def reference_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 # ---- kernels --------------------------------------------------------------------------------------
 if triton is not None:
+    from tinyllama.kernels.triton_ops import _let_next_kernel_start, _wait_for_previous_kernel
 
     @triton.jit
     def _gemv_accumulate(acc, acc_up, ss, w, wu, X, NORM_W, k0, K, cols,
@@ -117,23 +118,6 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         return rows, rows < N, cols, W + rows[:, None].to(tl.int64) * K
-
-    @triton.jit
-    def _let_next_kernel_start(PDL: tl.constexpr):
-        # With programmatic dependent launch (PDL), at a kernel's start: the next kernel on the stream may be
-        # scheduled as soon as every program of this one has started, so that it reads its first weight tile
-        # (or cache block) while this one runs. Safe because every kernel waits (`_wait_for_previous_kernel`)
-        # before its first dependent read and before any write, and a kernel completes only after its own wait:
-        # the chain of completions stays in order. Measured (H100, perf/NOTES.md sixteenth session): issued
-        # here rather than after the wait, the step took 5.8 % less at one row, 4-6 % less at 32 rows.
-        if PDL:
-            gdc_launch_dependents()
-
-    @triton.jit
-    def _wait_for_previous_kernel(PDL: tl.constexpr):
-        # with PDL: wait for the previous kernel's results (x, residual), and for its own completion
-        if PDL:
-            gdc_wait()
 
     @triton.jit
     def _prefetch_l2(W, N, K, rows, row_ok, start, stop, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
