@@ -71,20 +71,26 @@ if triton is not None:
     # ---- RMSNorm -----------------------------------------------------------------------------------
 
     @triton.jit
-    def _rms_norm_fwd(X, W, Y, RSTD, PART, stride_x, stride_y, n_cols, split_stride, eps, BLOCK: tl.constexpr,
-                      SPLITS: tl.constexpr = 0, PDL: tl.constexpr = False):
+    def _rms_norm_fwd(X, W, Y, RSTD, PART, COPY, stride_x, stride_y, stride_copy, n_cols, split_stride, eps,
+                      BLOCK: tl.constexpr, SPLITS: tl.constexpr = 0, PDL: tl.constexpr = False,
+                      STORE_COPY: tl.constexpr = False):
         # SPLITS > 0 (the decode step): x first gets a product's output it still lacks, from SPLITS fp32
         # partial sums (`split_stride` apart, rows of n_cols) added in split order: x + round(sum), rounded,
         # as the product's epilogue adds its residual; that x is written back, then normalised.
         # PDL (the decode step): launched as a dependent of the product before it, waiting for its results
         # here, and letting the product after it start (and read its first weight tile) while this one runs.
+        # STORE_COPY (the fused training block): x is also written to COPY, the buffer the next residual add
+        # accumulates into in place (saves a separate copy kernel's read of x).
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # not the previous kernel's: before the wait
         _let_next_kernel_start(PDL)
         _wait_for_previous_kernel(PDL)
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        if STORE_COPY:
+            tl.store(COPY + row * stride_copy + cols, x, mask=mask)
+        x = x.to(tl.float32)
         if SPLITS > 0:
             sums = tl.zeros([BLOCK], dtype=tl.float32)
             for s in tl.static_range(SPLITS):
@@ -134,20 +140,24 @@ if triton is not None:
     def rms_norm_fwd_rows(x2: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
                           out: Optional[torch.Tensor] = None, rstd: Optional[torch.Tensor] = None,
                           partials: Optional[torch.Tensor] = None, splits: int = 0, split_stride: int = 0,
-                          pdl: bool = False):
+                          pdl: bool = False, copy_out: Optional[torch.Tensor] = None):
         """(y, rstd) for rows x2 (N, C) with unit column stride: y = RMSNorm(x2)·weight in out_dtype (into
         `out` (N, C) and `rstd` (N,) fp32 if given: the decode step's fixed buffers). partials (the decode
         step): fp32 split-K sums still to be added to x2, `splits` of them `split_stride` elements apart,
         rows of C; x2 becomes x2 + their sum (rounded as a product's epilogue rounds) in place first.
-        pdl: launched with programmatic dependent launch (`pdl_launch`; the caller checks the card)."""
+        pdl: launched with programmatic dependent launch (`pdl_launch`; the caller checks the card).
+        copy_out (N, C), x2's dtype, unit column stride: x2 is also copied into it (not with partials)."""
+        if copy_out is not None and partials is not None:
+            raise ValueError("copy_out and partials: the copy would be of x before the sums")
         n_rows, n_cols = x2.shape
         y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device) if out is None else out
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device) if rstd is None else rstd
         block = triton.next_power_of_2(n_cols)
-        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2 if partials is None else partials, x2.stride(0),
-                                 y.stride(0), n_cols, split_stride, eps, BLOCK=block,
+        copy = x2 if copy_out is None else copy_out
+        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2 if partials is None else partials, copy, x2.stride(0),
+                                 y.stride(0), copy.stride(0), n_cols, split_stride, eps, BLOCK=block,
                                  SPLITS=splits if partials is not None else 0, PDL=pdl,
-                                 num_warps=_norm_warps(block), **pdl_launch(pdl))
+                                 STORE_COPY=copy_out is not None, num_warps=_norm_warps(block), **pdl_launch(pdl))
         return y, rstd
 
     def rms_norm_bwd_rows(dy2: torch.Tensor, x2: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
