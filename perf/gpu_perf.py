@@ -174,6 +174,7 @@ VARIANTS = {
     "ours-tadamw": (dict(_adamw="triton"), "ours"),  # AdamW by tinyllama's Triton kernel (optim.fused_kernel)
     "ours-fa4-tadamw": (dict(attention_backend="fa4", _adamw="triton"), "ours"),
     "ours-fa4-graph-tadamw": (dict(attention_backend="fa4", _graph=True, _adamw="triton"), "ours"),
+    "ours-graph-tadamw": (dict(_graph=True, _adamw="triton"), "ours"),  # the same with the default attention
     # the same with 2 cross-entropy chunks of 8,192 rows instead of 4 (fewer, larger head GEMMs; +0.5 GB)
     "ours-fa4-graph-tadamw-ce8k": (dict(attention_backend="fa4", _graph=True, _adamw="triton", ce_chunk_rows=8192), "ours"),
     "reference": (None, "reference"),
