@@ -525,6 +525,26 @@ def test_fused_block_residual_adds_accumulate_into_the_norms_copy(monkeypatch, i
     assert old_ops.count("aten.addmm.out") == 2 and "aten.addmm_.default" not in old_ops
 
 
+def test_fused_blocks_with_activation_checkpointing_same_grads():
+    # Recomputing a fused block in backward makes new residual copies and adds into them again in place:
+    # the same loss and gradients as without recomputation (bf16 residual stream, bf16 autocast).
+    from tinyllama.train.distributed import apply_activation_checkpointing
+
+    ids = torch.randint(0, 32000, (2, 17))
+
+    def run(recompute: bool):
+        m = _tiny(dtype=torch.float32)
+        apply_fast_path(m, KernelConfig(fused_blocks=True, fused_cross_entropy=False))
+        if recompute:
+            apply_activation_checkpointing(m)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(ids, ids.roll(-1, 1))[1]
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in m.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+
+
 def test_fused_blocks_setting_clashes_are_refused():
     for other in (dict(compile_blocks=True), dict(triton_kernels=True), dict(activation_memory_budget=0.7)):
         with pytest.raises(TinyLlamaError, match="fused_blocks is on together with"):
