@@ -706,7 +706,7 @@ def test_training_kernels_compile_for_hopper():
         assert ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx) == pdl
         if pdl:  # the next product may start (and read its weights) while this kernel waits and runs
             assert ptx.find("griddepcontrol.launch_dependents") < ptx.find("griddepcontrol.wait")
-    # STORE_COPY stores x once more (as wide as y's store); without it nothing extra is compiled in
+    # STORE_COPY compiles in the copy's stores; without it there are none beyond y's and rstd's
     assert stores[0, False, True] > stores[0, False, False] > 0
     swiglu_ptrs = dict.fromkeys(["DH", "G", "U", "DG", "DU", "H"], bf)
     for store in (True, False):
