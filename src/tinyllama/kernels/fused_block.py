@@ -328,18 +328,19 @@ def _owned_residual(x: torch.Tensor, cdt: torch.dtype) -> bool:
 class _OutProject(torch.autograd.Function):
     """residual + f(x) @ w^T for the block's two output projections: f is the identity (o) or, with `swiglu`,
     silu(gate)·up of x = [gate | up] (down; saves x and recomputes silu(gate)·up in backward). In the
-    compute dtype; the weight's gradient in its own dtype straight from the GEMM. in_place: the residual is
-    `_NormProject`'s copy, which nothing else holds: the sum is accumulated into it (marked dirty)."""
+    compute dtype; the weight's gradient in its own dtype straight from the GEMM. from_norm: the residual is
+    `_NormProject`'s output, so when `_owned_residual` it is the norm's copy, which nothing else holds: the sum
+    is accumulated into it (marked dirty)."""
 
     @staticmethod
-    def forward(ctx, x, weight, residual, swiglu, impl, in_place=False):
+    def forward(ctx, x, weight, residual, swiglu, impl, from_norm=False):
         cdt = _compute_dtype(x)
         x2 = _rows(x).to(cdt)
         a = swiglu_rows(x2, impl) if swiglu else x2
         w = weight.to(cdt)
         ctx.save_for_backward(x2, w)
         ctx.w_dtype, ctx.res_dtype, ctx.swiglu, ctx.impl = weight.dtype, residual.dtype, swiglu, impl
-        in_place = in_place and _owned_residual(residual, cdt)
+        in_place = from_norm and _owned_residual(residual, cdt)
         if in_place:
             ctx.mark_dirty(residual)
         return _add_mm(residual, a, w, x.shape[:-1], in_place)
@@ -378,14 +379,11 @@ class FusedBlock(Block):
         # The residual stream goes through each function: the adds happen in the GEMM epilogues (addmm), into
         # the norm's copy of the residual when it made one, and the residual's gradient is added inside the
         # norms' backward kernels.
-        cdt = _compute_dtype(x)
-        owned = _owned_residual(x, cdt)  # as _NormProject decides it for this x
         x, qkv = _NormProject.apply(x, n1.weight, n1.eps, impl, attn.q_proj.weight, attn.k_proj.weight,
                                     attn.v_proj.weight)
         q, k, v = _QKVRope.apply(qkv, cos.contiguous(), sin.contiguous(), attn.n_heads, attn.n_kv_heads,
                                  attn.head_dim, impl)
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.attention_backend)
-        x = _OutProject.apply(y.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight, x, False, impl, owned)
-        owned = _owned_residual(x, cdt)
+        x = _OutProject.apply(y.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight, x, False, impl, True)
         x, gu = _NormProject.apply(x, n2.weight, n2.eps, impl, mlp.gate_proj.weight, mlp.up_proj.weight)
-        return _OutProject.apply(gu, mlp.down_proj.weight, x, True, impl, owned)
+        return _OutProject.apply(gu, mlp.down_proj.weight, x, True, impl, True)
