@@ -1089,10 +1089,7 @@ class TritonDecodeStep:
         if len(close) < 2:
             return
         until = self._horizon()
-        c = self.config
-        key = (card, "step attention", self.batch_size, self.dtype, self.pdl, self.kernels, tuple(self.configs),
-               tuple(self.deferred_configs), tuple(close), until, c.n_layers, c.hidden_size, c.n_heads,
-               c.n_kv_heads, c.intermediate_size, c.vocab_size)
+        key = self._step_key(card, "step attention", self.kernels, tuple(close), until)
         if key not in _TUNED_STEP:
             chosen = self.attention_config
 
@@ -1138,14 +1135,18 @@ class TritonDecodeStep:
         return {self.product_names[i]: str(configs[i]) for i in dict.fromkeys(
             [*range(min(4, len(configs) - 1)), len(configs) - 1])}
 
+    def _step_key(self, card: str, what: str, *choice) -> tuple:
+        """A whole-step timing's key in `_TUNED_STEP`: the card, what is chosen among which `choice`, and all
+        the step's tiles, rows, dtype, PDL and model shape, on which its times depend."""
+        c = self.config
+        return (card, what, self.batch_size, self.dtype, self.pdl, tuple(self.configs), tuple(self.deferred_configs),
+                *choice, c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads, c.intermediate_size, c.vocab_size)
+
     def _tune_step(self, card: str, options: list) -> None:
         """Time the whole step (embedding -> logits, graph replays at the current position: idempotent) with
         each option (`_use`); keep the fastest. A persistent configuration whose launch flags a failed wait
         (`PersistentDecode.failed`) is left out."""
-        c = self.config
-        key = (card, "step", self.batch_size, self.dtype, self.pdl, tuple(map(_step_name, options)),
-               tuple(self.configs), tuple(self.deferred_configs), self.attention_config, c.n_layers,
-               c.hidden_size, c.n_heads, c.n_kv_heads, c.intermediate_size, c.vocab_size)
+        key = self._step_key(card, "step", tuple(map(_step_name, options)), self.attention_config)
         if key not in _TUNED_STEP:
             runners: dict = {}
 
