@@ -1,8 +1,13 @@
 """Time every GEMM of one TinyLlama-1.1B training step (8 × 2048 tokens) in the layouts the fused block uses,
 and alternatives, on the GPU: which products sit under the measured bf16 ceiling.
 
-PYTHONUNBUFFERED=1 python perf/gemm_shapes.py
+PYTHONUNBUFFERED=1 python perf/gemm_shapes.py [--blas cublas,cublaslt]
+
+--blas: time the step's layouts under each of torch's BLAS back ends in turn (torch.backends.cuda.
+preferred_blas_library), in one process: does cuBLASLt's heuristic pick faster kernels for these shapes?
 """
+
+import argparse
 
 import torch
 import triton.testing as tt
@@ -16,8 +21,17 @@ def ms(fn):
     return tt.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+STEP_LAYOUTS = ("fwd x@w.t", "dgrad dy@w", "wgrad dy.t@x f32")
+
+
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blas", default="", help="comma-separated back ends, e.g. cublas,cublaslt")
+    args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
+    if args.blas:
+        compare_blas(args.blas.split(","))
+        return
     big = torch.randn(8192, 8192, device="cuda", dtype=bf)
     t = ms(lambda: big @ big)
     print(f"ceiling 8192^3: {t:.3f} ms {2 * 8192**3 / t / 1e9:.0f} TFLOP/s")
@@ -46,10 +60,36 @@ def main():
     print("per step (22 layers + 4 head chunks), the layouts the fused block uses:")
     for name in SHAPES:
         k = 4 if name == "head/4" else 22
-        s = k * sum(total[(name, c)] for c in ("fwd x@w.t", "dgrad dy@w", "wgrad dy.t@x f32"))
+        s = k * sum(total[(name, c)] for c in STEP_LAYOUTS)
         per_step += s
         print(f"  {name:<8} {s:7.2f} ms")
     print(f"  total    {per_step:7.2f} ms")
+
+
+def compare_blas(backends):
+    """The step's three layouts per shape under each back end, alternating twice (clocks drift on a
+    power-capped card), and the per-step totals."""
+    times = {b: {} for b in backends}
+    for name, (M, K) in SHAPES.items():
+        rows = N // 4 if name == "head/4" else N
+        x = torch.randn(rows, K, device="cuda", dtype=bf)
+        w = torch.randn(M, K, device="cuda", dtype=bf) * 0.02
+        dy = torch.randn(rows, M, device="cuda", dtype=bf)
+        cases = {"fwd x@w.t": lambda: torch.mm(x, w.t()), "dgrad dy@w": lambda: torch.mm(dy, w),
+                 "wgrad dy.t@x f32": lambda: torch.mm(dy.t(), x, out_dtype=torch.float32)}
+        flop = 2 * rows * M * K
+        for c, fn in cases.items():
+            for _ in range(2):
+                for b in backends:
+                    torch.backends.cuda.preferred_blas_library(b)
+                    times[b].setdefault((name, c), []).append(ms(fn))
+            row = "  ".join(f"{b} {min(times[b][(name, c)]):.3f} ms {flop / min(times[b][(name, c)]) / 1e9:4.0f}"
+                            for b in backends)
+            print(f"{name + ' ' + c:<24} {row}", flush=True)
+    for b in backends:
+        per_step = sum((4 if name == "head/4" else 22) * min(times[b][(name, c)])
+                       for name in SHAPES for c in STEP_LAYOUTS)
+        print(f"per step, {b}: {per_step:.2f} ms")
 
 
 if __name__ == "__main__":
