@@ -175,6 +175,9 @@ VARIANTS = {
     "ours-fa4-tadamw": (dict(attention_backend="fa4", _adamw="triton"), "ours"),
     "ours-fa4-graph-tadamw": (dict(attention_backend="fa4", _graph=True, _adamw="triton"), "ours"),
     "ours-graph-tadamw": (dict(_graph=True, _adamw="triton"), "ours"),  # the same with the default attention
+    # + bf16 weight copies written by the Triton AdamW (optim.compute_copies)
+    "ours-graph-tadamw-copies": (dict(_graph=True, _adamw="triton", _copies=True), "ours"),
+    "ours-fa4-graph-tadamw-copies": (dict(attention_backend="fa4", _graph=True, _adamw="triton", _copies=True), "ours"),
     # the same with 2 cross-entropy chunks of 8,192 rows instead of 4 (fewer, larger head GEMMs; +0.5 GB)
     "ours-fa4-graph-tadamw-ce8k": (dict(attention_backend="fa4", _graph=True, _adamw="triton", ce_chunk_rows=8192), "ours"),
     "reference": (None, "reference"),
@@ -183,10 +186,11 @@ VARIANTS = {
 }
 
 
-def step_options(kw: dict) -> tuple[dict, bool, str]:
-    """A variant's KernelConfig fields, and its step's pseudo-fields _graph (CUDA graph) and _adamw (kernel)."""
+def step_options(kw: dict) -> tuple[dict, bool, str, bool]:
+    """A variant's KernelConfig fields, and its step's pseudo-fields _graph (CUDA graph), _adamw (kernel) and
+    _copies (bf16 weight copies written by AdamW)."""
     kw = dict(kw)
-    return kw, bool(kw.pop("_graph", False)), kw.pop("_adamw", "torch")
+    return kw, bool(kw.pop("_graph", False)), kw.pop("_adamw", "torch"), bool(kw.pop("_copies", False))
 
 
 def run_bench(names, cfg, mb, seq, steps, warmup, data):
@@ -195,7 +199,7 @@ def run_bench(names, cfg, mb, seq, steps, warmup, data):
     print(bt.HEADER, flush=True)
     for name in names:
         kw, kind = VARIANTS[name]
-        kw, graph, adamw = step_options(kw or {})
+        kw, graph, adamw, copies = step_options(kw or {})
         if kind == "ours":
             def build(kw=kw):
                 kw = dict(kw)
@@ -209,7 +213,8 @@ def run_bench(names, cfg, mb, seq, steps, warmup, data):
         else:
             build, loss_of = (lambda c=(kind == "hf-compile"): bt.build_hf(cfg, DEV, compile=c)), bt.hf_loss
         r = bt.measure(name, build, loss_of, batches, cfg, DEV, steps, warmup, bt.H100_BF16_TFLOPS,
-                       trainer_step=not kind.startswith("hf"), cuda_graph=graph, adamw_kernel=adamw)
+                       trainer_step=not kind.startswith("hf"), cuda_graph=graph, adamw_kernel=adamw,
+                       compute_copies=copies)
         out.append(r)
     print()
     print(bt.format_table(out), flush=True)
@@ -256,11 +261,11 @@ def kernel_sources(p, keys: list[str], depth: int = 4) -> dict:
     return dict(sorted(found.items(), key=lambda kv: -kv[1])[:25])
 
 
-def profile(kernels: KernelConfig, cfg, mb, seq, cuda_graph: bool = False, adamw: str = "torch"):
+def profile(kernels: KernelConfig, cfg, mb, seq, cuda_graph: bool = False, adamw: str = "torch", copies: bool = False):
     from torch.profiler import ProfilerActivity, profile as prof
 
     m = bt.build_ours(cfg, DEV, kernels, fast=True)
-    opt, _ = bt.build_optimizer(m, fused_kernel=adamw)
+    opt, _ = bt.build_optimizer(m, fused_kernel=adamw, compute_copies=copies)
     step = bt.make_train_step(m, opt, bt._ours_loss, DEV, trainer_step=True, cuda_graph=cuda_graph)
     batches = bt.TokenBatches(cfg.vocab_size, seq, mb)
     for _ in range(3):
@@ -356,8 +361,8 @@ def main():
         print(f"[{time.time() - t0:.0f}s]", flush=True)
     cfg = bt.load_model_config(a.config)
     if a.profile:
-        kw, graph, adamw = step_options(VARIANTS[a.profile][0])
-        table = profile(KernelConfig(**kw), cfg, a.micro_batch, a.seq_len, cuda_graph=graph, adamw=adamw)
+        kw, graph, adamw, copies = step_options(VARIANTS[a.profile][0])
+        table = profile(KernelConfig(**kw), cfg, a.micro_batch, a.seq_len, cuda_graph=graph, adamw=adamw, copies=copies)
         print(table, flush=True)
         print(f"[{time.time() - t0:.0f}s]", flush=True)
     if a.bench:

@@ -257,11 +257,17 @@ def test_adamw_kernels_compile_for_hopper():
         pytest.skip("this Triton has no ahead-of-time compile API")
     from tinyllama.kernels import adamw as A
 
-    ptrs = dict(TENSORS="*i64", CHUNKS="*i64", STEP_TABLE="*i64", GRAD_SCALE="*fp32", FOUND_INF="*fp32")
+    ptrs = dict(TENSORS="*i64", CHUNKS="*i64", STEP_TABLE="*i64", GRAD_SCALE="*fp32", FOUND_INF="*fp32",
+                COPY_LIKE="*bf16")
     for aligned in (True, False):
-        k = _compile_for_hopper(A._adamw_kernel, ptrs, dict(HAS_SCALE=True, HAS_INF=True, ALIGNED=aligned,
-                                                           CHUNK=A.CHUNK_SIZE, BLOCK=A.BLOCK_SIZE))
-        vector = len(re.findall(r"ld\.global(\.\w+)*\.v4\.b32", k.asm["ptx"]))
-        assert (vector >= 8) == aligned, vector  # 4 tensors × 2 per thread in the full-block loop
+        for copies in (False, True):
+            k = _compile_for_hopper(A._adamw_kernel, ptrs, dict(HAS_SCALE=True, HAS_INF=True, ALIGNED=aligned,
+                                                               COPIES=copies, CHUNK=A.CHUNK_SIZE, BLOCK=A.BLOCK_SIZE))
+            ptx = k.asm["ptx"]
+            vector = len(re.findall(r"ld\.global(\.\w+)*\.v4\.b32", ptx))
+            assert (vector >= 8) == aligned, vector  # 4 tensors × 2 per thread in the full-block loop
+            # the bf16 copy: 8 elements a thread, one 16-byte store when aligned
+            copy_stores = len(re.findall(r"st\.global(\.\w+)*\.v4\.b32", ptx))
+            assert copy_stores == (3 * 2 + 1 if copies else 3 * 2) or not aligned, (copies, copy_stores)
     _compile_for_hopper(A._adamw_steps_kernel, dict(TENSORS="*i64", FOUND_INF="*fp32"),
                         dict(HAS_INF=True, BLOCK=A.STEPS_BLOCK))

@@ -140,3 +140,52 @@ def test_pretrain_with_cuda_graph_matches_eager_and_resumes_cuda(tmp_path):
 def test_cuda_graph_refuses_gradient_accumulation_cuda(tmp_path):
     with pytest.raises(TinyLlamaError, match="needs one micro-batch per optimizer step.*accumulates 2"):
         pretrain(run_config_from_dict(tiny_run(tmp_path, device="cuda", max_steps=2, cuda_graph=True)))
+
+
+@needs_cuda
+def test_graphed_step_with_weight_copies_equals_casting_cuda():
+    """The graphed step reading the bf16 weight copies the Triton AdamW writes (optim.compute_copies) against the
+    graphed step casting each replay: the same losses and weights bit for bit, also after weights loaded between
+    replays (re-cast before the next replay, as no forward runs in Python then)."""
+    from tinyllama.bench.train import _ours_loss, make_train_step
+    from tinyllama.kernels.weight_copies import attach_compute_weights
+
+    (ma, oa), (mb, ob) = _pair("math", "triton")
+    copies = attach_compute_weights(mb, ob, torch.bfloat16)
+    assert copies is not None and copies.casts == 4 * len(mb.layers)
+    steps = [make_train_step(m, o, _ours_loss, torch.device("cuda"), grad_clip=0.5, trainer_step=True,
+                             cuda_graph=True) for m, o in ((ma, oa), (mb, ob))]
+    gen = torch.Generator().manual_seed(1)
+    snapshot = None
+    for i in range(7):
+        batch = torch.randint(0, 512, (2, 33), generator=gen)
+        if i == 3:
+            snapshot = copy.deepcopy(ma.state_dict())
+        if i == 5:  # replays 3 and 4 happened; both models go back to the weights before replay 3
+            for m in (ma, mb):
+                m.load_state_dict(snapshot)
+        la, lb = (step(batch) for step in steps)
+        assert torch.equal(la, lb), (i, float(la), float(lb))
+    for p, q in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(p, q)
+    assert copies.casts == 2 * 4 * len(mb.layers)  # at the start and after the load, never by a replay
+
+
+@needs_cuda
+def test_pretrain_with_weight_copies_matches_casting_cuda(tmp_path, capsys):
+    """`tinyllama pretrain` with optim.compute_copies (graphed, Triton AdamW): the losses of the run that casts,
+    and a resumed run that continues like the straight one."""
+    def run(out, steps, copies, **kw):
+        d = tiny_run(out, device="cuda", dtype="bfloat16", fast_kernels=True, kernels={"attention_backend": "math"},
+                     max_steps=steps, global_batch=2, cuda_graph=True, **kw)
+        d["optim"].update(max_steps=12, fused_kernel="triton", compute_copies=copies)
+        return d
+
+    cast = pretrain(run_config_from_dict(run(tmp_path / "cast", 12, False)))
+    copied = pretrain(run_config_from_dict(run(tmp_path / "copies", 12, True)))
+    assert copied["losses"] == cast["losses"]
+    first = pretrain(run_config_from_dict(run(tmp_path / "resumed", 6, True, save_every=3)))
+    second = pretrain(run_config_from_dict(run(tmp_path / "resumed", 12, True)), resume=True)
+    assert first["losses"] + second["losses"] == pytest.approx(copied["losses"], rel=1e-4, abs=1e-4)
+    out = capsys.readouterr()
+    assert "compute_copies is off" not in out.out + out.err

@@ -140,14 +140,15 @@ class TokenBatches:
 
 
 def build_optimizer(model: torch.nn.Module, lr: float = 4e-4, warmup_steps: int = 0, max_steps: Optional[int] = None,
-                    fused_kernel: str = "torch"):
-    """The trainer's AdamW (decay on matrices, fused on CUDA, by `fused_kernel` as optim.fused_kernel says),
-    with its lr schedule helper."""
+                    fused_kernel: str = "torch", compute_copies: bool = False):
+    """The trainer's AdamW (decay on matrices, fused on CUDA, by `fused_kernel` as optim.fused_kernel says,
+    with bf16 weight copies as optim.compute_copies), with its lr schedule helper."""
     from tinyllama.train.optim import OptimConfig, build_optimizer as _build, lr_at, set_lr
 
     cfg = OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=warmup_steps, max_steps=max_steps,
-                      fused_kernel=fused_kernel)
-    opt = _build(model, cfg)
+                      fused_kernel=fused_kernel, compute_copies=compute_copies)
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    opt = _build(model, cfg, torch.bfloat16 if on_cuda else None)  # make_train_step's autocast
 
     def schedule(step: int) -> None:
         set_lr(opt, lr_at(step, cfg))
@@ -283,6 +284,7 @@ def measure(
     trainer_step: bool = False,
     cuda_graph: bool = False,
     adamw_kernel: str = "torch",
+    compute_copies: bool = False,
 ) -> BenchResult:
     """Build a model, run warmup + timed steps, return throughput and peak memory (model and optimizer included)."""
     res = BenchResult(name)
@@ -297,7 +299,10 @@ def measure(
         except MissingBaseline as e:
             res.error = str(e)
             return res
-        opt, _ = build_optimizer(model, fused_kernel=adamw_kernel)
+        opt, _ = build_optimizer(model, fused_kernel=adamw_kernel, compute_copies=compute_copies)
+        if compute_copies:
+            copies = getattr(opt, "copies", None)
+            res.details["compute_copies_gb"] = round(copies.nbytes() / 1e9, 3) if copies is not None else None
         step = make_train_step(model, opt, loss_of, device, trainer_step=trainer_step, cuda_graph=cuda_graph)
         if cuda_graph:
             res.details["cuda_graph"] = True
@@ -384,9 +389,11 @@ def run_bench(
     log: Callable[[str], None] = print,
     cuda_graph: bool = False,
     adamw_kernel: str = "torch",
+    compute_copies: bool = False,
 ) -> list[BenchResult]:
-    """cuda_graph, adamw_kernel: our variants' steps replayed from a CUDA graph, their fused AdamW by torch or
-    Triton (the baselines run as their users run them: torch's fused AdamW, eager)."""
+    """cuda_graph, adamw_kernel, compute_copies: our variants' steps replayed from a CUDA graph, their fused AdamW
+    by torch or Triton, with bf16 weight copies written by it (the baselines run as their users run them: torch's
+    fused AdamW, eager)."""
     from tinyllama.kernels import KernelConfig
 
     if seq_len > cfg.max_seq_len:
@@ -408,7 +415,8 @@ def run_bench(
         build, loss_of = builders[v]
         results.append(measure(v, build, loss_of, batches, cfg, device, steps, warmup, peak_tflops, log=log,
                                trainer_step=not v.startswith("hf-"), cuda_graph=cuda_graph and v.startswith("ours"),
-                               adamw_kernel=adamw_kernel if v.startswith("ours") else "torch"))
+                               adamw_kernel=adamw_kernel if v.startswith("ours") else "torch",
+                               compute_copies=compute_copies and v.startswith("ours")))
     return results
 
 
@@ -443,6 +451,9 @@ def add_arguments(p) -> None:
                    help="ours: replay each step from one CUDA graph after two eager steps (train.cuda_graph)")
     p.add_argument("--adamw-kernel", choices=FUSED_KERNELS, default="torch",
                    help="ours: fused AdamW by torch (default) or by tinyllama's Triton kernel (optim.fused_kernel)")
+    p.add_argument("--compute-copies", action="store_true",
+                   help="ours, with --adamw-kernel triton: bf16 weight copies written by AdamW, not cast each forward "
+                   "(optim.compute_copies)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -450,6 +461,8 @@ def run(args) -> int:
     from tinyllama.kernels import KernelConfig
 
     cfg = load_model_config(args.config)
+    if args.compute_copies and args.adamw_kernel != "triton":
+        raise TinyLlamaError("--compute-copies needs --adamw-kernel triton (the kernel writes the copies)")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -472,15 +485,18 @@ def run(args) -> int:
         f"{args.steps} timed steps after {args.warmup} warm-up, on {name}; torch {torch.__version__}; "
         f"MFU at {args.peak_tflops:g} TFLOP/s, {cfg.flops_per_token(args.seq_len) / 1e9:.2f} GFLOP/token"
     )
-    print(f"ours: {kernels}, AdamW by {args.adamw_kernel}" + (", step in a CUDA graph" if args.cuda_graph else ""))
+    print(f"ours: {kernels}, AdamW by {args.adamw_kernel}" + (" with bf16 weight copies" if args.compute_copies else "")
+          + (", step in a CUDA graph" if args.cuda_graph else ""))
     results = run_bench(cfg, variants, args.micro_batch, args.seq_len, args.steps, args.warmup, device, kernels,
-                        args.data, args.peak_tflops, cuda_graph=args.cuda_graph, adamw_kernel=args.adamw_kernel)
+                        args.data, args.peak_tflops, cuda_graph=args.cuda_graph, adamw_kernel=args.adamw_kernel,
+                        compute_copies=args.compute_copies)
     print()
     print(format_table(results))
     if args.json:
         out = {"device": name, "torch": torch.__version__, "config": cfg.name, "micro_batch": args.micro_batch,
                "seq_len": args.seq_len, "steps": args.steps, "kernels": asdict(kernels),
-               "cuda_graph": args.cuda_graph, "adamw_kernel": args.adamw_kernel, "results": [asdict(r) for r in results]}
+               "cuda_graph": args.cuda_graph, "adamw_kernel": args.adamw_kernel, "compute_copies": args.compute_copies,
+               "results": [asdict(r) for r in results]}
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=2)

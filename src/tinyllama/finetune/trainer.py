@@ -404,6 +404,8 @@ class FinetuneTrainer:
         if cfg.optim.warmup_steps < 0:
             cfg.optim.warmup_steps = int(0.1 * max_steps)
         optimizer = build_optimizer(model, cfg.optim)
+        if cfg.optim.compute_copies:
+            self.progress.print("note: optim.compute_copies applies to pretraining (tinyllama pretrain); off here")
         objective = (SFTObjective(self, loader, tokenizer) if cfg.kind == "sft"
                      else DPOObjective(self, loader, tokenizer, ref))
         if cfg.kind == "sft":

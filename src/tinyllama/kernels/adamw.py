@@ -6,8 +6,9 @@ profile (it also writes the unscaled gradient back when given grad_scale, 4 more
 TB/s); the card streams ~4.3 TB/s, ~7.2 ms for 28 bytes.
 
 Layout (all on the device):
-  tensor table  int64 (T, 6): param, exp_avg, exp_avg_sq and step addresses, numel, param-group index;
-                cached, keyed on those addresses and sizes (rebuilt when a state tensor or parameter moves)
+  tensor table  int64 (T, 7): param, exp_avg, exp_avg_sq and step addresses, numel, param-group index, and
+                the address of the parameter's compute-dtype copy (0: none; see below); cached, keyed on
+                those addresses and sizes (rebuilt when a state tensor, parameter or copy moves)
   chunk table   int64 (C, 2): tensor index, first element; each program streams one chunk of CHUNK_SIZE
                 elements in BLOCK_SIZE blocks (unmasked full blocks, one masked tail); cached with the above
   step table    int64 (T + 8·G,): the gradient addresses (autograd allocates new gradients every step) and
@@ -22,6 +23,11 @@ Inside a CUDA graph capture (`tinyllama.train.graph`): the copy is captured from
 is never written again, which holds the gradient addresses the replays write to (a graph's are fixed), and a
 group's lr may be a device tensor: it is copied into the table on the device after that copy, so each
 replay reads the value the tensor holds then.
+
+Compute-dtype copies (`TritonAdamW.copies`, a `tinyllama.kernels.weight_copies.ComputeWeights`): where a
+parameter has one, the update also stores the new weight rounded to that dtype (bf16) into it, 2 bytes a
+parameter more, so the forward reads it instead of casting the fp32 weight again (a cast reads 4 bytes and
+writes 2). After each step the copies are marked current for the weights' present versions.
 
 Math: torch.optim.AdamW's single-tensor step (`reference_adamw_step`), in fp32, the gradient divided by
 `grad_scale` when the optimizer has one; with a nonzero `found_inf` nothing changes, step counts
@@ -59,7 +65,7 @@ except ImportError:  # pragma: no cover - depends on the install
 CHUNK_SIZE = 32768
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
-TABLE_COLS = 6  # param, exp_avg, exp_avg_sq, step, numel, group
+TABLE_COLS = 7  # param, exp_avg, exp_avg_sq, step, numel, group, compute-dtype copy (0: none)
 HYPER_COLS = 8  # lr, weight decay, beta1, beta2, 1 - beta1, 1 - beta2, eps, (pad)
 STEPS_BLOCK = 256
 
@@ -108,8 +114,19 @@ if triton is not None:
         return tl.load(TABLE + i).to(tl.float64, bitcast=True).to(tl.float32)
 
     @triton.jit
-    def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, scale, decay, w1, beta2, omb2, eps, step_size,
-                     bc2_sqrt, MASKED: tl.constexpr):
+    def _to_copy_dtype(p, dt: tl.constexpr):
+        # p rounded to dt as torch's .to(dt) rounds (nearest, ties to even). For bf16 in integer ops: the GPU's
+        # cvt.rn gives the same, Triton's interpreter truncates, and the copies must equal torch's cast on both.
+        if dt == tl.bfloat16:
+            bits = p.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = tl.where(p != p, 0x7FC0, rounded)  # NaN stays NaN (rounding could carry it to inf)
+            return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return p.to(dt)
+
+    @triton.jit
+    def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, has_copy, offs, mask, scale, decay, w1, beta2, omb2, eps,
+                     step_size, bc2_sqrt, MASKED: tl.constexpr, COPIES: tl.constexpr):
         if MASKED:
             p = tl.load(p_ptr + offs, mask=mask)
             g = tl.load(g_ptr + offs, mask=mask)
@@ -134,19 +151,26 @@ if triton is not None:
             tl.store(p_ptr + offs, p, mask=mask)
             tl.store(m_ptr + offs, m, mask=mask)
             tl.store(v_ptr + offs, v, mask=mask)
+            if COPIES:
+                if has_copy:
+                    tl.store(c_ptr + offs, _to_copy_dtype(p, c_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(p_ptr + offs, p)
             tl.store(m_ptr + offs, m)
             tl.store(v_ptr + offs, v)
+            if COPIES:
+                if has_copy:  # one value for the whole tensor: a uniform branch
+                    tl.store(c_ptr + offs, _to_copy_dtype(p, c_ptr.dtype.element_ty))
 
     @triton.jit
-    def _adamw_kernel(TENSORS, CHUNKS, STEP_TABLE, GRAD_SCALE, FOUND_INF, n_tensors,
-                      HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, ALIGNED: tl.constexpr,
+    def _adamw_kernel(TENSORS, CHUNKS, STEP_TABLE, GRAD_SCALE, FOUND_INF, COPY_LIKE, n_tensors,
+                      HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, ALIGNED: tl.constexpr, COPIES: tl.constexpr,
                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # COPY_LIKE: any tensor of the copies' dtype (its pointer type is the copies')
         pid = tl.program_id(0).to(tl.int64)
         t = tl.load(CHUNKS + 2 * pid)
         start = tl.load(CHUNKS + 2 * pid + 1)
-        row = TENSORS + t * 6
+        row = TENSORS + t * 7
         f32p = tl.pointer_type(tl.float32)
         p_ptr = tl.load(row).to(f32p, bitcast=True)
         m_ptr = tl.load(row + 1).to(f32p, bitcast=True)
@@ -155,12 +179,20 @@ if triton is not None:
         numel = tl.load(row + 4)
         hyper = n_tensors + tl.load(row + 5) * 8
         g_ptr = tl.load(STEP_TABLE + t).to(f32p, bitcast=True)
+        c_ptr = COPY_LIKE
+        has_copy = False
+        if COPIES:
+            c_addr = tl.load(row + 6)
+            has_copy = c_addr != 0
+            c_ptr = c_addr.to(COPY_LIKE.dtype, bitcast=True)
         if ALIGNED:  # every address 16-byte aligned, chunk starts multiples of CHUNK: 16-byte accesses
             p_ptr = tl.multiple_of(p_ptr, 16)
             g_ptr = tl.multiple_of(g_ptr, 16)
             m_ptr = tl.multiple_of(m_ptr, 16)
             v_ptr = tl.multiple_of(v_ptr, 16)
             start = tl.multiple_of(start, CHUNK)
+            if COPIES:
+                c_ptr = tl.multiple_of(c_ptr, 16)
         lr = _f64(STEP_TABLE, hyper)
         decay = 1.0 - lr * _f64(STEP_TABLE, hyper + 1)
         beta1 = _f64(STEP_TABLE, hyper + 2)
@@ -182,11 +214,11 @@ if triton is not None:
         cols = tl.arange(0, BLOCK)
         for i in range(0, n_full):
             offs = start + i * BLOCK + cols
-            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, scale, decay, w1, beta2, omb2, eps, step_size,
-                         bc2_sqrt, False)
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, has_copy, offs, None, scale, decay, w1, beta2, omb2,
+                         eps, step_size, bc2_sqrt, False, COPIES)
         tail = start + n_full * BLOCK
-        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, tail + cols, cols < length - n_full * BLOCK, scale, decay, w1,
-                     beta2, omb2, eps, step_size, bc2_sqrt, True)
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, has_copy, tail + cols, cols < length - n_full * BLOCK, scale,
+                     decay, w1, beta2, omb2, eps, step_size, bc2_sqrt, True, COPIES)
 
     @triton.jit
     def _adamw_steps_kernel(TENSORS, FOUND_INF, n_tensors, HAS_INF: tl.constexpr, BLOCK: tl.constexpr):
@@ -197,7 +229,7 @@ if triton is not None:
         idx = tl.arange(0, BLOCK)
         for i0 in range(0, n_tensors, BLOCK):
             ok = i0 + idx < n_tensors
-            ptrs = tl.load(TENSORS + (i0 + idx) * 6 + 3, mask=ok, other=0).to(tl.pointer_type(tl.float32),
+            ptrs = tl.load(TENSORS + (i0 + idx) * 7 + 3, mask=ok, other=0).to(tl.pointer_type(tl.float32),
                                                                                 bitcast=True)
             tl.store(ptrs, tl.load(ptrs, mask=ok) + inc, mask=ok)
 
@@ -209,7 +241,8 @@ class _Plan:
         self.key = key
         rows = torch.tensor(key, dtype=torch.int64)
         self.n_tensors, self.n_groups, self.chunk = len(key), n_groups, chunk
-        self.aligned = all(a % 16 == 0 for k in key for a in k[:3])
+        self.aligned = all(a % 16 == 0 for k in key for a in (*k[:3], k[6]))
+        self.has_copies = any(k[6] for k in key)
         counts = (rows[:, 4] + chunk - 1) // chunk
         tensor_idx = torch.repeat_interleave(torch.arange(len(key)), counts)
         first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
@@ -258,6 +291,8 @@ class TritonAdamW(torch.optim.AdamW):
     chunk_size, block_size, num_warps = CHUNK_SIZE, BLOCK_SIZE, NUM_WARPS  # (an unpickled one has no __init__)
     _plan: Optional[_Plan] = None
     kernel_params = 0  # parameters the last step ran through the Triton kernel (tests, benchmarks)
+    # compute-dtype copies the step writes too (`tinyllama.kernels.weight_copies.attach_compute_weights`)
+    copies = None
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
@@ -289,7 +324,8 @@ class TritonAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        key, grads, hyper, lr_tensors = [], [], [], []
+        key, grads, hyper, lr_tensors, copied = [], [], [], [], []
+        copies = self.copies
         for gi, group in enumerate(self.param_groups):
             params, g_list, m_list, v_list, max_list, s_list = [], [], [], [], [], []
             self._init_group(group, params, g_list, m_list, v_list, max_list, s_list)  # lazy state, as torch
@@ -302,8 +338,11 @@ class TritonAdamW(torch.optim.AdamW):
                 for i, p in enumerate(params):
                     st = self.state[p]
                     if _kernel_takes(p, st, device):
+                        target = copies.target(p) if copies is not None else None
+                        if target is not None:
+                            copied.append(p)
                         key.append((p.data_ptr(), m_list[i].data_ptr(), v_list[i].data_ptr(), s_list[i].data_ptr(),
-                                    p.numel(), gi))
+                                    p.numel(), gi, 0 if target is None else target.data_ptr()))
                         grads.append(g_list[i].data_ptr())
                     else:
                         fallback.append(i)
@@ -313,6 +352,8 @@ class TritonAdamW(torch.optim.AdamW):
                               1 - beta2, group["eps"], 0.0))
             if fallback:  # torch's fused step for what the kernel does not take
                 pick = lambda xs: [xs[i] for i in fallback]  # noqa: E731
+                if copies is not None:  # it writes the weights, not their copies, and bumps no version counter
+                    copies.mark_stale(pick(params))
                 _torch_adam(
                     pick(params), pick(g_list), pick(m_list), pick(v_list), max_list and pick(max_list), pick(s_list),
                     amsgrad=group["amsgrad"], has_complex=any(torch.is_complex(params[i]) for i in fallback),
@@ -322,11 +363,15 @@ class TritonAdamW(torch.optim.AdamW):
                     decoupled_weight_decay=True)
         self.kernel_params = sum(k[4] for k in key)
         if key:
-            self._launch(tuple(key), grads, hyper, lr_tensors, device, grad_scale, found_inf)
+            copy_like = copies.target(copied[0]) if copied else None
+            self._launch(tuple(key), grads, hyper, lr_tensors, device, grad_scale, found_inf, copy_like)
+        if copied:  # the kernel wrote each of these weights and its copy alike (or, found_inf, neither)
+            copies.mark_current(copied)
         return loss
 
     def _launch(self, key: tuple, grads: list[int], hyper: list[tuple], lr_tensors: list, device: torch.device,
-                grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+                grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                copy_like: Optional[torch.Tensor] = None) -> None:
         plan = self._plan
         if plan is None or plan.key != key or plan.chunk != self.chunk_size or plan.n_groups != len(hyper):
             plan = self._plan = _Plan(key, device, len(self.param_groups), self.chunk_size)
@@ -347,5 +392,6 @@ class TritonAdamW(torch.optim.AdamW):
                                   BLOCK=STEPS_BLOCK)
         _adamw_kernel[(plan.n_chunks,)](
             plan.tensors, plan.chunks, plan.step_table, grad_scale if grad_scale is not None else dummy,
-            found_inf if has_inf else dummy, plan.n_tensors, HAS_SCALE=grad_scale is not None, HAS_INF=has_inf,
-            ALIGNED=aligned, CHUNK=self.chunk_size, BLOCK=self.block_size, num_warps=self.num_warps)
+            found_inf if has_inf else dummy, copy_like if plan.has_copies else dummy, plan.n_tensors,
+            HAS_SCALE=grad_scale is not None, HAS_INF=has_inf, ALIGNED=aligned, COPIES=plan.has_copies,
+            CHUNK=self.chunk_size, BLOCK=self.block_size, num_warps=self.num_warps)

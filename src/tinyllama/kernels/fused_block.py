@@ -262,7 +262,8 @@ def _add_mm(res: Optional[torch.Tensor], a: torch.Tensor, w: torch.Tensor, lead_
 
 class _NormProject(torch.autograd.Function):
     """(x, RMSNorm(x)·w_norm @ cat(weights)^T). Saves x, rstd and the stacked bf16 weight copy (or the weights
-    themselves when already in the compute dtype).
+    themselves when already in the compute dtype). `stacked`: that copy already made (`ComputeWeights`), or
+    None to cast and stack the weights here.
 
     x is passed through so that its gradient from the residual path arrives here and is added inside the
     norm's backward kernel (no separate add of the two gradients). When x is in the compute dtype (the bf16
@@ -272,17 +273,17 @@ class _NormProject(torch.autograd.Function):
     1.1B, 8 × 2048, H200)."""
 
     @staticmethod
-    def forward(ctx, x, norm_weight, eps, impl, *weights):
+    def forward(ctx, x, norm_weight, eps, impl, stacked, *weights):
         cdt = _compute_dtype(x)
         x2 = _rows(x)
         x_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if _owned_residual(x, cdt) else x
         h, rstd = rms_norm_rows(x2, norm_weight, eps, cdt, impl, None if x_out is x else x_out.view(x2.shape))
-        w = _stack_weights(weights, cdt)
+        w = stacked if stacked is not None else _stack_weights(weights, cdt)
         out = _add_mm(None, h, w, x.shape[:-1])
         # Weights already in the compute dtype (FSDP2's bf16 ones) are saved as they are and stacked again in
         # backward: saving the stack would keep a second copy of memory FSDP2 holds anyway. fp32 master
         # weights: the stacked bf16 copy is what autocast would keep for backward too.
-        ctx.restack = all(t.dtype == cdt for t in weights) and len(weights) > 1
+        ctx.restack = stacked is None and all(t.dtype == cdt for t in weights) and len(weights) > 1
         ctx.save_for_backward(x2, rstd, norm_weight, *(weights if ctx.restack else (w,)))
         ctx.impl, ctx.cdt, ctx.shape = impl, cdt, x.shape
         ctx.rows = [t.shape[0] for t in weights]
@@ -302,7 +303,7 @@ class _NormProject(torch.autograd.Function):
             dws = list(weight_grad(dout.to(h.dtype), h, ctx.w_dtypes[0]).split(ctx.rows, dim=0))
         else:  # weights of different dtypes: one product each
             dws = [weight_grad(part, h, dt) for part, dt in zip(dout.split(ctx.rows, dim=1), ctx.w_dtypes)]
-        return (dx.view(ctx.shape), dnorm.to(norm_weight.dtype), None, None, *dws)
+        return (dx.view(ctx.shape), dnorm.to(norm_weight.dtype), None, None, None, *dws)
 
 
 class _QKVRope(torch.autograd.Function):
@@ -330,14 +331,14 @@ class _OutProject(torch.autograd.Function):
     silu(gate)·up of x = [gate | up] (down; saves x and recomputes silu(gate)·up in backward). In the
     compute dtype; the weight's gradient in its own dtype straight from the GEMM. from_norm: the residual is
     `_NormProject`'s output, so when `_owned_residual` it is the norm's copy, which nothing else holds: the sum
-    is accumulated into it (marked dirty)."""
+    is accumulated into it (marked dirty). `w_compute`: the weight's compute-dtype copy already made, or None."""
 
     @staticmethod
-    def forward(ctx, x, weight, residual, swiglu, impl, from_norm=False):
+    def forward(ctx, x, weight, residual, swiglu, impl, from_norm=False, w_compute=None):
         cdt = _compute_dtype(x)
         x2 = _rows(x).to(cdt)
         a = swiglu_rows(x2, impl) if swiglu else x2
-        w = weight.to(cdt)
+        w = w_compute if w_compute is not None else weight.to(cdt)
         ctx.save_for_backward(x2, w)
         ctx.w_dtype, ctx.res_dtype, ctx.swiglu, ctx.impl = weight.dtype, residual.dtype, swiglu, impl
         in_place = from_norm and _owned_residual(residual, cdt)
@@ -353,7 +354,7 @@ class _OutProject(torch.autograd.Function):
         da = torch.mm(dy2, w)
         dx, a = swiglu_rows_backward(da, x2, ctx.impl) if ctx.swiglu else (da, x2)
         return (dx.view(*dy.shape[:-1], x2.shape[1]), weight_grad(dy2, a, ctx.w_dtype), dy.to(ctx.res_dtype), None,
-                None, None)
+                None, None, None)
 
 
 # ---- the block -----------------------------------------------------------------------------------
@@ -368,6 +369,14 @@ class FusedBlock(Block):
 
     attention_backend: str = "auto"
     kernel_impl: str = "auto"  # 'auto' (Triton on CUDA), 'triton' or 'torch' (the reference maths)
+    # persistent compute-dtype copies of the projection weights (`kernels.weight_copies`), or None: cast each pass
+    compute_weights = None
+
+    def projection_groups(self) -> list[tuple]:
+        """The weights each GEMM reads, stacked in this order: q/k/v, o, gate/up, down."""
+        attn, mlp = self.self_attn, self.mlp
+        return [(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight), (attn.o_proj.weight,),
+                (mlp.gate_proj.weight, mlp.up_proj.weight), (mlp.down_proj.weight,)]
 
     def forward(self, x, cos, sin, input_pos=None, mask=None, slots=None):
         attn, mlp = self.self_attn, self.mlp
@@ -376,14 +385,24 @@ class FusedBlock(Block):
         B, T, _ = x.shape
         impl = self.kernel_impl
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        qkv_w, o_w, gu_w, down_w = self._compute_copies(x)
         # The residual stream goes through each function: the adds happen in the GEMM epilogues (addmm), into
         # the norm's copy of the residual when it made one, and the residual's gradient is added inside the
         # norms' backward kernels.
-        x, qkv = _NormProject.apply(x, n1.weight, n1.eps, impl, attn.q_proj.weight, attn.k_proj.weight,
+        x, qkv = _NormProject.apply(x, n1.weight, n1.eps, impl, qkv_w, attn.q_proj.weight, attn.k_proj.weight,
                                     attn.v_proj.weight)
         q, k, v = _QKVRope.apply(qkv, cos.contiguous(), sin.contiguous(), attn.n_heads, attn.n_kv_heads,
                                  attn.head_dim, impl)
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.attention_backend)
-        x = _OutProject.apply(y.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight, x, False, impl, True)
-        x, gu = _NormProject.apply(x, n2.weight, n2.eps, impl, mlp.gate_proj.weight, mlp.up_proj.weight)
-        return _OutProject.apply(gu, mlp.down_proj.weight, x, True, impl, True)
+        x = _OutProject.apply(y.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight, x, False, impl, True, o_w)
+        x, gu = _NormProject.apply(x, n2.weight, n2.eps, impl, gu_w, mlp.gate_proj.weight, mlp.up_proj.weight)
+        return _OutProject.apply(gu, mlp.down_proj.weight, x, True, impl, True, down_w)
+
+    def _compute_copies(self, x) -> list:
+        """Each GEMM's weight copy from `compute_weights` when it holds them in this pass's compute dtype (current:
+        re-cast if a weight changed), else None each (the functions cast)."""
+        copies = self.compute_weights
+        groups = self.projection_groups()
+        if copies is None or copies.dtype != _compute_dtype(x):
+            return [None] * len(groups)
+        return [copies.get(g) for g in groups]

@@ -72,6 +72,7 @@ class GraphedStep:
             self.static_batch.copy_(batch, non_blocking=True)
         for t, group in zip(self.lr_tensors, self.optimizer.param_groups):
             t.fill_(group["lr"])  # a kernel with the value as argument: no host-to-device copy, no sync
+        self._refresh_copies()
         self.graph.replay()
         return self.outputs
 
@@ -83,7 +84,15 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(side)
         return out
 
+    def _refresh_copies(self) -> None:
+        # The optimizer's compute-dtype weight copies (`kernels.weight_copies`): a replay reads them without the
+        # forward's Python check, so a weight changed between replays (a checkpoint load) is re-cast here first.
+        copies = getattr(self.optimizer, "copies", None)
+        if copies is not None:
+            copies.refresh()
+
     def _capture(self, batch: torch.Tensor) -> None:
+        self._refresh_copies()  # a stale copy cast inside the capture would be cast again by every replay
         self.static_batch = batch.detach().clone()
         self.optimizer.zero_grad(set_to_none=True)  # gradients born in the graph's pool, written by each replay
         groups = self.optimizer.param_groups

@@ -33,6 +33,10 @@ class OptimConfig:
     # The fused step's kernel: 'torch' (torch's fused AdamW) or 'triton' (tinyllama.kernels.adamw, one
     # multi-tensor launch; same state_dict). Ignored when not fused.
     fused_kernel: str = "torch"
+    # With fused_kernel 'triton': keep bf16 copies of the fused blocks' weights that the AdamW kernel writes as it
+    # updates them, instead of casting every weight in every forward (tinyllama.kernels.weight_copies; one
+    # device, bf16 autocast, pretraining and bench train; +2 bytes a parameter of memory between steps).
+    compute_copies: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -51,6 +55,9 @@ class OptimConfig:
         if self.fused_kernel not in FUSED_KERNELS:
             raise TinyLlamaError(f"optim config: field 'fused_kernel' is {self.fused_kernel!r}; choose one of "
                                  f"{', '.join(FUSED_KERNELS)}")
+        if self.compute_copies and (self.fused_kernel != "triton" or self.fused is False):
+            raise TinyLlamaError("optim config: field 'compute_copies' needs the fused Triton AdamW (fused_kernel: "
+                                 "triton, fused unset or true), which writes the copies; turn compute_copies off")
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
@@ -79,7 +86,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig,
+                    compute_dtype: Optional[torch.dtype] = None) -> torch.optim.AdamW:
+    """compute_dtype: the forward's autocast dtype, for `compute_copies` (None or fp32: no copies)."""
     cfg.validate()
     on_cuda = any(p.is_cuda for p in model.parameters())
     fused = cfg.fused if cfg.fused is not None else on_cuda
@@ -88,7 +97,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     if fused and cfg.fused_kernel == "triton":
         from tinyllama.kernels.adamw import TritonAdamW
 
-        return TritonAdamW(groups, **kwargs)  # torch's fused step where Triton or CUDA is missing
+        optimizer = TritonAdamW(groups, **kwargs)  # torch's fused step where Triton or CUDA is missing
+        if cfg.compute_copies and compute_dtype is not None:
+            from tinyllama.kernels.weight_copies import attach_compute_weights
+
+            attach_compute_weights(model, optimizer, compute_dtype)  # None where they do not apply
+        return optimizer
     if fused:
         kwargs["fused"] = True
     else:

@@ -233,7 +233,10 @@ class Trainer:
         cfg, t, info = self.cfg, self.cfg.train, self.info
         demo_paths = prepare_data(cfg, info, self.progress)
         model = self._build_model()
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim, None if self.fsdp else self.compute_dtype)
+        if cfg.optim.compute_copies and getattr(optimizer, "copies", None) is None:
+            self.progress.print("note: optim.compute_copies is off for this run: it needs one device, the fused "
+                                "blocks, bf16 autocast and fp32 weights")
         train_loader, make_val = build_loaders(cfg, info, self.model_cfg.vocab_size)
         tokens_per_step = t.global_batch * self.seq_len
         objective = PretrainObjective(train_loader, make_val, info, self._autocast, tokens_per_step)
