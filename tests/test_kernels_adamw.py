@@ -262,8 +262,12 @@ def test_adamw_kernels_compile_for_hopper():
     for aligned in (True, False):
         for copies in (False, True):
             k = _compile_for_hopper(A._adamw_kernel, ptrs, dict(HAS_SCALE=True, HAS_INF=True, ALIGNED=aligned,
-                                                               COPIES=copies, CHUNK=A.CHUNK_SIZE, BLOCK=A.BLOCK_SIZE))
+                                                               COPIES=copies, CHUNK=A.CHUNK_SIZE, BLOCK=A.BLOCK_SIZE),
+                                    options=dict(enable_fp_fusion=False))  # as _launch compiles it
             ptx = k.asm["ptx"]
+            # no fp fusion: every add and multiply rounds on its own (ptxas may not fuse them either); the
+            # multiply-adds are the kernel's explicit fmas
+            assert not re.search(r"^\s*(add|mul|sub)\.f32", ptx, re.M)
             vector = len(re.findall(r"ld\.global(\.\w+)*\.v4\.b32", ptx))
             assert (vector >= 8) == aligned, vector  # 4 tensors × 2 per thread in the full-block loop
             # the bf16 copy: 8 elements a thread, one 16-byte store when aligned

@@ -137,16 +137,19 @@ if triton is not None:
             g = tl.load(g_ptr + offs)
             m = tl.load(m_ptr + offs)
             v = tl.load(v_ptr + offs)
+        # Every multiply-add is an explicit fma and the kernel is compiled without fp fusion (`_launch`): left to
+        # the compilers (LLVM, and ptxas on mul/add without .rn), which products are fused into adds depended on
+        # the code around them: with COPIES the weights without a copy came out 1 ulp apart (H100).
         g = tl.div_rn(g, scale)
         p = p * decay
         # torch's lerp: from the nearer end
         if w1 < 0.5:
-            m = m + w1 * (g - m)
+            m = tl.fma(w1, g - m, m)
         else:
-            m = g - (g - m) * (1.0 - w1)
-        v = v * beta2 + omb2 * g * g
+            m = tl.fma(m - g, 1.0 - w1, g)
+        v = tl.fma(v, beta2, omb2 * g * g)
         # IEEE-rounded sqrt and divisions as torch's (the approximate ones are 2 ulp; compute is not the limit)
-        p = p + (-step_size) * tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
+        p = tl.fma(-step_size, tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps), p)
         if MASKED:
             tl.store(p_ptr + offs, p, mask=mask)
             tl.store(m_ptr + offs, m, mask=mask)
@@ -194,7 +197,7 @@ if triton is not None:
             if COPIES:
                 c_ptr = tl.multiple_of(c_ptr, 16)
         lr = _f64(STEP_TABLE, hyper)
-        decay = 1.0 - lr * _f64(STEP_TABLE, hyper + 1)
+        decay = tl.fma(-lr, _f64(STEP_TABLE, hyper + 1), 1.0)
         beta1 = _f64(STEP_TABLE, hyper + 2)
         beta2 = _f64(STEP_TABLE, hyper + 3)
         w1 = _f64(STEP_TABLE, hyper + 4)
@@ -394,4 +397,4 @@ class TritonAdamW(torch.optim.AdamW):
             plan.tensors, plan.chunks, plan.step_table, grad_scale if grad_scale is not None else dummy,
             found_inf if has_inf else dummy, copy_like if plan.has_copies else dummy, plan.n_tensors,
             HAS_SCALE=grad_scale is not None, HAS_INF=has_inf, ALIGNED=aligned, COPIES=plan.has_copies,
-            CHUNK=self.chunk_size, BLOCK=self.block_size, num_warps=self.num_warps)
+            CHUNK=self.chunk_size, BLOCK=self.block_size, num_warps=self.num_warps, enable_fp_fusion=False)

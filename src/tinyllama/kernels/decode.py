@@ -636,11 +636,12 @@ class AttentionConfig(NamedTuple):
 # against 81.2 us at 32 rows, fourteenth session): 64 KB of keys and values in 128 threads' registers is 512
 # bytes a thread; 256 threads hold half that each, so the whole cache at the bench's positions may be read
 # before the wait without spilling. Measured (H100, 32 rows, positions 128 and 382): 1x256/w8 chosen, 138.4 against
-# 141.0 us alone, +1.7 % end to end. 1x512/w16 (not yet measured): the same bytes a thread, the whole cache up to
-# 512 slots read before the wait.
+# 141.0 us alone, +1.7 % end to end. Taken out (nineteenth session): 1x512/w16, the whole cache up to 512 slots
+# read before the wait. ptxas caps 512 threads at 128 registers (it spills 512 bytes a thread) and the H100 refused
+# its launch (OutOfResources); the 8-warp blocks of 256 already use 254 registers a thread.
 ATTENTION_CANDIDATES = tuple(AttentionConfig(*c) for c in (
     (1, 128), (4, 32), (8, 32), (16, 32), (8, 64), (1, 256), (1, 128, True),
-    (1, 128, False, 8), (1, 256, False, 8), (1, 256, True, 8), (1, 512, False, 16)))
+    (1, 128, False, 8), (1, 256, False, 8), (1, 256, True, 8)))
 # K-blocks a product's programs keep prefetched into L2 ahead of their loads (`GemvConfig.l2_ahead`), tried on
 # each product's fastest tile at 2+ rows once the tiles are timed. Why: between kernels the weight stream stops; a bulk
 # L2 prefetch puts bytes in flight without registers, and with PDL starts the next product's stream during
