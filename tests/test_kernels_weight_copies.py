@@ -129,6 +129,20 @@ def test_config_refuses_copies_without_the_triton_kernel():
     with pytest.raises(TinyLlamaError, match="compute_copies"):
         OptimConfig(compute_copies=True, fused_kernel="triton", fused=False).validate()
     OptimConfig(compute_copies=True, fused_kernel="triton").validate()
+    from tinyllama.train.config import load_run_config
+
+    cfg = load_run_config("demo", ["--optim.compute_copies", "true", "--optim.fused_kernel", "triton"])
+    assert cfg.optim.compute_copies is True
+    cfg.validate()
+    with pytest.raises(TinyLlamaError, match="compute_copies"):
+        load_run_config("demo", ["--optim.compute_copies", "true"]).validate()
+
+
+def test_bench_train_refuses_copies_without_the_triton_kernel(capsys):
+    from tinyllama.cli import main
+
+    assert main(["bench", "train", "--compute-copies", "--variants", "ours", "--device", "cpu"]) != 0
+    assert "--compute-copies needs --adamw-kernel triton" in capsys.readouterr().err
 
 
 @needs_triton
