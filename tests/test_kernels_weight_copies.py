@@ -169,7 +169,7 @@ def test_the_optimizer_writes_the_copies_as_torch_casts_them():
 
     for step in range(4):
         grads = [torch.randn_like(p) for p in plain_p]
-        grads[1].view(-1)[: len(edge)] = 0.0  # the edge values stay what they are (no update, no decay: lr 0)
+        grads[1].view(-1)[: len(edge)] = 0.0  # no update from the gradient (and at lr 0, step 0, no decay)
         skip = step == 2
         for opt, ps in ((plain, plain_p), (copied, copied_p)):
             for p, g in zip(ps, grads):
