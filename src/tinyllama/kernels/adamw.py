@@ -355,8 +355,6 @@ class TritonAdamW(torch.optim.AdamW):
                               1 - beta2, group["eps"], 0.0))
             if fallback:  # torch's fused step for what the kernel does not take
                 pick = lambda xs: [xs[i] for i in fallback]  # noqa: E731
-                if copies is not None:  # it writes the weights, not their copies, and bumps no version counter
-                    copies.mark_stale(pick(params))
                 _torch_adam(
                     pick(params), pick(g_list), pick(m_list), pick(v_list), max_list and pick(max_list), pick(s_list),
                     amsgrad=group["amsgrad"], has_complex=any(torch.is_complex(params[i]) for i in fallback),
@@ -364,11 +362,17 @@ class TritonAdamW(torch.optim.AdamW):
                     eps=group["eps"], maximize=group["maximize"], foreach=None, capturable=group["capturable"],
                     differentiable=False, fused=True, grad_scale=grad_scale, found_inf=found_inf,
                     decoupled_weight_decay=True)
+                if copies is not None:  # that step writes no copy (and bumps no version counter): cast them here,
+                    for p in pick(params):  # in a captured step on every replay too
+                        target = copies.target(p)
+                        if target is not None:
+                            target.copy_(p)
+                            copied.append(p)
         self.kernel_params = sum(k[4] for k in key)
         if key:
             copy_like = copies.target(copied[0]) if copied else None
             self._launch(tuple(key), grads, hyper, lr_tensors, device, grad_scale, found_inf, copy_like)
-        if copied:  # the kernel wrote each of these weights and its copy alike (or, found_inf, neither)
+        if copied:  # each of these weights and its copy were written alike (or, found_inf, neither)
             copies.mark_current(copied)
         return loss
 

@@ -10,8 +10,8 @@ gate/up, one each for o and down. Correctness never depends on the optimizer wri
 remembers the version counter and address of the weights it was cast from, and `get` re-casts a stale one.
 An in-place change through torch's ops (a checkpoint load, `copy_`, `mul_`) bumps the version. Kernels that
 write through raw pointers do not: the Triton kernel marks the copies it wrote as current after each step
-(`mark_current`), and the weights its step leaves to torch's fused AdamW (which does not bump the version
-either) as stale (`mark_stale`). A CUDA-graphed step does not run Python between replays, so
+(`mark_current`); weights its step leaves to torch's fused AdamW (which bumps no version counter either) are
+cast into their copies right after that step, in the optimizer. A CUDA-graphed step does not run Python between replays, so
 `tinyllama.train.graph` calls `refresh()` before each replay. What this cannot see: a write through `.data`
 (which has its own version counter) or through raw pointers from elsewhere; call `refresh(force=True)` after
 such a write.
@@ -83,12 +83,6 @@ class ComputeWeights:
         """These weights and their copies were just written alike (by the optimizer's kernel)."""
         for p in params:
             self._synced[id(p)] = self._stamp(p)
-
-    def mark_stale(self, params: Sequence[torch.Tensor]) -> None:
-        """These weights were written without their copies (and perhaps without a version bump): cast again."""
-        for p in params:
-            if id(p) in self._synced:
-                self._synced[id(p)] = (-1, -1)
 
     def refresh(self, force: bool = False) -> int:
         """Re-cast every stale copy (every copy, with force); returns how many groups were cast."""
