@@ -11,8 +11,8 @@ remembers the version counter and address of the weights it was cast from, and `
 An in-place change through torch's ops (a checkpoint load, `copy_`, `mul_`) bumps the version. Kernels that
 write through raw pointers do not: the Triton kernel marks the copies it wrote as current after each step
 (`mark_current`); weights its step leaves to torch's fused AdamW (which bumps no version counter either) are
-cast into their copies right after that step, in the optimizer. A CUDA-graphed step does not run Python between replays, so
-`tinyllama.train.graph` calls `refresh()` before each replay. What this cannot see: a write through `.data`
+cast into their copies right after that step, in the optimizer. A CUDA-graphed step does not run Python between
+replays, so `tinyllama.train.graph` calls `refresh()` before each replay. What this cannot see: a write through `.data`
 (which has its own version counter) or through raw pointers from elsewhere; call `refresh(force=True)` after
 such a write.
 
@@ -45,10 +45,8 @@ class ComputeWeights:
             key = tuple(id(p) for p in group)
             buf = torch.empty((sum(p.shape[0] for p in group), k), dtype=dtype, device=group[0].device)
             self._buffers[key], self._members[key] = buf, group
-            row = 0
-            for p in group:
-                self._targets[id(p)] = buf[row:row + p.shape[0]]
-                row += p.shape[0]
+            for p, rows in zip(group, buf.split([p.shape[0] for p in group])):
+                self._targets[id(p)] = rows
             self._cast(key)
 
     @staticmethod
