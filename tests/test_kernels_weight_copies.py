@@ -118,6 +118,10 @@ def test_attach_only_where_they_apply():
     assert isinstance(opt.copies, ComputeWeights)
     assert getattr(build_optimizer(m, OptimConfig(fused=True, fused_kernel="triton", compute_copies=True)),
                    "copies", None) is None  # no compute dtype given: none
+    # the default (compute_copies unset) follows the kernel; false casts each forward
+    assert isinstance(build_optimizer(m, OptimConfig(fused=True, fused_kernel="triton"), BF16).copies, ComputeWeights)
+    assert build_optimizer(m, OptimConfig(fused=True, fused_kernel="triton", compute_copies=False), BF16).copies is None
+    assert getattr(build_optimizer(m, OptimConfig(fused=True), BF16), "copies", None) is None  # torch's AdamW
     bf16_model = copy.deepcopy(m).to(BF16)  # weights already bf16 (nothing to cast)
     assert attach_compute_weights(bf16_model, build_optimizer(bf16_model, OptimConfig(
         fused=True, fused_kernel="triton")), BF16) is None
@@ -129,6 +133,11 @@ def test_config_refuses_copies_without_the_triton_kernel():
     with pytest.raises(TinyLlamaError, match="compute_copies"):
         OptimConfig(compute_copies=True, fused_kernel="triton", fused=False).validate()
     OptimConfig(compute_copies=True, fused_kernel="triton").validate()
+    OptimConfig().validate()  # unset: on only where the Triton AdamW runs
+    assert [OptimConfig(**kw).wants_copies() for kw in (
+        {}, {"fused_kernel": "triton"}, {"fused_kernel": "triton", "fused": False},
+        {"fused_kernel": "triton", "compute_copies": False}, {"fused_kernel": "triton", "compute_copies": True},
+    )] == [False, True, False, False, True]
     from tinyllama.train.config import load_run_config
 
     cfg = load_run_config("demo", ["--optim.compute_copies", "true", "--optim.fused_kernel", "triton"])
@@ -143,6 +152,23 @@ def test_bench_train_refuses_copies_without_the_triton_kernel(capsys):
 
     assert main(["bench", "train", "--compute-copies", "--variants", "ours", "--device", "cpu"]) != 0
     assert "--compute-copies needs --adamw-kernel triton" in capsys.readouterr().err
+    assert main(["bench", "train", "--compute-copies", "on", "--variants", "ours", "--device", "cpu"]) != 0
+    assert "--compute-copies needs --adamw-kernel triton" in capsys.readouterr().err
+
+
+def test_bench_train_copies_follow_the_adamw_kernel(tmp_path):
+    # auto (the default) means copies with --adamw-kernel triton, as optim.compute_copies unset does; off casts.
+    import json
+
+    from tinyllama.cli import main
+
+    base = ["bench", "train", "--config", "tinyllama-tiny", "--variants", "ours", "--device", "cpu", "--steps", "1",
+            "--warmup", "0", "--micro-batch", "1", "--seq-len", "16"]
+    for extra, want in (([], False), (["--adamw-kernel", "triton"], True),
+                        (["--adamw-kernel", "triton", "--compute-copies", "off"], False)):
+        out = tmp_path / f"{len(extra)}.json"
+        assert main(base + extra + ["--json", str(out)]) == 0
+        assert json.loads(out.read_text())["compute_copies"] is want, extra
 
 
 @needs_triton
@@ -261,5 +287,9 @@ def test_pretrain_says_when_copies_do_not_apply(tmp_path, capsys):
 
     d = tiny_run(tmp_path / "run", max_steps=2)
     d["optim"].update(fused_kernel="triton", compute_copies=True)
-    pretrain(run_config_from_dict(d))
+    assert pretrain(run_config_from_dict(d))["weight_copies"] is False
     assert "note: optim.compute_copies is off for this run" in capsys.readouterr().err
+    d = tiny_run(tmp_path / "run2", max_steps=2)
+    d["optim"].update(fused_kernel="triton")  # compute_copies unset: no note where they do not apply
+    assert pretrain(run_config_from_dict(d))["weight_copies"] is False
+    assert "compute_copies" not in capsys.readouterr().err

@@ -185,7 +185,9 @@ def test_pretrain_with_weight_copies_matches_casting_cuda(tmp_path, capsys):
     copied = pretrain(run_config_from_dict(run(tmp_path / "copies", 12, True)))
     assert copied["losses"] == cast["losses"]
     first = pretrain(run_config_from_dict(run(tmp_path / "resumed", 6, True, save_every=3)))
-    second = pretrain(run_config_from_dict(run(tmp_path / "resumed", 12, True)), resume=True)
+    second = pretrain(run_config_from_dict(run(tmp_path / "resumed", 12, None)), resume=True)  # the default
     assert first["losses"] + second["losses"] == pytest.approx(copied["losses"], rel=1e-4, abs=1e-4)
+    assert [r["weight_copies"] for r in (cast, copied, first, second)] == [False, True, True, True]
     out = capsys.readouterr()
     assert "compute_copies is off" not in out.out + out.err
+    assert "bf16 weight copies written by AdamW" in out.out + out.err

@@ -45,7 +45,7 @@ for part in "$@"; do
     timeout 200 python3 perf/gpu_perf.py --profile ${PROFILE_VARIANT:-ours-fa4} 2>&1 | grep -v -i warn | tail -${PROFILE_LINES:-70} ;;
   train-json)  # the committed bench: ours with the chosen flags beside the fastest baseline
     flags=${TRAIN_FLAGS:-$(cat $OUT/best_flags 2>/dev/null)}; echo "ours with: $flags"
-    timeout 540 python3 -m tinyllama bench train --variants ${TRAIN_VARIANTS:-ours,hf-liger} --steps 15 $flags \
+    timeout ${TRAIN_TIMEOUT:-540} python3 -m tinyllama bench train --variants ${TRAIN_VARIANTS:-ours,hf-liger} --steps 15 $flags \
       --json $OUT/bench_train.json 2>&1 | grep -v -i warn | tail -12 ;;
   *) echo "unknown part $part"; exit 2 ;;
   esac

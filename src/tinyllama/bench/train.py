@@ -451,9 +451,9 @@ def add_arguments(p) -> None:
                    help="ours: replay each step from one CUDA graph after two eager steps (train.cuda_graph)")
     p.add_argument("--adamw-kernel", choices=FUSED_KERNELS, default="torch",
                    help="ours: fused AdamW by torch (default) or by tinyllama's Triton kernel (optim.fused_kernel)")
-    p.add_argument("--compute-copies", action="store_true",
-                   help="ours, with --adamw-kernel triton: bf16 weight copies written by AdamW, not cast each forward "
-                   "(optim.compute_copies)")
+    p.add_argument("--compute-copies", nargs="?", choices=("auto", "on", "off"), const="on", default="auto",
+                   help="ours: bf16 weight copies written by the Triton AdamW, not cast each forward "
+                   "(optim.compute_copies; auto, the default: on with --adamw-kernel triton)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -461,8 +461,9 @@ def run(args) -> int:
     from tinyllama.kernels import KernelConfig
 
     cfg = load_model_config(args.config)
-    if args.compute_copies and args.adamw_kernel != "triton":
+    if args.compute_copies == "on" and args.adamw_kernel != "triton":
         raise TinyLlamaError("--compute-copies needs --adamw-kernel triton (the kernel writes the copies)")
+    compute_copies = args.compute_copies == "on" or (args.compute_copies == "auto" and args.adamw_kernel == "triton")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -485,17 +486,17 @@ def run(args) -> int:
         f"{args.steps} timed steps after {args.warmup} warm-up, on {name}; torch {torch.__version__}; "
         f"MFU at {args.peak_tflops:g} TFLOP/s, {cfg.flops_per_token(args.seq_len) / 1e9:.2f} GFLOP/token"
     )
-    print(f"ours: {kernels}, AdamW by {args.adamw_kernel}" + (" with bf16 weight copies" if args.compute_copies else "")
+    print(f"ours: {kernels}, AdamW by {args.adamw_kernel}" + (" with bf16 weight copies" if compute_copies else "")
           + (", step in a CUDA graph" if args.cuda_graph else ""))
     results = run_bench(cfg, variants, args.micro_batch, args.seq_len, args.steps, args.warmup, device, kernels,
                         args.data, args.peak_tflops, cuda_graph=args.cuda_graph, adamw_kernel=args.adamw_kernel,
-                        compute_copies=args.compute_copies)
+                        compute_copies=compute_copies)
     print()
     print(format_table(results))
     if args.json:
         out = {"device": name, "torch": torch.__version__, "config": cfg.name, "micro_batch": args.micro_batch,
                "seq_len": args.seq_len, "steps": args.steps, "kernels": asdict(kernels),
-               "cuda_graph": args.cuda_graph, "adamw_kernel": args.adamw_kernel, "compute_copies": args.compute_copies,
+               "cuda_graph": args.cuda_graph, "adamw_kernel": args.adamw_kernel, "compute_copies": compute_copies,
                "results": [asdict(r) for r in results]}
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:

@@ -403,8 +403,8 @@ class FinetuneTrainer:
             cfg.optim.max_steps = max_steps
         if cfg.optim.warmup_steps < 0:
             cfg.optim.warmup_steps = int(0.1 * max_steps)
-        optimizer = build_optimizer(model, cfg.optim)
-        if cfg.optim.compute_copies:
+        optimizer = build_optimizer(model, cfg.optim)  # no compute_dtype: no weight copies here
+        if cfg.optim.compute_copies is True:
             self.progress.print("note: optim.compute_copies applies to pretraining (tinyllama pretrain); off here")
         objective = (SFTObjective(self, loader, tokenizer) if cfg.kind == "sft"
                      else DPOObjective(self, loader, tokenizer, ref))

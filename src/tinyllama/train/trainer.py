@@ -234,7 +234,8 @@ class Trainer:
         demo_paths = prepare_data(cfg, info, self.progress)
         model = self._build_model()
         optimizer = build_optimizer(model, cfg.optim, None if self.fsdp else self.compute_dtype)
-        if cfg.optim.compute_copies and getattr(optimizer, "copies", None) is None:
+        weight_copies = getattr(optimizer, "copies", None) is not None
+        if cfg.optim.compute_copies is True and not weight_copies:
             self.progress.print("note: optim.compute_copies is off for this run: it needs one device, the fused "
                                 "blocks, bf16 autocast and fp32 weights")
         train_loader, make_val = build_loaders(cfg, info, self.model_cfg.vocab_size)
@@ -260,6 +261,7 @@ class Trainer:
             f"{f' × {info.world_size} (FSDP2)' if self.fsdp else ''} | {str(self.compute_dtype).replace('torch.', '')}"
             f" | batch {t.global_batch} × {self.seq_len} tokens = {t.micro_batch} × {info.world_size} ranks × "
             f"{self.accum} accumulation | {self.max_steps} steps"
+            + (" | bf16 weight copies written by AdamW" if weight_copies else "")
         )
         try:
             result = loop.run()
@@ -267,7 +269,7 @@ class Trainer:
             loop.metrics.close()
             objective.close()
         result.update(resumed_from=str(resumed_from) if resumed_from else None, out_dir=str(self.out_dir),
-                      params=n_params)
+                      params=n_params, weight_copies=weight_copies)
         if result.get("val_loss") is not None:
             result["val_ppl"] = math.exp(min(result["val_loss"], 80))
         if not result["stop_reason"]:
