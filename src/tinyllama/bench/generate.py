@@ -38,6 +38,9 @@ def add_arguments(p) -> None:
     p.add_argument("--triton-max-batch", type=flag.nonnegative_int, default=None,
                    help="largest batch the Triton decode step runs (default: DecodeEngine's auto limit); "
                         "the torch step is timed beside it at every batch up to this")
+    p.add_argument("--no-torch-step", action="store_true",
+                   help="do not time the torch.compile'd step beside the Triton step (saves its compile: ~1 min "
+                        "a batch size on a fresh machine)")
     p.add_argument("--triton-deferred", choices=("off", "auto", "on"), default="auto",
                    help="the Triton step's deferred split-K sums at 2+ rows: auto times both steps and keeps the faster")
     p.add_argument("--quant", default="", help="comma list of int8,int4-32,int4-128 to time at batch 1")
@@ -316,7 +319,7 @@ def run(args) -> int:
 
     batches = [b for b in args.batch_sizes if b != 1]
     if compiled is not None:
-        if compiled.triton_max_batch:
+        if compiled.triton_max_batch and not args.no_torch_step:
             attempt("ours compiled b1 (torch step)", compiled_batch, 1, "torch")
         attempt("ours compiled b1", compiled_batch, 1)
     if not args.no_hf:
@@ -327,7 +330,7 @@ def run(args) -> int:
         hf_models.clear()
     if compiled is not None:
         for B in batches:
-            if B <= compiled.triton_max_batch:
+            if B <= compiled.triton_max_batch and not args.no_torch_step:
                 attempt(f"ours compiled b{B} (torch step)", compiled_batch, B, "torch")
             attempt(f"ours compiled b{B}", compiled_batch, B)
         attempt("padded batch check", padded_check)
