@@ -13,6 +13,9 @@
 #     nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 apache-tvm-ffi torch-c-dlpack-ext quack-kernels
 #   unzip the libs-cu13 wheel into D; (cd D && tar cf - . | xz -9e) > cu13.tar.xz; split -b 45000000 -d cu13.tar.xz cu13.part
 #   .fa4a/cu13.part00; .fa4b/cu13.part01 + the other wheels
+# Check before a call (twentieth session, 2026-12-07): the libs-base wheel must hold cutlass's Python package
+#   (unzip -l it | grep cutlass/cute/__init__.py); the 3 MB 4.7.1-4.8.1 wheels this machine's index served that
+#   day held none, and `import cutlass.cute` failed on the device.
 # Usage: bash perf/device/h200_fa4.sh [stash|install|tests|attention|bench|profile|train-json]...
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
