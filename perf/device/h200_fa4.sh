@@ -10,12 +10,14 @@
 # Build them here (python 3.12 wheels, see /work/.library/device/README.md):
 #   pip download --no-deps --pre --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform any -d W flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 \
-#     nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 apache-tvm-ffi torch-c-dlpack-ext quack-kernels
+#     nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 \
+#     apache-tvm-ffi torch-c-dlpack-ext quack-kernels liger-kernel
+#   and into .fa4b/ifmissing (installed only where the device's Python lacks them): cuda-bindings (13.x, the
+#   manylinux_2_28 wheel), protobuf, einops (what libs-core, flash-attn-4 and quack require)
 #   unzip the libs-cu13 wheel into D; (cd D && tar cf - . | xz -9e) > cu13.tar.xz; split -b 45000000 -d cu13.tar.xz cu13.part
 #   .fa4a/cu13.part00; .fa4b/cu13.part01 + the other wheels
-# Check before a call (twentieth session, 2026-12-07): the libs-base wheel must hold cutlass's Python package
-#   (unzip -l it | grep cutlass/cute/__init__.py); the 3 MB 4.7.1-4.8.1 wheels this machine's index served that
-#   day held none, and `import cutlass.cute` failed on the device.
+# Since 4.4 the cutlass Python package (cutlass/cute/...) is in nvidia-cutlass-dsl-libs-core, not libs-base: without
+#   it `import cutlass.cute` fails (twentieth session's call 3).
 # Usage: bash perf/device/h200_fa4.sh [stash|install|tests|attention|bench|profile|train-json]...
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -29,6 +31,10 @@ for part in "$@"; do
   install)
     nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl .fa4b/*.whl || exit 1
+    for dep in cuda.bindings:cuda_bindings google.protobuf:protobuf einops:einops; do  # only where missing
+      python3 -c "import ${dep%%:*}" 2>/dev/null && continue
+      echo "installing ${dep##*:}"; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE .fa4b/ifmissing/${dep##*:}-*.whl || exit 1
+    done
     cat /tmp/fa4parts/cu13.part00 .fa4b/cu13.part01 > /tmp/cu13.tar.xz && sha256sum /tmp/cu13.tar.xz
     tar xJf /tmp/cu13.tar.xz -C $SITE && rm /tmp/cu13.tar.xz
     python3 -c "import flash_attn.cute, cutlass; print('flash_attn.cute from', flash_attn.cute.__file__, 'cutlass', cutlass.__version__ if hasattr(cutlass, '__version__') else '')" 2>&1 | tail -3 ;;
