@@ -61,7 +61,6 @@ class OptimConfig:
             raise TinyLlamaError("optim config: field 'compute_copies' needs the fused Triton AdamW (fused_kernel: "
                                  "triton, fused unset or true), which writes the copies; turn compute_copies off")
 
-
     def triton_step(self) -> bool:
         """Whether the fused step may be tinyllama's Triton AdamW (fused unset means fused on CUDA)."""
         return self.fused_kernel == "triton" and self.fused is not False
