@@ -25,7 +25,7 @@ from tinyllama.checks import POSITIVE
 from tinyllama.cli import _args as flag
 from tinyllama.config import ModelConfig
 from tinyllama.errors import TinyLlamaError, pip_extra
-from tinyllama.train.optim import FUSED_KERNELS
+from tinyllama.train.optim import FUSED_KERNELS, OptimConfig
 
 # Dense bf16 tensor-core peak of one H100 SXM (the issue's MFU denominator).
 H100_BF16_TFLOPS = 989.0
@@ -143,7 +143,7 @@ def build_optimizer(model: torch.nn.Module, lr: float = 4e-4, warmup_steps: int 
                     fused_kernel: str = "torch", compute_copies: bool = False):
     """The trainer's AdamW (decay on matrices, fused on CUDA, by `fused_kernel` as optim.fused_kernel says,
     with bf16 weight copies as optim.compute_copies), with its lr schedule helper."""
-    from tinyllama.train.optim import OptimConfig, build_optimizer as _build, lr_at, set_lr
+    from tinyllama.train.optim import build_optimizer as _build, lr_at, set_lr
 
     cfg = OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=warmup_steps, max_steps=max_steps,
                       fused_kernel=fused_kernel, compute_copies=compute_copies)
@@ -463,7 +463,9 @@ def run(args) -> int:
     cfg = load_model_config(args.config)
     if args.compute_copies == "on" and args.adamw_kernel != "triton":
         raise TinyLlamaError("--compute-copies needs --adamw-kernel triton (the kernel writes the copies)")
-    compute_copies = args.compute_copies == "on" or (args.compute_copies == "auto" and args.adamw_kernel == "triton")
+    # resolved as optim.compute_copies is (auto = unset)
+    compute_copies = OptimConfig(fused_kernel=args.adamw_kernel, compute_copies={
+        "auto": None, "on": True, "off": False}[args.compute_copies]).wants_copies()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
