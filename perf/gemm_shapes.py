@@ -21,7 +21,30 @@ def ms(fn):
     return tt.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-STEP_LAYOUTS = ("fwd x@w.t", "dgrad dy@w", "wgrad dy.t@x f32")
+STEP_LAYOUTS = ("fwd x@w.t", "dgrad dy@w", "wgrad dy.t@x f32")  # the fused block's, of those in `products`
+
+
+def per_step_count(name: str) -> int:
+    """How often a step runs this shape's products: once a layer, or once a cross-entropy chunk (the head)."""
+    return 4 if name == "head/4" else 22
+
+
+def products(name: str):
+    """(flop, {layout: product}) for one shape: random operands on the GPU, each layout this script times."""
+    M, K = SHAPES[name]
+    rows = N // 4 if name == "head/4" else N
+    x = torch.randn(rows, K, device="cuda", dtype=bf)
+    w = torch.randn(M, K, device="cuda", dtype=bf) * 0.02
+    dy = torch.randn(rows, M, device="cuda", dtype=bf)
+    return 2 * rows * M * K, {
+        "fwd x@w.t": lambda: torch.mm(x, w.t()),
+        "fwd (w@x.t).t": lambda: torch.mm(w, x.t()),
+        "dgrad dy@w": lambda: torch.mm(dy, w),
+        "dgrad (w.t@dy.t).t": lambda: torch.mm(w.t(), dy.t()),
+        "wgrad dy.t@x f32": lambda: torch.mm(dy.t(), x, out_dtype=torch.float32),
+        "wgrad dy.t@x bf16": lambda: torch.mm(dy.t(), x),
+        "wgrad (x.t@dy).t f32": lambda: torch.mm(x.t(), dy, out_dtype=torch.float32),
+    }
 
 
 def main():
@@ -38,29 +61,15 @@ def main():
     total = {}
     per_step = 0.0
     print(f"{'gemm':<28} {'ms':>7} {'TFLOP/s':>8}")
-    for name, (M, K) in SHAPES.items():
-        rows = N // 4 if name == "head/4" else N
-        x = torch.randn(rows, K, device="cuda", dtype=bf)
-        w = torch.randn(M, K, device="cuda", dtype=bf) * 0.02
-        dy = torch.randn(rows, M, device="cuda", dtype=bf)
-        flop = 2 * rows * M * K
-        cases = {
-            "fwd x@w.t": lambda: torch.mm(x, w.t()),
-            "fwd (w@x.t).t": lambda: torch.mm(w, x.t()),
-            "dgrad dy@w": lambda: torch.mm(dy, w),
-            "dgrad (w.t@dy.t).t": lambda: torch.mm(w.t(), dy.t()),
-            "wgrad dy.t@x f32": lambda: torch.mm(dy.t(), x, out_dtype=torch.float32),
-            "wgrad dy.t@x bf16": lambda: torch.mm(dy.t(), x),
-            "wgrad (x.t@dy).t f32": lambda: torch.mm(x.t(), dy, out_dtype=torch.float32),
-        }
+    for name in SHAPES:
+        flop, cases = products(name)
         for c, fn in cases.items():
             t = ms(fn)
             print(f"{name + ' ' + c:<28} {t:7.3f} {flop / t / 1e9:8.0f}", flush=True)
             total[(name, c)] = t
     print("per step (22 layers + 4 head chunks), the layouts the fused block uses:")
     for name in SHAPES:
-        k = 4 if name == "head/4" else 22
-        s = k * sum(total[(name, c)] for c in STEP_LAYOUTS)
+        s = per_step_count(name) * sum(total[(name, c)] for c in STEP_LAYOUTS)
         per_step += s
         print(f"  {name:<8} {s:7.2f} ms")
     print(f"  total    {per_step:7.2f} ms")
@@ -70,15 +79,10 @@ def compare_blas(backends):
     """The step's three layouts per shape under each back end, alternating twice (clocks drift on a
     power-capped card), and the per-step totals."""
     times = {b: {} for b in backends}
-    for name, (M, K) in SHAPES.items():
-        rows = N // 4 if name == "head/4" else N
-        x = torch.randn(rows, K, device="cuda", dtype=bf)
-        w = torch.randn(M, K, device="cuda", dtype=bf) * 0.02
-        dy = torch.randn(rows, M, device="cuda", dtype=bf)
-        cases = {"fwd x@w.t": lambda: torch.mm(x, w.t()), "dgrad dy@w": lambda: torch.mm(dy, w),
-                 "wgrad dy.t@x f32": lambda: torch.mm(dy.t(), x, out_dtype=torch.float32)}
-        flop = 2 * rows * M * K
-        for c, fn in cases.items():
+    for name in SHAPES:
+        flop, cases = products(name)
+        for c in STEP_LAYOUTS:
+            fn = cases[c]
             for _ in range(2):
                 for b in backends:
                     torch.backends.cuda.preferred_blas_library(b)
@@ -87,7 +91,7 @@ def compare_blas(backends):
                             for b in backends)
             print(f"{name + ' ' + c:<24} {row}", flush=True)
     for b in backends:
-        per_step = sum((4 if name == "head/4" else 22) * min(times[b][(name, c)])
+        per_step = sum(per_step_count(name) * min(times[b][(name, c)])
                        for name in SHAPES for c in STEP_LAYOUTS)
         print(f"per step, {b}: {per_step:.2f} ms")
 
