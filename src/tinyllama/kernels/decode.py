@@ -599,15 +599,13 @@ ROWS_CANDIDATES = (
     GemvConfig(64, 128, 4, 4, swap=True, split_k=2, prefetch=False, prenorm=True),
     GemvConfig(64, 128, 4, 4, swap=True, split_k=4, prefetch=False, prenorm=True),
     GemvConfig(64, 256, 4, 4, swap=True, split_k=2, prefetch=False, prenorm=True),
-    # Twenty-first session (H200, to be measured): deeper pipelines. At 32 rows gate/up runs 88 programs (one per
-    # 64 weight rows of each half) and reads at 2.9 TB/s on the H200 against the batch-1 GEMV's 3.7: with 3
-    # stages each SM has ~64 KB of weights in flight, ~5.6 MB in all, about what the H200's 4.8 TB/s needs over
-    # ~1.2 us of latency (the H100's 3.35 TB/s needs less, which may be why more stages did not pay there).
-    # Down (split 4, 128 programs, 3.0 TB/s) likewise.
+    # Twenty-first session (H200): a deeper pipeline. At 32 rows gate/up runs 88 programs (one per 64 weight rows
+    # of each half) and read at 2.9 TB/s with 3 stages (~64 KB of weights in flight per SM, ~5.6 MB in all: about
+    # what 4.8 TB/s needs over ~1.2 us of latency), against the batch-1 GEMV's 3.7 there. With 4 stages: 347 ->
+    # 327 us a step, 32 rows end to end 29.5 k -> 29.9 k tok/s (perf/NOTES.md). Tried in the same run and taken
+    # out: 64 x 128 with 5 stages (did not run for gate/up; slower elsewhere), 64 x 64 with 8 (346 us), down's
+    # 64 x 128 split 4 with 6 stages (176 against 170 us).
     GemvConfig(64, 128, 4, 4, swap=True, prenorm=True),
-    GemvConfig(64, 128, 4, 5, swap=True, prenorm=True),
-    GemvConfig(64, 64, 4, 8, swap=True, prenorm=True),
-    GemvConfig(64, 128, 4, 6, swap=True, split_k=4),
 )
 # Tried and taken out (seventeenth session, H100): in the deferred step gate/up times prenorm tiles only, all of 64
 # weight rows (88 programs for 132 SMs at 32 rows); four narrower prenorm tiles (32 x 128, 32 x 256, 16 x 256; 64 x
