@@ -30,3 +30,28 @@ def test_bench_generate_without_the_torch_step_cuda(tmp_path):
     names = [(r["name"], r.get("batch")) for r in json.loads(out.read_text())["rows"]]
     assert ("ours Triton decode step + CUDA graph", 1) in names and ("ours Triton decode step + CUDA graph", 2) in names
     assert not any(name == "ours compiled + CUDA graph" for name, _ in names), names
+
+
+def test_bench_generate_transformers_rows_compile_only_where_named_cpu(tmp_path, monkeypatch):
+    # On CUDA, transformers' `generate` with a static cache compiles the forward itself unless told not to: the
+    # "static cache" row must pass disable_compile (its H200 number was a compiled one), and the compiled row
+    # must not wrap that forward in a torch.compile of ours (compiled twice, it crashed on the H200).
+    transformers = pytest.importorskip("transformers")
+    seen = []
+    generate = transformers.GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append((kwargs.get("cache_implementation"), kwargs.get("disable_compile"),
+                     type(self.forward).__name__))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", spy)
+    out = tmp_path / "gen.json"
+    base = [a for a in BASE if a != "--no-hf"]
+    assert main(base + ["--device", "cpu", "--batch-sizes", "1", "--json", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    version = transformers.__version__
+    assert rows[f"transformers {version} generate (eager)"]["tokens_per_s"] > 0
+    assert rows[f"transformers {version} generate (static cache)"]["tokens_per_s"] > 0
+    assert {(cache, off) for cache, off, _ in seen} == {(None, None), ("static", True)}, seen
+    assert all(kind == "method" for _, _, kind in seen), seen  # the model's own forward, never one of ours

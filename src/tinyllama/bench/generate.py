@@ -276,20 +276,23 @@ def run(args) -> int:
     hf_models: dict = {}
 
     def hf_baseline(cache=None, compile_forward=False):
-        """transformers `generate`, batch 1: dynamic cache (eager), static cache, static cache + compiled forward
-        (the recipe of transformers' docs: reduce-overhead mode, i.e. CUDA graphs)."""
+        """transformers `generate`, batch 1: dynamic cache (eager); static cache, uncompiled; static cache with
+        the forward compiled the way transformers does it itself. On CUDA, `generate` with a static cache
+        compiles the decoding forward on its own (`CompileConfig`: reduce-overhead, i.e. CUDA graphs) unless
+        `disable_compile`; so the uncompiled row passes it, and the compiled row lets transformers compile
+        (wrapping its forward in a torch.compile of our own compiled it twice and crashed: "accessing tensor
+        output of CUDAGraphs that has been overwritten")."""
         import transformers
 
         hf = hf_models.get("hf") or hf_models.setdefault("hf", build_hf(model, device, dtype))
-        if compile_forward:
-            hf = copy.copy(hf)  # a shallow copy: the compiled forward must not leak into the other baselines
-            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
         ids = torch.tensor(one, device=device)
+        compile_kw = {} if compile_forward or cache is None else {"disable_compile": True}
 
         def hf_run(n=N):
             with torch.inference_mode():
                 return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation=cache)
+                                   do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation=cache,
+                                   **compile_kw)
 
         t0 = time.perf_counter()
         hf_run(4)  # warm-up
@@ -302,7 +305,8 @@ def run(args) -> int:
         label = {None: "eager", "static": "static cache"}[cache] + (" + torch.compile" if compile_forward else "")
         result["checks"][f"transformers_{label.replace(' ', '_')}_vs_ours_greedy_prefix"] = match
         record(f"transformers {transformers.__version__} generate ({label})", 1, t,
-               {"greedy_prefix_equal_to_ours": match, "warmup_s": round(warm, 1)})
+               {"greedy_prefix_equal_to_ours": match, "warmup_s": round(warm, 1),
+                **({"compiled_by": "transformers (CompileConfig defaults)"} if compile_forward else {})})
         print(f"  check: transformers ({label}) greedy equals ours for the first {match} of {N} tokens", flush=True)
 
     def attempt(name, fn, *a):
