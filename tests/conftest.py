@@ -35,6 +35,11 @@ def corpus_docs(corpus_dir) -> dict[str, list[str]]:
     return docs
 
 
+# The Triton decode step keeps its tuned choices on disk (kernels/tuning_store.py): tests, and the processes
+# they start, neither read the user's file nor write it; tests of the store point it at their own.
+os.environ["TINYLLAMA_TUNING_CACHE"] = "off"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     # The suite runs many tiny matrix products: one thread is as fast, and immune to OpenMP spin-waits

@@ -1159,3 +1159,44 @@ def test_persistent_step_falls_back_when_its_programs_cannot_all_be_resident_cud
             got = step.step(tok, torch.tensor([7], device="cuda")).clone()
         assert step.persistent is None
         assert torch.equal(got, layered.step(tok, torch.tensor([7], device="cuda")))
+
+
+_TUNE_ONCE = """
+import json, torch
+from tinyllama.config import ModelConfig
+from tinyllama.kernels import decode as D
+from tinyllama.model import Llama
+torch.manual_seed(0)
+cfg = ModelConfig(vocab_size=96, hidden_size=128, n_layers=2, n_heads=8, n_kv_heads=2, intermediate_size=200,
+                  max_seq_len=64)
+model = Llama(cfg).to(device="cuda", dtype=torch.bfloat16).eval().fuse_projections()
+with torch.inference_mode():
+    model.setup_cache(4, 40)
+    step = D.TritonDecodeStep(model, batch_size=4, use_graph=False)
+    step.step(torch.zeros(4, 1, dtype=torch.long, device="cuda"), torch.tensor([5], device="cuda"), pos=5)
+print(json.dumps({"tiles": [str(c) for c in step.configs + step.deferred_configs], "kernels": step.kernels,
+                  "attention": step.attention_config.name, "timed": len(D._TILE_TIMES)}))
+"""
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available() and not INTERPRETED), reason="needs CUDA")
+def test_a_new_process_takes_the_kept_tuning_without_timing_cuda(tmp_path):
+    """The step's first call tunes (times each product's tiles, the attention, the whole step) and keeps the
+    choices on disk (`TUNING_STORE`); the next process with the same code and card takes them and times nothing."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TINYLLAMA_TUNING_CACHE": str(tmp_path / "tuning.pkl")}
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", _TUNE_ONCE], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["timed"] > 0 and (tmp_path / "tuning.pkl").exists()
+    second = run()
+    assert second["timed"] == 0
+    assert {k: second[k] for k in ("tiles", "kernels", "attention")} == \
+        {k: first[k] for k in ("tiles", "kernels", "attention")}

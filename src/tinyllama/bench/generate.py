@@ -43,6 +43,9 @@ def add_arguments(p) -> None:
                         "a batch size on a fresh machine)")
     p.add_argument("--triton-deferred", choices=("off", "auto", "on"), default="auto",
                    help="the Triton step's deferred split-K sums at 2+ rows: auto times both steps and keeps the faster")
+    p.add_argument("--reuse-tuning", action="store_true",
+                   help="take the Triton step's tuned tiles kept on disk by an earlier run (TINYLLAMA_TUNING_CACHE) "
+                        "instead of timing every candidate afresh (the default here, so each candidate's time is reported)")
     p.add_argument("--quant", default="", help="comma list of int8,int4-32,int4-128 to time at batch 1")
     p.add_argument("--repeats", type=flag.positive_int, default=2, help="timed repeats per variant (best is kept)")
     p.add_argument("--time-budget", type=flag.nonnegative_float, default=0,
@@ -99,6 +102,10 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = inference_device_and_dtype(args.device, args.dtype)
+    if device.type == "cuda":
+        from tinyllama.kernels.decode import TUNING_STORE
+
+        TUNING_STORE.read = args.reuse_tuning  # written either way: the next serve start finds this run's choices
     model = build_model(args, device, dtype)
     cfg_m = model.config
     P, N = args.prompt_len, args.new_tokens

@@ -44,6 +44,7 @@ from tinyllama.kernels import decode_persistent
 from tinyllama.kernels import triton_ops
 from tinyllama.kernels.decode_math import MIN_BLOCK_S, _attend_block, _attention, _interpreted, _rope, tl, triton
 from tinyllama.kernels.triton_ops import gdc_wait, pdl_launch
+from tinyllama.kernels.tuning_store import TuningStore
 
 
 # ---- plain-PyTorch references (the kernels' semantics) --------------------------------------------
@@ -958,10 +959,13 @@ class TritonDecodeStep:
         """On CUDA, pick each product's block shape by timing the candidates on scratch outputs (the live
         buffers are never written). Each candidate runs over all the layers' matrices of that shape in turn,
         as the step does, so the small ones are not timed from L2 (50 MB on an H100 would hold one layer's
-        q/k/v and o). Kept per card and shape for the process. Unless deferred=False, also the deferred
+        q/k/v and o). Kept per card and shape for the process, and on disk for the next ones (`TUNING_STORE`:
+        a kept choice is used without timing). Unless deferred=False, also the deferred
         step's tiles (`candidates_for`); with deferred=None then both whole steps (`_tune_step`)."""
         if self.device.type != "cuda":
             return
+        TUNING_STORE.restore(_tuning_tables())  # what an earlier process tuned (the first call in a process)
+        known = {name: len(table) for name, table in _tuning_tables().items()}
         card = torch.cuda.get_device_name(self.device)
         groups: dict[tuple, list[int]] = {}
         for i, (x, weight, out, kw) in enumerate(self.products):
@@ -1010,6 +1014,8 @@ class TritonDecodeStep:
         if options:
             self._tune_step(card, options)
         self._tune_attention_in_step(card)
+        if {name: len(table) for name, table in _tuning_tables().items()} != known:
+            TUNING_STORE.persist(_tuning_tables())
 
     def _tune_attention(self, card: str) -> None:
         """Pick the attention (`AttentionConfig`) by timing each candidate over every layer's cache at the
@@ -1311,6 +1317,29 @@ class TritonDecodeStep:
 # (card, shape, ...) -> a product's GemvConfig, or the attention's (AttentionConfig, µs per candidate)
 _TUNED: dict[tuple, object] = {}
 _TUNED_STEP: dict[tuple, tuple] = {}  # (card, model shape, ...) -> (step option: `_use`, µs per option)
+
+
+def _code_fingerprint() -> str:
+    """What a kept tuning depends on besides its key: Triton, torch, and the decode kernels' own source (their
+    code and candidate lists), so a changed kernel or list is tuned afresh."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for module in (__file__, decode_persistent.__file__, triton_ops.__file__, Path(__file__).with_name("decode_math.py")):
+        digest.update(Path(module).read_bytes())
+    return f"triton {getattr(triton, '__version__', '?')}, torch {torch.__version__}, kernels {digest.hexdigest()[:16]}"
+
+
+# `_TUNED` and `_TUNED_STEP` kept on disk between processes (`TritonDecodeStep.tune`; bench generate times
+# afresh unless --reuse-tuning)
+TUNING_STORE = TuningStore("decode_tuning.pkl", _code_fingerprint, [
+    (__name__, "GemvConfig"), (__name__, "AttentionConfig"), (decode_persistent.__name__, "PersistentConfig"),
+    *(("torch", name) for name in ("float32", "bfloat16", "float16"))])
+
+
+def _tuning_tables() -> dict[str, dict]:
+    return {"products and attention": _TUNED, "whole step": _TUNED_STEP}
 _L2_TIMES: dict[tuple, dict] = {}  # a product's tuning key -> {l2_ahead: µs} of its fastest tile
 _TILE_TIMES: dict[tuple, dict] = {}  # a product's tuning key -> {tile: µs} of every tile it timed
 
