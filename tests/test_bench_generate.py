@@ -34,15 +34,14 @@ def test_bench_generate_without_the_torch_step_cuda(tmp_path):
 
 def test_bench_generate_transformers_rows_compile_only_where_named_cpu(tmp_path, monkeypatch):
     # On CUDA, transformers' `generate` with a static cache compiles the forward itself unless told not to: the
-    # "static cache" row must pass disable_compile (its H200 number was a compiled one), and the compiled row
-    # must not wrap that forward in a torch.compile of ours (compiled twice, it crashed on the H200).
+    # "static cache" row must pass disable_compile (its H200 number was a compiled one). (The compiled row, which
+    # leaves the compiling to transformers, runs on CUDA only.)
     transformers = pytest.importorskip("transformers")
     seen = []
     generate = transformers.GenerationMixin.generate
 
     def spy(self, *args, **kwargs):
-        seen.append((kwargs.get("cache_implementation"), kwargs.get("disable_compile"),
-                     type(self.forward).__name__))
+        seen.append((kwargs.get("cache_implementation"), kwargs.get("disable_compile")))
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(transformers.GenerationMixin, "generate", spy)
@@ -53,5 +52,4 @@ def test_bench_generate_transformers_rows_compile_only_where_named_cpu(tmp_path,
     version = transformers.__version__
     assert rows[f"transformers {version} generate (eager)"]["tokens_per_s"] > 0
     assert rows[f"transformers {version} generate (static cache)"]["tokens_per_s"] > 0
-    assert {(cache, off) for cache, off, _ in seen} == {(None, None), ("static", True)}, seen
-    assert all(kind == "method" for _, _, kind in seen), seen  # the model's own forward, never one of ours
+    assert set(seen) == {(None, None), ("static", True)}, seen

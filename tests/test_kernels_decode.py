@@ -1162,10 +1162,14 @@ def test_persistent_step_falls_back_when_its_programs_cannot_all_be_resident_cud
 
 
 _TUNE_ONCE = """
-import json, torch
+import json, os, torch
 from tinyllama.config import ModelConfig
 from tinyllama.kernels import decode as D
 from tinyllama.model import Llama
+if os.environ.get("TIME_NOTHING"):  # the second process: any timing (tiles, attention, whole step) fails it
+    def refuse(*args):
+        raise AssertionError("a candidate was timed")
+    D.time_candidates = refuse
 torch.manual_seed(0)
 cfg = ModelConfig(vocab_size=96, hidden_size=128, n_layers=2, n_heads=8, n_kv_heads=2, intermediate_size=200,
                   max_seq_len=64)
@@ -1187,16 +1191,17 @@ def test_a_new_process_takes_the_kept_tuning_without_timing_cuda(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "TINYLLAMA_TUNING_CACHE": str(tmp_path / "tuning.pkl")}
+    env = {**os.environ, "TINYLLAMA_TUNING_CACHE": str(tmp_path / "tuning.json")}
 
-    def run():
-        out = subprocess.run([sys.executable, "-c", _TUNE_ONCE], capture_output=True, text=True, env=env, timeout=600)
+    def run(**more):
+        out = subprocess.run([sys.executable, "-c", _TUNE_ONCE], capture_output=True, text=True, env={**env, **more},
+                             timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     first = run()
-    assert first["timed"] > 0 and (tmp_path / "tuning.pkl").exists()
-    second = run()
+    assert first["timed"] > 0 and (tmp_path / "tuning.json").exists()
+    second = run(TIME_NOTHING="1")
     assert second["timed"] == 0
     assert {k: second[k] for k in ("tiles", "kernels", "attention")} == \
         {k: first[k] for k in ("tiles", "kernels", "attention")}

@@ -239,6 +239,8 @@ def run(args) -> int:
             if replay is not None:
                 extra["step_graph_us"] = round(replay, 1)
                 extra["loop_us_per_step"] = round(B * 1e6 / extra["decode_tokens_per_s"] - replay, 1)
+            if args.reuse_tuning:  # the tiles and times below are an earlier run's when kept on disk
+                extra["tuning"] = "timed in this run" if step.tile_times else "kept from an earlier run"
             if step.step_times:
                 extra["step_us_tuned"] = step.step_times
             # the attention (`AttentionConfig.name`) and, when tuned, each candidate's µs over all layers: the
@@ -293,7 +295,12 @@ def run(args) -> int:
 
         hf = hf_models.get("hf") or hf_models.setdefault("hf", build_hf(model, device, dtype))
         ids = torch.tensor(one, device=device)
-        compile_kw = {} if compile_forward or cache is None else {"disable_compile": True}
+        # (transformers before ~4.50 has no disable_compile and compiles no static cache on its own)
+        can_disable = hasattr(transformers.GenerationConfig(), "disable_compile")
+        compile_kw = {"disable_compile": True} if cache == "static" and not compile_forward and can_disable else {}
+        if compile_forward and not can_disable:
+            raise RuntimeError(f"transformers {transformers.__version__} does not compile generate's forward "
+                               "itself (4.50+ does)")
 
         def hf_run(n=N):
             with torch.inference_mode():

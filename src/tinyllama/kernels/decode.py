@@ -969,7 +969,8 @@ class TritonDecodeStep:
         card = torch.cuda.get_device_name(self.device)
         groups: dict[tuple, list[int]] = {}
         for i, (x, weight, out, kw) in enumerate(self.products):
-            key = (card, self.batch_size, tuple(weight.shape), "norm_weight" in kw, "residual" in kw,
+            # the dtype too: fp32 takes other tiles (ROWS_CANDIDATES_FP32), and a bf16 tile may not fit its shared memory
+            key = (card, self.batch_size, self.dtype, tuple(weight.shape), "norm_weight" in kw, "residual" in kw,
                    kw.get("swiglu", False), self.pdl)
             groups.setdefault(key, []).append(i)
         modes = (False, True) if self.deferred_mode is not False else (False,)  # the deferred step's tiles too
@@ -1317,6 +1318,8 @@ class TritonDecodeStep:
 # (card, shape, ...) -> a product's GemvConfig, or the attention's (AttentionConfig, µs per candidate)
 _TUNED: dict[tuple, object] = {}
 _TUNED_STEP: dict[tuple, tuple] = {}  # (card, model shape, ...) -> (step option: `_use`, µs per option)
+_L2_TIMES: dict[tuple, dict] = {}  # a product's tuning key -> {l2_ahead: µs} of its fastest tile
+_TILE_TIMES: dict[tuple, dict] = {}  # a product's tuning key -> {tile: µs} of every tile it timed
 
 
 def _code_fingerprint() -> str:
@@ -1333,15 +1336,13 @@ def _code_fingerprint() -> str:
 
 # `_TUNED` and `_TUNED_STEP` kept on disk between processes (`TritonDecodeStep.tune`; bench generate times
 # afresh unless --reuse-tuning)
-TUNING_STORE = TuningStore("decode_tuning.pkl", _code_fingerprint, [
-    (__name__, "GemvConfig"), (__name__, "AttentionConfig"), (decode_persistent.__name__, "PersistentConfig"),
-    *(("torch", name) for name in ("float32", "bfloat16", "float16"))])
+TUNING_STORE = TuningStore("decode_tuning.json", _code_fingerprint,
+                           [GemvConfig, AttentionConfig, decode_persistent.PersistentConfig])
 
 
 def _tuning_tables() -> dict[str, dict]:
     return {"products and attention": _TUNED, "whole step": _TUNED_STEP}
-_L2_TIMES: dict[tuple, dict] = {}  # a product's tuning key -> {l2_ahead: µs} of its fastest tile
-_TILE_TIMES: dict[tuple, dict] = {}  # a product's tuning key -> {tile: µs} of every tile it timed
+
 
 
 DEFERRED = "deferred"  # a whole-step option of `TritonDecodeStep._tune_step` (see its `deferred`)
