@@ -5,7 +5,7 @@
 # batch 1 and 32, where the step's tuning times the layered kernels and each persistent configuration
 # as whole-step graph replays in the same process. nvidia-smi is polled through the bench (clocks, power).
 # Carry .whl (zstandard). Usage: bash perf/device/h200_persistent.sh [tests|profile|layered|attention|sweep|bench]...
-# Env: TEST_TIMEOUT, BENCH_TIMEOUT, SWEEP_TIMEOUT (s), BENCH_BUDGET (bench generate --time-budget; 180 s was spent on the batch-1
+# Env: SMI (0: no nvidia-smi polling in `bench`), TEST_TIMEOUT, BENCH_TIMEOUT, SWEEP_TIMEOUT (s), BENCH_BUDGET (bench generate --time-budget; 180 s was spent on the batch-1
 # rows and baselines before batch 32 in the eleventh session), BENCH_ARGS (more bench generate flags), BATCHES, ROWS, TESTS_K (pytest -k), LAYERED_BATCHES, LAYERED_POS (positions, e.g. 129,384),
 # LAYERED_TIMEOUT (its tuning compiles every candidate: ~30 at 32 rows).
 set -u
@@ -30,12 +30,15 @@ for part in "$@"; do
     timeout 150 python3 perf/attention_splits.py --out $OUT/attention_splits.json 2>&1 | quiet | tail -14 ;;
   sweep)  # one product of 32 rows: cuBLAS vs our rows kernel vs a plain pipelined / TMA Triton GEMM
     timeout ${SWEEP_TIMEOUT:-330} python3 perf/rows_product_sweep.py --rows ${ROWS:-1,32} 2>&1 | quiet | tail -60 ;;
-  bench)
-    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
-      --format=csv -lms 500 > $OUT/smi_generate.csv 2>&1 & smi=$!
+  bench)  # SMI=0: no nvidia-smi polling beside the bench (its 1 s polling may stall the GPU: perf/NOTES.md, 21st session)
+    smi=
+    if [ "${SMI:-1}" != 0 ]; then
+      nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv -lms 500 > $OUT/smi_generate.csv 2>&1 & smi=$!
+    fi
     timeout ${BENCH_TIMEOUT:-240} python3 -m tinyllama bench generate --batch-sizes ${BATCHES:-1,32} --time-budget ${BENCH_BUDGET:-180} ${BENCH_ARGS:-} \
       --json $OUT/bench_generate.json 2>&1 | quiet | tail -25
-    kill $smi ;;
+    [ -n "$smi" ] && kill $smi ;;
   *) echo "unknown part $part"; exit 2 ;;
   esac
 done

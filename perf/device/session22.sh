@@ -4,7 +4,11 @@
 #            process without timing; the transformers rows' compile flags; the tuning store
 #   prefill  where the 32-row prefill's 14.7 ms go (perf/prefill_profile.py, ~90 s on a fresh machine)
 #   final    `bench generate` 1/32 with the transformers rows (now: static cache uncompiled, and compiled by
-#            transformers), for perf/results/h200/bench_generate.json (~380 s on a fresh machine)
+#            transformers), for perf/results/h200/bench_generate.json (~380 s on a fresh machine), without the
+#            nvidia-smi polling beside it
+#   train    (after `bash perf/device/h200_fa4.sh stash` with .fa4a on the same warm machine; carry .whl and .fa4b)
+#            is the 1 s nvidia-smi polling what stalls ours every 5th step? The committed bench train without
+#            polling (-> bench_train.json), then ours alone with and without it, each step's ms printed (~200 s)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
@@ -20,8 +24,34 @@ for part in "$@"; do
     timeout ${PREFILL_TIMEOUT:-200} python3 perf/prefill_profile.py --rows 32 --out $OUT/prefill_profile.json 2>&1 \
       | grep -v -i "warn" | tail -30 ;;
   final)
-    BATCHES=1,32 BENCH_BUDGET=${BENCH_BUDGET:-430} BENCH_TIMEOUT=${BENCH_TIMEOUT:-540} BENCH_ARGS="--triton-max-batch 32 --no-torch-step" \
+    SMI=0 BATCHES=1,32 BENCH_BUDGET=${BENCH_BUDGET:-430} BENCH_TIMEOUT=${BENCH_TIMEOUT:-540} BENCH_ARGS="--triton-max-batch 32 --no-torch-step" \
       bash perf/device/h200_persistent.sh bench | grep -v "^  File\|^    \|^-- .* done" ;;
+  train)
+    bash perf/device/h200_fa4.sh install | tail -2
+    export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages  # as h200_fa4.sh sets it
+    flags="--attention-backend fa4 --cuda-graph --adamw-kernel triton"
+    TRAIN_TIMEOUT=200 TRAIN_FLAGS="$flags" bash perf/device/h200_fa4.sh train-json | grep -v "^--"
+    for label in smi nosmi; do
+      smi=
+      if [ $label = smi ]; then
+        nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+          --format=csv -lms 1000 > $OUT/smi_train.csv 2>&1 & smi=$!
+      fi
+      echo "-- $(date -u +%H:%M:%S) ours, $label"
+      timeout 150 python3 -m tinyllama bench train --variants ours --steps 15 $flags --json $OUT/bench_train_$label.json \
+        2>&1 | grep -v -i warn | tail -1 | cut -c1-160
+      [ -n "$smi" ] && kill $smi
+    done
+    python3 - $OUT/bench_train.json $OUT/bench_train_smi.json $OUT/bench_train_nosmi.json <<'PY'
+import json, statistics, sys
+for path in sys.argv[1:]:
+    for r in json.load(open(path))["results"]:
+        each = (r.get("details") or {}).get("step_ms_each") or []
+        if each:
+            print(f"{path.rsplit('/', 1)[-1]:24} {r['variant']:9} {r['tokens_per_s']:9,.0f} tok/s  mean {statistics.mean(each):.1f} "
+                  f"median {statistics.median(each):.1f} ms: {' '.join(f'{t:.0f}' for t in each)}")
+PY
+    ;;
   *) echo "unknown part $part"; exit 2 ;;
   esac
 done
