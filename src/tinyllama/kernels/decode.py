@@ -1344,7 +1344,6 @@ def _tuning_tables() -> dict[str, dict]:
     return {"products and attention": _TUNED, "whole step": _TUNED_STEP}
 
 
-
 DEFERRED = "deferred"  # a whole-step option of `TritonDecodeStep._tune_step` (see its `deferred`)
 
 
