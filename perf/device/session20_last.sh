@@ -4,9 +4,7 @@
 # perf/results/h200/bench_generate.json. On an H100: the GPU tests of this session's changes instead (the
 # pretrain run with compute_copies unset, bench generate --no-torch-step, the weight-copy tests). Carry .whl.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $gpu"
+source perf/device/setup.sh
 if echo "$gpu" | grep -q H200; then
   BATCHES=1,32 BENCH_BUDGET=250 BENCH_TIMEOUT=${BENCH_TIMEOUT:-310} BENCH_ARGS="--triton-max-batch 32 --no-torch-step" \
     bash perf/device/h200_persistent.sh bench

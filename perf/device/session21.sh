@@ -5,9 +5,7 @@
 #          tuned times of gate/up and down (perf/NOTES.md, twenty-first session)
 #   final  `bench generate` 1/32 with the transformers rows, for perf/results/h200/bench_generate.json (~380 s)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
-echo "GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+source perf/device/setup.sh
 for part in "$@"; do
   echo "-- $(date -u +%H:%M:%S) $part"
   case $part in

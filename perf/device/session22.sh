@@ -10,9 +10,7 @@
 #            is the 1 s nvidia-smi polling what stalls ours every 5th step? The committed bench train without
 #            polling (-> bench_train.json), then ours alone with and without it, each step's ms printed (~200 s)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
-echo "GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+source perf/device/setup.sh
 for part in "$@"; do
   echo "-- $(date -u +%H:%M:%S) $part"
   case $part in
