@@ -152,6 +152,55 @@ def test_per_row_cache_positions_equal_separate_single_row_forwards():
     assert torch.isfinite(one[3]).all()
 
 
+def test_prefill_from_start_equals_the_masked_prefill_and_writes_the_same_cache():
+    """from_start (a prompt at positions 0..T-1, attending causally over its own keys) gives the masked
+    form's logits and cache, in the (T,) and the slots form, and the next tokens see the same cache."""
+    torch.manual_seed(17)
+    model = Llama(SMALL_GQA).eval()
+    ids = torch.randint(0, SMALL_GQA.vocab_size, (3, 12))
+    nxt = torch.randint(0, SMALL_GQA.vocab_size, (3, 1))
+    slots = torch.tensor([3, 0, 2])
+    results = {}
+    with torch.no_grad():
+        for from_start in (False, True):
+            model.setup_cache(3, 64)
+            model.layers[0].self_attn.kv_cache.k.normal_()  # stale keys past the prompt must not be seen
+            pre = model(ids, input_pos=torch.arange(12), from_start=from_start)
+            one = model(nxt, input_pos=torch.tensor([12]))
+            caches = [layer.self_attn.kv_cache.k[:, :, :13].clone() for layer in model.layers]
+            model.setup_cache(4, 64)
+            pos = torch.arange(12).expand(3, 12)
+            slot_pre = model(ids, input_pos=pos, slots=slots, logits_at=torch.tensor([11, 5, 8]), from_start=from_start)
+            results[from_start] = (pre, one, caches, slot_pre)
+        model.clear_cache()
+    masked, causal = results[False], results[True]
+    for a, b in zip(masked[:2] + (masked[3],), causal[:2] + (causal[3],)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(masked[2], causal[2]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="key_mask"):
+        model.setup_cache(3, 64)
+        model(ids, input_pos=torch.arange(12), key_mask=torch.ones(3, 64, dtype=torch.bool), from_start=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefill_from_start_runs_on_the_flash_kernel_cuda():
+    # With GQA a masked SDPA has only the math kernel (fp32 scores); the prompt's causal pass takes flash.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(17)
+    model = Llama(SMALL_GQA).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, SMALL_GQA.vocab_size, (2, 16), device="cuda")
+    with torch.no_grad():
+        model.setup_cache(2, 64)
+        masked = model(ids, input_pos=torch.arange(16, device="cuda"))
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            causal = model(ids, input_pos=torch.arange(16, device="cuda"), from_start=True)
+            with pytest.raises(RuntimeError):
+                model(ids, input_pos=torch.arange(16, device="cuda"))
+    torch.testing.assert_close(causal.float(), masked.float(), rtol=0.05, atol=0.05)
+
+
 def test_left_padded_batch_matches_unpadded():
     torch.manual_seed(5)
     model = Llama(SMALL_GQA).eval()

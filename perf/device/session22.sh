@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Next session's calls (written in the twenty-first). Carry .whl. Parts, in the order to run them:
-#   tests    the GPU tests of the twenty-first session's changes (~150 s): the kept tuning taken by a new
-#            process without timing; the transformers rows' compile flags; the tuning store
+#   tests    the GPU tests of the twenty-first and twenty-second sessions' changes (~180 s): the kept tuning taken by a new
+#            process without timing; the transformers rows' compile flags; the tuning store; the prompt prefill on the flash kernel; test_generate (its compiled prefill graphs)
 #   prefill  where the 32-row prefill's 14.7 ms go (perf/prefill_profile.py, ~90 s on a fresh machine)
 #   final    `bench generate` 1/32 with the transformers rows (now: static cache uncompiled, and compiled by
 #            transformers), for perf/results/h200/bench_generate.json (~380 s on a fresh machine), without the
@@ -16,7 +16,8 @@ for part in "$@"; do
   case $part in
   tests)
     timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_kernels_tuning_store.py \
-      tests/test_bench_generate.py "tests/test_kernels_decode.py::test_a_new_process_takes_the_kept_tuning_without_timing_cuda" 2>&1 \
+      tests/test_bench_generate.py "tests/test_kernels_decode.py::test_a_new_process_takes_the_kept_tuning_without_timing_cuda" \
+      tests/test_model.py::test_prefill_from_start_runs_on_the_flash_kernel_cuda tests/test_generate.py 2>&1 \
       | grep -E "passed|failed|^E |FAILED|Error" | head -20 ;;
   prefill)
     timeout ${PREFILL_TIMEOUT:-200} python3 perf/prefill_profile.py --rows 32 --out $OUT/prefill_profile.json 2>&1 \

@@ -204,7 +204,9 @@ def _prefill_step(model: Llama, ids, input_pos, rope_pos, key_mask, slots=None, 
     # columns would cost T times as much, ~1 ms of a 32 x 128 prefill's 14.7 on an H200.
     if logits_at is None:
         logits_at = torch.full((ids.size(0),), ids.size(1) - 1, dtype=torch.long, device=ids.device)
-    return model(ids, input_pos=input_pos, rope_pos=rope_pos, key_mask=key_mask, slots=slots, logits_at=logits_at)
+    # Positions 0..T-1 (DecodeEngine._prefill_positions): without padding, a causal pass over the new keys.
+    return model(ids, input_pos=input_pos, rope_pos=rope_pos, key_mask=key_mask, slots=slots, logits_at=logits_at,
+                 from_start=key_mask is None)
 
 
 # The largest batch decode_kernels="auto" runs on the Triton step. H200, one run (perf/results/h200/

@@ -155,7 +155,10 @@ class Attention(nn.Module):
         q, k, v = self.project_qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
+            new_k, new_v = k, v
             k, v = self.kv_cache.update(input_pos, k, v, slots)
+            if mask is None:  # a prompt from position 0 (Llama.forward's from_start): its own keys are all it sees
+                k, v = new_k, new_v
         gqa = self.n_kv_heads != self.n_heads
         if T == 1 and mask is not None:
             y = one_token_attention(q, k, v, mask)
@@ -296,6 +299,7 @@ class Llama(nn.Module):
         key_mask: Optional[torch.Tensor] = None,
         slots: Optional[torch.Tensor] = None,
         logits_at: Optional[torch.Tensor] = None,
+        from_start: bool = False,
     ):
         """ids (B, T) -> logits (B, T, vocab); with targets, returns (logits, mean cross-entropy).
 
@@ -307,6 +311,9 @@ class Llama(nn.Module):
         key_mask (B, S) bool: which cache positions hold real tokens (False for padding).
         logits_at (B,): only the logits of column logits_at[b] of each row, as (B, vocab): a prefill needs
           one column, and the head over all T columns would cost T times as much.
+        from_start: input_pos is 0..T-1 in every row (a prompt's prefill; no key_mask): the cache is written as
+          usual, and the attention runs causally over the T new keys alone. Over the cache it needs a mask, and
+          with GQA torch documents SDPA on the flash and math kernels only: a mask means math (fp32 scores).
         """
         B, T = ids.shape
         if rope_pos is None:
@@ -321,10 +328,12 @@ class Llama(nn.Module):
         if cos.dim() == 3:  # per-row positions: (B, T, D) -> (B, 1, T, D)
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
 
+        if from_start and (input_pos is None or key_mask is not None):
+            raise ValueError("from_start needs input_pos (0..T-1) and takes no key_mask (padding needs the mask)")
+        if input_pos is not None and self.causal_mask is None:
+            raise RuntimeError("input_pos given but no KV cache: call setup_cache() first")
         mask = None
-        if input_pos is not None:
-            if self.causal_mask is None:
-                raise RuntimeError("input_pos given but no KV cache: call setup_cache() first")
+        if input_pos is not None and not from_start:
             # (T,) -> (1, 1, T, S), one mask for the batch; (B, T) -> (B, 1, T, S), one per row
             mask = self.causal_mask[input_pos].view(-1, 1, T, self.causal_mask.size(-1))
         elif key_mask is not None:
