@@ -2,7 +2,7 @@
 # Next session's calls (written in the twenty-first). Carry .whl. Parts, in the order to run them:
 #   tests    the GPU tests of the twenty-first and twenty-second sessions' changes (~180 s): the kept tuning taken by a new
 #            process without timing; the transformers rows' compile flags; the tuning store; the prompt prefill on the flash kernel; test_generate (its compiled prefill graphs)
-#   prefill  where the 32-row prefill's 14.7 ms go (perf/prefill_profile.py, ~90 s on a fresh machine)
+#   prefill  where the 32-row prefill's 14.7 ms go, with from_start and with the mask (perf/prefill_profile.py, ~150 s)
 #   final    `bench generate` 1/32 with the transformers rows (now: static cache uncompiled, and compiled by
 #            transformers), for perf/results/h200/bench_generate.json (~380 s on a fresh machine), without the
 #            nvidia-smi polling beside it
@@ -20,7 +20,7 @@ for part in "$@"; do
       tests/test_model.py::test_prefill_from_start_runs_on_the_flash_kernel_cuda tests/test_generate.py 2>&1 \
       | grep -E "passed|failed|^E |FAILED|Error" | head -20 ;;
   prefill)
-    timeout ${PREFILL_TIMEOUT:-200} python3 perf/prefill_profile.py --rows 32 --out $OUT/prefill_profile.json 2>&1 \
+    timeout ${PREFILL_TIMEOUT:-240} python3 perf/prefill_profile.py --rows 32 --masked --out $OUT/prefill_profile.json 2>&1 \
       | grep -v -i "warn" | tail -30 ;;
   final)
     SMI=0 BATCHES=1,32 BENCH_BUDGET=${BENCH_BUDGET:-430} BENCH_TIMEOUT=${BENCH_TIMEOUT:-540} BENCH_ARGS="--triton-max-batch 32 --no-torch-step" \
