@@ -152,9 +152,15 @@ def test_per_row_cache_positions_equal_separate_single_row_forwards():
     assert torch.isfinite(one[3]).all()
 
 
-def test_prefill_from_start_equals_the_masked_prefill_and_writes_the_same_cache():
+def test_prefill_from_start_equals_the_masked_prefill_and_writes_the_same_cache(monkeypatch):
     """from_start (a prompt at positions 0..T-1, attending causally over its own keys) gives the masked
-    form's logits and cache, in the (T,) and the slots form, and the next tokens see the same cache."""
+    form's logits and cache, in the (T,) and the slots form, and the next tokens see the same cache. It only
+    writes the cache: the slots form's gathered copy of the cache rows (`KVCache.update`) is not made."""
+    from tinyllama.model import KVCache
+
+    gathers = []
+    update = KVCache.update
+    monkeypatch.setattr(KVCache, "update", lambda self, *a: gathers.append(len(a)) or update(self, *a))
     torch.manual_seed(17)
     model = Llama(SMALL_GQA).eval()
     ids = torch.randint(0, SMALL_GQA.vocab_size, (3, 12))
@@ -170,7 +176,9 @@ def test_prefill_from_start_equals_the_masked_prefill_and_writes_the_same_cache(
             caches = [layer.self_attn.kv_cache.k[:, :, :13].clone() for layer in model.layers]
             model.setup_cache(4, 64)
             pos = torch.arange(12).expand(3, 12)
+            gathers.clear()
             slot_pre = model(ids, input_pos=pos, slots=slots, logits_at=torch.tensor([11, 5, 8]), from_start=from_start)
+            assert len(gathers) == (0 if from_start else SMALL_GQA.n_layers)
             results[from_start] = (pre, one, caches, slot_pre)
         model.clear_cache()
     masked, causal = results[False], results[True]

@@ -85,19 +85,26 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               slots: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, KV, T, D) at input_pos; return the keys and values the batch attends over."""
+    def write(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              slots: Optional[torch.Tensor] = None) -> None:
+        """Write k, v (B, KV, T, D) at input_pos (a prompt from position 0 needs nothing back)."""
         if input_pos.dim() == 1:
             self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
             self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-            return self.k, self.v
-        B = k.size(0)
-        rows = slots if slots is not None else torch.arange(B, device=input_pos.device)
+            return
+        rows = slots if slots is not None else torch.arange(k.size(0), device=input_pos.device)
         rows = rows[:, None].expand_as(input_pos)
         # cache[rows[b, t], :, input_pos[b, t]] = k[b, :, t]
         self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
         self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               slots: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, KV, T, D) at input_pos; return the keys and values the batch attends over."""
+        self.write(input_pos, k, v, slots)
+        if input_pos.dim() == 1:
+            return self.k, self.v
+        B = k.size(0)
         if slots is None:
             return self.k[:B], self.v[:B]
         return self.k.index_select(0, slots), self.v.index_select(0, slots)
@@ -155,10 +162,10 @@ class Attention(nn.Module):
         q, k, v = self.project_qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
-            new_k, new_v = k, v
-            k, v = self.kv_cache.update(input_pos, k, v, slots)
             if mask is None:  # a prompt from position 0 (Llama.forward's from_start): its own keys are all it sees
-                k, v = new_k, new_v
+                self.kv_cache.write(input_pos, k, v, slots)
+            else:
+                k, v = self.kv_cache.update(input_pos, k, v, slots)
         gqa = self.n_kv_heads != self.n_heads
         if T == 1 and mask is not None:
             y = one_token_attention(q, k, v, mask)
