@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Next session's calls (written in the twenty-first). Carry .whl. Parts, in the order to run them:
-#   tests    the GPU tests of the twenty-first and twenty-second sessions' changes (~180 s): the kept tuning taken by a new
-#            process without timing; the transformers rows' compile flags; the tuning store; the prompt prefill on the flash kernel; test_generate (its compiled prefill graphs)
+# Next calls (written in the twenty-first session, extended in the twenty-second; none ran there: no machine). Carry .whl.
+# Parts; the order to run them is in perf/NOTES.md, twenty-second session, Next:
+#   tests    the GPU tests of the 21st and 22nd sessions' changes (~180 s): the kept tuning taken by a new
+#            process without timing; the transformers rows' compile flags; the tuning store; the prompt
+#            prefill on the flash kernel; test_generate (its compiled prefill graphs)
+#   flash    the prompt prefill runs under SDPA's flash kernel alone (~20 s; also in `tests`)
 #   prefill  where the 32-row prefill's 14.7 ms go, with from_start and with the mask (perf/prefill_profile.py, ~150 s)
 #   final    `bench generate` 1/32 with the transformers rows (now: static cache uncompiled, and compiled by
 #            transformers), for perf/results/h200/bench_generate.json (~380 s on a fresh machine), without the
@@ -19,6 +22,9 @@ for part in "$@"; do
       tests/test_bench_generate.py "tests/test_kernels_decode.py::test_a_new_process_takes_the_kept_tuning_without_timing_cuda" \
       tests/test_model.py::test_prefill_from_start_runs_on_the_flash_kernel_cuda tests/test_generate.py 2>&1 \
       | grep -E "passed|failed|^E |FAILED|Error" | head -20 ;;
+  flash)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_model.py::test_prefill_from_start_runs_on_the_flash_kernel_cuda 2>&1 \
+      | grep -E "passed|failed|^E |FAILED|Error" | head -10 ;;
   prefill)
     timeout ${PREFILL_TIMEOUT:-240} python3 perf/prefill_profile.py --rows 32 --masked --out $OUT/prefill_profile.json 2>&1 \
       | grep -v -i "warn" | tail -30 ;;
