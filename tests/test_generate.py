@@ -99,8 +99,15 @@ def test_fused_engine_equals_unfused_and_transformers(pair):
     assert generate_batch(fused, PROMPTS[:1], cfg, engine=engine)[0] == _hf_greedy(hf, PROMPTS[0], 20)
 
 
-def test_prefill_runs_the_head_on_the_last_column_only(pair):
+def test_prefill_runs_the_head_on_the_last_column_only_and_attends_from_start(pair, monkeypatch):
     # The head over every prompt column cost ~1 ms of a 32 x 128 prefill on an H200 for logits never read.
+    # And the prompt attends over its own keys (from_start): the cache is written, never read back (update).
+    from tinyllama.model import KVCache
+
+    def update(*args):
+        raise AssertionError("the prefill read the cache back: from_start was not passed")
+
+    monkeypatch.setattr(KVCache, "update", update)
     ours, _ = pair
     model = copy.deepcopy(ours)
     engine = DecodeEngine(model)

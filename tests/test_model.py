@@ -173,12 +173,13 @@ def test_prefill_from_start_equals_the_masked_prefill_and_writes_the_same_cache(
             model.layers[0].self_attn.kv_cache.k.normal_()  # stale keys past the prompt must not be seen
             pre = model(ids, input_pos=torch.arange(12), from_start=from_start)
             one = model(nxt, input_pos=torch.tensor([12]))
-            caches = [layer.self_attn.kv_cache.k[:, :, :13].clone() for layer in model.layers]
+            caches = [getattr(layer.self_attn.kv_cache, kv)[:, :, :13].clone() for layer in model.layers for kv in "kv"]
             model.setup_cache(4, 64)
             pos = torch.arange(12).expand(3, 12)
             gathers.clear()
             slot_pre = model(ids, input_pos=pos, slots=slots, logits_at=torch.tensor([11, 5, 8]), from_start=from_start)
             assert len(gathers) == (0 if from_start else SMALL_GQA.n_layers)
+            caches += [getattr(layer.self_attn.kv_cache, kv)[:, :, :12].clone() for layer in model.layers for kv in "kv"]
             results[from_start] = (pre, one, caches, slot_pre)
         model.clear_cache()
     masked, causal = results[False], results[True]

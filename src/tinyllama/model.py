@@ -70,12 +70,13 @@ class KVCache(nn.Module):
     GQA-aware: it stores only the key/value heads, never the repeated ones. Shapes never change, so a
     compiled decode step can be captured in a CUDA graph.
 
-    `update` takes the positions of the new keys/values in one of two forms:
+    `update` writes and returns what the batch attends over; `write` only writes (a prompt from position 0
+    attends over its own keys, `Llama.forward(from_start=True)`). Both take the positions in one of two forms:
       - input_pos (T,): the same positions in every row; the batch is the whole cache (batched generation,
         the compiled decode step of `tinyllama.generate`);
       - input_pos (B, T): each row its own positions (rows of a continuous batch at different lengths).
-        Batch row b goes to cache row slots[b] if `slots` (B,) is given (the rows it attends over are then
-        gathered, a copy: fine for a prefill), else to cache row b: the batch is the cache's first B rows,
+        Batch row b goes to cache row slots[b] if `slots` (B,) is given (`update` then gathers the rows it
+        attends over, a copy: fine for a chunk of a few tokens), else to cache row b: the batch is the cache's first B rows,
         and what it attends over is a view of them (nothing copied: the form for decode steps).
     """
 
@@ -158,6 +159,8 @@ class Attention(nn.Module):
         mask: Optional[torch.Tensor] = None,
         slots: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """With input_pos and a cache, `mask` None means a prompt from position 0 (Llama.forward builds a mask
+        for every other cached call): the cache is written and the attention is causal over the new keys."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -318,7 +321,8 @@ class Llama(nn.Module):
         key_mask (B, S) bool: which cache positions hold real tokens (False for padding).
         logits_at (B,): only the logits of column logits_at[b] of each row, as (B, vocab): a prefill needs
           one column, and the head over all T columns would cost T times as much.
-        from_start: input_pos is 0..T-1 in every row (a prompt's prefill; no key_mask): the cache is written as
+        from_start: input_pos is 0..T-1 in every row (a prompt's prefill; no key_mask; the caller's word, not
+          checked, which would cost a host sync): the cache is written as
           usual, and the attention runs causally over the T new keys alone. Over the cache it needs a mask, and
           with GQA torch documents SDPA on the flash and math kernels only: a mask means math (fp32 scores).
         """
