@@ -14,17 +14,18 @@
 #            polling (-> bench_train.json), then ours alone with and without it, each step's ms printed (~200 s)
 set -u
 source perf/device/setup.sh
+gpu_tests() {  # gpu_tests TIMEOUT PYTEST-ARGS...: the summary and failures only
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider "${@:2}" 2>&1 | grep -E "passed|failed|^E |FAILED|Error" | head -20
+}
 for part in "$@"; do
   echo "-- $(date -u +%H:%M:%S) $part"
   case $part in
   tests)
-    timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_kernels_tuning_store.py \
-      tests/test_bench_generate.py "tests/test_kernels_decode.py::test_a_new_process_takes_the_kept_tuning_without_timing_cuda" \
-      tests/test_model.py::test_prefill_from_start_runs_on_the_flash_kernel_cuda tests/test_generate.py 2>&1 \
-      | grep -E "passed|failed|^E |FAILED|Error" | head -20 ;;
+    gpu_tests ${TEST_TIMEOUT:-240} tests/test_kernels_tuning_store.py tests/test_bench_generate.py \
+      "tests/test_kernels_decode.py::test_a_new_process_takes_the_kept_tuning_without_timing_cuda" \
+      tests/test_model.py::test_prefill_from_start_runs_on_the_flash_kernel_cuda tests/test_generate.py ;;
   flash)
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_model.py::test_prefill_from_start_runs_on_the_flash_kernel_cuda 2>&1 \
-      | grep -E "passed|failed|^E |FAILED|Error" | head -10 ;;
+    gpu_tests 120 tests/test_model.py::test_prefill_from_start_runs_on_the_flash_kernel_cuda ;;
   prefill)
     timeout ${PREFILL_TIMEOUT:-240} python3 perf/prefill_profile.py --rows 32 --masked --out $OUT/prefill_profile.json 2>&1 \
       | grep -v -i "warn" | tail -30 ;;
