@@ -76,8 +76,8 @@ class KVCache(nn.Module):
         the compiled decode step of `tinyllama.generate`);
       - input_pos (B, T): each row its own positions (rows of a continuous batch at different lengths).
         Batch row b goes to cache row slots[b] if `slots` (B,) is given (`update` then gathers the rows it
-        attends over, a copy: fine for a chunk of a few tokens), else to cache row b: the batch is the cache's first B rows,
-        and what it attends over is a view of them (nothing copied: the form for decode steps).
+        attends over, a copy: fine for a chunk of a few tokens), else to cache row b: the batch is the cache's
+        first B rows, and what it attends over is a view of them (nothing copied: the form for decode steps).
     """
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device=None) -> None:
@@ -322,9 +322,9 @@ class Llama(nn.Module):
         logits_at (B,): only the logits of column logits_at[b] of each row, as (B, vocab): a prefill needs
           one column, and the head over all T columns would cost T times as much.
         from_start: input_pos is 0..T-1 in every row (a prompt's prefill; no key_mask; the caller's word, not
-          checked, which would cost a host sync): the cache is written as
-          usual, and the attention runs causally over the T new keys alone. Over the cache it needs a mask, and
-          with GQA torch documents SDPA on the flash and math kernels only: a mask means math (fp32 scores).
+          checked, which would cost a host sync): the cache is written as usual, and the attention runs
+          causally over the T new keys alone. Over the cache it needs a mask, and with GQA torch documents
+          SDPA on the flash and math kernels only: a mask means math (fp32 scores).
         """
         B, T = ids.shape
         if rope_pos is None:
