@@ -1,4 +1,4 @@
-"""The CPU training process keeps freed host memory mapped (train/host_allocator.py)."""
+"""Model work on the CPU keeps freed host memory mapped (host_allocator.py)."""
 
 import os
 import platform
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tinyllama.train.host_allocator import user_allocator_choice
+from tinyllama.host_allocator import user_allocator_choice
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the knobs are glibc malloc's")
 
@@ -16,9 +16,12 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the knobs 
 # print the minor page faults that took.
 FAULTS = textwrap.dedent("""
     import resource, sys, torch
-    if sys.argv[1] == "keep":
+    if sys.argv[1] == "train":  # a training process on the CPU
         from tinyllama.train.distributed import init_distributed
         assert init_distributed("cpu").device.type == "cpu"
+    elif sys.argv[1] == "load":  # eval, generate, chat, serve on the CPU
+        from tinyllama.loading import load_model_and_tokenizer
+        load_model_and_tokenizer(None, "tinyllama-demo", "cpu")
     torch.empty(16 * 2**20).fill_(1.0)  # warm up torch's own first-use allocations
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(20):
@@ -35,17 +38,18 @@ def _faults(mode, **env):
 
 
 @glibc
-def test_cpu_training_process_stops_refaulting_its_freed_memory():
+def test_cpu_training_and_inference_stop_refaulting_their_freed_memory():
     # 20 × 64 MB is 327,680 pages of 4 KB: the system allocator faults each in again (unmapped on free)
-    system, kept = _faults("system"), _faults("keep")
+    system, training, loaded = _faults("system"), _faults("train"), _faults("load")
     assert system > 20 * 16384 * 0.9, system
-    assert kept < system / 10, (kept, system)
+    assert training < system / 10, (training, system)
+    assert loaded < system / 10, (loaded, system)
 
 
 @glibc
 def test_a_user_who_set_a_malloc_variable_keeps_the_system_behaviour():
     # MALLOC_ARENA_MAX does not change the mmap threshold: the faults stay those of the system allocator
-    assert _faults("keep", MALLOC_ARENA_MAX="4") > 20 * 16384 * 0.9
+    assert _faults("train", MALLOC_ARENA_MAX="4") > 20 * 16384 * 0.9
 
 
 @pytest.mark.parametrize("env, chosen", [

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from tinyllama.checks import check_device
 from tinyllama.errors import TinyLlamaError
-from tinyllama.train.host_allocator import keep_freed_host_memory
+from tinyllama.host_allocator import keep_freed_host_memory
 
 
 @dataclass
@@ -59,7 +59,7 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     else:
-        keep_freed_host_memory()  # a CPU step re-faulted all its memory every step (host_allocator.py)
+        keep_freed_host_memory()  # a CPU step re-faulted all its memory every step (tinyllama/host_allocator.py)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"backend": backend, "timeout": datetime.timedelta(minutes=30)}
