@@ -61,7 +61,7 @@ def keep_freed_host_memory(environ=os.environ) -> str:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc only: musl and macOS have other allocators and no such knobs
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows' CDLL takes no None
         return "not glibc"
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = all(mallopt(param, value) == 1 for param, value in KEEP_SETTINGS.items())
