@@ -10,7 +10,7 @@
 #            transformers), for perf/results/h200/bench_generate.json (~380 s on a fresh machine), without the
 #            nvidia-smi polling beside it
 #   ab1      batch 1 at dab55bb (carry .ab_base: `mkdir -p .ab_base && git archive dab55bb src | tar -x -C .ab_base`)
-#            and at this tree, one after the other (~250 s): is the 23rd session's 3 % slower batch 1 the card?
+#            and at this tree, base-HEAD-base (~300 s): is the 23rd session's 3 % slower batch 1 the card?
 #   train    (after `bash perf/device/h200_fa4.sh stash` with .fa4a on the same warm machine; carry .whl and .fa4b)
 #            is the 1 s nvidia-smi polling what stalls ours every 5th step? The committed bench train without
 #            polling (-> bench_train.json), then ours alone with and without it, each step's ms printed (~200 s)
@@ -62,11 +62,13 @@ PY
     ;;
   ab1)  # batch 1 at the twenty-first session's tree (.ab_base/src, carried) and at this one, in one call: the 23rd
         # session's H100 gave 1,064.8 tok/s (step 959 µs) against 1,098 (927 µs) in sessions 16-20
-    for tree in .ab_base/src src; do
-      echo "-- $(date -u +%H:%M:%S) batch 1 at $tree"
-      PYTHONPATH=$PWD/$tree:/tmp/site timeout 200 python3 -m tinyllama bench generate --batch-sizes 1 --no-hf \
-        --time-budget 150 --triton-max-batch 32 --no-torch-step --json $OUT/ab1_${tree//\//_}.json 2>&1 \
-        | grep -E "Triton|decode step:" | cut -c1-150
+    [ -d .ab_base/src ] || { echo "ab1: carry .ab_base (see the header)"; exit 2; }
+    n=0
+    for tree in .ab_base/src src .ab_base/src; do  # the base twice: first and last, so warm-up order shows
+      n=$((n + 1)); echo "-- $(date -u +%H:%M:%S) batch 1 at $tree"
+      PYTHONPATH=$PWD/$tree:/tmp/site timeout 150 python3 -m tinyllama bench generate --batch-sizes 1 --no-hf \
+        --time-budget 120 --triton-max-batch 32 --no-torch-step --json $OUT/ab1_${n}_${tree//\//_}.json 2>&1 \
+        | grep -E "Triton|decode step:|Error" | cut -c1-150
     done ;;
   *) echo "unknown part $part"; exit 2 ;;
   esac

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from tinyllama.checks import check_device
-from tinyllama.host_allocator import keep_freed_host_memory
 from tinyllama.errors import TinyLlamaError
 
 from tinyllama.hub import check_model_dir, resolve_model_path  # noqa: F401  (re-exported)
@@ -58,8 +57,6 @@ def load_model_and_tokenizer(model_dir, random_preset=None, device=None, dtype=N
         raise TinyLlamaError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}"
         )
-    if device.type == "cpu":
-        keep_freed_host_memory()  # after the load, so its temporaries are still given back (host_allocator.py)
     return model.eval(), tokenizer
 
 

@@ -113,6 +113,10 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         from tinyllama.loading import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.random_preset, cfg.device, cfg.dtype)
+        if next(model.parameters()).device.type == "cpu":
+            from tinyllama.host_allocator import keep_freed_host_memory
+
+            keep_freed_host_memory()  # after the load, so its temporaries are still given back (host_allocator.py)
     scorer = Scorer(model, tokenizer, batch_size=cfg.batch_size)
     results: dict = {"model": cfg.model or f"random:{cfg.random_preset}", "config": asdict(cfg), "tasks": {},
                      "perplexity": {}}

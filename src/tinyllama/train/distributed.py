@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,7 +60,10 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     else:
-        keep_freed_host_memory()  # a CPU step re-faulted all its memory every step (tinyllama/host_allocator.py)
+        allocator = keep_freed_host_memory()  # a CPU step re-faulted all its memory every step (host_allocator.py)
+        if rank == 0 and allocator.startswith(("glibc", "mallopt")):
+            print(f"note: the host allocator is glibc's default ({allocator}), so every CPU step faults its memory "
+                  f"in again (LD_PRELOAD jemalloc or tcmalloc, or glibc ≥ 2.35, avoids that)", file=sys.stderr)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"backend": backend, "timeout": datetime.timedelta(minutes=30)}
