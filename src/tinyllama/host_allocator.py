@@ -66,14 +66,14 @@ def glibc_version() -> Optional[tuple[int, int]]:
     return int(major), int(minor)
 
 
-def keep_freed_host_memory(environ=os.environ) -> str:
+def keep_freed_host_memory() -> str:
     """Set glibc malloc to keep freed blocks mapped (see the module docstring). Returns what happened:
     "kept" (set now or earlier in this process), or why not: "user chose via NAME", "not glibc",
     "glibc 2.34 < 2.35", "mallopt refused"."""
     global _applied
     if _applied is not None:
         return _applied
-    chosen = user_allocator_choice(environ)
+    chosen = user_allocator_choice()
     if chosen is not None:
         return f"user chose via {chosen}"
     version = glibc_version()
