@@ -16,8 +16,13 @@
 #            polling (-> bench_train.json), then ours alone with and without it, each step's ms printed (~200 s)
 set -u
 source perf/device/setup.sh
-gpu_tests() {  # gpu_tests TIMEOUT PYTEST-ARGS...: the summary and failures only
-  timeout "$1" python3 -m pytest -q -p no:cacheprovider "${@:2}" 2>&1 | grep -E "passed|failed|^E |FAILED|Error" | head -20
+gpu_tests() {  # gpu_tests TIMEOUT PYTEST-ARGS...: the summary and failures only; the whole log under $OUT (the
+  # 24th session's `tests` hit its timeout and its lines were past the reply's tail: nothing said how far it got)
+  timeout "$1" python3 -m pytest -v -p no:cacheprovider "${@:2}" > $OUT/gpu_tests_$part.log 2>&1
+  rc=$?
+  grep -E " PASSED| FAILED| SKIPPED| ERROR" $OUT/gpu_tests_$part.log | grep -c PASSED | sed 's/^/passed: /'
+  grep -E "FAILED|^E |Error|passed|failed" $OUT/gpu_tests_$part.log | head -20
+  [ $rc = 124 ] && echo "pytest stopped by its $1 s timeout; last test started: $(grep -E '::' $OUT/gpu_tests_$part.log | tail -1)"
 }
 for part in "$@"; do
   echo "-- $(date -u +%H:%M:%S) $part"
