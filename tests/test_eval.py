@@ -434,3 +434,25 @@ def test_perplexity_documents_read_through_the_data_reader(tmp_path):
     (tmp_path / "e.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
     with pytest.raises(TinyLlamaError, match=r"e\.jsonl:2: field 'text' is int"):
         list(iter_documents(tmp_path / "e.jsonl"))
+
+
+def test_a_wrong_perplexity_path_names_the_prepared_datasets_it_was_meant_for(tmp_path):
+    """The README's demo data is out/data/demo-<fingerprint>/{prose,code}: `out/data/demo` (missing) and the
+    fingerprinted folder (no manifest of its own) each fail in one line that names the datasets; a path with
+    nothing near it says only what is missing."""
+    from tinyllama.data.prepare import prepare
+    from tinyllama.eval.run import EvalConfig, _documents_for_perplexity
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text(json.dumps({"text": "one two three"}) + "\n")
+    data = tmp_path / "data"
+    for name in ("prose", "code"):
+        prepare([src], data / "demo-0123456789" / name, val_fraction=0.0)
+    cfg = EvalConfig()
+    named = rf"\(prepared datasets: {tmp_path}/data/demo-0123456789/code {tmp_path}/data/demo-0123456789/prose\)$"
+    with pytest.raises(TinyLlamaError, match=rf"data/demo: no such text file or prepared dataset directory {named}"):
+        _documents_for_perplexity(None, str(data / "demo"), cfg)
+    with pytest.raises(TinyLlamaError, match=rf"demo-0123456789: neither a prepared dataset .*{named}"):
+        _documents_for_perplexity(None, str(data / "demo-0123456789"), cfg)
+    with pytest.raises(TinyLlamaError, match=r"wiki\.test\.txt: no such text file or prepared dataset directory$"):
+        _documents_for_perplexity(None, str(data / "wiki.test.txt"), cfg)
