@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -449,7 +450,8 @@ def test_a_wrong_perplexity_path_names_the_prepared_datasets_it_was_meant_for(tm
     for name in ("prose", "code"):
         prepare([src], data / "demo-0123456789" / name, val_fraction=0.0)
     cfg = EvalConfig()
-    named = rf"\(prepared datasets: {tmp_path}/data/demo-0123456789/code {tmp_path}/data/demo-0123456789/prose\)$"
+    sets = f"{data}/demo-0123456789/code {data}/demo-0123456789/prose"
+    named = rf"\(prepared datasets: {re.escape(sets)}\)$"
     with pytest.raises(TinyLlamaError, match=rf"data/demo: no such text file or prepared dataset directory {named}"):
         _documents_for_perplexity(None, str(data / "demo"), cfg)
     with pytest.raises(TinyLlamaError, match=rf"demo-0123456789: neither a prepared dataset .*{named}"):
