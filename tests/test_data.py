@@ -269,6 +269,26 @@ def test_reads_litpkds(tmp_path):
         TokenSource(tmp_path / "broken.bin")
 
 
+def test_a_path_that_is_not_a_dataset_names_the_prepared_datasets_near_it(tmp_path):
+    """A training or validation path set to the demo's `out/data/demo` (missing) or to its fingerprinted folder
+    (datasets inside, no manifest of its own) fails in one line naming the datasets; a path with none near it
+    names none."""
+    import re
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text(json.dumps({"text": "one two three"}) + "\n")
+    data = tmp_path / "data"
+    for name in ("prose", "code"):
+        prepare([src], data / "demo-0123456789" / name, val_fraction=0.0)
+    named = re.escape(f" (prepared datasets: {data}/demo-0123456789/code {data}/demo-0123456789/prose)") + "$"
+    with pytest.raises(TinyLlamaError, match=r"data/demo: dataset not found \(prepare it with .*\)" + named):
+        TokenSource(data / "demo")
+    with pytest.raises(TinyLlamaError, match=r"demo-0123456789: neither a prepared dataset .*file\(s\)" + named):
+        TokenSource(data / "demo-0123456789", "val")
+    with pytest.raises(TinyLlamaError, match=r"data/other: dataset not found \(prepare it with [^()]*\)$"):
+        TokenSource(data / "other")
+
+
 # ---- loader -------------------------------------------------------------------------------------
 L = 15  # seq_len for loader tests: blocks of 16 tokens
 

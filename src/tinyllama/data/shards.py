@@ -15,6 +15,7 @@ shards, read at any token offset in O(log shards).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -175,6 +176,22 @@ def read_manifest(directory: Path) -> dict:
     return m
 
 
+def datasets_near(path: Path) -> str:
+    """A hint for a path that is not a dataset, naming the prepared datasets it was probably meant for: those
+    inside it (a folder of datasets) or, for a missing path, those whose folder names begin with its name
+    (`tinyllama pretrain`'s demo data is `out/data/demo-<tokenizer fingerprint>/{prose,code}`, not
+    `out/data/demo`). "" when there are none."""
+    if path.is_dir():
+        patterns, base = [f"*/{MANIFEST}"], path
+    elif path.parent.is_dir() and path.name:
+        stem = glob.escape(path.name)
+        patterns, base = [f"{stem}-*/{MANIFEST}", f"{stem}-*/*/{MANIFEST}"], path.parent
+    else:
+        return ""
+    near = sorted({m.parent for pattern in patterns for m in base.glob(pattern)})
+    return f" (prepared datasets: {' '.join(map(str, near[:6]))})" if near else ""
+
+
 class TokenSource:
     """One split of one dataset as a single virtual token array over memory-mapped shards.
 
@@ -187,12 +204,14 @@ class TokenSource:
         self.split = split
         self.manifest: Optional[dict] = None
         if not self.path.exists():
-            raise TinyLlamaError(f"{self.path}: dataset not found (prepare it with `tinyllama prepare ... --output {self.path}`)")
+            raise TinyLlamaError(f"{self.path}: dataset not found (prepare it with `tinyllama prepare ... --output "
+                                 f"{self.path}`){datasets_near(self.path)}")
         if self.path.is_file() or not (self.path / MANIFEST).exists():
             files = [self.path] if self.path.is_file() else sorted(p for p in self.path.glob("*.bin"))
             if not files or not all(is_litpkds(p) for p in files):
                 raise TinyLlamaError(
                     f"{self.path}: neither a prepared dataset (no {MANIFEST}) nor LITPKDS .bin file(s)"
+                    f"{datasets_near(self.path)}"
                 )
             self.name = self.path.stem if self.path.is_file() else self.path.name
             self.shards = [Shard(p) for p in files] if split == "train" else []

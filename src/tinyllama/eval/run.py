@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import time
@@ -58,36 +57,19 @@ def parse_task_spec(spec: str) -> tuple[str, int, str]:
     return name, shots, path
 
 
-def _similar_datasets(p: Path) -> str:
-    """A hint naming the prepared datasets a wrong perplexity path was probably meant for: `tinyllama pretrain`'s
-    demo data is `out/data/demo-<tokenizer fingerprint>/{prose,code}`, not `out/data/demo` or its folder."""
-    from tinyllama.data.shards import MANIFEST
-
-    if p.is_dir():  # a folder of datasets
-        patterns, base = [f"*/{MANIFEST}"], p
-    elif p.parent.is_dir() and p.name:  # a missing path whose name begins some beside it
-        stem = glob.escape(p.name)
-        patterns, base = [f"{stem}-*/{MANIFEST}", f"{stem}-*/*/{MANIFEST}"], p.parent
-    else:
-        return ""
-    near = sorted({m.parent for pattern in patterns for m in base.glob(pattern)})
-    return f" (prepared datasets: {' '.join(map(str, near[:6]))})" if near else ""
-
-
 def _documents_for_perplexity(tokenizer, path: str, cfg: EvalConfig) -> tuple[list[list[int]], int]:
     """(token lists without BOS, UTF-8 byte count or 0 when unknown) for a file or prepared dataset."""
     from tinyllama.eval.perplexity import iter_documents
 
     p = Path(path)
-    if not p.exists():
-        raise TinyLlamaError(f"{p}: no such text file or prepared dataset directory{_similar_datasets(p)}")
+    if not p.exists():  # TokenSource's "dataset not found" would not fit a missing text file
+        from tinyllama.data.shards import datasets_near
+
+        raise TinyLlamaError(f"{p}: no such text file or prepared dataset directory{datasets_near(p)}")
     if p.is_dir():
         from tinyllama.data.shards import TokenSource
 
-        try:
-            src = TokenSource(p, split=cfg.split)
-        except TinyLlamaError as e:
-            raise TinyLlamaError(f"{e}{_similar_datasets(p)}") from None
+        src = TokenSource(p, split=cfg.split)
         if src.num_tokens == 0:
             raise TinyLlamaError(f"{p}: split '{cfg.split}' has no tokens (use --split train or another split)")
         docs = []
